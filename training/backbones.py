@@ -1,0 +1,146 @@
+"""torchvision backbones by name, their stages, and their classifier heads.
+
+A *stage* is a named group of parameter-name prefixes, ordered from input to output, with the
+classifier head always last. Freeze policies are expressed in stages, so they mean the same
+thing on every family. Every parameter and buffer belongs to exactly one stage.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+from torch import nn
+
+from training.errors import SpecError
+from training.tv import models
+
+# name -> family. Families share stage layout and head location.
+BACKBONES: dict[str, str] = {
+    "resnet18": "resnet",
+    "resnet34": "resnet",
+    "resnet50": "resnet",
+    "resnet101": "resnet",
+    "mobilenet_v3_small": "mobilenet_v3",
+    "mobilenet_v3_large": "mobilenet_v3",
+    "efficientnet_b0": "efficientnet",
+    "efficientnet_b1": "efficientnet",
+    "efficientnet_b2": "efficientnet",
+    "convnext_tiny": "convnext",
+    "convnext_small": "convnext",
+    "regnet_y_400mf": "regnet",
+    "regnet_y_800mf": "regnet",
+    "regnet_x_400mf": "regnet",
+    "vit_b_16": "vit",
+}
+
+# Where the classifier head lives; it is what a new task replaces and what head-only trains.
+HEAD_MODULE: dict[str, str] = {
+    "resnet": "fc",
+    "regnet": "fc",
+    "mobilenet_v3": "classifier",
+    "efficientnet": "classifier",
+    "convnext": "classifier",
+    "vit": "heads",
+}
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A named group of parameters: every tensor whose name starts with one of ``prefixes``."""
+
+    name: str
+    prefixes: tuple[str, ...]
+
+    def owns(self, tensor_name: str) -> bool:
+        """Whether a parameter or buffer name belongs to this stage."""
+        return any(tensor_name == p or tensor_name.startswith(p + ".") for p in self.prefixes)
+
+
+def family_of(backbone: str) -> str:
+    """The family of a backbone name; SpecError listing valid names otherwise."""
+    try:
+        return BACKBONES[backbone]
+    except KeyError:
+        raise SpecError(
+            f"unknown backbone {backbone!r}; valid: {', '.join(sorted(BACKBONES))}",
+            field="base.backbone",
+        ) from None
+
+
+def build_backbone(backbone: str, *, num_classes: int) -> nn.Module:
+    """A randomly initialised torchvision model with a ``num_classes``-way head."""
+    family_of(backbone)
+    if num_classes < 2:
+        raise SpecError("a classifier needs at least 2 classes", field="num_classes")
+    model: nn.Module = models.get_model(backbone, weights=None, num_classes=num_classes)
+    return model
+
+
+def _has_stride2(module: nn.Module) -> bool:
+    return any(
+        isinstance(m, nn.Conv2d) and tuple(m.stride) == (2, 2) for m in module.modules()
+    )
+
+
+def _feature_stages(model: nn.Module) -> list[Stage]:
+    """Stages of a ``features`` Sequential (mobilenet_v3, efficientnet, convnext): a block
+    that downsamples (a stride-2 conv) starts a new stage; the final 1x1 conv joins the last."""
+    features = model.features  # type: ignore[union-attr]
+    n = len(features)
+    groups: list[list[str]] = []
+    for i in range(1, n):
+        name = f"features.{i}"
+        if not groups or (i < n - 1 and _has_stride2(features[i])):
+            groups.append([name])
+        else:
+            groups[-1].append(name)
+    return [Stage("stem", ("features.0",))] + [
+        Stage(f"stage{k + 1}", tuple(g)) for k, g in enumerate(groups)
+    ]
+
+
+def stages(model: nn.Module, backbone: str) -> list[Stage]:
+    """The ordered stages of a model built by :func:`build_backbone`, head last."""
+    family = family_of(backbone)
+    head = Stage("head", (HEAD_MODULE[family],))
+    body: list[Stage]
+    if family == "resnet":
+        body = [Stage("stem", ("conv1", "bn1"))] + [
+            Stage(f"layer{i}", (f"layer{i}",)) for i in range(1, 5)
+        ]
+    elif family == "regnet":
+        blocks = [n for n, _ in model.trunk_output.named_children()]  # type: ignore[union-attr]
+        body = [Stage("stem", ("stem",))] + [
+            Stage(b, (f"trunk_output.{b}",)) for b in blocks
+        ]
+    elif family == "vit":
+        layers = [n for n, _ in model.encoder.layers.named_children()]  # type: ignore[union-attr]
+        per = max(1, len(layers) // 4)
+        body = [Stage("stem", ("conv_proj", "class_token", "encoder.pos_embedding"))]
+        for k in range(0, len(layers), per):
+            prefixes = tuple(f"encoder.layers.{n}" for n in layers[k : k + per])
+            body.append(Stage(f"blocks{k // per + 1}", prefixes))
+        last = body[-1]
+        body[-1] = Stage(last.name, (*last.prefixes, "encoder.ln"))
+    else:
+        body = _feature_stages(model)
+    return [*body, head]
+
+
+def head_module(model: nn.Module, backbone: str) -> nn.Module:
+    """The classifier head submodule."""
+    head: nn.Module = getattr(model, HEAD_MODULE[family_of(backbone)])
+    return head
+
+
+def trunk(model: nn.Module, backbone: str) -> nn.Module:
+    """The model without its head: same weights (shared modules), outputs the head's input.
+
+    Used for the head-only feature cache: ``head(trunk(x)) == model(x)``.
+    """
+    name = HEAD_MODULE[family_of(backbone)]
+    t = copy.copy(model)
+    t._modules = dict(model._modules)  # shallow copy must not edit the original's children
+    setattr(t, name, nn.Identity())
+    return t

@@ -1,0 +1,283 @@
+"""Datasets on S3: index them, split them, stream and decode their images.
+
+Only the *index* (keys and labels) is held in memory; image bytes are fetched per batch,
+concurrently, and decoded with Pillow (``torchvision.io`` is unusable with the CPU torch).
+Unreadable images are found by one scan, dropped, and counted - never fatal on their own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import random
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from training.errors import DataError, NotFoundError, SpecError
+from training.store import ObjectStore
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+_FETCH_THREADS = 8
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image: its key relative to the store prefix and its class index."""
+
+    key: str
+    label: int
+
+
+@dataclass
+class DatasetIndex:
+    """A dataset's classes, train and validation samples, and a content fingerprint."""
+
+    uri: str
+    layout: str
+    classes: list[str]
+    train: list[Sample]
+    val: list[Sample]
+    fingerprint: str
+    split: str
+    """``given`` (from the data) or ``stratified`` (derived deterministically)."""
+    ignored_files: int = 0
+
+    def summary(self) -> dict[str, Any]:
+        """What the manifest records about the data."""
+        return {
+            "uri": self.uri,
+            "layout": self.layout,
+            "fingerprint": self.fingerprint,
+            "classes": len(self.classes),
+            "train_images": len(self.train),
+            "val_images": len(self.val),
+            "split": self.split,
+            "ignored_files": self.ignored_files,
+        }
+
+
+def _stratified_split(
+    items: list[tuple[str, str]], fraction: float, seed: int
+) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    by_class: dict[str, list[str]] = defaultdict(list)
+    for key, cls in items:
+        by_class[cls].append(key)
+    train, val = [], []
+    for cls in sorted(by_class):
+        keys = sorted(by_class[cls])
+        if len(keys) < 2:
+            raise DataError(
+                f"class {cls!r} has {len(keys)} image; a split needs at least 2", field="dataset"
+            )
+        random.Random(f"{seed}:{cls}").shuffle(keys)
+        n_val = min(len(keys) - 1, max(1, round(len(keys) * fraction)))
+        val += [(k, cls) for k in keys[:n_val]]
+        train += [(k, cls) for k in keys[n_val:]]
+    return train, val
+
+
+def _index_imagefolder(
+    store: ObjectStore, root: str
+) -> tuple[dict[str, list[tuple[str, str]]], str, int]:
+    splits: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    digest = hashlib.sha256()
+    ignored = 0
+    for obj in store.list(root + "/"):
+        rel = obj.key[len(root) + 1 :].split("/")
+        if not obj.key.lower().endswith(IMAGE_EXTENSIONS):
+            ignored += 1
+            continue
+        if len(rel) == 3 and rel[0] in {"train", "val"}:
+            splits[rel[0]].append((obj.key, rel[1]))
+        elif len(rel) == 2:
+            splits["all"].append((obj.key, rel[0]))
+        else:
+            ignored += 1  # e.g. test/ or deeper folders: not ours to train on
+            continue
+        digest.update(f"{obj.key}\t{obj.size}\t{obj.etag}\n".encode())
+    return splits, digest.hexdigest(), ignored
+
+
+def _index_jsonl(store: ObjectStore, key: str) -> tuple[dict[str, list[tuple[str, str]]], str]:
+    raw = store.get_bytes(key)
+    splits: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for n, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            uri, label = row["uri"], row["label"]
+            split = row.get("split", "all")
+        except (ValueError, KeyError, TypeError):
+            raise DataError(
+                "each line needs a JSON object with 'uri' and 'label'", field=f"dataset line {n}"
+            ) from None
+        if split not in {"train", "val", "all"} or not isinstance(label, str | int):
+            raise DataError("bad 'split' or 'label'", field=f"dataset line {n}")
+        splits[split].append((store.key_from_uri(uri, field=f"dataset line {n}"), str(label)))
+    return splits, hashlib.sha256(raw).hexdigest()
+
+
+def index_dataset(
+    store: ObjectStore, uri: str, *, val_fraction: float = 0.2, seed: int = 0
+) -> DatasetIndex:
+    """Index an ImageFolder prefix (``train/``+``val/`` or class folders) or a JSONL manifest.
+
+    Raises DataError for an empty dataset, a single class, or train/val class sets that differ.
+    """
+    key = store.key_from_uri(uri, field="dataset")
+    ignored = 0
+    if key.endswith(".jsonl"):
+        layout = "jsonl"
+        try:
+            splits, fingerprint = _index_jsonl(store, key)
+        except NotFoundError:
+            raise DataError(f"no manifest at {uri}", field="dataset") from None
+    else:
+        layout = "imagefolder"
+        splits, fingerprint, ignored = _index_imagefolder(store, key)
+    everything = splits["train"] + splits["val"] + splits["all"]
+    if not everything:
+        raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {uri}", field="dataset")
+    if splits["val"] and (splits["train"] or splits["all"]):
+        train, val, how = splits["train"] + splits["all"], splits["val"], "given"
+    else:
+        train, val = _stratified_split(everything, val_fraction, seed)
+        how = "stratified"
+    train_classes = {c for _, c in train}
+    val_classes = {c for _, c in val}
+    if train_classes != val_classes:
+        raise DataError(
+            f"train and val have different classes: only in train {sorted(train_classes - val_classes)}, "
+            f"only in val {sorted(val_classes - train_classes)}",
+            field="dataset",
+        )
+    classes = sorted(train_classes)
+    if len(classes) < 2:
+        raise DataError(f"needs at least 2 classes, found {classes}", field="dataset")
+    ids = {c: i for i, c in enumerate(classes)}
+    return DatasetIndex(
+        uri=uri,
+        layout=layout,
+        classes=classes,
+        train=[Sample(k, ids[c]) for k, c in sorted(train)],
+        val=[Sample(k, ids[c]) for k, c in sorted(val)],
+        fingerprint=fingerprint,
+        split=how,
+        ignored_files=ignored,
+    )
+
+
+def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
+    """Decode bytes to an RGB image, checking the pixel count before decoding the pixels.
+
+    Raises ValueError for anything unreadable, truncated, or too large.
+    """
+    try:
+        img = Image.open(io.BytesIO(data))
+        if img.format not in {"JPEG", "PNG", "WEBP"}:
+            raise ValueError(f"unsupported format {img.format}")
+        w, h = img.size
+        if w * h > max_pixels:
+            raise ValueError(f"{w}x{h} exceeds {max_pixels} pixels")
+        img.load()
+        return img.convert("RGB")
+    except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise ValueError(str(exc) or type(exc).__name__) from None
+
+
+@dataclass
+class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
+    """Samples streamed from S3 and decoded on demand; batches are fetched concurrently."""
+
+    store: ObjectStore
+    samples: Sequence[Sample]
+    transform: Callable[[Image.Image], torch.Tensor]
+    max_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = 40_000_000
+    _pool: ThreadPoolExecutor | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, sample: Sample) -> Image.Image:
+        """Fetch and decode one sample; ValueError when unreadable."""
+        head = self.store.head(sample.key)
+        if head is None:
+            raise ValueError("missing")
+        if head.size > self.max_bytes:
+            raise ValueError(f"{head.size} bytes exceeds {self.max_bytes}")
+        return decode_image(self.store.get_bytes(sample.key), max_pixels=self.max_pixels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        s = self.samples[i]
+        return self.transform(self.load(s)), s.label
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
+        # DataLoader calls this with a whole batch: fetch from S3 in parallel (I/O bound).
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(_FETCH_THREADS)
+        return list(self._pool.map(self.__getitem__, indices))
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_pool": None}
+
+    def find_unreadable(self, indices: Sequence[int]) -> list[str]:
+        """Keys among ``indices`` that cannot be fetched and decoded."""
+
+        def bad(i: int) -> str | None:
+            try:
+                self.load(self.samples[i])
+                return None
+            except ValueError:
+                return self.samples[i].key
+
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(_FETCH_THREADS)
+        return [k for k in self._pool.map(bad, indices) if k is not None]
+
+
+def make_loader(
+    dataset: ImageDataset,
+    *,
+    batch_size: int,
+    shuffle: bool,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    num_workers: int = 0,
+) -> DataLoader[Any]:
+    """A DataLoader over this rank's shard. Training shards are padded to equal length
+    (DistributedSampler), so every rank runs the same number of steps - DDP requires it."""
+    sampler = None
+    if world_size > 1 and shuffle:
+        sampler = DistributedSampler(
+            dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=False
+        )
+    elif world_size > 1:
+        dataset = ImageDataset(
+            dataset.store,
+            list(dataset.samples)[rank::world_size],
+            dataset.transform,
+            dataset.max_bytes,
+            dataset.max_pixels,
+        )
+    if batch_size < 1:
+        raise SpecError("must be at least 1", field="batch_size")
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
+        num_workers=num_workers,
+        generator=torch.Generator().manual_seed(seed) if sampler is None and shuffle else None,
+        persistent_workers=num_workers > 0,
+    )

@@ -1,0 +1,235 @@
+"""Frozen-layer policies: validated data, turned into a plan and applied in place.
+
+Two kinds of freezing, kept apart on purpose:
+
+* **permanent** - parameters no policy phase ever trains get ``requires_grad=False`` before the
+  model is wrapped in DDP, are left out of the optimizer, and their BatchNorm layers keep their
+  running statistics (eval mode that survives ``model.train()``);
+* **phased** (``lp_ft``, ``gradual_unfreeze``) - every parameter that trains at *some* point is
+  known to DDP from the start; a phase only sets its stage's learning-rate factor to 0, drops its
+  gradients before the optimizer step (so no update, no weight decay, no optimizer state) and
+  keeps its BatchNorm statistics frozen. DDP's parameter set never changes mid-run.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch import nn
+
+from training.backbones import Stage, stages
+from training.errors import SpecError
+
+
+class _Policy(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Full(_Policy):
+    """Train everything."""
+
+    policy: Literal["full"] = "full"
+
+
+class HeadOnly(_Policy):
+    """Linear probe: only the head trains; the backbone's features can be cached."""
+
+    policy: Literal["head_only"] = "head_only"
+    feature_cache: bool = True
+    """Compute backbone features once and train the head on them (no augmentation then)."""
+
+
+class LastNStages(_Policy):
+    """The last ``n`` backbone stages and the head train."""
+
+    policy: Literal["last_n_stages"] = "last_n_stages"
+    n: int = Field(ge=1)
+
+
+class LPFT(_Policy):
+    """Linear probe for ``probe_epochs``, then everything at ``lr * ft_lr_factor``."""
+
+    policy: Literal["lp_ft"] = "lp_ft"
+    probe_epochs: int = Field(default=1, ge=1)
+    ft_lr_factor: float = Field(default=0.1, gt=0, le=1)
+
+
+class GradualUnfreeze(_Policy):
+    """Head first; one more stage (from the top) every ``every`` epochs."""
+
+    policy: Literal["gradual_unfreeze"] = "gradual_unfreeze"
+    every: int = Field(default=1, ge=1)
+
+
+class LayerDecay(_Policy):
+    """Everything trains; stage ``k`` below the head gets ``lr * decay**k``."""
+
+    policy: Literal["layer_decay"] = "layer_decay"
+    decay: float = Field(default=0.75, gt=0, le=1)
+
+
+class Patterns(_Policy):
+    """Parameters whose names match any regex (``re.search``) train; the rest is frozen."""
+
+    policy: Literal["patterns"] = "patterns"
+    trainable: list[str] = Field(min_length=1)
+
+    @field_validator("trainable")
+    @classmethod
+    def _compiles(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"invalid regex {pattern!r}: {exc}") from exc
+        return value
+
+
+FreezePolicy = Annotated[
+    Full | HeadOnly | LastNStages | LPFT | GradualUnfreeze | LayerDecay | Patterns,
+    Field(discriminator="policy"),
+]
+
+
+@dataclass(frozen=True)
+class FreezePlan:
+    """A policy resolved against one model: which stages train when, and at what lr factor."""
+
+    policy: _Policy
+    stages: tuple[Stage, ...]
+    trainable: frozenset[str]
+    """Parameter names that train in at least one epoch (``requires_grad=True``)."""
+
+    @property
+    def head_index(self) -> int:
+        """Index of the head stage (always last)."""
+        return len(self.stages) - 1
+
+    def stage_factor(self, stage_index: int, epoch: int) -> float:
+        """Learning-rate factor of a stage in an epoch (0-based); 0 means frozen then."""
+        p, head = self.policy, self.head_index
+        depth = head - stage_index  # 0 for the head, 1 for the stage below it, ...
+        if isinstance(p, LPFT):
+            if epoch < p.probe_epochs:
+                return 1.0 if depth == 0 else 0.0
+            return p.ft_lr_factor
+        if isinstance(p, GradualUnfreeze):
+            return 1.0 if depth <= epoch // p.every else 0.0
+        if isinstance(p, LayerDecay):
+            return float(p.decay**depth)
+        return 1.0
+
+    def frozen_stages(self, epoch: int) -> set[int]:
+        """Stages whose BatchNorm statistics stay frozen in this epoch."""
+        out = set()
+        for i, stage in enumerate(self.stages):
+            never = not any(stage.owns(n) for n in self.trainable)
+            if never or self.stage_factor(i, epoch) == 0.0:
+                out.add(i)
+        return out
+
+    @property
+    def uses_feature_cache(self) -> bool:
+        """Whether head-only training runs on cached backbone features."""
+        return isinstance(self.policy, HeadOnly) and self.policy.feature_cache
+
+
+def plan_freeze(policy: _Policy, model: nn.Module, backbone: str) -> FreezePlan:
+    """Resolve a policy on a model; SpecError (field ``freeze.*``) when it cannot apply."""
+    st = tuple(stages(model, backbone))
+    head = len(st) - 1
+    names = [n for n, _ in model.named_parameters()]
+
+    def in_stages(indices: set[int]) -> frozenset[str]:
+        return frozenset(n for n in names if any(st[i].owns(n) for i in indices))
+
+    if isinstance(policy, HeadOnly):
+        trainable = in_stages({head})
+    elif isinstance(policy, LastNStages):
+        if policy.n > head:
+            raise SpecError(
+                f"{backbone} has {head} stages below the head "
+                f"({', '.join(s.name for s in st[:head])}); n must be 1..{head}",
+                field="freeze.n",
+            )
+        trainable = in_stages(set(range(head - policy.n, head + 1)))
+    elif isinstance(policy, Patterns):
+        regexes = [re.compile(p) for p in policy.trainable]
+        trainable = frozenset(n for n in names if any(r.search(n) for r in regexes))
+        if not trainable:
+            raise SpecError(
+                f"no parameter of {backbone} matches; names look like {names[0]!r}, "
+                f"{names[-1]!r}",
+                field="freeze.trainable",
+            )
+    else:  # full, lp_ft, gradual_unfreeze, layer_decay: all parameters train at some point
+        trainable = frozenset(names)
+    return FreezePlan(policy=policy, stages=st, trainable=trainable)
+
+
+def _frozen_bn_train(self: nn.Module, mode: bool = True) -> nn.Module:
+    # Replaces Module.train on frozen BatchNorm instances: they stay in eval mode, so their
+    # running statistics never move, even after model.train() or DDP's train().
+    return nn.Module.train(self, mode and not getattr(self, "_refit_frozen", False))
+
+
+def set_frozen_batchnorm(model: nn.Module, plan: FreezePlan, epoch: int) -> int:
+    """Freeze the BatchNorm statistics of the stages frozen in ``epoch``; unfreeze the others.
+
+    Returns how many BatchNorm layers are frozen. Survives later ``model.train()`` calls.
+    """
+    frozen_idx = plan.frozen_stages(epoch)
+    count = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.modules.batchnorm._BatchNorm):
+            continue
+        frozen = any(plan.stages[i].owns(name) for i in frozen_idx)
+        module._refit_frozen = frozen  # type: ignore[assignment]
+        if "train" not in module.__dict__:
+            module.train = _frozen_bn_train.__get__(module)  # type: ignore[method-assign]
+        if frozen:
+            module.eval()
+            count += 1
+    return count
+
+
+def apply_freeze(model: nn.Module, plan: FreezePlan) -> None:
+    """In place: ``requires_grad`` from the plan, BatchNorm freezing for epoch 0."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in plan.trainable)
+    set_frozen_batchnorm(model, plan, epoch=0)
+
+
+_NO_DECAY = re.compile(r"(^|\.)(bias|bn\d*|norm\w*|ln\w*|class_token|pos_embedding)(\.|$)")
+
+
+def param_groups(model: nn.Module, plan: FreezePlan, *, weight_decay: float) -> list[dict]:
+    """Optimizer groups: one per (stage, decay/no-decay), only for trainable parameters.
+
+    Each group carries ``stage`` so the schedule can scale it per epoch. Biases, norm weights
+    and embeddings get no weight decay.
+    """
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, param in model.named_parameters():
+        if name not in plan.trainable:
+            continue
+        stage = next(i for i, s in enumerate(plan.stages) if s.owns(name))
+        decay = param.ndim > 1 and not _NO_DECAY.search(name)
+        group = groups.setdefault(
+            (stage, decay),
+            {"params": [], "stage": stage, "weight_decay": weight_decay if decay else 0.0},
+        )
+        group["params"].append(param)
+    return [groups[k] for k in sorted(groups)]
+
+
+def drop_frozen_grads(optimizer_groups: list[dict], plan: FreezePlan, epoch: int) -> None:
+    """Before ``optimizer.step()``: phase-frozen groups lose their gradients, so the step
+    leaves them (and their optimizer state) untouched."""
+    for group in optimizer_groups:
+        if plan.stage_factor(group["stage"], epoch) == 0.0:
+            for p in group["params"]:
+                p.grad = None

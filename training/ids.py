@@ -1,0 +1,26 @@
+"""Ids: model names, versions, aliases and job ids match one strict pattern, never paths."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from datetime import UTC, datetime
+
+ID_PATTERN = r"^[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?$"
+_ID = re.compile(ID_PATTERN)
+
+
+def is_id(value: object) -> bool:
+    """Whether a value is a valid id (lowercase letters, digits, ``._-``, 1-64 chars)."""
+    return isinstance(value, str) and bool(_ID.match(value)) and ".." not in value
+
+
+def new_version_id(now: datetime | None = None) -> str:
+    """A new immutable version id that sorts by creation time: ``20261122-113000-1a2b3c``."""
+    now = now or datetime.now(UTC)
+    return f"{now:%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+
+
+def new_job_id() -> str:
+    """A new job id: ``job-`` plus 12 hex digits."""
+    return f"job-{secrets.token_hex(6)}"

@@ -1,0 +1,121 @@
+"""Refit's one settings object (pydantic-settings, ``REFIT_`` prefix, nested with ``__``).
+
+Example: ``REFIT_S3__BUCKET=models`` sets ``settings.s3.bucket``. Kubernetes manifests and the
+README use exactly these names.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class S3Settings(BaseModel):
+    """Where the object store is. Unset credentials fall back to the usual AWS variables."""
+
+    endpoint_url: str | None = None
+    """S3 endpoint, e.g. ``http://127.0.0.1:8333``. Falls back to ``AWS_ENDPOINT_URL``."""
+    access_key_id: str | None = None
+    """Access key. Falls back to ``AWS_ACCESS_KEY_ID`` (and boto3's credential chain)."""
+    secret_access_key: str | None = None
+    """Secret key. Falls back to ``AWS_SECRET_ACCESS_KEY``."""
+    region: str = "us-east-1"
+    """Region name sent to the store (SeaweedFS and MinIO accept any)."""
+    bucket: str = "refit"
+    """The one bucket that holds datasets, runs, models, aliases and job records."""
+    prefix: str = ""
+    """Key prefix inside the bucket (no leading or trailing slash), e.g. ``team-a``."""
+
+    def resolved_endpoint(self) -> str | None:
+        """The endpoint after the ``AWS_ENDPOINT_URL`` fallback."""
+        return self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+
+    def resolved_access_key(self) -> str | None:
+        """The access key after the ``AWS_ACCESS_KEY_ID`` fallback."""
+        return self.access_key_id or os.environ.get("AWS_ACCESS_KEY_ID") or None
+
+    def resolved_secret_key(self) -> str | None:
+        """The secret key after the ``AWS_SECRET_ACCESS_KEY`` fallback."""
+        return self.secret_access_key or os.environ.get("AWS_SECRET_ACCESS_KEY") or None
+
+
+class StoreSettings(BaseModel):
+    """The embedded SeaweedFS server (``refit store up``, the demo, the tests)."""
+
+    data_dir: Path = Path(".refit")
+    """Where SeaweedFS keeps its data and ``connection.json`` is written."""
+    s3_port: int = Field(default=8333, ge=0, le=65535)
+    """S3 port on 127.0.0.1; 0 picks a free port."""
+    stop_timeout_s: float = Field(default=30.0, gt=0)
+    """Seconds to wait after SIGTERM before SIGKILL (SeaweedFS takes about 15 s)."""
+    start_timeout_s: float = Field(default=60.0, gt=0)
+    """Seconds to wait for the S3 endpoint to answer."""
+
+
+class RaySettings(BaseModel):
+    """How Refit reaches Ray."""
+
+    address: str | None = None
+    """Ray address (``auto`` or ``ray://``-less GCS address). Unset: start a local Ray."""
+    num_cpus: int | None = Field(default=None, ge=1)
+    """Logical CPUs of a locally started Ray; unset means the machine's count."""
+    include_dashboard: bool = False
+    """The dashboard is off by default: its port must never be exposed (CVE-2023-48022)."""
+
+
+class TrainingSettings(BaseModel):
+    """Limits and defaults for fine-tune jobs."""
+
+    max_epochs: int = Field(default=200, ge=1)
+    """Upper bound on ``epochs`` in a spec."""
+    max_batch_size: int = Field(default=1024, ge=1)
+    """Upper bound on ``batch_size`` in a spec."""
+    max_workers: int = Field(default=64, ge=1)
+    """Upper bound on ``workers`` in a spec (the cluster's size is checked too)."""
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    """CPUs each Ray Train worker reserves."""
+    max_failures: int = Field(default=2, ge=1)
+    """Worker failures a run survives (resuming from its last checkpoint)."""
+    max_corrupt_fraction: float = Field(default=0.2, ge=0, le=1)
+    """Fraction of unreadable images above which a job fails."""
+    max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
+    """Images larger than this are skipped as corrupt."""
+    max_image_pixels: int = Field(default=40_000_000, ge=1)
+    """Images with more pixels than this are skipped (decompression bombs)."""
+    min_accuracy: float = Field(default=0.0, ge=0, le=1)
+    """Default gate: minimum top-1 on the validation split to publish."""
+    max_regression: float = Field(default=0.01, ge=0, le=1)
+    """Default gate: how much worse than the serving model (top-1) a candidate may be."""
+    allow_weight_download: bool = False
+    """Let torchvision download missing pretrained weights into the torch hub cache."""
+    local_weights_dir: Path | None = None
+    """The only directory ``file://`` weight URIs may point into; unset refuses them."""
+    loader_workers: int = Field(default=0, ge=0)
+    """DataLoader worker processes per training worker (0: decode in the training process)."""
+
+
+class RefitSettings(BaseSettings):
+    """All of Refit's settings. Environment: ``REFIT_<SECTION>__<FIELD>``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="REFIT_", env_nested_delimiter="__", extra="ignore", frozen=True
+    )
+
+    s3: S3Settings = S3Settings()
+    """Object store."""
+    store: StoreSettings = StoreSettings()
+    """Embedded SeaweedFS."""
+    ray: RaySettings = RaySettings()
+    """Ray connection."""
+    training: TrainingSettings = TrainingSettings()
+    """Fine-tune limits and defaults."""
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> RefitSettings:
+    """The process-wide settings, read once from the environment."""
+    return RefitSettings()

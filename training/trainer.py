@@ -1,0 +1,180 @@
+"""The one module that knows Ray Train (and starts or joins Ray).
+
+``fit`` runs :func:`training.run.run_worker` on ``spec.workers`` data-parallel workers (DDP:
+gloo on CPU, nccl on GPU), checkpoints every epoch to ``runs/{job_id}`` on the object store
+through Ray Train's storage, and survives worker deaths (``FailureConfig``), resuming from the
+last reported checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import ray.train.torch
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
+
+from training.errors import ResourceError, TrainingError
+from training.run import RunContext, RunInputs, run_worker
+from training.settings import RaySettings, RefitSettings
+from training.store import ObjectStore
+
+log = logging.getLogger(__name__)
+ProgressFn = Callable[[dict[str, Any]], None]
+
+
+def ensure_ray(settings: RaySettings) -> bool:
+    """Join the configured Ray cluster or start a local one. Returns True if we started it.
+
+    The dashboard stays off: its port must never be exposed (CVE-2023-48022).
+    """
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {"include_dashboard": settings.include_dashboard}
+    if settings.address:
+        ray.init(address=settings.address, **kwargs)
+        return False
+    ray.init(num_cpus=settings.num_cpus, **kwargs)
+    return True
+
+
+def check_resources(*, workers: int, use_gpu: bool, cpus_per_worker: float) -> None:
+    """ResourceError naming ``workers`` when the cluster cannot host the worker group."""
+    total = ray.cluster_resources()
+    cpus, gpus = float(total.get("CPU", 0)), float(total.get("GPU", 0))
+    if use_gpu and workers > gpus:
+        raise ResourceError(
+            f"{workers} GPU workers requested; the cluster has {gpus:g} GPUs", field="workers"
+        )
+    if workers * cpus_per_worker > cpus:
+        raise ResourceError(
+            f"{workers} workers x {cpus_per_worker:g} CPU requested; the cluster has "
+            f"{cpus:g} CPUs",
+            field="workers",
+        )
+
+
+class _Progress(UserCallback):
+    """Runs on the Ray Train controller: logs each epoch and stores it for the driver/API."""
+
+    def __init__(self, store: ObjectStore, key: str) -> None:
+        self.store, self.key = store, key
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any):
+        m = dict(metrics[0]) if metrics else {}
+        if "epoch" in m:
+            print(  # noqa: T201 - forwarded to the driver's terminal by Ray
+                f"[refit] epoch {m['epoch']}/{m['epochs']} loss {m['train_loss']:.4f} "
+                f"val top1 {m['val_top1']:.4f} {m['images_per_s']:.1f} img/s "
+                f"eta {m['eta_s']:.0f}s",
+                flush=True,
+            )
+        try:
+            self.store.put_json(self.key, m)
+        except Exception as exc:  # progress is best effort; never fail training for it
+            log.warning("could not store progress: %s", exc)
+
+
+def _train_fn(config: dict[str, Any]) -> None:
+    inputs: RunInputs = config["inputs"]
+    ctx = ray.train.get_context()
+    torch_threads = max(1, int(inputs.settings.training.cpus_per_worker))
+    import torch
+
+    torch.set_num_threads(torch_threads)
+
+    def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=ckpt)
+
+    def run(resume_from: Path | None) -> None:
+        run_worker(
+            inputs,
+            RunContext(
+                rank=ctx.get_world_rank(),
+                world_size=ctx.get_world_size(),
+                device=ray.train.torch.get_device(),
+                wrap_model=ray.train.torch.prepare_model,
+                report=report,
+                resume_from=resume_from,
+            ),
+        )
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        run(None)
+    else:
+        with checkpoint.as_directory() as directory:
+            run(Path(directory))
+
+
+@dataclass
+class FitResult:
+    """What a finished run left: the best checkpoint's weights dir and the last metrics."""
+
+    metrics: dict[str, Any]
+    best_dir: Path | None
+    best_metrics: dict[str, Any]
+    storage_uri: str
+
+
+def fit(
+    inputs: RunInputs, *, job_id: str, settings: RefitSettings, workdir: Path
+) -> FitResult:
+    """Run the distributed training job and download its best checkpoint into ``workdir``."""
+    spec = inputs.spec
+    store = ObjectStore(settings.s3)
+    cpus = settings.training.cpus_per_worker
+    check_resources(workers=spec.workers, use_gpu=spec.use_gpu, cpus_per_worker=cpus)
+    trainer = ray.train.torch.TorchTrainer(
+        _train_fn,
+        train_loop_config={"inputs": inputs},
+        torch_config=ray.train.torch.TorchConfig(backend="nccl" if spec.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=spec.workers,
+            use_gpu=spec.use_gpu,
+            resources_per_worker={"CPU": cpus, **({"GPU": 1} if spec.use_gpu else {})},
+        ),
+        run_config=RunConfig(
+            name=job_id,
+            storage_path=store.arrow_path("runs"),
+            storage_filesystem=store.arrow_filesystem(),
+            failure_config=FailureConfig(max_failures=settings.training.max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=2,
+                checkpoint_score_attribute="val_top1",
+                checkpoint_score_order="max",
+            ),
+            callbacks=[_Progress(store, f"jobs/{job_id}/progress.json")],
+            worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(max(1, int(cpus)))}},
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        raise TrainingError(f"training failed: {exc}") from exc
+    metrics = dict(result.metrics or {})
+    best = [(c, m) for c, m in (result.best_checkpoints or []) if "val_top1" in m]
+    if not best:
+        return FitResult(metrics, None, {}, store.uri(f"runs/{job_id}"))
+    # Highest val top-1; the later epoch wins a tie (it has seen more data).
+    checkpoint, best_metrics = max(best, key=lambda cm: (cm[1]["val_top1"], cm[1]["epoch"]))
+    target = Path(tempfile.mkdtemp(dir=workdir))
+    checkpoint.to_directory(str(target))
+    return FitResult(metrics, target, dict(best_metrics), store.uri(f"runs/{job_id}"))
+
+
+def dump_metrics(metrics: dict[str, Any]) -> str:
+    """Compact JSON of reported metrics (for logs)."""
+    return json.dumps({k: v for k, v in metrics.items() if not isinstance(v, dict | list)})
+
+
+__all__ = ["FitResult", "check_resources", "ensure_ray", "fit"]

@@ -1,0 +1,166 @@
+"""Where pretrained weights come from, all offline-capable, none unpickled unsafely.
+
+* a torchvision weights enum name, read through the torch hub cache (``$TORCH_HOME/hub``);
+* an ``s3://`` (under the configured bucket/prefix) or ``file://`` (under the configured
+  local weights dir) URI of a safetensors file;
+* a published Refit version, ``name@version`` or ``name@alias``, verified by the registry.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load as st_load
+from torch import nn
+
+from training.backbones import HEAD_MODULE, family_of
+from training.errors import SpecError, WeightsUnavailableError
+from training.preprocess import Preprocessing
+from training.registry import Registry
+from training.settings import TrainingSettings
+from training.spec import BaseModelSpec
+from training.store import ObjectStore
+from training.tv import models
+
+
+@dataclass
+class ResolvedBase:
+    """A base model ready to build: backbone, weights (or None: random init), provenance."""
+
+    backbone: str
+    state_dict: dict[str, torch.Tensor] | None
+    preprocessing: Preprocessing
+    parent: str | None
+    class_names: list[str] | None = None
+
+
+def torchvision_weights(backbone: str, name: str) -> models.WeightsEnum:
+    """The weights enum member for a backbone; SpecError listing valid names otherwise."""
+    enum = models.get_model_weights(backbone)
+    try:
+        member: models.WeightsEnum = enum[name]
+    except KeyError:
+        valid = ", ".join(enum.__members__)
+        raise SpecError(
+            f"{backbone} has no weights {name!r}; valid: {valid}", field="base.weights"
+        ) from None
+    return member
+
+
+def hub_cache_file(weights: models.WeightsEnum) -> Path:
+    """Where torch hub keeps (or would keep) a weights file."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(weights.url).path)
+
+
+def load_torchvision_state(
+    weights: models.WeightsEnum, *, allow_download: bool
+) -> dict[str, torch.Tensor]:
+    """The enum's state dict from the torch hub cache (``weights_only`` load). Without the
+    file and without permission to download, a clear WeightsUnavailableError."""
+    cached = hub_cache_file(weights)
+    if not cached.exists() and not allow_download:
+        raise WeightsUnavailableError(
+            f"{weights} is not in the torch hub cache ({cached}); pre-populate it (see the "
+            "Dockerfile's PRETRAINED argument) or set REFIT_TRAINING__ALLOW_WEIGHT_DOWNLOAD=true",
+            field="base.weights",
+        )
+    try:
+        state: dict[str, torch.Tensor] = weights.get_state_dict(progress=False)
+    except OSError as exc:  # download attempted and failed (no network)
+        raise WeightsUnavailableError(f"cannot fetch {weights}: {exc}", field="base.weights")
+    return state
+
+
+def _safetensors_blob(uri: str, store: ObjectStore, training: TrainingSettings) -> bytes:
+    if uri.startswith("s3://"):
+        return store.get_bytes(store.key_from_uri(uri, field="base.weights"))
+    root = training.local_weights_dir
+    if root is None:
+        raise SpecError(
+            "file:// weights are disabled; set REFIT_TRAINING__LOCAL_WEIGHTS_DIR",
+            field="base.weights",
+        )
+    path = Path(unquote(urlparse(uri).path)).resolve()
+    if not path.is_relative_to(Path(root).resolve()) or path.suffix != ".safetensors":
+        raise SpecError(f"must be a .safetensors file under {root}", field="base.weights")
+    if not path.is_file():
+        raise SpecError(f"no such file {path}", field="base.weights")
+    return path.read_bytes()
+
+
+def _safetensors_preprocessing(blob: bytes) -> Preprocessing | None:
+    import tempfile
+
+    # safe_open reads metadata without loading tensors; it wants a path.
+    with tempfile.NamedTemporaryFile(suffix=".safetensors") as f:
+        f.write(blob)
+        f.flush()
+        with safe_open(f.name, framework="pt") as st:
+            meta = st.metadata() or {}
+    raw = meta.get("refit.preprocessing")
+    return Preprocessing.model_validate(json.loads(raw)) if raw else None
+
+
+def resolve_base(
+    base: BaseModelSpec, *, store: ObjectStore, training: TrainingSettings
+) -> ResolvedBase:
+    """Turn the spec's ``base`` into a backbone, weights and preprocessing."""
+    if base.version:
+        name, _, ref = base.version.partition("@")
+        manifest, state = Registry(store).load(name, ref)
+        if base.backbone and base.backbone != manifest.backbone:
+            raise SpecError(
+                f"{base.version} is a {manifest.backbone}, not {base.backbone}",
+                field="base.backbone",
+            )
+        return ResolvedBase(
+            backbone=manifest.backbone,
+            state_dict=state,
+            preprocessing=manifest.preprocessing,
+            parent=f"{manifest.model}@{manifest.version}",
+            class_names=manifest.class_names,
+        )
+    assert base.backbone is not None  # the spec guarantees backbone or version
+    backbone = base.backbone
+    family_of(backbone)
+    if base.weights is None:
+        return ResolvedBase(backbone, None, Preprocessing(), parent=None)
+    if base.weights.startswith(("s3://", "file://")):
+        blob = _safetensors_blob(base.weights, store, training)
+        pre = _safetensors_preprocessing(blob) or Preprocessing()
+        return ResolvedBase(backbone, st_load(blob), pre, parent=base.weights)
+    enum = torchvision_weights(backbone, base.weights)
+    state = load_torchvision_state(enum, allow_download=training.allow_weight_download)
+    return ResolvedBase(
+        backbone,
+        state,
+        Preprocessing.from_torchvision(enum.transforms()),
+        parent=f"torchvision:{backbone}.{enum.name}",
+    )
+
+
+def load_base_weights(
+    model: nn.Module, backbone: str, state: dict[str, torch.Tensor], *, keep_head: bool
+) -> None:
+    """Load base weights into a freshly built model. The head is skipped unless ``keep_head``
+    (same classes); every other tensor must fit exactly, else a SpecError says which."""
+    head = HEAD_MODULE[family_of(backbone)]
+
+    def is_head(k: str) -> bool:
+        return k == head or k.startswith(head + ".")
+
+    body = {k: v for k, v in state.items() if keep_head or not is_head(k)}
+    own = model.state_dict()
+    wrong = [k for k, v in body.items() if k in own and own[k].shape != v.shape]
+    missing = [k for k in own if k not in body and (keep_head or not is_head(k))]
+    unexpected = [k for k in body if k not in own]
+    if wrong or missing or unexpected:
+        detail = {"shape_mismatch": wrong[:5], "missing": missing[:5], "unexpected": unexpected[:5]}
+        raise SpecError(f"weights do not fit {backbone}: {detail}", field="base.weights")
+    model.load_state_dict(body, strict=False)
