@@ -45,9 +45,16 @@ def cmd_store_up(args: argparse.Namespace, settings: RefitSettings) -> int:
         stop_timeout_s=settings.store.stop_timeout_s,
     )
     conn = store.start()
-    print(json.dumps({"endpoint": conn.endpoint, "bucket": conn.bucket,
-                      "connection_file": str(Path(args.data_dir) / "connection.json")}),
-          flush=True)
+    print(
+        json.dumps(
+            {
+                "endpoint": conn.endpoint,
+                "bucket": conn.bucket,
+                "connection_file": str(Path(args.data_dir) / "connection.json"),
+            }
+        ),
+        flush=True,
+    )
     try:
         _wait_for_signal()
     finally:
@@ -61,8 +68,9 @@ def cmd_finetune(args: argparse.Namespace, settings: RefitSettings) -> int:
     from training.entry import run_spec_file
 
     if not args.local:
-        print("only --local is available here; the HTTP API comes with the service",
-              file=sys.stderr)
+        print(
+            "only --local is available here; the HTTP API comes with the service", file=sys.stderr
+        )
         return 2
     return run_spec_file(args.spec, _with_store(settings, args.data_dir))
 
@@ -110,8 +118,9 @@ def _log(msg: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``refit``."""
-    p = argparse.ArgumentParser(prog="refit", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="refit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     store = sub.add_parser("store", help="the embedded object store")

@@ -78,15 +78,13 @@ def build_backbone(backbone: str, *, num_classes: int) -> nn.Module:
 
 
 def _has_stride2(module: nn.Module) -> bool:
-    return any(
-        isinstance(m, nn.Conv2d) and tuple(m.stride) == (2, 2) for m in module.modules()
-    )
+    return any(isinstance(m, nn.Conv2d) and tuple(m.stride) == (2, 2) for m in module.modules())
 
 
 def _feature_stages(model: nn.Module) -> list[Stage]:
     """Stages of a ``features`` Sequential (mobilenet_v3, efficientnet, convnext): a block
     that downsamples (a stride-2 conv) starts a new stage; the final 1x1 conv joins the last."""
-    features = model.features  # type: ignore[union-attr]
+    features: nn.Sequential = model.get_submodule("features")  # type: ignore[assignment]
     n = len(features)
     groups: list[list[str]] = []
     for i in range(1, n):
@@ -111,9 +109,7 @@ def stages(model: nn.Module, backbone: str) -> list[Stage]:
         ]
     elif family == "regnet":
         blocks = [n for n, _ in model.trunk_output.named_children()]  # type: ignore[union-attr]
-        body = [Stage("stem", ("stem",))] + [
-            Stage(b, (f"trunk_output.{b}",)) for b in blocks
-        ]
+        body = [Stage("stem", ("stem",))] + [Stage(b, (f"trunk_output.{b}",)) for b in blocks]
     elif family == "vit":
         layers = [n for n, _ in model.encoder.layers.named_children()]  # type: ignore[union-attr]
         per = max(1, len(layers) // 4)

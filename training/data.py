@@ -77,7 +77,7 @@ def _stratified_split(
             raise DataError(
                 f"class {cls!r} has {len(keys)} image; a split needs at least 2", field="dataset"
             )
-        random.Random(f"{seed}:{cls}").shuffle(keys)
+        random.Random(f"{seed}:{cls}").shuffle(keys)  # noqa: S311 - reproducible, not secret
         n_val = min(len(keys) - 1, max(1, round(len(keys) * fraction)))
         val += [(k, cls) for k in keys[:n_val]]
         train += [(k, cls) for k in keys[n_val:]]
@@ -156,7 +156,8 @@ def index_dataset(
     val_classes = {c for _, c in val}
     if train_classes != val_classes:
         raise DataError(
-            f"train and val have different classes: only in train {sorted(train_classes - val_classes)}, "
+            "train and val have different classes: only in train "
+            f"{sorted(train_classes - val_classes)}, "
             f"only in val {sorted(val_classes - train_classes)}",
             field="dataset",
         )
@@ -194,6 +195,29 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
         raise ValueError(str(exc) or type(exc).__name__) from None
 
 
+class ByteCache:
+    """Encoded image bytes kept in memory up to a budget; once full, new items are not kept
+    (a stable working set beats churn for epoch-after-epoch passes over the same data)."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget = budget_bytes
+        self.used = 0
+        self._items: dict[str, bytes] = {}
+
+    def get(self, key: str) -> bytes | None:
+        """Cached bytes of a key, or None."""
+        return self._items.get(key)
+
+    def put(self, key: str, data: bytes) -> None:
+        """Keep bytes if the budget allows."""
+        if key not in self._items and self.used + len(data) <= self.budget:
+            self._items[key] = data
+            self.used += len(data)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"budget": self.budget, "used": 0, "_items": {}}
+
+
 @dataclass
 class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
     """Samples streamed from S3 and decoded on demand; batches are fetched concurrently."""
@@ -203,6 +227,8 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
     transform: Callable[[Image.Image], torch.Tensor]
     max_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 40_000_000
+    cache: ByteCache | None = None
+    """Shared by the datasets of one worker, so later epochs need no S3 round trip."""
     _pool: ThreadPoolExecutor | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
@@ -210,12 +236,15 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
 
     def load(self, sample: Sample) -> Image.Image:
         """Fetch and decode one sample; ValueError when unreadable."""
-        head = self.store.head(sample.key)
-        if head is None:
-            raise ValueError("missing")
-        if head.size > self.max_bytes:
-            raise ValueError(f"{head.size} bytes exceeds {self.max_bytes}")
-        return decode_image(self.store.get_bytes(sample.key), max_pixels=self.max_pixels)
+        data = self.cache.get(sample.key) if self.cache is not None else None
+        if data is None:
+            try:
+                data = self.store.get_bytes(sample.key, max_bytes=self.max_bytes)
+            except NotFoundError:
+                raise ValueError("missing") from None
+            if self.cache is not None:
+                self.cache.put(sample.key, data)
+        return decode_image(data, max_pixels=self.max_pixels)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         s = self.samples[i]
@@ -257,7 +286,7 @@ def make_loader(
 ) -> DataLoader[Any]:
     """A DataLoader over this rank's shard. Training shards are padded to equal length
     (DistributedSampler), so every rank runs the same number of steps - DDP requires it."""
-    sampler = None
+    sampler: DistributedSampler[Any] | None = None
     if world_size > 1 and shuffle:
         sampler = DistributedSampler(
             dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=False
@@ -269,6 +298,7 @@ def make_loader(
             dataset.transform,
             dataset.max_bytes,
             dataset.max_pixels,
+            dataset.cache,
         )
     if batch_size < 1:
         raise SpecError("must be at least 1", field="batch_size")

@@ -65,8 +65,9 @@ def write_digits(
         test = rest[len(train) :]
         for split, ids in (("train", train), ("val", val), ("test", test)):
             for i in ids:
-                jobs.append((f"datasets/{name}/{split}/{d}/{int(i):04d}.png",
-                             _png(bunch.images[i], size)))
+                jobs.append(
+                    (f"datasets/{name}/{split}/{d}/{int(i):04d}.png", _png(bunch.images[i], size))
+                )
             counts[split] += len(ids)
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda kv: store.put_bytes(kv[0], kv[1], content_type="image/png"), jobs))

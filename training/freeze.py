@@ -161,8 +161,7 @@ def plan_freeze(policy: _Policy, model: nn.Module, backbone: str) -> FreezePlan:
         trainable = frozenset(n for n in names if any(r.search(n) for r in regexes))
         if not trainable:
             raise SpecError(
-                f"no parameter of {backbone} matches; names look like {names[0]!r}, "
-                f"{names[-1]!r}",
+                f"no parameter of {backbone} matches; names look like {names[0]!r}, {names[-1]!r}",
                 field="freeze.trainable",
             )
     else:  # full, lp_ft, gradual_unfreeze, layer_decay: all parameters train at some point

@@ -53,7 +53,9 @@ def evaluate_model(
         max_pixels=settings.training.max_image_pixels,
     )
     loader = make_loader(ds, batch_size=batch_size, shuffle=False)
-    acc = evaluate(model, loader, num_classes=len(classes), precision=Precision(torch.device("cpu")))
+    acc = evaluate(
+        model, loader, num_classes=len(classes), precision=Precision(torch.device("cpu"))
+    )
     return acc.compute(classes)
 
 
@@ -90,8 +92,13 @@ def run_finetune(
         model.load_state_dict(load_checkpoint_weights(result.best_dir))
         bad = set(load_checkpoint_state(result.best_dir).get("bad_keys", []))
     val = [s for s in index.val if s.key not in bad]
-    common = {"store": store, "classes": index.classes, "settings": settings}
-    candidate = evaluate_model(model, val, preprocessing=preprocessing, **common)
+
+    def score(m: nn.Module, pre: Preprocessing) -> dict[str, Any]:
+        return evaluate_model(
+            m, val, store=store, preprocessing=pre, classes=index.classes, settings=settings
+        )
+
+    candidate = score(model, preprocessing)
 
     incumbent_version, incumbent_top1, note = None, None, None
     alias, _ = registry.get_alias(spec.model, spec.alias)
@@ -103,9 +110,7 @@ def run_finetune(
         if inc_manifest is not None and inc_manifest.class_names == index.classes:
             inc_model = build_backbone(inc_manifest.backbone, num_classes=len(index.classes))
             inc_model.load_state_dict(inc_state)
-            inc_metrics = evaluate_model(
-                inc_model, val, preprocessing=inc_manifest.preprocessing, **common
-            )
+            inc_metrics = score(inc_model, inc_manifest.preprocessing)
             incumbent_version, incumbent_top1 = inc_manifest.version, inc_metrics["top1"]
         elif inc_manifest is not None:
             note = f"serving {inc_manifest.version} has other classes; not compared"

@@ -74,7 +74,7 @@ def build_scheduler(
         return lambda step: curve(step) * plan.stage_factor(stage, step // max(1, steps_per_epoch))
 
     lambdas = [for_stage(g["stage"]) for g in optimizer.param_groups]
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lambdas)  # type: ignore[arg-type]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lambdas)
 
 
 def train_one_epoch(

@@ -149,9 +149,7 @@ class Registry:
             raise IntegrityError(f"manifest of {model}@{version} names another version")
         return manifest, digest
 
-    def load(
-        self, model: str, ref: str = "production"
-    ) -> tuple[Manifest, dict[str, torch.Tensor]]:
+    def load(self, model: str, ref: str = "production") -> tuple[Manifest, dict[str, torch.Tensor]]:
         """Load a version by id or alias, verifying the manifest and every file's sha256."""
         version, expect = self.resolve(model, ref)
         manifest, _ = self.read_manifest(model, version, expect_sha256=expect)
@@ -217,9 +215,7 @@ class Registry:
         self._write_alias(model, alias, record, etag)
         return record
 
-    def _write_alias(
-        self, model: str, alias: str, record: AliasRecord, etag: str | None
-    ) -> None:
+    def _write_alias(self, model: str, alias: str, record: AliasRecord, etag: str | None) -> None:
         try:
             self.store.put_json(
                 self._akey(model, alias),

@@ -23,8 +23,14 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from training.backbones import build_backbone, head_module, trunk
-from training.data import ImageDataset, Sample, make_loader
-from training.freeze import FreezePlan, apply_freeze, param_groups, plan_freeze, set_frozen_batchnorm
+from training.data import ByteCache, ImageDataset, Sample, make_loader
+from training.freeze import (
+    FreezePlan,
+    apply_freeze,
+    param_groups,
+    plan_freeze,
+    set_frozen_batchnorm,
+)
 from training.loop import (
     Precision,
     build_optimizer,
@@ -138,6 +144,8 @@ def run_worker(inputs: RunInputs, ctx: RunContext) -> None:
         model.load_state_dict(load_checkpoint_weights(ctx.resume_from))
         resumed_from = int(state["epoch"])
 
+    cache = ByteCache(tset.cache_mb * 1024 * 1024)
+
     def dataset(samples: list[Sample], train: bool) -> ImageDataset:
         tf = train_transform(inputs.preprocessing, spec.augment) if train else None
         return ImageDataset(
@@ -146,6 +154,7 @@ def run_worker(inputs: RunInputs, ctx: RunContext) -> None:
             tf or eval_transform(inputs.preprocessing),
             max_bytes=tset.max_image_bytes,
             max_pixels=tset.max_image_pixels,
+            cache=cache,
         )
 
     # One scan finds unreadable images; every rank drops the same ones (shards stay equal).
@@ -178,22 +187,34 @@ def run_worker(inputs: RunInputs, ctx: RunContext) -> None:
         # Head only: the trunk runs once per image; epochs train the head on cached features.
         feats_tr = extract_features(
             trunk(model, inputs.backbone),
-            make_loader(dataset(train_s, False), batch_size=spec.batch_size, shuffle=False,
-                        rank=ctx.rank, world_size=ctx.world_size),
+            make_loader(
+                dataset(train_s, False),
+                batch_size=spec.batch_size,
+                shuffle=False,
+                rank=ctx.rank,
+                world_size=ctx.world_size,
+            ),
             precision=precision,
         )
         feats_va = extract_features(
             trunk(model, inputs.backbone),
-            make_loader(dataset(val_s, False), batch_size=spec.batch_size, shuffle=False,
-                        rank=ctx.rank, world_size=ctx.world_size),
+            make_loader(
+                dataset(val_s, False),
+                batch_size=spec.batch_size,
+                shuffle=False,
+                rank=ctx.rank,
+                world_size=ctx.world_size,
+            ),
             precision=precision,
         )
         head = head_module(model, inputs.backbone)
         trained = ctx.wrap_model(head)
         train_ds = TensorDataset(*feats_tr)
-        sampler = DistributedSampler(
-            train_ds, num_replicas=ctx.world_size, rank=ctx.rank, seed=spec.seed
-        ) if ctx.world_size > 1 else None
+        sampler: DistributedSampler[Any] | None = (
+            DistributedSampler(train_ds, num_replicas=ctx.world_size, rank=ctx.rank, seed=spec.seed)
+            if ctx.world_size > 1
+            else None
+        )
         train_loader: Any = DataLoader(
             train_ds, batch_size=spec.batch_size, shuffle=sampler is None, sampler=sampler
         )
@@ -202,21 +223,34 @@ def run_worker(inputs: RunInputs, ctx: RunContext) -> None:
     else:
         trained = ctx.wrap_model(net)
         train_loader = make_loader(
-            dataset(train_s, True), batch_size=spec.batch_size, shuffle=True, rank=ctx.rank,
-            world_size=ctx.world_size, seed=spec.seed, num_workers=tset.loader_workers,
+            dataset(train_s, True),
+            batch_size=spec.batch_size,
+            shuffle=True,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            seed=spec.seed,
+            num_workers=tset.loader_workers,
         )
         val_loader = make_loader(
-            dataset(val_s, False), batch_size=spec.batch_size, shuffle=False, rank=ctx.rank,
+            dataset(val_s, False),
+            batch_size=spec.batch_size,
+            shuffle=False,
+            rank=ctx.rank,
             world_size=ctx.world_size,
         )
         steps_per_epoch = len(train_loader)
 
     optimizer = build_optimizer(
         param_groups(model, plan, weight_decay=spec.weight_decay),
-        name=spec.optimizer, lr=spec.lr, momentum=spec.momentum,
+        name=spec.optimizer,
+        lr=spec.lr,
+        momentum=spec.momentum,
     )
     scheduler = build_scheduler(
-        optimizer, plan, steps_per_epoch=steps_per_epoch, epochs=spec.epochs,
+        optimizer,
+        plan,
+        steps_per_epoch=steps_per_epoch,
+        epochs=spec.epochs,
         warmup_epochs=spec.warmup_epochs,
     )
     if ctx.resume_from is not None:
@@ -230,8 +264,14 @@ def run_worker(inputs: RunInputs, ctx: RunContext) -> None:
             train_loader.sampler.set_epoch(epoch)
         set_frozen_batchnorm(model, plan, epoch)
         stats = train_one_epoch(
-            trained, train_loader, optimizer, scheduler, plan=plan, epoch=epoch,
-            precision=precision, label_smoothing=spec.label_smoothing,
+            trained,
+            train_loader,
+            optimizer,
+            scheduler,
+            plan=plan,
+            epoch=epoch,
+            precision=precision,
+            label_smoothing=spec.label_smoothing,
         )
         val = evaluate(
             trained, val_loader, num_classes=len(inputs.classes), precision=precision
@@ -244,8 +284,12 @@ def run_worker(inputs: RunInputs, ctx: RunContext) -> None:
             state["best_top1"], state["best_epoch"] = val["top1"], done
         state["epoch"] = done
         state["history"].append(
-            {"epoch": done, "train_loss": stats["train_loss"], "val_loss": val["loss"],
-             "val_top1": val["top1"]}
+            {
+                "epoch": done,
+                "train_loss": stats["train_loss"],
+                "val_loss": val["loss"],
+                "val_top1": val["top1"],
+            }
         )
         patience = spec.early_stopping_patience
         stop = patience is not None and done - state["best_epoch"] >= patience

@@ -94,6 +94,8 @@ class TrainingSettings(BaseModel):
     """Let torchvision download missing pretrained weights into the torch hub cache."""
     local_weights_dir: Path | None = None
     """The only directory ``file://`` weight URIs may point into; unset refuses them."""
+    cache_mb: int = Field(default=512, ge=0)
+    """Encoded image bytes each training worker keeps in memory across epochs (0: none)."""
     loader_workers: int = Field(default=0, ge=0)
     """DataLoader worker processes per training worker (0: decode in the training process)."""
 

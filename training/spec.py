@@ -47,8 +47,10 @@ class BaseModelSpec(BaseModel):
     def _weights_form(cls, v: str | None) -> str | None:
         if v is None or v.startswith(("s3://", "file://")) or v.replace("_", "").isalnum():
             return v
-        raise ValueError("must be a torchvision weights name (e.g. IMAGENET1K_V1) or an "
-                         "s3:// or file:// URI of a safetensors file")
+        raise ValueError(
+            "must be a torchvision weights name (e.g. IMAGENET1K_V1) or an "
+            "s3:// or file:// URI of a safetensors file"
+        )
 
     @field_validator("version")
     @classmethod

@@ -123,10 +123,14 @@ class ObjectStore:
         return StorageError(f"object store unreachable: {type(exc).__name__}: {exc}")
 
     # --- reads -------------------------------------------------------------------------------
-    def get_bytes(self, key: str) -> bytes:
-        """Read one object; NotFoundError when absent."""
+    def get_bytes(self, key: str, *, max_bytes: int | None = None) -> bytes:
+        """Read one object; NotFoundError when absent, ValueError when it is larger than
+        ``max_bytes`` (checked from the response header, before the body is read)."""
         try:
             resp = self.client.get_object(Bucket=self.bucket, Key=self.full_key(key))
+            if max_bytes is not None and int(resp["ContentLength"]) > max_bytes:
+                resp["Body"].close()
+                raise ValueError(f"{resp['ContentLength']} bytes exceeds {max_bytes}")
             return bytes(resp["Body"].read())
         except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
             raise self._translate(exc, key) from exc

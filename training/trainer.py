@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,8 +55,7 @@ def check_resources(*, workers: int, use_gpu: bool, cpus_per_worker: float) -> N
         )
     if workers * cpus_per_worker > cpus:
         raise ResourceError(
-            f"{workers} workers x {cpus_per_worker:g} CPU requested; the cluster has "
-            f"{cpus:g} CPUs",
+            f"{workers} workers x {cpus_per_worker:g} CPU requested; the cluster has {cpus:g} CPUs",
             field="workers",
         )
 
@@ -71,7 +69,7 @@ class _Progress(UserCallback):
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any):
         m = dict(metrics[0]) if metrics else {}
         if "epoch" in m:
-            print(  # noqa: T201 - forwarded to the driver's terminal by Ray
+            print(
                 f"[refit] epoch {m['epoch']}/{m['epochs']} loss {m['train_loss']:.4f} "
                 f"val top1 {m['val_top1']:.4f} {m['images_per_s']:.1f} img/s "
                 f"eta {m['eta_s']:.0f}s",
@@ -126,9 +124,7 @@ class FitResult:
     storage_uri: str
 
 
-def fit(
-    inputs: RunInputs, *, job_id: str, settings: RefitSettings, workdir: Path
-) -> FitResult:
+def fit(inputs: RunInputs, *, job_id: str, settings: RefitSettings, workdir: Path) -> FitResult:
     """Run the distributed training job and download its best checkpoint into ``workdir``."""
     spec = inputs.spec
     store = ObjectStore(settings.s3)
@@ -143,7 +139,8 @@ def fit(
             use_gpu=spec.use_gpu,
             resources_per_worker={"CPU": cpus, **({"GPU": 1} if spec.use_gpu else {})},
         ),
-        run_config=RunConfig(
+        # mypy sees ray.train's V1 classes; at run time these names are Train V2's (default).
+        run_config=RunConfig(  # type: ignore[call-arg]
             name=job_id,
             storage_path=store.arrow_path("runs"),
             storage_filesystem=store.arrow_filesystem(),
@@ -153,7 +150,7 @@ def fit(
                 checkpoint_score_attribute="val_top1",
                 checkpoint_score_order="max",
             ),
-            callbacks=[_Progress(store, f"jobs/{job_id}/progress.json")],
+            callbacks=[_Progress(store, f"jobs/{job_id}/progress.json")],  # type: ignore[list-item]
             worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(max(1, int(cpus)))}},
         ),
     )

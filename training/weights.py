@@ -73,7 +73,9 @@ def load_torchvision_state(
     try:
         state: dict[str, torch.Tensor] = weights.get_state_dict(progress=False)
     except OSError as exc:  # download attempted and failed (no network)
-        raise WeightsUnavailableError(f"cannot fetch {weights}: {exc}", field="base.weights")
+        raise WeightsUnavailableError(
+            f"cannot fetch {weights}: {exc}", field="base.weights"
+        ) from None
     return state
 
 
