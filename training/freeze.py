@@ -122,14 +122,19 @@ class FreezePlan:
             return float(p.decay**depth)
         return 1.0
 
-    def frozen_stages(self, epoch: int) -> set[int]:
-        """Stages whose BatchNorm statistics stay frozen in this epoch."""
-        out = set()
-        for i, stage in enumerate(self.stages):
-            never = not any(stage.owns(n) for n in self.trainable)
-            if never or self.stage_factor(i, epoch) == 0.0:
-                out.add(i)
-        return out
+    def stage_of(self, tensor_or_module_name: str) -> int:
+        """Index of the stage that owns a parameter, buffer or module name."""
+        return next(i for i, s in enumerate(self.stages) if s.owns(tensor_or_module_name))
+
+    def bn_frozen(self, module_name: str, param_names: list[str], epoch: int) -> bool:
+        """Whether a BatchNorm layer keeps frozen statistics in ``epoch``: its own parameters
+        never train (permanent), or its stage is frozen by the current phase."""
+        if param_names and not any(p in self.trainable for p in param_names):
+            return True
+        stage = self.stage_of(module_name)
+        if not param_names and not any(self.stages[stage].owns(n) for n in self.trainable):
+            return True
+        return self.stage_factor(stage, epoch) == 0.0
 
     @property
     def uses_feature_cache(self) -> bool:
@@ -180,12 +185,12 @@ def set_frozen_batchnorm(model: nn.Module, plan: FreezePlan, epoch: int) -> int:
 
     Returns how many BatchNorm layers are frozen. Survives later ``model.train()`` calls.
     """
-    frozen_idx = plan.frozen_stages(epoch)
     count = 0
     for name, module in model.named_modules():
         if not isinstance(module, nn.modules.batchnorm._BatchNorm):
             continue
-        frozen = any(plan.stages[i].owns(name) for i in frozen_idx)
+        own = [f"{name}.{p}" for p, _ in module.named_parameters(recurse=False)]
+        frozen = plan.bn_frozen(name, own, epoch)
         module._refit_frozen = frozen  # type: ignore[assignment]
         if "train" not in module.__dict__:
             module.train = _frozen_bn_train.__get__(module)  # type: ignore[method-assign]
@@ -215,7 +220,7 @@ def param_groups(model: nn.Module, plan: FreezePlan, *, weight_decay: float) -> 
     for name, param in model.named_parameters():
         if name not in plan.trainable:
             continue
-        stage = next(i for i, s in enumerate(plan.stages) if s.owns(name))
+        stage = plan.stage_of(name)
         decay = param.ndim > 1 and not _NO_DECAY.search(name)
         group = groups.setdefault(
             (stage, decay),

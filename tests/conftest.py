@@ -1,0 +1,95 @@
+"""Real parts, shared per session: one SeaweedFS, one local Ray (num_cpus pinned)."""
+
+from __future__ import annotations
+
+import io
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from training.seaweed import Connection, EmbeddedStore
+from training.settings import RefitSettings, TrainingSettings
+from training.store import ObjectStore
+
+RAY_CPUS = 3
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Connection]:
+    """A real SeaweedFS on loopback for the whole session."""
+    store = EmbeddedStore(tmp_path_factory.mktemp("seaweed"), bucket="refit")
+    conn = store.start()
+    yield conn
+    store.stop()
+
+
+@pytest.fixture
+def settings(seaweed: Connection) -> RefitSettings:
+    """Settings on the session store, under a fresh prefix per test (isolation)."""
+    prefix = f"t-{uuid.uuid4().hex[:10]}"
+    return RefitSettings(
+        s3=seaweed.s3_settings(prefix=prefix),
+        training=TrainingSettings(max_epochs=50, cpus_per_worker=1, max_failures=2),
+    )
+
+
+@pytest.fixture
+def store(settings: RefitSettings) -> ObjectStore:
+    """An ObjectStore under this test's prefix."""
+    return ObjectStore(settings.s3)
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    """One local Ray for every test that needs it; no dashboard."""
+    import ray
+
+    ray.init(num_cpus=RAY_CPUS, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def png_bytes(value: int, size: int = 32, *, seed: int = 0) -> bytes:
+    """A small PNG whose content depends on ``value`` (learnable) plus a little noise."""
+    rng = np.random.default_rng(seed)
+    img = np.zeros((size, size), dtype=np.float32)
+    stripe = size // 5
+    img[:, value * stripe % size : value * stripe % size + stripe] = 200
+    img += rng.normal(0, 20, img.shape)
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).convert("RGB").save(buf, "PNG")
+    return buf.getvalue()
+
+
+def write_imagefolder(
+    store: ObjectStore,
+    name: str,
+    *,
+    classes: int = 3,
+    train: int = 8,
+    val: int = 4,
+    splits: bool = True,
+    corrupt: int = 0,
+) -> str:
+    """A synthetic ImageFolder dataset; returns its s3:// URI. ``corrupt`` train images per
+    class are garbage bytes with a .png name."""
+    for c in range(classes):
+        for split, n in (("train", train), ("val", val)):
+            for i in range(n):
+                folder = f"{split}/c{c}" if splits else f"c{c}"
+                data = png_bytes(c, seed=i * 31 + c)
+                if split == "train" and i < corrupt:
+                    data = b"\x89PNG not really" + bytes(i)
+                store.put_bytes(f"datasets/{name}/{folder}/{i:03d}.png", data)
+    return store.uri(f"datasets/{name}/")
+
+
+@pytest.fixture
+def tmp_torch_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty torch hub cache for this test."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    return tmp_path / "torch"
