@@ -9,8 +9,16 @@ from training import tv
 from training.backbones import BACKBONES, build_backbone, head_module, stages, trunk
 from training.errors import SpecError
 
-REQUIRED = ["resnet18", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large",
-            "efficientnet_b0", "convnext_tiny", "regnet_y_400mf", "vit_b_16"]
+REQUIRED = [
+    "resnet18",
+    "resnet50",
+    "mobilenet_v3_small",
+    "mobilenet_v3_large",
+    "efficientnet_b0",
+    "convnext_tiny",
+    "regnet_y_400mf",
+    "vit_b_16",
+]
 
 
 def test_torchvision_imports_through_shim() -> None:

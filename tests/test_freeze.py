@@ -28,11 +28,24 @@ from training.loop import Precision, build_optimizer, build_scheduler, train_one
 # family -> (head prefix, prefixes of the last two stages below the head)
 FAMILIES = {
     "resnet18": ("fc", ["layer3", "layer4"]),
-    "mobilenet_v3_small": ("classifier", ["features.4", "features.5", "features.6",
-                                          "features.7", "features.8", "features.9",
-                                          "features.10", "features.11", "features.12"]),
-    "efficientnet_b0": ("classifier", ["features.4", "features.5", "features.6",
-                                       "features.7", "features.8"]),
+    "mobilenet_v3_small": (
+        "classifier",
+        [
+            "features.4",
+            "features.5",
+            "features.6",
+            "features.7",
+            "features.8",
+            "features.9",
+            "features.10",
+            "features.11",
+            "features.12",
+        ],
+    ),
+    "efficientnet_b0": (
+        "classifier",
+        ["features.4", "features.5", "features.6", "features.7", "features.8"],
+    ),
     "convnext_tiny": ("classifier", ["features.4", "features.5", "features.6", "features.7"]),
 }
 
@@ -114,8 +127,15 @@ def _short_run(model: nn.Module, plan, epochs: int) -> None:
     sched = build_scheduler(opt, plan, steps_per_epoch=len(batches), epochs=epochs)
     for epoch in range(epochs):
         set_frozen_batchnorm(model, plan, epoch)
-        train_one_epoch(model, batches, opt, sched, plan=plan, epoch=epoch,
-                        precision=Precision(torch.device("cpu")))
+        train_one_epoch(
+            model,
+            batches,
+            opt,
+            sched,
+            plan=plan,
+            epoch=epoch,
+            precision=Precision(torch.device("cpu")),
+        )
 
 
 @pytest.mark.parametrize(
@@ -123,8 +143,11 @@ def _short_run(model: nn.Module, plan, epochs: int) -> None:
     [
         ("resnet18", LastNStages(n=1), r"^(conv1|bn1|layer[123])\."),
         ("mobilenet_v3_small", HeadOnly(feature_cache=False), r"^features\."),
-        ("efficientnet_b0", Patterns(trainable=[r"^features\.8\.", r"^classifier\."]),
-         r"^features\.[0-7]\."),
+        (
+            "efficientnet_b0",
+            Patterns(trainable=[r"^features\.8\.", r"^classifier\."]),
+            r"^features\.[0-7]\.",
+        ),
     ],
 )
 def test_real_run_frozen_bytes_identical(backbone: str, policy, frozen_prefix: str) -> None:

@@ -15,7 +15,11 @@ GOOD: dict[str, Any] = {
     "base": {"backbone": "resnet18", "weights": None, "version": None},
     "dataset": "s3://refit/datasets/digits-5to9/",
     "freeze": {"policy": "head_only"},
-    "epochs": 5, "batch_size": 32, "lr": 0.001, "workers": 2, "use_gpu": False,
+    "epochs": 5,
+    "batch_size": 32,
+    "lr": 0.001,
+    "workers": 2,
+    "use_gpu": False,
 }
 
 

@@ -45,7 +45,9 @@ def test_multipart_upload_works(store: ObjectStore) -> None:
     # Without the identities config SeaweedFS refuses multipart uploads.
     data = os.urandom(12 * 1024 * 1024)
     store.client.upload_fileobj(
-        io.BytesIO(data), store.bucket, store.full_key("big.bin"),
+        io.BytesIO(data),
+        store.bucket,
+        store.full_key("big.bin"),
         Config=TransferConfig(multipart_threshold=5 * 2**20, multipart_chunksize=5 * 2**20),
     )
     assert store.get_bytes("big.bin") == data
@@ -77,7 +79,8 @@ def test_store_up_cli_writes_connection_and_stops(tmp_path: Path) -> None:
     data_dir = tmp_path / "store"
     proc = subprocess.Popen(
         [sys.executable, "-m", "service.cli", "store", "up", "--data-dir", str(data_dir)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     try:
         line = proc.stdout.readline()

@@ -126,8 +126,12 @@ def load_checkpoint_weights(directory: Path) -> dict[str, torch.Tensor]:
     return load_file(directory / MODEL_FILE)
 
 
-def run_worker(inputs: RunInputs, ctx: RunContext) -> None:
-    """Scan, (cache features,) train, evaluate and checkpoint every epoch until done."""
+def run_worker(inputs: RunInputs, ctx: RunContext) -> dict[str, Any]:
+    """Scan, (cache features,) train, evaluate and checkpoint every epoch until done.
+
+    Returns ``{"data_error": ...}`` when too many images are unreadable (no training then),
+    else ``{"skipped_images": n}``.
+    """
     spec, tset = inputs.spec, inputs.settings.training
     torch.manual_seed(spec.seed + ctx.rank)
     store = ObjectStore(inputs.settings.s3)
@@ -169,15 +173,11 @@ def run_worker(inputs: RunInputs, ctx: RunContext) -> None:
     train_s = [s for s in inputs.train if s.key not in bad]
     val_s = [s for s in inputs.val if s.key not in bad]
     if len(bad) > limit * total or not train_s or not val_s:
-        ctx.report(
-            {
-                "data_error": f"{len(bad)} of {total} images are unreadable "
-                f"(limit {limit:.0%}); examples: {sorted(bad)[:3]}",
-                "skipped_images": len(bad),
-            },
-            None,
-        )
-        return
+        return {
+            "data_error": f"{len(bad)} of {total} images are unreadable "
+            f"(limit {limit:.0%}); examples: {sorted(bad)[:3]}",
+            "skipped_images": len(bad),
+        }
 
     use_cache = plan.uses_feature_cache
     net: nn.Module = model.to(ctx.device)
@@ -320,3 +320,4 @@ def run_worker(inputs: RunInputs, ctx: RunContext) -> None:
             ctx.report(metrics, checkpoint)
         if stop or not math.isfinite(stats["train_loss"]):
             break
+    return {"skipped_images": len(bad)}

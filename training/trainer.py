@@ -81,7 +81,7 @@ class _Progress(UserCallback):
             log.warning("could not store progress: %s", exc)
 
 
-def _train_fn(config: dict[str, Any]) -> None:
+def _train_fn(config: dict[str, Any]) -> dict[str, Any]:
     inputs: RunInputs = config["inputs"]
     ctx = ray.train.get_context()
     torch_threads = max(1, int(inputs.settings.training.cpus_per_worker))
@@ -93,8 +93,8 @@ def _train_fn(config: dict[str, Any]) -> None:
         ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=ckpt)
 
-    def run(resume_from: Path | None) -> None:
-        run_worker(
+    def run(resume_from: Path | None) -> dict[str, Any]:
+        return run_worker(
             inputs,
             RunContext(
                 rank=ctx.get_world_rank(),
@@ -108,10 +108,9 @@ def _train_fn(config: dict[str, Any]) -> None:
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        run(None)
-    else:
-        with checkpoint.as_directory() as directory:
-            run(Path(directory))
+        return run(None)
+    with checkpoint.as_directory() as directory:
+        return run(Path(directory))
 
 
 @dataclass
@@ -158,7 +157,8 @@ def fit(inputs: RunInputs, *, job_id: str, settings: RefitSettings, workdir: Pat
         result = trainer.fit()
     except ray.train.TrainingFailedError as exc:
         raise TrainingError(f"training failed: {exc}") from exc
-    metrics = dict(result.metrics or {})
+    # metrics of the last checkpoint, plus what rank 0 returned (e.g. a data error)
+    metrics = {**(result.metrics or {}), **(result.return_value or {})}
     best = [(c, m) for c, m in (result.best_checkpoints or []) if "val_top1" in m]
     if not best:
         return FitResult(metrics, None, {}, store.uri(f"runs/{job_id}"))
