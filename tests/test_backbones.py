@@ -30,7 +30,8 @@ def test_torchvision_imports_through_shim() -> None:
 def test_every_tensor_in_exactly_one_stage(name: str) -> None:
     model = build_backbone(name, num_classes=7)
     st = stages(model, name)
-    assert st[-1].name == "head" and len(st) >= 5
+    assert st[-1].name == "head"
+    assert len(st) >= 5
     names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
     for n in names:
         assert sum(s.owns(n) for s in st) == 1, n

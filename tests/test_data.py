@@ -14,8 +14,10 @@ from training.store import ObjectStore
 def test_imagefolder_with_splits(store: ObjectStore) -> None:
     uri = write_imagefolder(store, "ds", classes=3, train=4, val=2)
     idx = index_dataset(store, uri)
-    assert idx.classes == ["c0", "c1", "c2"] and idx.split == "given"
-    assert len(idx.train) == 12 and len(idx.val) == 6
+    assert idx.classes == ["c0", "c1", "c2"]
+    assert idx.split == "given"
+    assert len(idx.train) == 12
+    assert len(idx.val) == 6
     assert idx.fingerprint == index_dataset(store, uri).fingerprint
 
 
@@ -23,7 +25,8 @@ def test_stratified_split_is_deterministic(store: ObjectStore) -> None:
     uri = write_imagefolder(store, "flat", classes=2, train=10, val=0, splits=False)
     a = index_dataset(store, uri, val_fraction=0.2, seed=1)
     b = index_dataset(store, uri, val_fraction=0.2, seed=1)
-    assert a.split == "stratified" and a.val == b.val
+    assert a.split == "stratified"
+    assert a.val == b.val
     assert sorted(s.label for s in a.val) == [0, 0, 1, 1]
     assert not {s.key for s in a.val} & {s.key for s in a.train}
 
@@ -37,7 +40,8 @@ def test_jsonl_manifest(store: ObjectStore) -> None:
             lines.append(f'{{"uri": "{store.uri(key)}", "label": "k{c}"}}')
     store.put_bytes("datasets/m.jsonl", "\n".join(lines).encode())
     idx = index_dataset(store, store.uri("datasets/m.jsonl"))
-    assert idx.layout == "jsonl" and idx.classes == ["k0", "k1"]
+    assert idx.layout == "jsonl"
+    assert idx.classes == ["k0", "k1"]
     store.put_bytes("datasets/bad.jsonl", b'{"uri": "s3://elsewhere/x.png", "label": "a"}')
     with pytest.raises(Exception) as err:
         index_dataset(store, store.uri("datasets/bad.jsonl"))
@@ -63,7 +67,7 @@ def test_corrupt_images_found(store: ObjectStore) -> None:
     ds = ImageDataset(store, idx.train, eval_transform(Preprocessing(resize_size=32, crop_size=32)))
     bad = ds.find_unreadable(range(len(ds)))
     assert len(bad) == 4
-    x, y = ds[len(ds) - 1]
+    x, _y = ds[len(ds) - 1]
     assert tuple(x.shape) == (3, 32, 32)
 
 

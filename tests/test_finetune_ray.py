@@ -45,13 +45,16 @@ def test_two_worker_ddp_publishes_then_finetunes_from_it(
 ) -> None:
     write_imagefolder(store, "synth", classes=3, train=16, val=6)
     first = run_finetune(_spec(store, "synth"), settings)
-    assert first["published"] and first["promoted"] and first["epochs_run"] == 2
+    assert first["published"]
+    assert first["promoted"]
+    assert first["epochs_run"] == 2
     reg = Registry(store)
     manifest, _ = reg.load("synth", "production")  # verifies every sha256
     assert manifest.version == first["version"]
     assert manifest.class_names == ["c0", "c1", "c2"]
     assert manifest.hyperparameters["workers"] == 2
-    assert manifest.dataset["fingerprint"] and manifest.job_id == first["job_id"]
+    assert manifest.dataset["fingerprint"]
+    assert manifest.job_id == first["job_id"]
     assert store.exists(f"jobs/{first['job_id']}/progress.json")
 
     second = run_finetune(
@@ -69,7 +72,8 @@ def test_two_worker_ddp_publishes_then_finetunes_from_it(
     assert second["gate"]["incumbent_version"] == first["version"]
     assert second["published"]
     alias, _ = reg.get_alias("synth", "production")
-    assert alias.version == second["version"] and alias.history[0] == first["version"]
+    assert alias.version == second["version"]
+    assert alias.history[0] == first["version"]
 
 
 def _train_worker_pids() -> list[int]:
@@ -117,7 +121,8 @@ def test_worker_killed_mid_run_resumes_and_publishes(
     assert "error" not in out, out.get("error")
     result = out["result"]
     assert result["resumed_from_epoch"] > 0
-    assert result["published"] and result["epochs_run"] == 4
+    assert result["published"]
+    assert result["epochs_run"] == 4
     Registry(store).load("resume", result["version"])
 
 
@@ -132,7 +137,8 @@ def test_all_corrupt_fails_and_publishes_nothing(
             store.put_bytes(f"datasets/junk/train/c{c}/{i:03d}.png", b"\x89PNG broken")
     with pytest.raises(DataError) as err:
         run_finetune(_spec(store, "junk", model="junk", workers=1), settings)
-    assert err.value.field == "dataset" and "unreadable" in err.value.message
+    assert err.value.field == "dataset"
+    assert "unreadable" in err.value.message
     assert Registry(store).list_versions("junk") == []
     assert Registry(store).get_alias("junk", "production") == (None, None)
 
@@ -141,6 +147,7 @@ def test_more_workers_than_cluster(store: ObjectStore, settings: RefitSettings) 
     write_imagefolder(store, "w", classes=2, train=3, val=1)
     with pytest.raises(ResourceError) as err:
         run_finetune(_spec(store, "w", workers=16), settings)
-    assert err.value.field == "workers" and err.value.status == 422
+    assert err.value.field == "workers"
+    assert err.value.status == 422
     with pytest.raises(ResourceError):
         run_finetune(_spec(store, "w", workers=1, use_gpu=True), settings)

@@ -89,7 +89,8 @@ def test_phases_and_factors(backbone: str) -> None:
     active = [sum(gu.stage_factor(i, e) > 0 for i in range(head + 1)) for e in range(6)]
     assert active == [1, 1, 2, 2, 3, 3]
     ld = plan_freeze(LayerDecay(decay=0.5), model, backbone)
-    assert ld.stage_factor(head, 0) == 1.0 and ld.stage_factor(head - 2, 0) == 0.25
+    assert ld.stage_factor(head, 0) == 1.0
+    assert ld.stage_factor(head - 2, 0) == 0.25
 
 
 def test_policy_errors_name_the_field() -> None:
@@ -107,7 +108,8 @@ def test_frozen_batchnorm_survives_train() -> None:
     plan = plan_freeze(LastNStages(n=1), model, "resnet18")
     apply_freeze(model, plan)
     model.train()
-    assert not model.bn1.training and not model.layer3[0].bn1.training
+    assert not model.bn1.training
+    assert not model.layer3[0].bn1.training
     assert model.layer4[0].bn1.training
     # a phased policy: frozen in epoch 0, trains in epoch 1
     model = build_backbone("resnet18", num_classes=3)
@@ -158,7 +160,8 @@ def test_real_run_frozen_bytes_identical(backbone: str, policy, frozen_prefix: s
     _short_run(model, plan, epochs=1)
     after = model.state_dict()
     frozen = [k for k in before if re.search(frozen_prefix, k)]
-    assert frozen and any("running_mean" in k for k in frozen)
+    assert frozen
+    assert any("running_mean" in k for k in frozen)
     for k in frozen:  # weights AND BatchNorm buffers
         assert torch.equal(before[k], after[k]), k
     changed = [k for k in plan.trainable if not torch.equal(before[k], after[k])]

@@ -25,7 +25,8 @@ GOOD: dict[str, Any] = {
 
 def test_issue_example_parses() -> None:
     spec = parse_spec(GOOD)
-    assert spec.freeze.policy == "head_only" and spec.workers == 2
+    assert spec.freeze.policy == "head_only"
+    assert spec.workers == 2
 
 
 @pytest.mark.parametrize(

@@ -28,7 +28,8 @@ def test_enum_from_populated_hub_cache(store: ObjectStore, tmp_torch_home: Path)
         store=store,
         training=TrainingSettings(),
     )
-    assert base.preprocessing.crop_size == 224 and base.parent.endswith("IMAGENET1K_V1")
+    assert base.preprocessing.crop_size == 224
+    assert base.parent.endswith("IMAGENET1K_V1")
     model = build_backbone("resnet18", num_classes=5)
     load_base_weights(model, "resnet18", base.state_dict, keep_head=False)
     assert torch.equal(model.layer1[0].conv1.weight, ref["layer1.0.conv1.weight"])
@@ -42,7 +43,8 @@ def test_enum_missing_from_cache_is_clear(store: ObjectStore, tmp_torch_home: Pa
             store=store,
             training=TrainingSettings(),
         )
-    assert "torch hub cache" in err.value.message and err.value.status == 424
+    assert "torch hub cache" in err.value.message
+    assert err.value.status == 424
 
 
 def test_unknown_enum_lists_valid(store: ObjectStore) -> None:

@@ -130,7 +130,7 @@ def fit(inputs: RunInputs, *, job_id: str, settings: RefitSettings, workdir: Pat
     cpus = settings.training.cpus_per_worker
     check_resources(workers=spec.workers, use_gpu=spec.use_gpu, cpus_per_worker=cpus)
     trainer = ray.train.torch.TorchTrainer(
-        _train_fn,
+        _train_fn,  # type: ignore[arg-type]  # V2 keeps the function's return value
         train_loop_config={"inputs": inputs},
         torch_config=ray.train.torch.TorchConfig(backend="nccl" if spec.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
@@ -158,7 +158,8 @@ def fit(inputs: RunInputs, *, job_id: str, settings: RefitSettings, workdir: Pat
     except ray.train.TrainingFailedError as exc:
         raise TrainingError(f"training failed: {exc}") from exc
     # metrics of the last checkpoint, plus what rank 0 returned (e.g. a data error)
-    metrics = {**(result.metrics or {}), **(result.return_value or {})}
+    returned = result.return_value or {}  # type: ignore[attr-defined]  # V2 Result
+    metrics = {**(result.metrics or {}), **returned}
     best = [(c, m) for c, m in (result.best_checkpoints or []) if "val_top1" in m]
     if not best:
         return FitResult(metrics, None, {}, store.uri(f"runs/{job_id}"))
