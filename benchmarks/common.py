@@ -48,3 +48,29 @@ def report(name: str, rows: list[dict[str, Any]], extra: dict[str, Any]) -> Path
 
 def _fmt(v: Any) -> str:
     return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def run_local(inputs: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Run :func:`training.run.run_worker` in this process without Ray (world size 1).
+
+    Returns every epoch's metrics and the weights of the best epoch (by val top-1).
+    """
+    import torch
+
+    from training.run import RunContext, load_checkpoint_weights, run_worker
+
+    epochs: list[dict[str, Any]] = []
+    best: dict[str, Any] = {"top1": -1.0, "state": None}
+
+    def report(metrics: dict[str, Any], checkpoint: Path | None) -> None:
+        epochs.append(metrics)
+        if checkpoint is not None and metrics["val_top1"] > best["top1"]:
+            best["top1"], best["state"] = metrics["val_top1"], load_checkpoint_weights(checkpoint)
+
+    run_worker(
+        inputs,
+        RunContext(
+            rank=0, world_size=1, device=torch.device("cpu"), wrap_model=lambda m: m, report=report
+        ),
+    )
+    return epochs, best["state"]

@@ -56,6 +56,9 @@ def test_two_worker_ddp_publishes_then_finetunes_from_it(
     assert manifest.dataset["fingerprint"]
     assert manifest.job_id == first["job_id"]
     assert store.exists(f"jobs/{first['job_id']}/progress.json")
+    record = store.get_json(f"jobs/{first['job_id']}.json")
+    assert record["state"] == "succeeded"
+    assert record["result"]["gate"]["passed"] is True
 
     second = run_finetune(
         _spec(
@@ -141,6 +144,9 @@ def test_all_corrupt_fails_and_publishes_nothing(
     assert "unreadable" in err.value.message
     assert Registry(store).list_versions("junk") == []
     assert Registry(store).get_alias("junk", "production") == (None, None)
+    records = [o.key for o in store.list("jobs/") if o.key.endswith(".json")]
+    failed = [store.get_json(k) for k in records if store.get_json(k).get("state") == "failed"]
+    assert failed[0]["error"]["code"] == "invalid_dataset"
 
 
 def test_more_workers_than_cluster(store: ObjectStore, settings: RefitSettings) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from torch import nn
 
 from training.backbones import build_backbone
 from training.data import ImageDataset, Sample, index_dataset, make_loader
-from training.errors import DataError, NotFoundError, TrainingError
+from training.errors import DataError, NotFoundError, RefitError, TrainingError
 from training.gate import decide
 from training.ids import new_job_id
 from training.loop import Precision, evaluate
@@ -63,10 +64,41 @@ def run_finetune(
     spec: FinetuneSpec, settings: RefitSettings, *, job_id: str | None = None
 ) -> dict[str, Any]:
     """Run one job to the end; returns the JSON-ready result. Raises RefitError subclasses
-    for bad specs and data; in that case nothing is published and no alias moves."""
+    for bad specs and data; in that case nothing is published and no alias moves.
+
+    The outcome - published, rejected by the gate (with its reasons), or failed (with the
+    error) - is recorded in ``jobs/{job_id}.json`` either way.
+    """
     job_id = job_id or new_job_id()
-    started = time.time()
     store = ObjectStore(settings.s3)
+    record: dict[str, Any] = {
+        "job_id": job_id,
+        "spec": spec.model_dump(mode="json"),
+        "created_at": datetime.now(UTC).isoformat(),
+    }
+    try:
+        result = _run(spec, settings, job_id=job_id, store=store)
+    except RefitError as exc:
+        record.update(state="failed", error=exc.to_dict()["error"])
+        raise
+    except Exception as exc:
+        record.update(state="failed", error={"code": "internal_error", "message": str(exc)})
+        raise
+    else:
+        record.update(state="succeeded", result=result)
+        return result
+    finally:
+        record["finished_at"] = datetime.now(UTC).isoformat()
+        try:
+            store.put_json(f"jobs/{job_id}.json", record)
+        except RefitError as exc:  # the outcome above matters more than its record
+            log.warning("could not write the record of %s: %s", job_id, exc)
+
+
+def _run(
+    spec: FinetuneSpec, settings: RefitSettings, *, job_id: str, store: ObjectStore
+) -> dict[str, Any]:
+    started = time.time()
     registry = Registry(store)
     index = index_dataset(store, spec.dataset, val_fraction=spec.val_fraction, seed=spec.seed)
     base = resolve_base(spec.base, store=store, training=settings.training)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import resource
 import tempfile
 import time
 from collections.abc import Callable
@@ -310,6 +311,8 @@ def run_worker(inputs: RunInputs, ctx: RunContext) -> dict[str, Any]:
             "skipped_images": len(bad),
             "feature_cache": use_cache,
             "early_stopped": stop,
+            # peak resident memory of this worker process (Linux reports KiB)
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "eta_s": 0.0 if stop else per_epoch * (spec.epochs - done),
         }
         with tempfile.TemporaryDirectory() as tmp:
