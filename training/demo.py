@@ -93,14 +93,16 @@ def base_spec(store: ObjectStore, *, epochs: int = 6) -> dict[str, Any]:
 
 
 def target_spec(
-    store: ObjectStore, *, policy: dict[str, Any] | None = None, epochs: int = 5, workers: int = 1
+    store: ObjectStore, *, policy: dict[str, Any] | None = None, epochs: int = 8, workers: int = 1
 ) -> dict[str, Any]:
     """Spec of the target-task fine-tune from the published base."""
     return {
         "model": TARGET,
         "base": {"version": f"{BASE_MODEL}@production"},
         "dataset": store.uri(f"datasets/{TARGET}/"),
-        "freeze": policy or {"policy": "lp_ft", "probe_epochs": 2, "ft_lr_factor": 0.2},
+        # benchmarks/transfer.py: the best policy from this base (its last-layer features are
+        # specialised to 5 source classes; a head-only probe on them trails random features)
+        "freeze": policy or {"policy": "last_n_stages", "n": 2},
         "epochs": epochs,
         "batch_size": 16,
         "lr": 0.003,
