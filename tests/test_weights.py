@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save, save_file
 
 from training.backbones import build_backbone
-from training.errors import SpecError, WeightsUnavailableError
+from training.errors import IntegrityError, SpecError, WeightsUnavailableError
 from training.settings import TrainingSettings
 from training.spec import BaseModelSpec
 from training.store import ObjectStore
@@ -34,6 +34,27 @@ def test_enum_from_populated_hub_cache(store: ObjectStore, tmp_torch_home: Path)
     load_base_weights(model, "resnet18", base.state_dict, keep_head=False)
     assert torch.equal(model.layer1[0].conv1.weight, ref["layer1.0.conv1.weight"])
     assert model.fc.out_features == 5
+
+
+class _Evil:
+    def __reduce__(self):
+        return (exec, ("import pathlib; pathlib.Path('PWNED').touch()",))
+
+
+def test_hub_cache_file_is_never_unpickled(
+    store: ObjectStore, tmp_torch_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    path = hub_cache_file(torchvision_weights("resnet18", "IMAGENET1K_V1"))
+    path.parent.mkdir(parents=True)
+    torch.save({"fc.weight": _Evil()}, path)
+    with pytest.raises(IntegrityError):
+        resolve_base(
+            BaseModelSpec(backbone="resnet18", weights="IMAGENET1K_V1"),
+            store=store,
+            training=TrainingSettings(),
+        )
+    assert not (tmp_path / "PWNED").exists()
 
 
 def test_enum_missing_from_cache_is_clear(store: ObjectStore, tmp_torch_home: Path) -> None:

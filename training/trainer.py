@@ -8,7 +8,6 @@ last reported checkpoint.
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 from collections.abc import Callable
@@ -168,11 +167,6 @@ def fit(inputs: RunInputs, *, job_id: str, settings: RefitSettings, workdir: Pat
     target = Path(tempfile.mkdtemp(dir=workdir))
     checkpoint.to_directory(str(target))
     return FitResult(metrics, target, dict(best_metrics), store.uri(f"runs/{job_id}"))
-
-
-def dump_metrics(metrics: dict[str, Any]) -> str:
-    """Compact JSON of reported metrics (for logs)."""
-    return json.dumps({k: v for k, v in metrics.items() if not isinstance(v, dict | list)})
 
 
 __all__ = ["FitResult", "check_resources", "ensure_ray", "fit"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -20,7 +21,7 @@ from safetensors.torch import load as st_load
 from torch import nn
 
 from training.backbones import HEAD_MODULE, family_of
-from training.errors import SpecError, WeightsUnavailableError
+from training.errors import IntegrityError, SpecError, WeightsUnavailableError
 from training.preprocess import Preprocessing
 from training.registry import Registry
 from training.settings import TrainingSettings
@@ -71,7 +72,13 @@ def load_torchvision_state(
             field="base.weights",
         )
     try:
-        state: dict[str, torch.Tensor] = weights.get_state_dict(progress=False)
+        # torch.hub defaults to weights_only=False, i.e. full unpickling: never for us.
+        state: dict[str, torch.Tensor] = weights.get_state_dict(progress=False, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise IntegrityError(
+            f"{cached} is not a plain state dict (refused to unpickle it): {exc}",
+            field="base.weights",
+        ) from None
     except OSError as exc:  # download attempted and failed (no network)
         raise WeightsUnavailableError(
             f"cannot fetch {weights}: {exc}", field="base.weights"
