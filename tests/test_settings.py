@@ -1,0 +1,42 @@
+"""Settings: env names, AWS fallbacks, and the README table listing every variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from training.settings import RefitSettings
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def _env_names() -> list[str]:
+    return [
+        f"REFIT_{section.upper()}__{name.upper()}"
+        for section, field in RefitSettings.model_fields.items()
+        for name in field.annotation.model_fields
+    ]
+
+
+def test_readme_lists_every_variable() -> None:
+    text = README.read_text()
+    assert [n for n in _env_names() if f"`{n}`" not in text] == []
+
+
+def test_env_and_aws_fallbacks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REFIT_S3__BUCKET", "models")
+    monkeypatch.setenv("REFIT_TRAINING__MAX_EPOCHS", "7")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "ak")
+    s = RefitSettings()
+    assert s.s3.bucket == "models"
+    assert s.training.max_epochs == 7
+    assert s.s3.resolved_endpoint() == "http://127.0.0.1:9000"
+    assert s.s3.resolved_access_key() == "ak"
+    monkeypatch.setenv("REFIT_S3__ENDPOINT_URL", "http://127.0.0.1:8333")
+    assert RefitSettings().s3.resolved_endpoint() == "http://127.0.0.1:8333"
+
+
+def test_dashboard_off_by_default() -> None:
+    assert RefitSettings().ray.include_dashboard is False
