@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from conftest import write_imagefolder
 
 from training.errors import DataError, ResourceError
@@ -53,6 +54,9 @@ def test_two_worker_ddp_publishes_then_finetunes_from_it(
     assert manifest.version == first["version"]
     assert manifest.class_names == ["c0", "c1", "c2"]
     assert manifest.hyperparameters["workers"] == 2
+    calibration = reg.load_calibration(manifest)  # verified validation crops for serving
+    assert calibration.dtype == torch.uint8
+    assert tuple(calibration.shape) == (18, 3, 32, 32)
     assert manifest.dataset["fingerprint"]
     assert manifest.job_id == first["job_id"]
     assert store.exists(f"jobs/{first['job_id']}/progress.json")

@@ -177,22 +177,39 @@ def index_dataset(
     )
 
 
+class ImageDecodeError(ValueError):
+    """An image that cannot be used; ``reason`` is ``format``, ``pixels`` or ``corrupt``."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+ACCEPTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP"})
+
+
 def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
     """Decode bytes to an RGB image, checking the pixel count before decoding the pixels.
 
-    Raises ValueError for anything unreadable, truncated, or too large.
+    Raises ImageDecodeError for an unsupported format, too many pixels (decompression
+    bombs), or anything unreadable or truncated.
     """
     try:
         img = Image.open(io.BytesIO(data))
-        if img.format not in {"JPEG", "PNG", "WEBP"}:
-            raise ValueError(f"unsupported format {img.format}")
-        w, h = img.size
-        if w * h > max_pixels:
-            raise ValueError(f"{w}x{h} exceeds {max_pixels} pixels")
+    except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise ImageDecodeError("corrupt", f"not a readable image: {exc}") from None
+    if img.format not in ACCEPTED_FORMATS:
+        raise ImageDecodeError(
+            "format", f"format {img.format} is not one of {', '.join(sorted(ACCEPTED_FORMATS))}"
+        )
+    w, h = img.size
+    if w * h > max_pixels:
+        raise ImageDecodeError("pixels", f"{w}x{h} exceeds {max_pixels} pixels")
+    try:
         img.load()
         return img.convert("RGB")
-    except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise ValueError(str(exc) or type(exc).__name__) from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageDecodeError("corrupt", f"truncated or corrupt image: {exc}") from None
 
 
 class ByteCache:

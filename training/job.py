@@ -23,7 +23,7 @@ from training.errors import DataError, NotFoundError, RefitError, TrainingError
 from training.gate import decide
 from training.ids import new_job_id
 from training.loop import Precision, evaluate
-from training.preprocess import Preprocessing, eval_transform
+from training.preprocess import Preprocessing, crop_transform, eval_transform
 from training.registry import Registry
 from training.run import RunInputs, load_checkpoint_state, load_checkpoint_weights
 from training.settings import RefitSettings
@@ -58,6 +58,28 @@ def evaluate_model(
         model, loader, num_classes=len(classes), precision=Precision(torch.device("cpu"))
     )
     return acc.compute(classes)
+
+
+def _calibration(
+    samples: list[Sample], store: ObjectStore, pre: Preprocessing, settings: RefitSettings
+) -> torch.Tensor:
+    """Up to 32 validation crops (uint8), spread over the classes, stored with the version."""
+    by_class: dict[int, list[Sample]] = {}
+    for s in samples:
+        by_class.setdefault(s.label, []).append(s)
+    picked: list[Sample] = []
+    while len(picked) < min(32, len(samples)):
+        for group in by_class.values():
+            if group and len(picked) < 32:
+                picked.append(group.pop(0))
+    ds = ImageDataset(
+        store,
+        picked,
+        crop_transform(pre),
+        max_bytes=settings.training.max_image_bytes,
+        max_pixels=settings.training.max_image_pixels,
+    )
+    return torch.stack([ds[i][0] for i in range(len(ds))])
 
 
 def run_finetune(
@@ -166,6 +188,7 @@ def _run(
         manifest = registry.publish(
             model.state_dict(),
             model=spec.model,
+            calibration=_calibration(val, store, preprocessing, settings),
             backbone=base.backbone,
             num_classes=len(index.classes),
             class_names=index.classes,

@@ -74,6 +74,24 @@ def eval_transform(p: Preprocessing) -> T.Compose:
     )
 
 
+def crop_transform(p: Preprocessing) -> T.Compose:
+    """PIL image -> uint8 tensor [3, crop, crop]: resize and crop, not yet normalised."""
+    return T.Compose(
+        [
+            T.PILToTensor(),
+            T.Resize(p.resize_size, interpolation=_interp(p), antialias=True),
+            T.CenterCrop(p.crop_size),
+        ]
+    )
+
+
+def normalize(p: Preprocessing, images: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[N, 3, H, W]`` (from :func:`crop_transform`) -> normalised float32."""
+    mean = torch.tensor(p.mean).view(1, 3, 1, 1)
+    std = torch.tensor(p.std).view(1, 3, 1, 1)
+    return (images.float() / 255.0 - mean) / std
+
+
 def train_transform(p: Preprocessing, aug: Augmentation) -> T.Compose:
     """PIL image -> augmented normalised float tensor [3, crop, crop]."""
     if not aug.enabled:

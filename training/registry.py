@@ -29,6 +29,8 @@ from training.store import ObjectStore
 
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
+CALIBRATION_FILE = "calibration.safetensors"
+"""Up to 32 validation crops (uint8, before normalisation): load-time checks of numeric modes."""
 _HISTORY = 20
 
 
@@ -98,22 +100,35 @@ class Registry:
 
     # --- publish -----------------------------------------------------------------------------
     def publish(
-        self, state_dict: dict[str, torch.Tensor], *, model: str, **manifest_fields: Any
+        self,
+        state_dict: dict[str, torch.Tensor],
+        *,
+        model: str,
+        calibration: torch.Tensor | None = None,
+        **manifest_fields: Any,
     ) -> Manifest:
-        """Write a new immutable version: weights first, manifest last (it makes the version
-        exist). Returns the manifest. Neither object can overwrite an existing one."""
+        """Write a new immutable version: files first, manifest last (it makes the version
+        exist). Returns the manifest. No object can overwrite an existing one.
+
+        ``calibration``: uint8 images ``[N, 3, H, W]`` (validation crops) kept with the version.
+        """
         _check_ids(model=model)
         version = new_version_id()
+        meta = {"refit.model": model, "refit.version": version}
         tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-        blob = st_save(tensors, metadata={"refit.model": model, "refit.version": version})
+        files = {WEIGHTS_FILE: st_save(tensors, metadata=meta)}
+        if calibration is not None:
+            images = calibration.to(torch.uint8).contiguous()
+            files[CALIBRATION_FILE] = st_save({"images": images}, metadata=meta)
         manifest = Manifest(
             model=model,
             version=version,
             created_at=datetime.now(UTC).isoformat(),
-            files={WEIGHTS_FILE: FileEntry(sha256=sha256_hex(blob), size=len(blob))},
+            files={n: FileEntry(sha256=sha256_hex(b), size=len(b)) for n, b in files.items()},
             **manifest_fields,
         )
-        self.store.put_bytes(self._vkey(model, version, WEIGHTS_FILE), blob, if_none_match=True)
+        for name, blob in files.items():
+            self.store.put_bytes(self._vkey(model, version, name), blob, if_none_match=True)
         self.store.put_bytes(
             self._vkey(model, version, MANIFEST_FILE),
             self.manifest_bytes(manifest),
@@ -153,13 +168,25 @@ class Registry:
         """Load a version by id or alias, verifying the manifest and every file's sha256."""
         version, expect = self.resolve(model, ref)
         manifest, _ = self.read_manifest(model, version, expect_sha256=expect)
-        entry = manifest.files.get(WEIGHTS_FILE)
+        return manifest, st_load(self.read_file(manifest, WEIGHTS_FILE))
+
+    def read_file(self, manifest: Manifest, name: str) -> bytes:
+        """A file of a version, verified against the manifest's size and sha256."""
+        entry = manifest.files.get(name)
         if entry is None:
-            raise IntegrityError(f"{model}@{version} lists no {WEIGHTS_FILE}")
-        blob = self.store.get_bytes(self._vkey(model, version, WEIGHTS_FILE))
+            raise NotFoundError(f"{manifest.model}@{manifest.version} has no {name}")
+        blob = self.store.get_bytes(self._vkey(manifest.model, manifest.version, name))
         if len(blob) != entry.size or sha256_hex(blob) != entry.sha256:
-            raise IntegrityError(f"{WEIGHTS_FILE} of {model}@{version} fails its sha256 check")
-        return manifest, st_load(blob)
+            raise IntegrityError(
+                f"{name} of {manifest.model}@{manifest.version} fails its sha256 check"
+            )
+        return blob
+
+    def load_calibration(self, manifest: Manifest) -> torch.Tensor | None:
+        """The version's calibration images (uint8 ``[N, 3, H, W]``), or None if it has none."""
+        if CALIBRATION_FILE not in manifest.files:
+            return None
+        return st_load(self.read_file(manifest, CALIBRATION_FILE))["images"]
 
     def resolve(self, model: str, ref: str) -> tuple[str, str | None]:
         """``(version, expected manifest sha256 or None)`` for an alias name or version id."""

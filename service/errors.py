@@ -1,0 +1,42 @@
+"""Service-level errors: the same hierarchy as training's (each carries its HTTP status)."""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+from training.errors import RefitError
+
+
+class BadRequestError(RefitError):
+    """A malformed request body or field."""
+
+    status = HTTPStatus.BAD_REQUEST
+    code = "bad_request"
+
+
+class InvalidImageError(RefitError):
+    """An image in the request cannot be decoded (corrupt or truncated)."""
+
+    status = HTTPStatus.UNPROCESSABLE_ENTITY
+    code = "invalid_image"
+
+
+class UnsupportedImageError(RefitError):
+    """An image format other than JPEG, PNG or WebP."""
+
+    status = HTTPStatus.UNSUPPORTED_MEDIA_TYPE
+    code = "unsupported_image"
+
+
+class TooLargeError(RefitError):
+    """A body, image or pixel count over its cap (decompression bombs included)."""
+
+    status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+    code = "too_large"
+
+
+class NoVersionError(RefitError):
+    """The model exists but has no version to serve yet."""
+
+    status = HTTPStatus.SERVICE_UNAVAILABLE
+    code = "no_version"

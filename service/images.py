@@ -1,0 +1,31 @@
+"""Request images: capped, allow-listed, decoded with Pillow, errors naming the item."""
+
+from __future__ import annotations
+
+import torch
+
+from service.errors import InvalidImageError, TooLargeError, UnsupportedImageError
+from training.data import ImageDecodeError, decode_image
+from training.preprocess import Preprocessing, crop_transform
+
+
+def decode_request_images(
+    items: list[bytes], *, max_image_bytes: int, max_pixels: int, preprocessing: Preprocessing
+) -> torch.Tensor:
+    """Encoded images -> uint8 ``[N, 3, crop, crop]``. The byte cap is checked before
+    decoding, the pixel cap before decoding the pixels; the error names ``images[i]``."""
+    crop = crop_transform(preprocessing)
+    out = []
+    for i, data in enumerate(items):
+        field = f"images[{i}]"
+        if len(data) > max_image_bytes:
+            raise TooLargeError(f"{len(data)} bytes exceeds {max_image_bytes}", field=field)
+        try:
+            img = decode_image(data, max_pixels=max_pixels)
+        except ImageDecodeError as exc:
+            cls = {"format": UnsupportedImageError, "pixels": TooLargeError}.get(
+                exc.reason, InvalidImageError
+            )
+            raise cls(str(exc), field=field) from None
+        out.append(crop(img))
+    return torch.stack(out)

@@ -1,0 +1,117 @@
+"""Serving core without Ray: request images, verified model loading, numeric modes, swaps."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from conftest import png_bytes
+from PIL import Image
+
+from service.errors import InvalidImageError, TooLargeError, UnsupportedImageError
+from service.images import decode_request_images
+from service.model import ModelSlot, load_served_model
+from training.backbones import build_backbone
+from training.errors import IntegrityError
+from training.preprocess import Preprocessing, normalize
+from training.registry import CALIBRATION_FILE, Registry
+from training.store import ObjectStore
+
+PRE = Preprocessing(resize_size=32, crop_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
+
+
+def _publish(store: ObjectStore) -> tuple[Registry, str, torch.nn.Module]:
+    reg = Registry(store)
+    net = build_backbone("resnet18", num_classes=3).eval()
+    calib = decode_request_images(
+        [png_bytes(i % 3, seed=i) for i in range(12)],
+        max_image_bytes=10**6,
+        max_pixels=10**6,
+        preprocessing=PRE,
+    )
+    m = reg.publish(
+        net.state_dict(),
+        model="svc",
+        backbone="resnet18",
+        num_classes=3,
+        class_names=["a", "b", "c"],
+        preprocessing=PRE,
+        calibration=calib,
+    )
+    assert CALIBRATION_FILE in m.files
+    return reg, m.version, net
+
+
+def test_fp32_model_matches_direct_forward(store: ObjectStore) -> None:
+    reg, version, net = _publish(store)
+    served = load_served_model(reg, "svc", version)
+    images = decode_request_images(
+        [png_bytes(1), png_bytes(2)], max_image_bytes=10**6, max_pixels=10**6, preprocessing=PRE
+    )
+    with torch.no_grad():
+        expected = net(normalize(PRE, images))
+    assert torch.allclose(served.logits(images), expected, atol=1e-5)
+    top = served.top_k(images, k=2)
+    assert len(top) == 2
+    assert [len(t) for t in top] == [2, 2]
+    assert top[0][0]["label"] in {"a", "b", "c"}
+    assert served.top_k(images, k=10)[0][-1]["score"] >= 0
+
+
+def test_bf16_mode_is_checked_and_falls_back(store: ObjectStore) -> None:
+    reg, version, _ = _publish(store)
+    bf16 = load_served_model(reg, "svc", version, mode="bf16", min_agreement=0.0)
+    assert bf16.mode == "bf16"
+    assert 0.0 <= bf16.agreement <= 1.0
+    strict = load_served_model(reg, "svc", version, mode="bf16", min_agreement=1.01)
+    assert strict.mode == "fp32"  # agreement can never reach 101 %: falls back
+
+
+def test_tampered_calibration_refused(store: ObjectStore) -> None:
+    reg, version, _ = _publish(store)
+    key = f"models/svc/versions/{version}/{CALIBRATION_FILE}"
+    blob = bytearray(store.get_bytes(key))
+    blob[-1] ^= 0xFF
+    store.put_bytes(key, bytes(blob))
+    with pytest.raises(IntegrityError):
+        load_served_model(reg, "svc", version)
+
+
+def test_slot_swaps_whole_models(store: ObjectStore) -> None:
+    reg, version, _ = _publish(store)
+    slot = ModelSlot()
+    assert slot.current is None
+    first = load_served_model(reg, "svc", version)
+    assert slot.swap(first) is None
+    in_flight = slot.current  # a batch holds this reference until it finishes
+    second = load_served_model(reg, "svc", version)
+    assert slot.swap(second) is first
+    assert in_flight is first
+    assert slot.current is second
+    assert slot.swaps == 2
+
+
+def _encoded(fmt: str, size: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), (200, 10, 10)).save(buf, fmt)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("bad", "error", "status"),
+    [
+        (b"x" * 5000, TooLargeError, 413),
+        (_encoded("GIF", 8), UnsupportedImageError, 415),
+        (png_bytes(1)[:70], InvalidImageError, 422),
+        (_encoded("PNG", 4000), TooLargeError, 413),  # small file, 16 Mpx: a bomb
+    ],
+)
+def test_request_image_errors_name_the_item(bad: bytes, error: type, status: int) -> None:
+    with pytest.raises(error) as err:
+        decode_request_images(
+            [png_bytes(0), bad], max_image_bytes=4000, max_pixels=100 * 100, preprocessing=PRE
+        )
+    assert err.value.field == "images[1]"
+    assert err.value.status == status
+    assert err.value.to_dict()["error"]["field"] == "images[1]"
