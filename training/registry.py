@@ -256,6 +256,15 @@ class Registry:
             ) from None
 
     # --- listing (for humans and the API; loaders never list) ---------------------------------
+    def list_models(self) -> list[str]:
+        """Names of models with at least one published version."""
+        names = set()
+        for obj in self.store.list("models/"):
+            parts = obj.key.split("/")
+            if len(parts) == 5 and parts[2] == "versions" and parts[4] == MANIFEST_FILE:
+                names.add(parts[1])
+        return sorted(names)
+
     def list_versions(self, model: str) -> list[str]:
         """Published versions of a model (those with a manifest), oldest first."""
         _check_ids(model=model)

@@ -9,8 +9,9 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -100,6 +101,53 @@ class TrainingSettings(BaseModel):
     """DataLoader worker processes per training worker (0: decode in the training process)."""
 
 
+class ServeSettings(BaseModel):
+    """The HTTP service: limits, batching, replicas, hot-load, tokens."""
+
+    host: str = "127.0.0.1"
+    """Address the Serve HTTP proxy binds (0.0.0.0 inside a container)."""
+    port: int = Field(default=8000, ge=0, le=65535)
+    """HTTP port of the Serve proxy."""
+    admin_token: SecretStr | None = None
+    """Bearer token for admin endpoints (jobs, promote, rollback); unset disables them."""
+    predict_token: SecretStr | None = None
+    """Bearer token for predict endpoints; unset leaves them open (admin token also works)."""
+    max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1)
+    """Request bodies above this get 413 before any parsing."""
+    max_image_bytes: int = Field(default=10 * 1024 * 1024, ge=1)
+    """One encoded image above this gets 413."""
+    max_image_pixels: int = Field(default=40_000_000, ge=1)
+    """Images with more pixels get 413, checked before decoding (decompression bombs)."""
+    max_images: int = Field(default=64, ge=1)
+    """Images in one request."""
+    max_top_k: int = Field(default=20, ge=1)
+    """Largest top_k a client may ask for."""
+    max_batch_size: int = Field(default=16, ge=1)
+    """Dynamic batching: most requests merged into one forward pass."""
+    batch_wait_timeout_s: float = Field(default=0.005, ge=0)
+    """Dynamic batching: longest wait for a batch to fill."""
+    classifier_replicas: int = Field(default=1, ge=1)
+    """Replicas of the classifier deployment."""
+    classifier_cpus: float = Field(default=1.0, gt=0)
+    """CPUs each classifier replica reserves (torch uses as many threads)."""
+    ingress_replicas: int = Field(default=1, ge=1)
+    """Replicas of the FastAPI ingress deployment."""
+    ingress_cpus: float = Field(default=0.25, gt=0)
+    """CPUs each ingress replica reserves."""
+    max_ongoing_requests: int = Field(default=64, ge=1)
+    """Requests one replica works on at once (Serve's default of 5 caps batches at 5)."""
+    max_queued_requests: int = Field(default=256, ge=-1)
+    """Requests waiting per caller before 503 with Retry-After (-1: unbounded)."""
+    models_per_replica: int = Field(default=4, ge=1)
+    """LRU of model names one classifier replica holds."""
+    poll_interval_s: float = Field(default=1.0, gt=0)
+    """How often replicas check the alias for a new version (hot-load)."""
+    alias: str = "production"
+    """The alias replicas serve and follow."""
+    numeric_mode: Literal["fp32", "channels_last", "bf16"] = "fp32"
+    """Faster modes are used only where they keep >= 99 % top-1 agreement with fp32."""
+
+
 class RefitSettings(BaseSettings):
     """All of Refit's settings. Environment: ``REFIT_<SECTION>__<FIELD>``."""
 
@@ -115,6 +163,8 @@ class RefitSettings(BaseSettings):
     """Ray connection."""
     training: TrainingSettings = TrainingSettings()
     """Fine-tune limits and defaults."""
+    serve: ServeSettings = ServeSettings()
+    """The HTTP service."""
 
 
 @lru_cache(maxsize=1)

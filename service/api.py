@@ -1,0 +1,281 @@
+"""The HTTP API: the only module that touches FastAPI.
+
+Routes validate and authenticate, then call a :class:`Backend` (the Serve deployments provide
+one). Every error - ours, FastAPI's validation, unknown routes - leaves as
+``{"error": {"code", "message", "field"?}}`` through the one handler table at the bottom.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import logging
+import time
+from http import HTTPStatus
+from typing import Any, Protocol
+
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.errors import BadRequestError, TooLargeError
+from training.errors import RefitError
+from training.ids import is_id
+from training.settings import ServeSettings
+
+log = logging.getLogger("refit.api")
+
+
+class AuthError(RefitError):
+    """No or malformed credentials."""
+
+    status = HTTPStatus.UNAUTHORIZED
+    code = "unauthorized"
+
+
+class ForbiddenError(RefitError):
+    """Credentials valid for another scope."""
+
+    status = HTTPStatus.FORBIDDEN
+    code = "forbidden"
+
+
+class Backend(Protocol):
+    """What the routes need from the serving side."""
+
+    async def predict(self, model: str, images: list[bytes], top_k: int) -> dict[str, Any]:
+        """Classify encoded images with the serving version of ``model``."""
+        ...
+
+    def list_models(self) -> list[dict[str, Any]]:
+        """Published models and the version each alias points at."""
+        ...
+
+    def list_versions(self, model: str) -> dict[str, Any]:
+        """Published versions of one model."""
+        ...
+
+    async def ready(self) -> bool:
+        """Whether the classifier deployment answers."""
+        ...
+
+
+class PredictRequest(BaseModel):
+    """JSON predict body: base64-encoded images."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    images: list[str] = Field(min_length=1)
+    top_k: int = Field(default=5, ge=1)
+
+
+def _check_model(model: str) -> str:
+    if not is_id(model):
+        raise BadRequestError("not a valid model name", field="model")
+    return model
+
+
+def _bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def _matches(token: str, secret: Any) -> bool:
+    return secret is not None and hmac.compare_digest(
+        token.encode(), secret.get_secret_value().encode()
+    )
+
+
+def check_predict_auth(request: Request, settings: ServeSettings) -> None:
+    """Predict scope: open unless a predict token is set; the admin token also works."""
+    if settings.predict_token is None:
+        return
+    token = _bearer(request)
+    if token is None:
+        raise AuthError("missing bearer token")
+    if not (_matches(token, settings.predict_token) or _matches(token, settings.admin_token)):
+        raise ForbiddenError("token not valid for predict")
+
+
+def check_admin_auth(request: Request, settings: ServeSettings) -> None:
+    """Admin scope: always needs the admin token (disabled when none is configured)."""
+    token = _bearer(request)
+    if token is None:
+        raise AuthError("missing bearer token")
+    if not _matches(token, settings.admin_token):
+        raise ForbiddenError("token not valid for admin endpoints")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 past ``limit`` - before parsing, and while streaming when
+    the client sent no Content-Length."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise TooLargeError(f"body of {declared} bytes exceeds {limit}", field="body")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise TooLargeError(f"body exceeds {limit} bytes", field="body")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _decode_b64(items: list[str]) -> list[bytes]:
+    out = []
+    for i, item in enumerate(items):
+        try:
+            out.append(base64.b64decode(item, validate=True))
+        except (binascii.Error, ValueError):
+            raise BadRequestError("not valid base64", field=f"images[{i}]") from None
+    return out
+
+
+async def _predict_inputs(request: Request, settings: ServeSettings) -> tuple[list[bytes], int]:
+    body = await read_body(request, settings.max_body_bytes)
+    ctype = request.headers.get("content-type", "")
+    if ctype.startswith("multipart/form-data"):
+        # Parse the already size-checked body (Starlette's parser, fed from memory).
+        from starlette.datastructures import UploadFile
+        from starlette.formparsers import MultiPartParser
+
+        async def stream() -> Any:
+            yield body
+
+        form = await MultiPartParser(
+            request.headers, stream(), max_files=settings.max_images, max_fields=8
+        ).parse()
+        images = []
+        for key, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                images.append(await value.read())
+            elif key != "top_k":
+                raise BadRequestError("unexpected form field", field=key)
+        raw_k = form.get("top_k")
+        try:
+            top_k = int(str(raw_k)) if raw_k is not None else 5
+        except ValueError:
+            raise BadRequestError("must be an integer", field="top_k") from None
+        if not images:
+            raise BadRequestError("no image files in the form", field="images")
+    elif ctype.startswith("application/json") or not ctype:
+        try:
+            req = PredictRequest.model_validate_json(body)
+        except ValidationError as exc:
+            err = exc.errors(include_url=False)[0]
+            field = ".".join(str(p) for p in err["loc"]) or "body"
+            raise BadRequestError(err["msg"], field=field) from None
+        images, top_k = _decode_b64(req.images), req.top_k
+    else:
+        raise BadRequestError("use application/json or multipart/form-data", field="content-type")
+    if len(images) > settings.max_images:
+        raise TooLargeError(f"{len(images)} images; at most {settings.max_images}", field="images")
+    if not 1 <= top_k <= settings.max_top_k:
+        raise BadRequestError(f"must be 1..{settings.max_top_k}", field="top_k")
+    return images, top_k
+
+
+def create_app() -> FastAPI:
+    """The FastAPI application. Before serving, set ``app.state.backend`` (a Backend) and
+    ``app.state.settings`` (ServeSettings): handlers read both per request."""
+    app = FastAPI(title="Refit", version="0.1.0")
+    metrics = CollectorRegistry()
+    requests_total = Counter(
+        "refit_http_requests_total", "HTTP requests", ["route", "status"], registry=metrics
+    )
+    latency = Histogram(
+        "refit_http_request_seconds",
+        "HTTP latency",
+        ["route"],
+        registry=metrics,
+        buckets=(0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 5),
+    )
+    app.state.metrics = metrics
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next: Any) -> Response:
+        start = time.perf_counter()
+        response: Response = await call_next(request)
+        route = request.scope.get("route")
+        # the route *template* (a fixed set), never the raw path
+        label = getattr(route, "path", "unmatched")
+        requests_total.labels(label, str(response.status_code)).inc()
+        latency.labels(label).observe(time.perf_counter() - start)
+        return response
+
+    def backend(request: Request) -> Backend:
+        b: Backend = request.app.state.backend
+        return b
+
+    def conf(request: Request) -> ServeSettings:
+        s: ServeSettings = request.app.state.settings
+        return s
+
+    @app.post("/v1/models/{model}/predict")
+    async def predict(model: str, request: Request) -> JSONResponse:
+        _check_model(model)
+        check_predict_auth(request, conf(request))
+        images, top_k = await _predict_inputs(request, conf(request))
+        result = await backend(request).predict(model, images, top_k)
+        return JSONResponse(result, headers={"X-Model-Version": result["model_version"]})
+
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> dict[str, Any]:
+        check_predict_auth(request, conf(request))
+        return {"models": backend(request).list_models()}
+
+    @app.get("/v1/models/{model}/versions")
+    async def list_versions(model: str, request: Request) -> dict[str, Any]:
+        _check_model(model)
+        check_predict_auth(request, conf(request))
+        return backend(request).list_versions(model)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz(request: Request) -> JSONResponse:
+        ok = await backend(request).ready()
+        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics), media_type=CONTENT_TYPE_LATEST)
+
+    # --- the one error table -----------------------------------------------------------------
+    @app.exception_handler(RefitError)
+    async def refit_error(_: Request, exc: RefitError) -> JSONResponse:
+        headers = {"Retry-After": "1"} if exc.status == HTTPStatus.SERVICE_UNAVAILABLE else None
+        return JSONResponse(exc.to_dict(), status_code=int(exc.status), headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"][1:]) or "request"
+        return JSONResponse(BadRequestError(err["msg"], field=field).to_dict(), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        body = {"error": {"code": code, "message": str(exc.detail)}}
+        return JSONResponse(body, status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error on %s", request.url.path, exc_info=exc)
+        body = {"error": {"code": "internal_error", "message": type(exc).__name__}}
+        return JSONResponse(body, status_code=500)
+
+    return app

@@ -1,0 +1,34 @@
+"""The typed app builder: ``serve run service.app:build_app``, ``serve deploy`` and KubeRay's
+``serveConfigV2`` (``import_path: service.app:build_app``) all build the app here.
+
+Settings come from the environment (``REFIT_*``); ``args`` may override the ``serve`` section.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.deployments import application
+from training.settings import RefitSettings, ServeSettings, get_settings
+
+
+class AppArgs(BaseModel):
+    """Builder arguments: overrides of ``REFIT_SERVE__*`` settings, by field name."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    serve: dict[str, Any] = Field(default_factory=dict)
+
+
+def settings_with(args: AppArgs, base: RefitSettings | None = None) -> RefitSettings:
+    """Settings with the builder's overrides applied and validated."""
+    base = base or get_settings()
+    merged = ServeSettings.model_validate({**base.serve.model_dump(), **args.serve})
+    return base.model_copy(update={"serve": merged})
+
+
+def build_app(args: AppArgs) -> Any:
+    """Build the Refit Serve application."""
+    return application(settings_with(args))
