@@ -4,7 +4,7 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup up demo test lint bench clean
 
 $(BIN)/python:
 	$(shell command -v $(PY) || echo python3) -m venv $(VENV)
@@ -13,6 +13,9 @@ $(BIN)/python:
 setup: $(BIN)/python
 	$(BIN)/pip install -q "torch==2.13.0" "torchvision==0.28.0"
 	$(BIN)/pip install -q -e ".[dev]"
+
+up: setup
+	$(BIN)/refit up --data-dir .refit
 
 demo: setup
 	$(BIN)/refit demo --data-dir .refit

@@ -29,7 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.errors import BadRequestError, TooLargeError
-from training.errors import RefitError
+from service.oip import build_response, parse_infer
+from training.errors import NotFoundError, RefitError
 from training.ids import is_id
 from training.settings import ServeSettings
 
@@ -63,6 +64,14 @@ class Backend(Protocol):
 
     def list_versions(self, model: str) -> dict[str, Any]:
         """Published versions of one model."""
+        ...
+
+    async def predict_tensor(self, model: str, x: Any, top_k: int) -> dict[str, Any]:
+        """Classify an already preprocessed float32 batch."""
+        ...
+
+    def manifest(self, model: str) -> Any:
+        """The manifest of the version that serves (NotFound / NoVersion otherwise)."""
         ...
 
     async def ready(self) -> bool:
@@ -240,6 +249,81 @@ def create_app() -> FastAPI:
         _check_model(model)
         check_predict_auth(request, conf(request))
         return backend(request).list_versions(model)
+
+    # --- Open Inference Protocol v2 ------------------------------------------------------------
+    @app.get("/v2/health/live")
+    async def v2_live() -> dict[str, bool]:
+        return {"live": True}
+
+    @app.get("/v2/health/ready")
+    async def v2_ready(request: Request) -> JSONResponse:
+        ok = await backend(request).ready()
+        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+
+    @app.get("/v2/models/{model}")
+    async def v2_metadata(model: str, request: Request) -> dict[str, Any]:
+        _check_model(model)
+        check_predict_auth(request, conf(request))
+        m = backend(request).manifest(model)
+        size = m.preprocessing.crop_size
+        return {
+            "name": model,
+            "versions": [m.version],
+            "platform": f"pytorch_torchvision_{m.backbone}",
+            "inputs": [
+                {"name": "images", "datatype": "BYTES", "shape": [-1]},
+                {"name": "input", "datatype": "FP32", "shape": [-1, 3, size, size]},
+            ],
+            "outputs": [
+                {"name": "labels", "datatype": "BYTES", "shape": [-1, -1]},
+                {"name": "scores", "datatype": "FP32", "shape": [-1, -1]},
+            ],
+            "parameters": {"class_names": m.class_names},
+        }
+
+    @app.get("/v2/models/{model}/ready")
+    async def v2_model_ready(model: str, request: Request) -> JSONResponse:
+        _check_model(model)
+        check_predict_auth(request, conf(request))
+        try:
+            backend(request).manifest(model)
+            ready = True
+        except RefitError as exc:
+            if exc.status == HTTPStatus.NOT_FOUND:
+                raise
+            ready = False
+        return JSONResponse({"name": model, "ready": ready}, status_code=200 if ready else 503)
+
+    @app.post("/v2/models/{model}/infer")
+    async def v2_infer(model: str, request: Request) -> Response:
+        return await _infer(model, None, request)
+
+    @app.post("/v2/models/{model}/versions/{version}/infer")
+    async def v2_infer_version(model: str, version: str, request: Request) -> Response:
+        return await _infer(model, version, request)
+
+    async def _infer(model: str, version: str | None, request: Request) -> Response:
+        _check_model(model)
+        settings = conf(request)
+        check_predict_auth(request, settings)
+        body = await read_body(request, settings.max_body_bytes)
+        raw_len = request.headers.get("inference-header-content-length")
+        if raw_len is not None and not raw_len.isdigit():
+            raise BadRequestError("must be an integer", field="Inference-Header-Content-Length")
+        req = parse_infer(body, int(raw_len) if raw_len else None, max_images=settings.max_images)
+        top_k = min(req.top_k or 5, settings.max_top_k)
+        b = backend(request)
+        if req.images is not None:
+            result = await b.predict(model, req.images, top_k)
+        else:
+            result = await b.predict_tensor(model, req.tensor, top_k)
+        if version is not None and version != result["model_version"]:
+            raise NotFoundError(
+                f"version {version!r} is not served; {result['model_version']} is",
+                field="version",
+            )
+        content, headers, media = build_response(result, req)
+        return Response(content, headers=headers, media_type=media)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -2,6 +2,7 @@
 
 * ``refit store up --data-dir D``: run the embedded SeaweedFS in the foreground.
 * ``refit finetune --local --spec F``: run one fine-tune job on a local (or configured) Ray.
+* ``refit up --data-dir D``: store + Ray + the Serve app + the demo model, in the foreground.
 * ``refit demo --data-dir D``: store + Ray + digits datasets + pretrained base + fine-tune.
 """
 
@@ -9,11 +10,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import secrets
 import signal
 import sys
 import threading
 from pathlib import Path
 from typing import Any
+
+from pydantic import SecretStr
 
 from training.errors import RefitError
 from training.seaweed import Connection, EmbeddedStore
@@ -75,41 +80,120 @@ def cmd_finetune(args: argparse.Namespace, settings: RefitSettings) -> int:
     return run_spec_file(args.spec, _with_store(settings, args.data_dir))
 
 
-def cmd_demo(args: argparse.Namespace, settings: RefitSettings) -> int:
-    """The offline demo, end to end, on the embedded store and a local Ray."""
+def _bootstrap_demo(
+    settings: RefitSettings, *, few: int, base_epochs: int, workers: int, always: bool
+) -> dict[str, Any]:
+    """Demo datasets, the pretrained base (once) and the digits-5to9 fine-tune (once, or
+    again when ``always``)."""
     from training import demo
     from training.job import run_finetune
     from training.registry import Registry
     from training.spec import parse_spec
     from training.store import ObjectStore
+
+    store = ObjectStore(settings.s3)
+    registry = Registry(store)
+    _log("writing the digits datasets")
+    demo.write_demo_datasets(store, few=few)
+    out: dict[str, Any] = {}
+    if registry.get_alias(demo.BASE_MODEL, "production")[0] is None:
+        _log("training the pretrained base on digits 0-4 (from scratch)")
+        spec = parse_spec(demo.base_spec(store, epochs=base_epochs), settings.training)
+        out["base"] = run_finetune(spec, settings)
+    if always or registry.get_alias(demo.TARGET, "production")[0] is None:
+        _log("fine-tuning digits 5-9 from the base")
+        spec = parse_spec(demo.target_spec(store, workers=workers), settings.training)
+        out["finetune"] = run_finetune(spec, settings)
+    for job in out.values():  # confusion matrices are in the manifest; keep the print short
+        job["metrics"].pop("confusion", None)
+        job["metrics"].pop("per_class", None)
+    return out
+
+
+def _local_ray(settings: RefitSettings) -> RefitSettings:
+    # Serve replicas hold CPUs while the demo trains; logical CPUs are cheap on a laptop.
+    if settings.ray.address or settings.ray.num_cpus:
+        return settings
+    cpus = max(os.cpu_count() or 1, 4)
+    return settings.model_copy(update={"ray": settings.ray.model_copy(update={"num_cpus": cpus})})
+
+
+def cmd_demo(args: argparse.Namespace, settings: RefitSettings) -> int:
+    """The offline demo, end to end, on the embedded store and a local Ray."""
+    from training.trainer import ensure_ray
+
+    embedded = EmbeddedStore(Path(args.data_dir), bucket=settings.s3.bucket)
+    conn = embedded.start()
+    try:
+        settings = settings.model_copy(update={"s3": conn.s3_settings(settings.s3.prefix)})
+        ensure_ray(_local_ray(settings).ray)
+        out = _bootstrap_demo(
+            settings, few=args.few, base_epochs=args.base_epochs, workers=args.workers, always=True
+        )
+        print(json.dumps({"store": conn.endpoint, **out}, indent=2))
+        return 0 if out["finetune"]["published"] else 1
+    finally:
+        _log("stopping the object store (about 15 s)")
+        embedded.stop()
+
+
+def _tokens(data_dir: Path) -> dict[str, str]:
+    """API tokens: kept across restarts of the same data dir, generated the first time."""
+    path = data_dir / "connection.json"
+    current = json.loads(path.read_text()) if path.exists() else {}
+    return {
+        "admin_token": current.get("admin_token") or secrets.token_urlsafe(24),
+        "predict_token": current.get("predict_token") or secrets.token_urlsafe(24),
+    }
+
+
+def cmd_up(args: argparse.Namespace, settings: RefitSettings) -> int:
+    """Store + Ray + the Serve app + the demo model; foreground until SIGINT/SIGTERM."""
+    import ray
+
+    from service import deployments
+    from training.seaweed import update_connection_file
     from training.trainer import ensure_ray
 
     data_dir = Path(args.data_dir)
     embedded = EmbeddedStore(data_dir, bucket=settings.s3.bucket)
     conn = embedded.start()
+    started_ray = False
     try:
-        settings = settings.model_copy(update={"s3": conn.s3_settings(settings.s3.prefix)})
-        store = ObjectStore(settings.s3)
-        ensure_ray(settings.ray)
-        _log("writing the digits datasets")
-        demo.write_demo_datasets(store, few=args.few)
-        out: dict[str, Any] = {"store": conn.endpoint}
-        if Registry(store).get_alias(demo.BASE_MODEL, "production")[0] is None:
-            _log("training the pretrained base on digits 0-4 (from scratch)")
-            spec = parse_spec(demo.base_spec(store, epochs=args.base_epochs), settings.training)
-            out["base"] = run_finetune(spec, settings)
-        _log("fine-tuning digits 5-9 from the base")
-        spec = parse_spec(demo.target_spec(store, workers=args.workers), settings.training)
-        out["finetune"] = run_finetune(spec, settings)
-        for job in ("base", "finetune"):
-            if job in out:  # the confusion matrices are in the manifest; keep the print short
-                out[job]["metrics"].pop("confusion", None)
-                out[job]["metrics"].pop("per_class", None)
-        print(json.dumps(out, indent=2))
-        return 0 if out["finetune"]["published"] else 1
+        tokens = _tokens(data_dir)
+        serve_conf = settings.serve.model_copy(
+            update={
+                "port": args.port if args.port is not None else settings.serve.port,
+                "admin_token": SecretStr(tokens["admin_token"]),
+                "predict_token": SecretStr(tokens["predict_token"]),
+            }
+        )
+        settings = _local_ray(settings).model_copy(
+            update={"s3": conn.s3_settings(settings.s3.prefix), "serve": serve_conf}
+        )
+        started_ray = ensure_ray(settings.ray)
+        deployments.run(settings)
+        url = f"http://{settings.serve.host}:{settings.serve.port}"
+        update_connection_file(data_dir, {"url": url, **tokens})
+        print(
+            json.dumps(
+                {"url": url, **tokens, "connection_file": str(data_dir / "connection.json")}
+            ),
+            flush=True,
+        )
+        if not args.no_demo:
+            _bootstrap_demo(settings, few=20, base_epochs=6, workers=2, always=False)
+        _log(f"serving on {url}; Ctrl-C stops everything")
+        _wait_for_signal()
+        return 0
     finally:
-        _log("stopping the object store (about 15 s)")
-        embedded.stop()
+        _log("stopping Serve, Ray and the object store")
+        try:
+            deployments.shutdown()
+        finally:
+            if started_ray:
+                ray.shutdown()
+            embedded.stop()
 
 
 def _log(msg: str) -> None:
@@ -135,6 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--local", action="store_true", help="run on Ray from this process")
     ft.add_argument("--data-dir", default=None, help="use the embedded store of this dir")
     ft.set_defaults(func=cmd_finetune)
+
+    upp = sub.add_parser("up", help="store + Ray + the service + the demo model (foreground)")
+    upp.add_argument("--data-dir", default=".refit")
+    upp.add_argument("--port", type=int, default=None, help="HTTP port (default: settings)")
+    upp.add_argument("--no-demo", action="store_true", help="skip the demo bootstrap")
+    upp.set_defaults(func=cmd_up)
 
     dm = sub.add_parser("demo", help="offline demo: digits, pretrained base, fine-tune")
     dm.add_argument("--data-dir", default=".refit")

@@ -22,15 +22,20 @@ from ray.exceptions import RayTaskError
 from ray.serve.handle import DeploymentHandle
 
 from service.api import create_app
-from service.errors import NoVersionError
+from service.errors import BadRequestError, NoVersionError
 from service.images import decode_request_images
 from service.model import ModelSlot, ServedModel, load_served_model
 from training.errors import NotFoundError, RefitError
+from training.preprocess import normalize
 from training.registry import Registry
 from training.settings import RefitSettings, get_settings
 from training.store import ObjectStore
 
 log = logging.getLogger("refit.serve")
+
+
+def _rank(served: ServedModel, x: torch.Tensor, k: int) -> list[list[dict[str, Any]]]:
+    return served.rank(served.logits_normalized(x), k)
 
 
 class _Follower:
@@ -117,7 +122,22 @@ class Classifier:
             max_pixels=s.max_image_pixels,
             preprocessing=served.preprocessing,
         )
-        predictions = await self._batched((served, crops, top_k))
+        return await self._answer(served, normalize(served.preprocessing, crops), top_k)
+
+    async def predict_tensor(self, x: torch.Tensor, top_k: int) -> dict[str, Any]:
+        """Classify an already preprocessed float32 batch ``[N, 3, crop, crop]``."""
+        follower = await self.follower(serve.get_multiplexed_model_id())
+        served = follower.slot.current
+        assert served is not None
+        size = served.preprocessing.crop_size
+        if tuple(x.shape[1:]) != (3, size, size):
+            raise BadRequestError(
+                f"shape must be [N, 3, {size}, {size}] for this model", field="inputs[0].shape"
+            )
+        return await self._answer(served, x, top_k)
+
+    async def _answer(self, served: ServedModel, x: torch.Tensor, top_k: int) -> dict[str, Any]:
+        predictions = await self._batched((served, x, top_k))
         return {"model": served.name, "model_version": served.version, "predictions": predictions}
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
@@ -133,7 +153,7 @@ class Classifier:
             served = items[idx[0]][0]
             x = torch.cat([items[i][1] for i in idx])
             k = max(items[i][2] for i in idx)
-            ranked = await asyncio.to_thread(served.top_k, x, k)
+            ranked = await asyncio.to_thread(_rank, served, x, k)
             start = 0
             for i in idx:
                 n = items[i][1].shape[0]
@@ -155,15 +175,33 @@ class _ServeBackend:
         self.alias = settings.serve.alias
 
     async def predict(self, model: str, images: list[bytes], top_k: int) -> dict[str, Any]:
+        return await self._call(model, "predict", images, top_k)
+
+    async def predict_tensor(self, model: str, x: torch.Tensor, top_k: int) -> dict[str, Any]:
+        return await self._call(model, "predict_tensor", x, top_k)
+
+    async def _call(self, model: str, method: str, *args: Any) -> dict[str, Any]:
         try:
             handle = self.classifier.options(multiplexed_model_id=model)
-            result: dict[str, Any] = await handle.predict.remote(images, top_k)
+            result: dict[str, Any] = await getattr(handle, method).remote(*args)
             return result
         except RayTaskError as exc:  # unwrap our own errors raised inside the replica
             cause = getattr(exc, "cause", None)
             if isinstance(cause, RefitError):
                 raise cause from None
             raise
+
+    def manifest(self, model: str) -> Any:
+        """The manifest of the alias' version (OIP metadata)."""
+        record, _ = self.registry.get_alias(model, self.alias)
+        if record is None:
+            if not self.registry.list_versions(model):
+                raise NotFoundError(f"no model named {model!r}", field="model")
+            raise NoVersionError(f"model {model!r} has no {self.alias} version yet", field="model")
+        manifest, _ = self.registry.read_manifest(
+            model, record.version, expect_sha256=record.sha256
+        )
+        return manifest
 
     def list_models(self) -> list[dict[str, Any]]:
         out = []

@@ -54,9 +54,18 @@ class ServedModel:
         """uint8 crops ``[N, 3, H, W]`` -> float32 logits ``[N, classes]``."""
         return _forward(self.module, normalize(self.preprocessing, images), self.mode)
 
+    @torch.inference_mode()
+    def logits_normalized(self, x: torch.Tensor) -> torch.Tensor:
+        """Already preprocessed float32 ``[N, 3, H, W]`` -> float32 logits."""
+        return _forward(self.module, x, self.mode)
+
     def top_k(self, images: torch.Tensor, k: int) -> list[list[dict[str, Any]]]:
-        """Top-k labels and probabilities per image."""
-        probs = self.logits(images).softmax(dim=1)
+        """Top-k labels and probabilities per image (uint8 crops)."""
+        return self.rank(self.logits(images), k)
+
+    def rank(self, logits: torch.Tensor, k: int) -> list[list[dict[str, Any]]]:
+        """Top-k labels and probabilities from logits."""
+        probs = logits.softmax(dim=1)
         k = min(k, probs.shape[1])
         scores, idx = probs.topk(k, dim=1)
         names = self.manifest.class_names

@@ -210,3 +210,138 @@ def test_hot_swap_under_load(app: dict[str, Any]) -> None:
     after = [v for ts, v in sorted(seen) if ts > first_new + 0.5]
     assert after
     assert set(after) == {v2}
+
+
+def _v2(app: dict[str, Any], path: str, **kw: Any) -> requests.Response:
+    headers = {"Authorization": f"Bearer {PREDICT}", **kw.pop("headers", {})}
+    return requests.post(f"{app['url']}/v2/models/digits/{path}", headers=headers, timeout=60, **kw)
+
+
+def test_oip_json_bytes_and_fp32(app: dict[str, Any]) -> None:
+    body = {
+        "id": "r1",
+        "inputs": [
+            {
+                "name": "images",
+                "shape": [2],
+                "datatype": "BYTES",
+                "data": _b64(png_bytes(0), png_bytes(2)),
+            }
+        ],
+        "parameters": {"top_k": 2},
+    }
+    r = _v2(app, "infer", json=body)
+    assert r.status_code == 200, r.text
+    out = {o["name"]: o for o in r.json()["outputs"]}
+    assert r.json()["id"] == "r1"
+    assert out["labels"]["shape"] == [2, 2]
+    assert len(out["scores"]["data"]) == 4
+    version = r.json()["model_version"]
+    torch_input = [0.0] * (3 * 32 * 32)
+    body = {
+        "inputs": [
+            {"name": "input", "shape": [1, 3, 32, 32], "datatype": "FP32", "data": torch_input}
+        ]
+    }
+    r = _v2(app, f"versions/{version}/infer", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["outputs"][0]["shape"][0] == 1
+
+
+def test_oip_tritonclient_binary(app: dict[str, Any]) -> None:
+    import numpy as np
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(url=app["url"].removeprefix("http://"))
+    images = httpclient.InferInput("images", [3], "BYTES")
+    images.set_data_from_numpy(
+        np.array([png_bytes(0), png_bytes(1), png_bytes(2)], dtype=object), binary_data=True
+    )
+    outputs = [
+        httpclient.InferRequestedOutput("labels", binary_data=True),
+        httpclient.InferRequestedOutput("scores", binary_data=True),
+    ]
+    res = client.infer(
+        "digits", [images], outputs=outputs, headers={"Authorization": f"Bearer {PREDICT}"}
+    )
+    labels, scores = res.as_numpy("labels"), res.as_numpy("scores")
+    assert labels.shape[0] == 3
+    assert {x.decode() for x in labels[:, 0]} <= {"a", "b", "c"}
+    assert np.all(scores[:, 0] >= scores[:, -1])
+    tensor = httpclient.InferInput("input", [2, 3, 32, 32], "FP32")
+    tensor.set_data_from_numpy(np.zeros((2, 3, 32, 32), dtype=np.float32), binary_data=True)
+    res = client.infer("digits", [tensor], headers={"Authorization": f"Bearer {PREDICT}"})
+    assert res.as_numpy("labels").shape[0] == 2
+    client.close()
+
+
+@pytest.mark.parametrize(
+    ("tensor", "status", "field"),
+    [
+        ({"name": "x", "shape": [1], "datatype": "INT64", "data": [1]}, 400, "inputs[0].datatype"),
+        (
+            {"name": "x", "shape": [2], "datatype": "BYTES", "data": _b64(png_bytes(0))},
+            400,
+            "inputs[0].data",
+        ),
+        (
+            {"name": "x", "shape": [1, 3, 16, 16], "datatype": "FP32", "data": [0.0] * 768},
+            400,
+            "inputs[0].shape",
+        ),
+        (
+            {"name": "x", "shape": [1, 3, 32, 32], "datatype": "FP32", "data": [0.0] * 7},
+            400,
+            "inputs[0].data",
+        ),
+        ({"name": "x", "shape": [1000], "datatype": "BYTES", "data": []}, 413, "inputs[0].shape"),
+        ({"name": "x", "shape": [1], "datatype": "BYTES", "data": _b64(b"junk")}, 422, "images[0]"),
+    ],
+)
+def test_oip_errors(app: dict[str, Any], tensor: dict[str, Any], status: int, field: str) -> None:
+    r = _v2(app, "infer", json={"inputs": [tensor]})
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["field"] == field
+
+
+def test_oip_binary_header_and_metadata(app: dict[str, Any]) -> None:
+    r = _v2(
+        app,
+        "infer",
+        data=b'{"inputs": []}',
+        headers={
+            "Inference-Header-Content-Length": "9999",
+            "Content-Type": "application/octet-stream",
+        },
+    )
+    assert r.status_code == 400
+    assert r.json()["error"]["field"] == "Inference-Header-Content-Length"
+    r = _v2(
+        app,
+        "versions/19990101-000000-abcdef/infer",
+        json={
+            "inputs": [{"name": "i", "shape": [1], "datatype": "BYTES", "data": _b64(png_bytes(0))}]
+        },
+    )
+    assert r.status_code == 404
+    assert r.json()["error"]["field"] == "version"
+    auth = {"Authorization": f"Bearer {PREDICT}"}
+    meta = requests.get(f"{app['url']}/v2/models/digits", headers=auth, timeout=10).json()
+    assert meta["inputs"][1]["shape"] == [-1, 3, 32, 32]
+    assert meta["parameters"]["class_names"] == ["a", "b", "c"]
+    assert (
+        requests.get(f"{app['url']}/v2/models/digits/ready", headers=auth, timeout=10).status_code
+        == 200
+    )
+    assert (
+        requests.get(
+            f"{app['url']}/v2/models/unpromoted/ready", headers=auth, timeout=10
+        ).status_code
+        == 503
+    )
+    assert (
+        requests.get(f"{app['url']}/v2/models/nobody/ready", headers=auth, timeout=10).status_code
+        == 404
+    )
+    assert requests.get(f"{app['url']}/v2/health/live", timeout=10).json() == {"live": True}
+    assert requests.get(f"{app['url']}/v2/health/ready", timeout=10).status_code == 200
