@@ -28,27 +28,13 @@ from prometheus_client import (
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.errors import BadRequestError, TooLargeError
+from service.errors import AuthError, BadRequestError, ForbiddenError, TooLargeError
 from service.oip import build_response, parse_infer
 from training.errors import NotFoundError, RefitError
 from training.ids import is_id
 from training.settings import ServeSettings
 
 log = logging.getLogger("refit.api")
-
-
-class AuthError(RefitError):
-    """No or malformed credentials."""
-
-    status = HTTPStatus.UNAUTHORIZED
-    code = "unauthorized"
-
-
-class ForbiddenError(RefitError):
-    """Credentials valid for another scope."""
-
-    status = HTTPStatus.FORBIDDEN
-    code = "forbidden"
 
 
 class Backend(Protocol):
@@ -74,9 +60,34 @@ class Backend(Protocol):
         """The manifest of the version that serves (NotFound / NoVersion otherwise)."""
         ...
 
+    def promote(self, model: str, version: str, alias: str) -> dict[str, Any]:
+        """Point ``alias`` at ``version`` (verified); replicas follow."""
+        ...
+
+    def rollback(self, model: str, alias: str) -> dict[str, Any]:
+        """Move ``alias`` back one step; replicas follow."""
+        ...
+
     async def ready(self) -> bool:
         """Whether the classifier deployment answers."""
         ...
+
+
+class PromoteRequest(BaseModel):
+    """Point an alias at a published version."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: str
+    alias: str = "production"
+
+
+class RollbackRequest(BaseModel):
+    """Move an alias back to the version it held before."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    alias: str = "production"
 
 
 class PredictRequest(BaseModel):
@@ -249,6 +260,35 @@ def create_app() -> FastAPI:
         _check_model(model)
         check_predict_auth(request, conf(request))
         return backend(request).list_versions(model)
+
+    # --- admin: move aliases ------------------------------------------------------------------
+    async def _admin_body(request: Request, model_cls: type[BaseModel]) -> Any:
+        check_admin_auth(request, conf(request))
+        body = await read_body(request, 64 * 1024)
+        try:
+            parsed = model_cls.model_validate_json(body or b"{}")
+        except ValidationError as exc:
+            err = exc.errors(include_url=False)[0]
+            raise BadRequestError(
+                err["msg"], field=".".join(str(p) for p in err["loc"]) or "body"
+            ) from None
+        for name in ("version", "alias"):
+            value = getattr(parsed, name, None)
+            if value is not None and not is_id(value):
+                raise BadRequestError("not a valid id", field=name)
+        return parsed
+
+    @app.post("/v1/models/{model}/promote")
+    async def promote(model: str, request: Request) -> dict[str, Any]:
+        _check_model(model)
+        req = await _admin_body(request, PromoteRequest)
+        return backend(request).promote(model, req.version, req.alias)
+
+    @app.post("/v1/models/{model}/rollback")
+    async def rollback(model: str, request: Request) -> dict[str, Any]:
+        _check_model(model)
+        req = await _admin_body(request, RollbackRequest)
+        return backend(request).rollback(model, req.alias)
 
     # --- Open Inference Protocol v2 ------------------------------------------------------------
     @app.get("/v2/health/live")

@@ -203,6 +203,26 @@ class _ServeBackend:
         )
         return manifest
 
+    def promote(self, model: str, version: str, alias: str) -> dict[str, Any]:
+        before, _ = self.registry.get_alias(model, alias)
+        record = self.registry.set_alias(model, alias, version)
+        return {
+            "model": model,
+            "alias": alias,
+            "version": record.version,
+            "previous": before.version if before else None,
+        }
+
+    def rollback(self, model: str, alias: str) -> dict[str, Any]:
+        before, _ = self.registry.get_alias(model, alias)
+        record = self.registry.rollback(model, alias)
+        return {
+            "model": model,
+            "alias": alias,
+            "version": record.version,
+            "previous": before.version if before else None,
+        }
+
     def list_models(self) -> list[dict[str, Any]]:
         out = []
         for name in self.registry.list_models():

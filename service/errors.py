@@ -40,3 +40,17 @@ class NoVersionError(RefitError):
 
     status = HTTPStatus.SERVICE_UNAVAILABLE
     code = "no_version"
+
+
+class AuthError(RefitError):
+    """No or malformed credentials."""
+
+    status = HTTPStatus.UNAUTHORIZED
+    code = "unauthorized"
+
+
+class ForbiddenError(RefitError):
+    """Credentials valid for another scope (or admin endpoints disabled)."""
+
+    status = HTTPStatus.FORBIDDEN
+    code = "forbidden"

@@ -345,3 +345,49 @@ def test_oip_binary_header_and_metadata(app: dict[str, Any]) -> None:
     )
     assert requests.get(f"{app['url']}/v2/health/live", timeout=10).json() == {"live": True}
     assert requests.get(f"{app['url']}/v2/health/ready", timeout=10).status_code == 200
+
+
+def test_promote_and_rollback_are_admin_and_followed(app: dict[str, Any]) -> None:
+    reg: Registry = app["reg"]
+    url = f"{app['url']}/v1/models/digits"
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    current = reg.get_alias("digits", "production")[0].version
+    new = publish(reg, "digits", promote=False)
+    assert requests.post(f"{url}/promote", json={"version": new}, timeout=30).status_code == 401
+    r = requests.post(
+        f"{url}/promote",
+        json={"version": new},
+        timeout=30,
+        headers={"Authorization": f"Bearer {PREDICT}"},
+    )
+    assert r.status_code == 403
+    r = requests.post(
+        f"{url}/promote", json={"version": "19990101-000000-abcdef"}, headers=admin, timeout=30
+    )
+    assert r.status_code == 404
+    r = requests.post(f"{url}/promote", json={"version": "../x"}, headers=admin, timeout=30)
+    assert r.status_code == 400
+    assert r.json()["error"]["field"] == "version"
+    r = requests.post(f"{url}/promote", json={"version": new}, headers=admin, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json() == {
+        "model": "digits",
+        "alias": "production",
+        "version": new,
+        "previous": current,
+    }
+
+    def served() -> str:
+        return _post(app, "digits", json={"images": _b64(png_bytes(0))}).json()["model_version"]
+
+    deadline = time.monotonic() + 20
+    while served() != new and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert served() == new
+    r = requests.post(f"{url}/rollback", json={}, headers=admin, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json()["version"] == current
+    deadline = time.monotonic() + 20
+    while served() != current and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert served() == current
