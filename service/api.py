@@ -130,6 +130,8 @@ def check_predict_auth(request: Request, settings: ServeSettings) -> None:
 
 def check_admin_auth(request: Request, settings: ServeSettings) -> None:
     """Admin scope: always needs the admin token (disabled when none is configured)."""
+    if settings.admin_token is None:
+        raise ForbiddenError("admin endpoints are disabled: no REFIT_SERVE__ADMIN_TOKEN is set")
     token = _bearer(request)
     if token is None:
         raise AuthError("missing bearer token")
