@@ -22,6 +22,7 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
 )
@@ -70,6 +71,10 @@ class Backend(Protocol):
 
     async def ready(self) -> bool:
         """Whether the classifier deployment answers."""
+        ...
+
+    async def stats(self) -> dict[str, Any]:
+        """A classifier replica's loaded models, swaps, failed loads and RSS."""
         ...
 
 
@@ -224,6 +229,28 @@ def create_app() -> FastAPI:
         buckets=(0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 5),
     )
     app.state.metrics = metrics
+    # Classifier state, refreshed at scrape time from a replica (label values are published
+    # model names and version ids: fixed sets, never raw request input).
+    loaded = Gauge(
+        "refit_model_loaded_info",
+        "Version a classifier replica serves",
+        ["model", "version"],
+        registry=metrics,
+    )
+    swaps = Gauge(
+        "refit_model_swaps", "Hot swaps of a model (replica lifetime)", ["model"], registry=metrics
+    )
+    failed = Gauge(
+        "refit_model_failed_loads", "Failed hot-loads (old model kept)", ["model"], registry=metrics
+    )
+    rss = Gauge(
+        "refit_classifier_rss_bytes", "Classifier replica resident memory", registry=metrics
+    )
+    alive = Gauge(
+        "refit_classifier_models_alive",
+        "Model objects alive in a classifier replica (replaced versions must be freed)",
+        registry=metrics,
+    )
 
     @app.middleware("http")
     async def observe(request: Request, call_next: Any) -> Response:
@@ -377,7 +404,20 @@ def create_app() -> FastAPI:
         return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
     @app.get("/metrics")
-    async def prometheus() -> Response:
+    async def prometheus(request: Request) -> Response:
+        try:
+            stats = await backend(request).stats()
+        except Exception:  # metrics must answer even when the classifier does not
+            stats = {}
+        loaded.clear()
+        for name, m in stats.get("models", {}).items():
+            if m["version"]:
+                loaded.labels(name, m["version"]).set(1)
+            swaps.labels(name).set(m["swaps"])
+            failed.labels(name).set(m["failed_loads"])
+        if "rss_bytes" in stats:
+            rss.set(stats["rss_bytes"])
+            alive.set(stats["models_alive"])
         return Response(generate_latest(metrics), media_type=CONTENT_TYPE_LATEST)
 
     # --- the one error table -----------------------------------------------------------------

@@ -12,8 +12,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
+import gc
 import logging
+import os
 import threading
+import weakref
 from typing import Any
 
 import torch
@@ -32,6 +37,19 @@ from training.settings import RefitSettings, get_settings
 from training.store import ObjectStore
 
 log = logging.getLogger("refit.serve")
+
+
+def _trim_heap() -> None:
+    # glibc keeps freed model memory in its heap; hand it back to the OS after a swap so
+    # RSS stays flat across hot-loads (a no-op under jemalloc or musl).
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _rss_bytes() -> int:
+    # current resident set (not the peak): /proc/self/statm, field 2, in pages
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _rank(served: ServedModel, x: torch.Tensor, k: int) -> list[list[dict[str, Any]]]:
@@ -63,7 +81,10 @@ class _Follower:
             return
         served = load_served_model(self.registry, self.name, record.version, mode=s.numeric_mode)
         self.slot.swap(served)
-        log.info("model %s now serves %s (%s)", self.name, served.version, served.mode)
+        del served, current  # the old model is freed once its last batch returns
+        gc.collect()
+        _trim_heap()
+        log.info("model %s now serves %s", self.name, record.version)
 
     def start(self) -> None:
         """Start polling the alias."""
@@ -96,6 +117,8 @@ class Classifier:
         self.settings = settings
         self.registry = Registry(ObjectStore(settings.s3))
         torch.set_num_threads(max(1, int(settings.serve.classifier_cpus)))
+        # Followers the multiplex LRU holds; weak, so an evicted model really goes away.
+        self._followers: weakref.WeakValueDictionary[str, _Follower] = weakref.WeakValueDictionary()
         # @serve.batch's wrapper exposes setters the type stubs do not show
         batched: Any = self._batched
         batched.set_max_batch_size(settings.serve.max_batch_size)
@@ -107,6 +130,7 @@ class Classifier:
         f = _Follower(self.registry, self.settings, model)
         await asyncio.to_thread(f.load_now)
         f.start()
+        self._followers[model] = f
         return f
 
     async def predict(self, images: list[bytes], top_k: int) -> dict[str, Any]:
@@ -162,8 +186,19 @@ class Classifier:
         return out
 
     def stats(self) -> dict[str, Any]:
-        """Loaded versions (for readiness and metrics)."""
-        return {"ok": True}
+        """This replica's loaded models, swaps, failed loads and resident memory."""
+        models = {}
+        for name, f in list(self._followers.items()):
+            current = f.slot.current
+            models[name] = {
+                "version": current.version if current else None,
+                "mode": current.mode if current else None,
+                "swaps": f.slot.swaps,
+                "failed_loads": f.failed_loads,
+                "last_error": f.last_error,
+            }
+        alive = sum(isinstance(o, ServedModel) for o in gc.get_objects())
+        return {"ok": True, "rss_bytes": _rss_bytes(), "models": models, "models_alive": alive}
 
 
 class _ServeBackend:
@@ -243,9 +278,13 @@ class _ServeBackend:
 
     async def ready(self) -> bool:
         try:
-            return bool((await self.classifier.stats.remote())["ok"])
+            return bool((await self.stats())["ok"])
         except Exception:
             return False
+
+    async def stats(self) -> dict[str, Any]:
+        result: dict[str, Any] = await self.classifier.stats.remote()
+        return result
 
 
 @serve.deployment

@@ -168,6 +168,7 @@ def test_auth_models_and_routes(app: dict[str, Any]) -> None:
 
 
 def test_health_and_metrics(app: dict[str, Any]) -> None:
+    assert _post(app, "digits", json={"images": _b64(png_bytes(0))}).status_code == 200
     assert requests.get(f"{app['url']}/healthz", timeout=10).json() == {"status": "ok"}
     assert requests.get(f"{app['url']}/readyz", timeout=30).status_code == 200
     text = requests.get(f"{app['url']}/metrics", timeout=10).text
@@ -391,3 +392,38 @@ def test_promote_and_rollback_are_admin_and_followed(app: dict[str, Any]) -> Non
     while served() != current and time.monotonic() < deadline:
         time.sleep(0.2)
     assert served() == current
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} missing from /metrics")
+
+
+def test_replica_metrics_and_memory_over_20_swaps(app: dict[str, Any]) -> None:
+    reg: Registry = app["reg"]
+    metrics_url = f"{app['url']}/metrics"
+
+    def served() -> str:
+        return _post(app, "digits", json={"images": _b64(png_bytes(0))}).json()["model_version"]
+
+    served()
+    text = requests.get(metrics_url, timeout=30).text
+    current = reg.get_alias("digits", "production")[0].version
+    assert f'refit_model_loaded_info{{model="digits",version="{current}"}} 1.0' in text
+    baseline = _metric(text, "refit_classifier_rss_bytes")
+    swaps_before = _metric(text, 'refit_model_swaps{model="digits"}')
+    for _ in range(20):
+        version = publish(reg, "digits")
+        deadline = time.monotonic() + 20
+        while served() != version and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert served() == version
+    text = requests.get(metrics_url, timeout=30).text
+    assert _metric(text, 'refit_model_swaps{model="digits"}') >= swaps_before + 20
+    assert _metric(text, 'refit_model_failed_loads{model="digits"}') == 0
+    after = _metric(text, "refit_classifier_rss_bytes")
+    # one model object per loaded name: every replaced version was freed (no leak)
+    assert _metric(text, "refit_classifier_models_alive") <= 2
+    assert after <= 1.10 * baseline, (baseline, after)
