@@ -35,6 +35,19 @@ from training.weights import resolve_base
 log = logging.getLogger(__name__)
 
 
+def _dataset(
+    store: ObjectStore, samples: list[Sample], transform: Any, settings: RefitSettings
+) -> ImageDataset:
+    """An ImageDataset under the configured byte and pixel caps."""
+    return ImageDataset(
+        store,
+        samples,
+        transform,
+        max_bytes=settings.training.max_image_bytes,
+        max_pixels=settings.training.max_image_pixels,
+    )
+
+
 def evaluate_model(
     model: nn.Module,
     samples: list[Sample],
@@ -46,13 +59,7 @@ def evaluate_model(
     batch_size: int = 64,
 ) -> dict[str, Any]:
     """Metrics of a model on samples (plain torch, in this process, CPU)."""
-    ds = ImageDataset(
-        store,
-        samples,
-        eval_transform(preprocessing),
-        max_bytes=settings.training.max_image_bytes,
-        max_pixels=settings.training.max_image_pixels,
-    )
+    ds = _dataset(store, samples, eval_transform(preprocessing), settings)
     loader = make_loader(ds, batch_size=batch_size, shuffle=False)
     acc = evaluate(
         model, loader, num_classes=len(classes), precision=Precision(torch.device("cpu"))
@@ -72,13 +79,7 @@ def _calibration(
         for group in by_class.values():
             if group and len(picked) < 32:
                 picked.append(group.pop(0))
-    ds = ImageDataset(
-        store,
-        picked,
-        crop_transform(pre),
-        max_bytes=settings.training.max_image_bytes,
-        max_pixels=settings.training.max_image_pixels,
-    )
+    ds = _dataset(store, picked, crop_transform(pre), settings)
     return torch.stack([ds[i][0] for i in range(len(ds))])
 
 

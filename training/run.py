@@ -186,28 +186,19 @@ def run_worker(inputs: RunInputs, ctx: RunContext) -> dict[str, Any]:
         net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     if use_cache:
         # Head only: the trunk runs once per image; epochs train the head on cached features.
-        feats_tr = extract_features(
-            trunk(model, inputs.backbone),
-            make_loader(
-                dataset(train_s, False),
+        body = trunk(model, inputs.backbone)
+
+        def features(samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
+            loader = make_loader(
+                dataset(samples, False),
                 batch_size=spec.batch_size,
                 shuffle=False,
                 rank=ctx.rank,
                 world_size=ctx.world_size,
-            ),
-            precision=precision,
-        )
-        feats_va = extract_features(
-            trunk(model, inputs.backbone),
-            make_loader(
-                dataset(val_s, False),
-                batch_size=spec.batch_size,
-                shuffle=False,
-                rank=ctx.rank,
-                world_size=ctx.world_size,
-            ),
-            precision=precision,
-        )
+            )
+            return extract_features(body, loader, precision=precision)
+
+        feats_tr, feats_va = features(train_s), features(val_s)
         head = head_module(model, inputs.backbone)
         trained = ctx.wrap_model(head)
         train_ds = TensorDataset(*feats_tr)
