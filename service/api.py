@@ -175,14 +175,17 @@ async def _predict_inputs(request: Request, settings: ServeSettings) -> tuple[li
     if ctype.startswith("multipart/form-data"):
         # Parse the already size-checked body (Starlette's parser, fed from memory).
         from starlette.datastructures import UploadFile
-        from starlette.formparsers import MultiPartParser
+        from starlette.formparsers import MultiPartException, MultiPartParser
 
         async def stream() -> Any:
             yield body
 
-        form = await MultiPartParser(
-            request.headers, stream(), max_files=settings.max_images, max_fields=8
-        ).parse()
+        try:
+            form = await MultiPartParser(
+                request.headers, stream(), max_files=settings.max_images, max_fields=8
+            ).parse()
+        except MultiPartException as exc:  # malformed body, no boundary, too many parts
+            raise BadRequestError(f"malformed multipart body: {exc}", field="body") from None
         images = []
         for key, value in form.multi_items():
             if isinstance(value, UploadFile):

@@ -24,10 +24,11 @@ from typing import Any
 import torch
 from ray import serve
 from ray.exceptions import RayTaskError
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from service.api import create_app
-from service.errors import BadRequestError, NoVersionError
+from service.errors import BadRequestError, NoVersionError, OverloadedError
 from service.images import decode_request_images
 from service.model import ModelSlot, ServedModel, load_served_model
 from training.errors import NotFoundError, RefitError
@@ -220,6 +221,10 @@ class _ServeBackend:
             handle = self.classifier.options(multiplexed_model_id=model)
             result: dict[str, Any] = await getattr(handle, method).remote(*args)
             return result
+        except BackPressureError:
+            raise OverloadedError(
+                "the classifier's queue is full (REFIT_SERVE__MAX_QUEUED_REQUESTS)"
+            ) from None
         except RayTaskError as exc:  # unwrap our own errors raised inside the replica
             cause = getattr(exc, "cause", None)
             if isinstance(cause, RefitError):

@@ -54,3 +54,10 @@ class ForbiddenError(RefitError):
 
     status = HTTPStatus.FORBIDDEN
     code = "forbidden"
+
+
+class OverloadedError(RefitError):
+    """Queues are full (``max_queued_requests``): retry after a moment."""
+
+    status = HTTPStatus.SERVICE_UNAVAILABLE
+    code = "overloaded"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -110,8 +111,8 @@ def parse_infer(
             raise BadRequestError(err["msg"], field=field) from None
         raise BadRequestError("not valid JSON", field="body") from None
     t = req.inputs[0]
-    if any(d < 0 for d in t.shape) or not t.shape:
-        raise BadRequestError("dimensions must be non-negative", field="inputs[0].shape")
+    if not t.shape or len(t.shape) > 4 or any(not 0 <= d <= 1 << 31 for d in t.shape):
+        raise BadRequestError("1 to 4 dimensions, each 0..2^31", field="inputs[0].shape")
     n = t.shape[0]
     if not 1 <= n <= max_images:
         raise TooLargeError(f"batch must be 1..{max_images}", field="inputs[0].shape")
@@ -127,7 +128,7 @@ def parse_infer(
     images: list[bytes] | None = None
     tensor: torch.Tensor | None = None
     if t.datatype == "BYTES":
-        if int(np.prod(t.shape)) != n:
+        if math.prod(t.shape) != n:
             raise BadRequestError("BYTES input must have shape [N]", field="inputs[0].shape")
         if size is not None:
             images = _bytes_elements(binary, n)
@@ -145,7 +146,7 @@ def parse_infer(
                 f"FP32 input must be [N, 3, H, W] with H, W <= {max_side}",
                 field="inputs[0].shape",
             )
-        count = int(np.prod(t.shape))
+        count = math.prod(t.shape)
         if size is not None:
             if size != 4 * count:
                 raise BadRequestError(

@@ -25,6 +25,7 @@ EXPECTED = {
     "UnsupportedImageError": 415,
     "TooLargeError": 413,
     "NoVersionError": 503,
+    "OverloadedError": 503,
     "AuthError": 401,
     "ForbiddenError": 403,
 }

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,6 @@ from training.settings import RaySettings, RefitSettings
 from training.store import ObjectStore
 
 log = logging.getLogger(__name__)
-ProgressFn = Callable[[dict[str, Any]], None]
 
 
 def ensure_ray(settings: RaySettings) -> bool:
