@@ -93,3 +93,34 @@ def tmp_torch_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An empty torch hub cache for this test."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     return tmp_path / "torch"
+
+
+def publish_tiny_model(registry, name: str, *, promote: bool = True, preprocessing=None):
+    """Publish a random resnet18 (3 classes, 32 px, calibration crops); returns the manifest
+    and the module. Promotes it to ``production`` unless told not to."""
+    from service.images import decode_request_images
+    from training.backbones import build_backbone
+    from training.preprocess import Preprocessing
+
+    pre = preprocessing or Preprocessing(
+        resize_size=32, crop_size=32, mean=(0.5,) * 3, std=(0.5,) * 3
+    )
+    net = build_backbone("resnet18", num_classes=3).eval()
+    calib = decode_request_images(
+        [png_bytes(i % 3, seed=i) for i in range(6)],
+        max_image_bytes=10**6,
+        max_pixels=10**6,
+        preprocessing=pre,
+    )
+    manifest = registry.publish(
+        net.state_dict(),
+        model=name,
+        backbone="resnet18",
+        num_classes=3,
+        class_names=["a", "b", "c"],
+        preprocessing=pre,
+        calibration=calib,
+    )
+    if promote:
+        registry.set_alias(name, "production", manifest.version)
+    return manifest, net

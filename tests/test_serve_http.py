@@ -13,11 +13,9 @@ from typing import Any
 
 import pytest
 import requests
-from conftest import png_bytes
+from conftest import png_bytes, publish_tiny_model
 from PIL import Image
 
-from service.images import decode_request_images
-from training.backbones import build_backbone
 from training.preprocess import Preprocessing
 from training.registry import Registry
 from training.seaweed import Connection
@@ -36,25 +34,7 @@ def _free_port() -> int:
 
 
 def publish(reg: Registry, name: str, *, promote: bool = True) -> str:
-    net = build_backbone("resnet18", num_classes=3)
-    calib = decode_request_images(
-        [png_bytes(i % 3, seed=i) for i in range(6)],
-        max_image_bytes=10**6,
-        max_pixels=10**6,
-        preprocessing=PRE,
-    )
-    m = reg.publish(
-        net.state_dict(),
-        model=name,
-        backbone="resnet18",
-        num_classes=3,
-        class_names=["a", "b", "c"],
-        preprocessing=PRE,
-        calibration=calib,
-    )
-    if promote:
-        reg.set_alias(name, "production", m.version)
-    return m.version
+    return publish_tiny_model(reg, name, promote=promote)[0].version
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +107,16 @@ def _gif() -> bytes:
         ({"data": b"x" * 500_000, "headers": {"Content-Type": "application/json"}}, 413, "body"),
         ({"data": b"{", "headers": {"Content-Type": "application/json"}}, 400, "body"),
         ({"data": b"hello", "headers": {"Content-Type": "text/plain"}}, 400, "content-type"),
+        (
+            {"data": b"--x\r\nbroken", "headers": {"Content-Type": "multipart/form-data"}},
+            400,
+            "body",
+        ),
+        (
+            {"data": b"garbage", "headers": {"Content-Type": "multipart/form-data; boundary=b"}},
+            400,
+            "body",
+        ),
     ],
 )
 def test_client_mistakes_get_4xx_naming_the_field(

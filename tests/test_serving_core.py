@@ -6,13 +6,12 @@ import io
 
 import pytest
 import torch
-from conftest import png_bytes
+from conftest import png_bytes, publish_tiny_model
 from PIL import Image
 
 from service.errors import InvalidImageError, TooLargeError, UnsupportedImageError
 from service.images import decode_request_images
 from service.model import ModelSlot, load_served_model
-from training.backbones import build_backbone
 from training.errors import IntegrityError
 from training.preprocess import Preprocessing, normalize
 from training.registry import CALIBRATION_FILE, Registry
@@ -23,24 +22,9 @@ PRE = Preprocessing(resize_size=32, crop_size=32, mean=(0.5,) * 3, std=(0.5,) * 
 
 def _publish(store: ObjectStore) -> tuple[Registry, str, torch.nn.Module]:
     reg = Registry(store)
-    net = build_backbone("resnet18", num_classes=3).eval()
-    calib = decode_request_images(
-        [png_bytes(i % 3, seed=i) for i in range(12)],
-        max_image_bytes=10**6,
-        max_pixels=10**6,
-        preprocessing=PRE,
-    )
-    m = reg.publish(
-        net.state_dict(),
-        model="svc",
-        backbone="resnet18",
-        num_classes=3,
-        class_names=["a", "b", "c"],
-        preprocessing=PRE,
-        calibration=calib,
-    )
-    assert CALIBRATION_FILE in m.files
-    return reg, m.version, net
+    manifest, net = publish_tiny_model(reg, "svc", promote=False, preprocessing=PRE)
+    assert CALIBRATION_FILE in manifest.files
+    return reg, manifest.version, net
 
 
 def test_fp32_model_matches_direct_forward(store: ObjectStore) -> None:
