@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import json
 import logging
 import time
 from http import HTTPStatus
@@ -22,7 +23,6 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
-    Gauge,
     Histogram,
     generate_latest,
 )
@@ -30,16 +30,50 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.errors import AuthError, BadRequestError, ForbiddenError, TooLargeError
+from service.metrics import ScrapeCollector
 from service.oip import build_response, parse_infer
 from training.errors import NotFoundError, RefitError
 from training.ids import is_id
+from training.jobs import STATES
 from training.settings import ServeSettings
 
 log = logging.getLogger("refit.api")
 
 
+class Jobs(Protocol):
+    """What the job routes need (see :class:`service.jobs.JobsBackend`)."""
+
+    async def create(
+        self, spec: dict[str, Any], idempotency_key: str | None
+    ) -> tuple[dict[str, Any], bool]:
+        """Queue a job: its view, and False when an Idempotency-Key replayed an old one."""
+        ...
+
+    async def cancel(self, job_id: str) -> dict[str, Any]:
+        """Cancel a job."""
+        ...
+
+    async def get(self, job_id: str) -> dict[str, Any]:
+        """One job with its progress."""
+        ...
+
+    async def list(self, *, limit: int, state: str | None) -> list[dict[str, Any]]:
+        """Jobs, newest first."""
+        ...
+
+    async def curve(self, job_id: str) -> bytes:
+        """The training curve (PNG)."""
+        ...
+
+    async def stats(self) -> dict[str, Any]:
+        """Job counts by state and training throughput."""
+        ...
+
+
 class Backend(Protocol):
     """What the routes need from the serving side."""
+
+    jobs: Jobs
 
     async def predict(self, model: str, images: list[bytes], top_k: int) -> dict[str, Any]:
         """Classify encoded images with the serving version of ``model``."""
@@ -61,11 +95,11 @@ class Backend(Protocol):
         """The manifest of the version that serves (NotFound / NoVersion otherwise)."""
         ...
 
-    def promote(self, model: str, version: str, alias: str) -> dict[str, Any]:
+    async def promote(self, model: str, version: str, alias: str) -> dict[str, Any]:
         """Point ``alias`` at ``version`` (verified); replicas follow."""
         ...
 
-    def rollback(self, model: str, alias: str) -> dict[str, Any]:
+    async def rollback(self, model: str, alias: str) -> dict[str, Any]:
         """Move ``alias`` back one step; replicas follow."""
         ...
 
@@ -108,6 +142,12 @@ def _check_model(model: str) -> str:
     if not is_id(model):
         raise BadRequestError("not a valid model name", field="model")
     return model
+
+
+def _check_job(job_id: str) -> str:
+    if not is_id(job_id):
+        raise BadRequestError("not a valid job id", field="job_id")
+    return job_id
 
 
 def _bearer(request: Request) -> str | None:
@@ -232,28 +272,8 @@ def create_app() -> FastAPI:
         buckets=(0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 5),
     )
     app.state.metrics = metrics
-    # Classifier state, refreshed at scrape time from a replica (label values are published
-    # model names and version ids: fixed sets, never raw request input).
-    loaded = Gauge(
-        "refit_model_loaded_info",
-        "Version a classifier replica serves",
-        ["model", "version"],
-        registry=metrics,
-    )
-    swaps = Gauge(
-        "refit_model_swaps", "Hot swaps of a model (replica lifetime)", ["model"], registry=metrics
-    )
-    failed = Gauge(
-        "refit_model_failed_loads", "Failed hot-loads (old model kept)", ["model"], registry=metrics
-    )
-    rss = Gauge(
-        "refit_classifier_rss_bytes", "Classifier replica resident memory", registry=metrics
-    )
-    alive = Gauge(
-        "refit_classifier_models_alive",
-        "Model objects alive in a classifier replica (replaced versions must be freed)",
-        registry=metrics,
-    )
+    scraped = ScrapeCollector()
+    metrics.register(scraped)
 
     @app.middleware("http")
     async def observe(request: Request, call_next: Any) -> Response:
@@ -314,13 +334,60 @@ def create_app() -> FastAPI:
     async def promote(model: str, request: Request) -> dict[str, Any]:
         _check_model(model)
         req = await _admin_body(request, PromoteRequest)
-        return backend(request).promote(model, req.version, req.alias)
+        return await backend(request).promote(model, req.version, req.alias)
 
     @app.post("/v1/models/{model}/rollback")
     async def rollback(model: str, request: Request) -> dict[str, Any]:
         _check_model(model)
         req = await _admin_body(request, RollbackRequest)
-        return backend(request).rollback(model, req.alias)
+        return await backend(request).rollback(model, req.alias)
+
+    # --- admin: fine-tune jobs ---------------------------------------------------------------
+    @app.post("/v1/finetune-jobs", status_code=202)
+    async def create_job(request: Request) -> JSONResponse:
+        check_admin_auth(request, conf(request))
+        body = await read_body(request, 1024 * 1024)
+        try:
+            spec = json.loads(body or b"null")
+        except ValueError:
+            raise BadRequestError("body is not JSON", field="body") from None
+        if not isinstance(spec, dict):
+            raise BadRequestError("body must be a JSON object (the fine-tune spec)", field="body")
+        key = request.headers.get("idempotency-key")
+        if key is not None and not 1 <= len(key) <= 255:
+            raise BadRequestError("must be 1-255 characters", field="Idempotency-Key")
+        job, created = await backend(request).jobs.create(spec, key)
+        headers = {"Location": job["links"]["self"]}
+        if not created:
+            headers["Idempotent-Replayed"] = "true"
+        return JSONResponse(job, status_code=202 if created else 200, headers=headers)
+
+    @app.get("/v1/finetune-jobs")
+    async def list_jobs(
+        request: Request, state: str | None = None, limit: int = 50
+    ) -> dict[str, Any]:
+        check_admin_auth(request, conf(request))
+        if state is not None and state not in STATES:
+            raise BadRequestError(f"must be one of {', '.join(STATES)}", field="state")
+        if not 1 <= limit <= 500:
+            raise BadRequestError("must be 1..500", field="limit")
+        return {"jobs": await backend(request).jobs.list(limit=limit, state=state)}
+
+    @app.get("/v1/finetune-jobs/{job_id}")
+    async def get_job(job_id: str, request: Request) -> dict[str, Any]:
+        check_admin_auth(request, conf(request))
+        return await backend(request).jobs.get(_check_job(job_id))
+
+    @app.get("/v1/finetune-jobs/{job_id}/curve.png")
+    async def job_curve(job_id: str, request: Request) -> Response:
+        check_admin_auth(request, conf(request))
+        png = await backend(request).jobs.curve(_check_job(job_id))
+        return Response(png, media_type="image/png")
+
+    @app.post("/v1/finetune-jobs/{job_id}/cancel", status_code=202)
+    async def cancel_job(job_id: str, request: Request) -> dict[str, Any]:
+        check_admin_auth(request, conf(request))
+        return await backend(request).jobs.cancel(_check_job(job_id))
 
     # --- Open Inference Protocol v2 ------------------------------------------------------------
     @app.get("/v2/health/live")
@@ -408,25 +475,23 @@ def create_app() -> FastAPI:
 
     @app.get("/metrics")
     async def prometheus(request: Request) -> Response:
+        b = backend(request)
+        # metrics must answer even when the classifier or the job runner does not
         try:
-            stats = await backend(request).stats()
-        except Exception:  # metrics must answer even when the classifier does not
-            stats = {}
-        loaded.clear()
-        for name, m in stats.get("models", {}).items():
-            if m["version"]:
-                loaded.labels(name, m["version"]).set(1)
-            swaps.labels(name).set(m["swaps"])
-            failed.labels(name).set(m["failed_loads"])
-        if "rss_bytes" in stats:
-            rss.set(stats["rss_bytes"])
-            alive.set(stats["models_alive"])
+            scraped.classifier = await b.stats()
+        except Exception:
+            scraped.classifier = {}
+        try:
+            scraped.jobs = await b.jobs.stats()
+        except Exception:
+            scraped.jobs = {}
         return Response(generate_latest(metrics), media_type=CONTENT_TYPE_LATEST)
 
     # --- the one error table -----------------------------------------------------------------
     @app.exception_handler(RefitError)
     async def refit_error(_: Request, exc: RefitError) -> JSONResponse:
-        headers = {"Retry-After": "1"} if exc.status == HTTPStatus.SERVICE_UNAVAILABLE else None
+        retry = {HTTPStatus.SERVICE_UNAVAILABLE: "1", HTTPStatus.TOO_MANY_REQUESTS: "30"}
+        headers = {"Retry-After": retry[exc.status]} if exc.status in retry else None
         return JSONResponse(exc.to_dict(), status_code=int(exc.status), headers=headers)
 
     @app.exception_handler(RequestValidationError)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from service.deployments import application
 from training.settings import RefitSettings, ServeSettings, get_settings
@@ -20,6 +20,16 @@ class AppArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     serve: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("serve")
+    @classmethod
+    def _known_fields(cls, value: dict[str, Any]) -> dict[str, Any]:
+        # ServeSettings ignores unknown keys; a misspelled override must not pass silently
+        unknown = sorted(set(value) - set(ServeSettings.model_fields))
+        if unknown:
+            valid = ", ".join(sorted(ServeSettings.model_fields))
+            raise ValueError(f"unknown serve settings {unknown}; valid: {valid}")
+        return value
 
 
 def settings_with(args: AppArgs, base: RefitSettings | None = None) -> RefitSettings:

@@ -1,8 +1,12 @@
 """``refit``: the command line.
 
 * ``refit store up --data-dir D``: run the embedded SeaweedFS in the foreground.
-* ``refit finetune --local --spec F``: run one fine-tune job on a local (or configured) Ray.
+* ``refit finetune --spec F [--wait]``: start a job on a running service (``--local``: run it
+  on a local or configured Ray from this process instead).
+* ``refit jobs [ID] [--cancel]``: list jobs, show one, or cancel it.
+* ``refit predict --model M IMAGE...``: classify image files with a running service.
 * ``refit up --data-dir D``: store + Ray + the Serve app + the demo model, in the foreground.
+* ``refit weights prefetch resnet18:IMAGENET1K_V1 ...``: fill the torch hub cache (images).
 * ``refit demo --data-dir D``: store + Ray + digits datasets + pretrained base + fine-tune.
 """
 
@@ -20,6 +24,7 @@ from typing import Any
 
 from pydantic import SecretStr
 
+from service.client import Client, ClientError, progress_line
 from training.errors import RefitError
 from training.seaweed import Connection, EmbeddedStore
 from training.settings import RefitSettings, get_settings
@@ -69,15 +74,44 @@ def cmd_store_up(args: argparse.Namespace, settings: RefitSettings) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace, settings: RefitSettings) -> int:
-    """Run a spec on Ray from this process (``--local``)."""
-    from training.entry import run_spec_file
+    """Start a job on the service (``--wait``: follow it), or run it here (``--local``)."""
+    from training.entry import load_spec_file, run_spec_file
 
-    if not args.local:
-        print(
-            "only --local is available here; the HTTP API comes with the service", file=sys.stderr
-        )
-        return 2
-    return run_spec_file(args.spec, _with_store(settings, args.data_dir))
+    if args.local:
+        return run_spec_file(args.spec, _with_store(settings, args.data_dir))
+    client = Client.configured(settings, args.data_dir)
+    job = client.start_job(load_spec_file(args.spec), args.idempotency_key)
+    print(json.dumps({k: job[k] for k in ("job_id", "state", "links")}), flush=True)
+    if not args.wait:
+        return 0
+    job = client.wait(job["job_id"])
+    print(json.dumps({k: job[k] for k in ("job_id", "state", "reason", "result", "error")}))
+    return 0 if job["state"] == "succeeded" else 1
+
+
+def cmd_jobs(args: argparse.Namespace, settings: RefitSettings) -> int:
+    """List jobs, show one, or cancel one."""
+    client = Client.configured(settings, args.data_dir)
+    if args.job_id is None:
+        query = f"?limit={args.limit}" + (f"&state={args.state}" if args.state else "")
+        for job in client.call("GET", "/v1/finetune-jobs" + query)["jobs"]:
+            print(f"{job['job_id']}  {job['state']:<9}  {job['model']:<20}  {job['reason'] or ''}")
+        return 0
+    if args.cancel:
+        job = client.call("POST", f"/v1/finetune-jobs/{args.job_id}/cancel")
+    else:
+        job = client.call("GET", f"/v1/finetune-jobs/{args.job_id}")
+    print(json.dumps(job, indent=2))
+    print(progress_line(job), file=sys.stderr)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace, settings: RefitSettings) -> int:
+    """Classify image files with the serving version of a model."""
+    client = Client.configured(settings, args.data_dir)
+    result = client.predict(args.model, [Path(p) for p in args.images], top_k=args.top_k)
+    print(json.dumps(result, indent=2))
+    return 0
 
 
 def _bootstrap_demo(
@@ -196,6 +230,15 @@ def cmd_up(args: argparse.Namespace, settings: RefitSettings) -> int:
             embedded.stop()
 
 
+def cmd_weights_prefetch(args: argparse.Namespace, settings: RefitSettings) -> int:
+    """Download torchvision weights into the torch hub cache ($TORCH_HOME)."""
+    from training.weights import prefetch
+
+    for path in prefetch(args.items):
+        print(path, flush=True)
+    return 0
+
+
 def _log(msg: str) -> None:
     print(f"[refit] {msg}", file=sys.stderr, flush=True)
 
@@ -214,17 +257,42 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=None, help="S3 port (default: settings)")
     up.set_defaults(func=cmd_store_up)
 
-    ft = sub.add_parser("finetune", help="run a fine-tune job")
+    ft = sub.add_parser("finetune", help="start a fine-tune job on the service")
     ft.add_argument("--spec", required=True)
+    ft.add_argument("--wait", action="store_true", help="follow the job with a progress bar")
+    ft.add_argument("--idempotency-key", default=None, help="retries get the same job back")
     ft.add_argument("--local", action="store_true", help="run on Ray from this process")
-    ft.add_argument("--data-dir", default=None, help="use the embedded store of this dir")
+    ft.add_argument(
+        "--data-dir", default=None, help="connection.json (or, with --local, the store) of this dir"
+    )
     ft.set_defaults(func=cmd_finetune)
+
+    jobs = sub.add_parser("jobs", help="list jobs, show one, or cancel it")
+    jobs.add_argument("job_id", nargs="?")
+    jobs.add_argument("--cancel", action="store_true")
+    jobs.add_argument("--state", default=None)
+    jobs.add_argument("--limit", type=int, default=20)
+    jobs.add_argument("--data-dir", default=None)
+    jobs.set_defaults(func=cmd_jobs)
+
+    pr = sub.add_parser("predict", help="classify image files")
+    pr.add_argument("--model", required=True)
+    pr.add_argument("--top-k", type=int, default=5)
+    pr.add_argument("--data-dir", default=None)
+    pr.add_argument("images", nargs="+")
+    pr.set_defaults(func=cmd_predict)
 
     upp = sub.add_parser("up", help="store + Ray + the service + the demo model (foreground)")
     upp.add_argument("--data-dir", default=".refit")
     upp.add_argument("--port", type=int, default=None, help="HTTP port (default: settings)")
     upp.add_argument("--no-demo", action="store_true", help="skip the demo bootstrap")
     upp.set_defaults(func=cmd_up)
+
+    wt = sub.add_parser("weights", help="pretrained weights")
+    wt_sub = wt.add_subparsers(dest="weights_command", required=True)
+    pf = wt_sub.add_parser("prefetch", help="download backbone:WEIGHTS into the torch hub cache")
+    pf.add_argument("items", nargs="+", help="e.g. resnet18:IMAGENET1K_V1 resnet50:DEFAULT")
+    pf.set_defaults(func=cmd_weights_prefetch)
 
     dm = sub.add_parser("demo", help="offline demo: digits, pretrained base, fine-tune")
     dm.add_argument("--data-dir", default=".refit")
@@ -243,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     except RefitError as exc:
         print(json.dumps(exc.to_dict()), file=sys.stderr)
         return 2 if exc.status < 500 else 1
+    except ClientError as exc:
+        print(json.dumps(exc.body), file=sys.stderr)
+        return 2 if 400 <= exc.status < 500 else 1
 
 
 if __name__ == "__main__":

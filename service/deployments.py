@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import ctypes
 import gc
@@ -30,8 +31,10 @@ from ray.serve.handle import DeploymentHandle
 from service.api import create_app
 from service.errors import BadRequestError, NoVersionError, OverloadedError
 from service.images import decode_request_images
+from service.jobs import JobsBackend, unwrap
 from service.model import ModelSlot, ServedModel, load_served_model
-from training.errors import NotFoundError, RefitError
+from training.errors import NotFoundError
+from training.events import events_actor, notify_async
 from training.preprocess import normalize
 from training.registry import Registry
 from training.settings import RefitSettings, get_settings
@@ -68,9 +71,23 @@ class _Follower:
         self.last_error: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._loading = threading.Lock()  # a push and a poll never load the same version twice
 
     def load_now(self) -> None:
         """Load the alias' version if it differs from the slot's (raises on failure)."""
+        with self._loading:
+            self._load()
+
+    def refresh(self) -> None:
+        """:meth:`load_now`, with a failure counted and logged instead of raised."""
+        try:
+            self.load_now()
+        except Exception as exc:  # keep serving the old model; report the failure
+            self.failed_loads += 1
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            log.warning("hot-load of %s failed: %s", self.name, self.last_error)
+
+    def _load(self) -> None:
         s = self.settings.serve
         record, _ = self.registry.get_alias(self.name, s.alias)
         if record is None:
@@ -94,12 +111,7 @@ class _Follower:
 
     def _run(self) -> None:
         while not self._stop.wait(self.settings.serve.poll_interval_s):
-            try:
-                self.load_now()
-            except Exception as exc:  # keep serving the old model; report the failure
-                self.failed_loads += 1
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                log.warning("hot-load of %s failed: %s", self.name, self.last_error)
+            self.refresh()
 
     def stop(self) -> None:
         """Stop polling (the model is evicted from this replica)."""
@@ -124,6 +136,33 @@ class Classifier:
         batched: Any = self._batched
         batched.set_max_batch_size(settings.serve.max_batch_size)
         batched.set_batch_wait_timeout_s(settings.serve.batch_wait_timeout_s)
+        self._listener: asyncio.Task[None] | None = None
+        self._pending = 0  # requests waiting for or inside a batch (queue depth)
+        self._batch_sizes: collections.Counter[int] = collections.Counter()
+        self._split_batches = 0  # batches that held two versions (during a swap): run apart
+
+    async def _listen(self) -> None:
+        """Follow pushed registry notices: a publish or promote reaches this replica at once
+        (the alias poll stays as the fallback)."""
+        seen: dict[str, int] = {}
+        while True:
+            names = list(self._followers.keys())
+            if not names:
+                await asyncio.sleep(1)
+                continue
+            try:
+                events = events_actor(self.settings)
+                current = await events.wait.remote({n: seen.get(n, 0) for n in names}, 10.0)
+            except Exception as exc:  # the notice actor is optional; polling still works
+                log.warning("registry notices unavailable: %s", exc)
+                await asyncio.sleep(5)
+                continue
+            for name, seq in current.items():
+                if seq != seen.get(name, 0):
+                    seen[name] = seq
+                    follower = self._followers.get(name)
+                    if follower is not None:
+                        await asyncio.to_thread(follower.refresh)
 
     @serve.multiplexed(max_num_models_per_replica=get_settings().serve.models_per_replica)
     async def follower(self, model: str) -> _Follower:
@@ -132,6 +171,8 @@ class Classifier:
         await asyncio.to_thread(f.load_now)
         f.start()
         self._followers[model] = f
+        if self._listener is None:
+            self._listener = asyncio.get_running_loop().create_task(self._listen())
         return f
 
     async def predict(self, images: list[bytes], top_k: int) -> dict[str, Any]:
@@ -162,17 +203,24 @@ class Classifier:
         return await self._answer(served, x, top_k)
 
     async def _answer(self, served: ServedModel, x: torch.Tensor, top_k: int) -> dict[str, Any]:
-        predictions = await self._batched((served, x, top_k))
+        self._pending += 1
+        try:
+            predictions = await self._batched((served, x, top_k))
+        finally:
+            self._pending -= 1
         return {"model": served.name, "model_version": served.version, "predictions": predictions}
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def _batched(
         self, items: list[tuple[ServedModel, torch.Tensor, int]]
     ) -> list[list[list[dict[str, Any]]]]:
+        self._batch_sizes[len(items)] += 1
         # Group by the loaded model object: one forward per version, never a mixed batch.
         groups: dict[int, list[int]] = {}
         for i, (served, _, _) in enumerate(items):
             groups.setdefault(id(served), []).append(i)
+        if len(groups) > 1:
+            self._split_batches += 1
         out: list[Any] = [None] * len(items)
         for idx in groups.values():
             served = items[idx[0]][0]
@@ -194,12 +242,21 @@ class Classifier:
             models[name] = {
                 "version": current.version if current else None,
                 "mode": current.mode if current else None,
+                "agreement": current.agreement if current else None,
                 "swaps": f.slot.swaps,
                 "failed_loads": f.failed_loads,
                 "last_error": f.last_error,
             }
         alive = sum(isinstance(o, ServedModel) for o in gc.get_objects())
-        return {"ok": True, "rss_bytes": _rss_bytes(), "models": models, "models_alive": alive}
+        return {
+            "ok": True,
+            "rss_bytes": _rss_bytes(),
+            "models": models,
+            "models_alive": alive,
+            "queue_depth": self._pending,
+            "batch_sizes": dict(self._batch_sizes),
+            "split_batches": self._split_batches,
+        }
 
 
 class _ServeBackend:
@@ -207,8 +264,10 @@ class _ServeBackend:
 
     def __init__(self, classifier: DeploymentHandle, settings: RefitSettings) -> None:
         self.classifier = classifier
+        self.settings = settings
         self.registry = Registry(ObjectStore(settings.s3))
         self.alias = settings.serve.alias
+        self.jobs = JobsBackend(settings)
 
     async def predict(self, model: str, images: list[bytes], top_k: int) -> dict[str, Any]:
         return await self._call(model, "predict", images, top_k)
@@ -226,10 +285,7 @@ class _ServeBackend:
                 "the classifier's queue is full (REFIT_SERVE__MAX_QUEUED_REQUESTS)"
             ) from None
         except RayTaskError as exc:  # unwrap our own errors raised inside the replica
-            cause = getattr(exc, "cause", None)
-            if isinstance(cause, RefitError):
-                raise cause from None
-            raise
+            raise unwrap(exc) from None
 
     def manifest(self, model: str) -> Any:
         """The manifest of the alias' version (OIP metadata)."""
@@ -243,9 +299,10 @@ class _ServeBackend:
         )
         return manifest
 
-    def promote(self, model: str, version: str, alias: str) -> dict[str, Any]:
+    async def promote(self, model: str, version: str, alias: str) -> dict[str, Any]:
         before, _ = self.registry.get_alias(model, alias)
         record = self.registry.set_alias(model, alias, version)
+        await notify_async(self.settings, model)
         return {
             "model": model,
             "alias": alias,
@@ -253,9 +310,10 @@ class _ServeBackend:
             "previous": before.version if before else None,
         }
 
-    def rollback(self, model: str, alias: str) -> dict[str, Any]:
+    async def rollback(self, model: str, alias: str) -> dict[str, Any]:
         before, _ = self.registry.get_alias(model, alias)
         record = self.registry.rollback(model, alias)
+        await notify_async(self.settings, model)
         return {
             "model": model,
             "alias": alias,
@@ -300,6 +358,10 @@ class Ingress:
     def __init__(self, classifier: DeploymentHandle, settings: RefitSettings) -> None:
         self._backend = _ServeBackend(classifier, settings)
         self._settings = settings.serve
+        try:  # start the job runner now: queued jobs resume without waiting for a request
+            self._backend.jobs.runner()
+        except Exception as exc:
+            log.warning("job runner not started yet: %s", exc)
 
     def __serve_build_asgi_app__(self) -> Any:
         # Late-bound app: built in the replica after __init__, so it gets this replica's
@@ -322,10 +384,15 @@ def application(settings: RefitSettings) -> Any:
         max_queued_requests=s.max_queued_requests,
         ray_actor_options={"num_cpus": s.classifier_cpus},
     ).bind(settings)
+    # The ingress only awaits: give it room for twice what the classifiers can hold, so the
+    # classifier's queue sheds load first - with our JSON 503 and Retry-After - and the
+    # proxy's plain-text 503 never does.
+    held = (s.max_ongoing_requests + max(0, s.max_queued_requests)) * s.classifier_replicas
     return ingress_dep.options(
         num_replicas=s.ingress_replicas,
-        max_ongoing_requests=max(s.max_ongoing_requests, 2 * s.max_batch_size),
-        max_queued_requests=s.max_queued_requests,
+        max_ongoing_requests=max(64, 2 * s.max_batch_size, -(-2 * held // s.ingress_replicas)),
+        # requests wait here only while the router assigns them (bursts), never for work
+        max_queued_requests=max(1024, 4 * held),
         ray_actor_options={"num_cpus": s.ingress_cpus},
     ).bind(classifier, settings)
 

@@ -52,12 +52,12 @@ class ServedModel:
     @torch.inference_mode()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 crops ``[N, 3, H, W]`` -> float32 logits ``[N, classes]``."""
-        return _forward(self.module, normalize(self.preprocessing, images), self.mode)
+        return forward(self.module, normalize(self.preprocessing, images), self.mode)
 
     @torch.inference_mode()
     def logits_normalized(self, x: torch.Tensor) -> torch.Tensor:
         """Already preprocessed float32 ``[N, 3, H, W]`` -> float32 logits."""
-        return _forward(self.module, x, self.mode)
+        return forward(self.module, x, self.mode)
 
     def top_k(self, images: torch.Tensor, k: int) -> list[list[dict[str, Any]]]:
         """Top-k labels and probabilities per image (uint8 crops)."""
@@ -78,7 +78,8 @@ class ServedModel:
         ]
 
 
-def _forward(module: nn.Module, x: torch.Tensor, mode: NumericMode) -> torch.Tensor:
+def forward(module: nn.Module, x: torch.Tensor, mode: NumericMode) -> torch.Tensor:
+    """Logits of normalised ``x`` in a numeric mode (the module already in its memory format)."""
     if mode in ("channels_last", "bf16"):
         x = x.contiguous(memory_format=torch.channels_last)
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if mode == "bf16" else nullcontext()
@@ -110,16 +111,16 @@ def load_served_model(
         calibration = torch.randint(0, 256, (8, 3, size, size), dtype=torch.uint8)
     x = normalize(manifest.preprocessing, calibration)
     with torch.inference_mode():
-        reference = _forward(module, x, "fp32").argmax(dim=1)
+        reference = forward(module, x, "fp32").argmax(dim=1)
         agreement = None
         if mode != "fp32":
             module = _memory_format(module, torch.channels_last)
-            candidate = _forward(module, x, mode).argmax(dim=1)
+            candidate = forward(module, x, mode).argmax(dim=1)
             agreement = float((candidate == reference).float().mean())
             if agreement < min_agreement:
                 module = _memory_format(module, torch.contiguous_format)
                 mode = "fp32"
-        _forward(module, x[:1], mode)  # warm-up in the final mode
+        forward(module, x[:1], mode)  # warm-up in the final mode
     return ServedModel(manifest=manifest, module=module, mode=mode, agreement=agreement)
 
 

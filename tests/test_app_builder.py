@@ -20,6 +20,8 @@ def test_builder_applies_and_validates_overrides() -> None:
         settings_with(AppArgs(serve={"max_batch_size": 0}), base)
     with pytest.raises(ValidationError):
         AppArgs.model_validate({"serve": {}, "typo": 1})
+    with pytest.raises(ValidationError, match="max_batch_size"):  # lists the valid names
+        AppArgs.model_validate({"serve": {"max_batchsize": 8}})
 
 
 def test_build_app_returns_an_application() -> None:

@@ -20,6 +20,7 @@ EXPECTED = {
     "StorageError": 503,
     "ResourceError": 422,
     "TrainingError": 500,
+    "TooManyJobsError": 429,
     "BadRequestError": 400,
     "InvalidImageError": 422,
     "UnsupportedImageError": 415,

@@ -401,7 +401,7 @@ def test_replica_metrics_and_memory_over_20_swaps(app: dict[str, Any]) -> None:
     served()
     text = requests.get(metrics_url, timeout=30).text
     current = reg.get_alias("digits", "production")[0].version
-    assert f'refit_model_loaded_info{{model="digits",version="{current}"}} 1.0' in text
+    assert f'refit_model_loaded_info{{mode="fp32",model="digits",version="{current}"}} 1.0' in text
     baseline = _metric(text, "refit_classifier_rss_bytes")
     swaps_before = _metric(text, 'refit_model_swaps{model="digits"}')
     for _ in range(20):

@@ -6,22 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from training.settings import RefitSettings
+from training.settings import RefitSettings, env_names
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
-def _env_names() -> list[str]:
-    return [
-        f"REFIT_{section.upper()}__{name.upper()}"
-        for section, field in RefitSettings.model_fields.items()
-        for name in field.annotation.model_fields
-    ]
-
-
 def test_readme_lists_every_variable() -> None:
     text = README.read_text()
-    assert [n for n in _env_names() if f"`{n}`" not in text] == []
+    assert [n for n in env_names() if f"`{n}`" not in text] == []
 
 
 def test_env_and_aws_fallbacks(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -121,3 +121,23 @@ def test_wrong_architecture_is_named(store: ObjectStore) -> None:
         load_base_weights(
             build_backbone("resnet50", num_classes=3), "resnet50", base.state_dict, keep_head=False
         )
+
+
+def test_prefetch_checks_names_and_reports_cached_files(tmp_torch_home: Path) -> None:
+    from training.weights import prefetch
+
+    with pytest.raises(SpecError) as exc:
+        prefetch(["resnet18"])
+    assert exc.value.field == "weights"
+    with pytest.raises(SpecError) as exc:
+        prefetch(["resnet9000:DEFAULT"])
+    assert "resnet18" in str(exc.value)  # lists the valid backbones
+    # already cached: nothing to download, the file is verified loadable and reported
+    enum = torchvision_weights("resnet18", "IMAGENET1K_V1")
+    path = hub_cache_file(enum)
+    path.parent.mkdir(parents=True)
+    torch.save(build_backbone("resnet18", num_classes=1000).state_dict(), path)
+    assert prefetch(["resnet18:IMAGENET1K_V1"]) == [path]
+    # not cached and no network here: a clear error, not a traceback
+    with pytest.raises(WeightsUnavailableError):
+        prefetch(["resnet34:IMAGENET1K_V1"])

@@ -35,3 +35,24 @@ def run_spec_file(path: str, settings: RefitSettings) -> int:
         return 2 if exc.status < 500 else 1
     print(json.dumps(result, indent=2))
     return 0
+
+
+def run_job_record(job_id: str, settings: RefitSettings) -> int:
+    """Run the job a record describes (its spec, its id); print the result like
+    :func:`run_spec_file`. The record ends succeeded or failed either way."""
+    from training.job import run_finetune
+    from training.jobs import JobStore
+    from training.spec import parse_spec
+    from training.store import ObjectStore
+    from training.trainer import ensure_ray
+
+    try:
+        record = JobStore(ObjectStore(settings.s3)).get(job_id)
+        spec = parse_spec(record.spec, settings.training)
+        ensure_ray(settings.ray)
+        result = run_finetune(spec, settings, job_id=job_id)
+    except RefitError as exc:
+        print(json.dumps(exc.to_dict()), file=sys.stderr)
+        return 2 if exc.status < 500 else 1
+    print(json.dumps(result, indent=2))
+    return 0

@@ -91,6 +91,13 @@ class ResourceError(RefitError):
     code = "insufficient_resources"
 
 
+class TooManyJobsError(RefitError):
+    """The job queue is full (``REFIT_TRAINING__MAX_QUEUED_JOBS``): retry later."""
+
+    status = HTTPStatus.TOO_MANY_REQUESTS
+    code = "too_many_jobs"
+
+
 class TrainingError(RefitError):
     """A training run failed after it started (not the client's fault)."""
 

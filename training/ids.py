@@ -21,6 +21,8 @@ def new_version_id(now: datetime | None = None) -> str:
     return f"{now:%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
 
 
-def new_job_id() -> str:
-    """A new job id: ``job-`` plus 12 hex digits."""
-    return f"job-{secrets.token_hex(6)}"
+def new_job_id(now: datetime | None = None) -> str:
+    """A new job id that sorts by creation time (to the millisecond):
+    ``job-20261122-113000123-1a2b3c``."""
+    now = now or datetime.now(UTC)
+    return f"job-{now:%Y%m%d-%H%M%S}{now.microsecond // 1000:03d}-{secrets.token_hex(3)}"

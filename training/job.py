@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +18,9 @@ from torch import nn
 
 from training.backbones import build_backbone
 from training.data import ImageDataset, Sample, index_dataset, make_loader
-from training.errors import DataError, NotFoundError, RefitError, TrainingError
+from training.errors import ConflictError, DataError, NotFoundError, RefitError, TrainingError
 from training.gate import decide
-from training.ids import new_job_id
+from training.jobs import JobState, JobStore
 from training.loop import Precision, evaluate
 from training.preprocess import Preprocessing, crop_transform, eval_transform
 from training.registry import Registry
@@ -89,33 +88,41 @@ def run_finetune(
     """Run one job to the end; returns the JSON-ready result. Raises RefitError subclasses
     for bad specs and data; in that case nothing is published and no alias moves.
 
-    The outcome - published, rejected by the gate (with its reasons), or failed (with the
-    error) - is recorded in ``jobs/{job_id}.json`` either way.
+    With ``job_id`` the job's record (created by the API) is moved to running and then to its
+    end; without, a record is created first. The outcome - published, rejected by the gate
+    (state succeeded, with the gate's reasons), or failed (with the error) - is recorded in
+    ``jobs/{job_id}.json`` either way.
     """
-    job_id = job_id or new_job_id()
     store = ObjectStore(settings.s3)
-    record: dict[str, Any] = {
-        "job_id": job_id,
-        "spec": spec.model_dump(mode="json"),
-        "created_at": datetime.now(UTC).isoformat(),
-    }
+    jobs = JobStore(store)
+    if job_id is None or not store.exists(jobs.key(job_id)):
+        job_id = jobs.create(spec, job_id=job_id)[0].job_id
+    if jobs.transition(job_id, "running").terminal:
+        raise ConflictError(f"job {job_id} already ended", field="job_id")
     try:
         result = _run(spec, settings, job_id=job_id, store=store)
     except RefitError as exc:
-        record.update(state="failed", error=exc.to_dict()["error"])
+        _finish(jobs, job_id, "failed", reason=str(exc), error=exc.to_dict()["error"])
         raise
     except Exception as exc:
-        record.update(state="failed", error={"code": "internal_error", "message": str(exc)})
+        error = {"code": "internal_error", "message": f"{type(exc).__name__}: {exc}"}
+        _finish(jobs, job_id, "failed", reason=error["message"], error=error)
         raise
+    if result["published"]:
+        reason = f"published {result['version']}" + (
+            f" and moved {result['alias']}" if result["promoted"] else ""
+        )
     else:
-        record.update(state="succeeded", result=result)
-        return result
-    finally:
-        record["finished_at"] = datetime.now(UTC).isoformat()
-        try:
-            store.put_json(f"jobs/{job_id}.json", record)
-        except RefitError as exc:  # the outcome above matters more than its record
-            log.warning("could not write the record of %s: %s", job_id, exc)
+        reason = "not published: " + "; ".join(result["gate"].get("reasons") or ["gate failed"])
+    _finish(jobs, job_id, "succeeded", reason=reason, result=result)
+    return result
+
+
+def _finish(jobs: JobStore, job_id: str, state: JobState, **fields: Any) -> None:
+    try:
+        jobs.transition(job_id, state, **fields)
+    except RefitError as exc:  # the outcome itself matters more than its record
+        log.warning("could not record the end of %s: %s", job_id, exc)
 
 
 def _run(

@@ -61,6 +61,8 @@ class RunContext:
     wrap_model: Callable[[nn.Module], nn.Module]
     report: Callable[[dict[str, Any], Path | None], None]
     resume_from: Path | None = None
+    on_step: Callable[[dict[str, Any]], None] | None = None
+    """Called after every optimizer step on this rank with epoch, step and images/s."""
 
 
 @dataclass
@@ -255,6 +257,22 @@ def run_worker(inputs: RunInputs, ctx: RunContext) -> dict[str, Any]:
         if isinstance(getattr(train_loader, "sampler", None), DistributedSampler):
             train_loader.sampler.set_epoch(epoch)
         set_frozen_batchnorm(model, plan, epoch)
+        epoch_start = time.perf_counter()
+
+        def on_step(step: int, images: int, epoch: int = epoch, t0: float = epoch_start) -> None:
+            if ctx.on_step is not None:
+                seconds = time.perf_counter() - t0
+                ctx.on_step(
+                    {
+                        "epoch": epoch,
+                        "epochs": spec.epochs,
+                        "step": step,
+                        "steps_per_epoch": steps_per_epoch,
+                        # this rank's rate times the group size (shards are equal)
+                        "images_per_s": images * ctx.world_size / max(1e-9, seconds),
+                    }
+                )
+
         stats = train_one_epoch(
             trained,
             train_loader,
@@ -264,6 +282,7 @@ def run_worker(inputs: RunInputs, ctx: RunContext) -> dict[str, Any]:
             epoch=epoch,
             precision=precision,
             label_smoothing=spec.label_smoothing,
+            on_step=on_step,
         )
         val = evaluate(
             trained, val_loader, num_classes=len(inputs.classes), precision=precision

@@ -99,6 +99,26 @@ class TrainingSettings(BaseModel):
     """Encoded image bytes each training worker keeps in memory across epochs (0: none)."""
     loader_workers: int = Field(default=0, ge=0)
     """DataLoader worker processes per training worker (0: decode in the training process)."""
+    max_running_jobs: int = Field(default=2, ge=1)
+    """Fine-tune jobs running at once over the cluster (one per model at most); more queue."""
+    max_queued_jobs: int = Field(default=32, ge=0)
+    """Jobs waiting for a slot; a create beyond this gets 429 with Retry-After."""
+    progress_interval_s: float = Field(default=2.0, gt=0)
+    """How often a running job's rank 0 writes step progress to its job record."""
+    check_cluster_resources: bool = True
+    """Refuse a job the cluster cannot host now; false on autoscaling clusters (KubeRay),
+    where the workers appear on demand."""
+    launcher: Literal["ray", "rayjob"] = "ray"
+    """Where jobs run: ``ray``, a task on this Ray cluster; ``rayjob``, a KubeRay RayJob each
+    (an isolated cluster, created through the Kubernetes API)."""
+    rayjob_image: str = "ghcr.io/refit-ml/refit:0.1.0-gpu"
+    """Image of the RayJob clusters (``launcher=rayjob``)."""
+    rayjob_namespace: str | None = None
+    """Namespace of the RayJobs; unset: the pod's own."""
+    rayjob_worker_memory: str = "32Gi"
+    """Memory of each RayJob training worker (a Kubernetes quantity)."""
+    rayjob_deadline_s: int = Field(default=24 * 3600, ge=60)
+    """A RayJob running longer than this is stopped by KubeRay (``activeDeadlineSeconds``)."""
 
 
 class ServeSettings(BaseModel):
@@ -165,6 +185,23 @@ class RefitSettings(BaseSettings):
     """Fine-tune limits and defaults."""
     serve: ServeSettings = ServeSettings()
     """The HTTP service."""
+    url: str | None = None
+    """CLI client: the service's URL (else ``url`` in ``connection.json`` of ``--data-dir``)."""
+    token: SecretStr | None = None
+    """CLI client: bearer token (else the admin token in ``connection.json``)."""
+
+
+def env_names() -> list[str]:
+    """Every environment variable the settings read (the README table and the Kubernetes
+    manifests are checked against this list)."""
+    names = []
+    for section, field in RefitSettings.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            names += [f"REFIT_{section.upper()}__{n.upper()}" for n in annotation.model_fields]
+        else:
+            names.append(f"REFIT_{section.upper()}")
+    return names
 
 
 @lru_cache(maxsize=1)

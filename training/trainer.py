@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,14 +59,21 @@ def check_resources(*, workers: int, use_gpu: bool, cpus_per_worker: float) -> N
 
 
 class _Progress(UserCallback):
-    """Runs on the Ray Train controller: logs each epoch and stores it for the driver/API."""
+    """Runs on the Ray Train controller: logs each epoch and stores it, with the history of
+    all epochs (the training curve), for the driver and the API."""
 
     def __init__(self, store: ObjectStore, key: str) -> None:
         self.store, self.key = store, key
+        self.history: dict[int, dict[str, float]] = {}
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any):
         m = dict(metrics[0]) if metrics else {}
         if "epoch" in m:
+            # keyed by epoch: an epoch repeated after a resume replaces the lost attempt
+            self.history[int(m["epoch"])] = {
+                k: float(m[k]) for k in ("train_loss", "val_loss", "val_top1", "images_per_s")
+            }
+            m["history"] = [{"epoch": e, **h} for e, h in sorted(self.history.items())]
             print(
                 f"[refit] epoch {m['epoch']}/{m['epochs']} loss {m['train_loss']:.4f} "
                 f"val top1 {m['val_top1']:.4f} {m['images_per_s']:.1f} img/s "
@@ -78,9 +86,44 @@ class _Progress(UserCallback):
             log.warning("could not store progress: %s", exc)
 
 
+class _StepProgress:
+    """Rank 0's progress within an epoch, written at most every ``interval`` seconds."""
+
+    def __init__(self, store: ObjectStore, key: str, interval: float) -> None:
+        self.store, self.key, self.interval = store, key, interval
+        self.last = 0.0
+
+    def __call__(self, step: dict[str, Any]) -> None:
+        now = time.monotonic()
+        if now - self.last < self.interval:
+            return
+        self.last = now
+        try:
+            self.store.put_json(self.key, {**step, "time": time.time()})
+        except Exception as exc:  # progress is best effort; never fail training for it
+            log.warning("could not store step progress: %s", exc)
+
+
+def _record_placement_group(store: ObjectStore, job_id: str) -> None:
+    # Ray Train V2 frees its worker reservation through the State API, which needs the
+    # dashboard - off by design here. Record the group so the job runner can free it when it
+    # stops the job (cancel, or a retry after a runner restart). One key per group: no races.
+    pg = ray.util.get_current_placement_group()
+    if pg is not None:
+        store.put_json(f"jobs/{job_id}/placement_groups/{pg.id.hex()}.json", {})
+
+
 def _train_fn(config: dict[str, Any]) -> dict[str, Any]:
     inputs: RunInputs = config["inputs"]
     ctx = ray.train.get_context()
+    on_step = None
+    if ctx.get_world_rank() == 0:
+        _record_placement_group(ObjectStore(inputs.settings.s3), config["job_id"])
+        on_step = _StepProgress(
+            ObjectStore(inputs.settings.s3),
+            f"jobs/{config['job_id']}/step.json",
+            inputs.settings.training.progress_interval_s,
+        )
     torch_threads = max(1, int(inputs.settings.training.cpus_per_worker))
     import torch
 
@@ -100,6 +143,7 @@ def _train_fn(config: dict[str, Any]) -> dict[str, Any]:
                 wrap_model=ray.train.torch.prepare_model,
                 report=report,
                 resume_from=resume_from,
+                on_step=on_step,
             ),
         )
 
@@ -125,10 +169,11 @@ def fit(inputs: RunInputs, *, job_id: str, settings: RefitSettings, workdir: Pat
     spec = inputs.spec
     store = ObjectStore(settings.s3)
     cpus = settings.training.cpus_per_worker
-    check_resources(workers=spec.workers, use_gpu=spec.use_gpu, cpus_per_worker=cpus)
+    if settings.training.check_cluster_resources:
+        check_resources(workers=spec.workers, use_gpu=spec.use_gpu, cpus_per_worker=cpus)
     trainer = ray.train.torch.TorchTrainer(
         _train_fn,  # type: ignore[arg-type]  # V2 keeps the function's return value
-        train_loop_config={"inputs": inputs},
+        train_loop_config={"inputs": inputs, "job_id": job_id},
         torch_config=ray.train.torch.TorchConfig(backend="nccl" if spec.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=spec.workers,
@@ -167,4 +212,26 @@ def fit(inputs: RunInputs, *, job_id: str, settings: RefitSettings, workdir: Pat
     return FitResult(metrics, target, dict(best_metrics), store.uri(f"runs/{job_id}"))
 
 
-__all__ = ["FitResult", "check_resources", "ensure_ray", "fit"]
+def release_placement_groups(store: ObjectStore, job_id: str) -> int:
+    """Remove the placement groups a job's runs recorded that still exist; returns how many."""
+    from ray.util.placement_group import (
+        PlacementGroup,
+        placement_group_table,
+        remove_placement_group,
+    )
+
+    live = {
+        pg_id
+        for pg_id, info in placement_group_table().items()
+        if info.get("state") not in {"REMOVED", None}
+    }
+    removed = 0
+    for obj in store.list(f"jobs/{job_id}/placement_groups/"):
+        pg_id = obj.key.rsplit("/", 1)[1].removesuffix(".json")
+        if pg_id in live:
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))
+            removed += 1
+    return removed
+
+
+__all__ = ["FitResult", "check_resources", "ensure_ray", "fit", "release_placement_groups"]

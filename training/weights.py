@@ -86,6 +86,22 @@ def load_torchvision_state(
     return state
 
 
+def prefetch(items: list[str]) -> list[Path]:
+    """Download ``backbone:WEIGHTS`` items (e.g. ``resnet18:IMAGENET1K_V1``) into the torch
+    hub cache - at image build time, so a cluster without internet has pretrained backbones.
+    Each file is then loaded once with ``weights_only=True`` to prove it is a plain state dict."""
+    paths = []
+    for item in items:
+        backbone, sep, name = item.partition(":")
+        if not sep:
+            raise SpecError(f"{item!r}: use backbone:WEIGHTS", field="weights")
+        family_of(backbone)  # an unknown backbone lists the valid ones
+        member = torchvision_weights(backbone, name)
+        load_torchvision_state(member, allow_download=True)
+        paths.append(hub_cache_file(member))
+    return paths
+
+
 def _safetensors_blob(uri: str, store: ObjectStore, training: TrainingSettings) -> bytes:
     if uri.startswith("s3://"):
         return store.get_bytes(store.key_from_uri(uri, field="base.weights"))

@@ -1,0 +1,232 @@
+"""Serving throughput and latency at concurrency 1, 8 and 32, per numeric mode, against a
+raw-torch forward of the same model and mode measured in the same run.
+
+224 px JPEG requests (one image each, JSON base64) on resnet18; decoding and preprocessing
+happen inside the service. The model: a random resnet18 trunk with a linear head trained on
+its features of scikit-learn digits (so top-1 answers differ across images and the bf16
+agreement check is meaningful; no pretrained weights can be downloaded here).
+
+    python benchmarks/serving.py [--seconds 12] [--modes fp32,bf16] [--no-jemalloc]
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from common import report  # also puts the repository on sys.path
+from load import digit_jpegs, reexec_with_jemalloc, run_load
+
+IMAGENET = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def build_model(threads: int) -> tuple[Any, Any, Any, Any]:
+    """resnet18 trunk (random) + linear head trained on digit features at 224 px. Returns
+    the model, preprocessing, uint8 calibration crops and the held-out crops."""
+    import torch
+
+    from service.images import decode_request_images
+    from training.backbones import build_backbone, head_module, trunk
+    from training.preprocess import Preprocessing, normalize
+
+    torch.manual_seed(0)
+    torch.set_num_threads(threads)
+    pre = Preprocessing(resize_size=256, crop_size=224, **IMAGENET)
+    model = build_backbone("resnet18", num_classes=10).eval()
+    jpegs, labels = digit_jpegs(600)
+    crops = decode_request_images(
+        jpegs, max_image_bytes=1 << 24, max_pixels=1 << 26, preprocessing=pre
+    )
+    x = normalize(pre, crops)
+    body = trunk(model, "resnet18")
+    with torch.inference_mode():
+        feats = torch.cat([body(x[i : i + 50]).flatten(1) for i in range(0, 400, 50)])
+    head = head_module(model, "resnet18")
+    y = torch.tensor(labels[:400])
+    mu, sd = feats.mean(0), feats.std(0) + 1e-6
+    opt = torch.optim.Adam(head.parameters(), lr=0.01)
+    for _ in range(300):  # full-batch logistic regression on standardised features
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(head((feats - mu) / sd), y)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():  # fold the standardisation into the head
+        w = head.weight / sd
+        head.bias -= (w * mu).sum(1)
+        head.weight.copy_(w)
+    return model, pre, crops[400:432], crops[432:]
+
+
+def raw_forward(model: Any, x: Any, mode: str, seconds: float, batch: int = 16) -> float:
+    """Images/s of a bare forward pass (no HTTP, no decode) in ``mode``."""
+    import torch
+
+    from service.model import forward
+
+    m = model
+    if mode != "fp32":
+        m = model.to(memory_format=torch.channels_last)
+    xb = x[:batch]
+    with torch.inference_mode():
+        forward(m, xb, mode)
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            forward(m, xb, mode)
+            n += batch
+    if mode != "fp32":
+        model.to(memory_format=torch.contiguous_format)
+    return n / (time.perf_counter() - start)
+
+
+def agreement(model: Any, x: Any, mode: str) -> tuple[float, int]:
+    """Top-1 agreement of ``mode`` with fp32 on held-out crops, and how many classes fp32
+    predicts among them (a collapsed model would agree trivially)."""
+    import torch
+
+    from service.model import forward
+
+    with torch.inference_mode():
+        ref = forward(model, x, "fp32").argmax(1)
+        m = model.to(memory_format=torch.channels_last) if mode != "fp32" else model
+        got = forward(m, x, mode).argmax(1)
+        model.to(memory_format=torch.contiguous_format)
+    return float((got == ref).float().mean()), int(ref.unique().numel())
+
+
+def _scrape(url: str) -> dict[str, float]:
+    import requests
+
+    out = {}
+    for line in requests.get(url + "/metrics", timeout=30).text.splitlines():
+        if line.startswith(("refit_batch_size_sum", "refit_batch_size_count")):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+        if line.startswith("refit_model_loaded_info"):
+            out["mode:" + line.split('mode="')[1].split('"')[0]] = 1.0
+    return out
+
+
+def main() -> int:
+    """Run the benchmark; print the table; write results/serving.json."""
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--seconds", type=float, default=12.0, help="per concurrency level")
+    p.add_argument("--modes", default="fp32,bf16")
+    p.add_argument("--concurrency", default="1,8,32")
+    p.add_argument("--classifier-cpus", type=float, default=2.0)
+    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--no-jemalloc", action="store_true")
+    args = p.parse_args()
+    malloc = reexec_with_jemalloc(not args.no_jemalloc)
+
+    import ray
+    import torch
+
+    from service import deployments
+    from training.registry import Registry
+    from training.seaweed import EmbeddedStore
+    from training.settings import RefitSettings, ServeSettings
+    from training.store import ObjectStore
+
+    modes = args.modes.split(",")
+    levels = [int(c) for c in args.concurrency.split(",")]
+    threads = max(1, int(args.classifier_cpus))
+    print(f"[bench] allocator {malloc}; building the model", file=sys.stderr, flush=True)
+    model, pre, calibration, held_out = build_model(threads)
+    from training.preprocess import normalize
+
+    x_held = normalize(pre, held_out)
+    raw = {}
+    checks = {}
+    for mode in modes:
+        raw[mode] = raw_forward(model, x_held, mode, seconds=6)
+        checks[mode] = agreement(model, x_held, mode)
+        print(f"[bench] raw {mode}: {raw[mode]:.1f} img/s", file=sys.stderr, flush=True)
+    jpegs, _ = digit_jpegs(64, offset=1000)
+
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp, EmbeddedStore(Path(tmp)) as conn:
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        try:
+            base = RefitSettings(s3=conn.s3_settings())
+            reg = Registry(ObjectStore(base.s3))
+            manifest = reg.publish(
+                model.state_dict(),
+                model="bench",
+                calibration=calibration,
+                backbone="resnet18",
+                num_classes=10,
+                class_names=[str(i) for i in range(10)],
+                preprocessing=pre,
+            )
+            reg.set_alias("bench", "production", manifest.version)
+            for mode in modes:
+                settings = base.model_copy(
+                    update={
+                        "serve": ServeSettings(
+                            port=_free_port(),
+                            numeric_mode=mode,
+                            classifier_cpus=args.classifier_cpus,
+                            max_batch_size=args.max_batch_size,
+                            batch_wait_timeout_s=0.01,
+                            max_ongoing_requests=128,
+                            ingress_cpus=0.5,
+                        )
+                    }
+                )
+                deployments.run(settings)
+                url = f"http://127.0.0.1:{settings.serve.port}"
+                predict = f"{url}/v1/models/bench/predict"
+                run_load(predict, jpegs, concurrency=4, seconds=3)  # load the model, warm up
+                served_mode = next(
+                    (k[5:] for k in _scrape(url) if k.startswith("mode:")), "unknown"
+                )
+                for c in levels:
+                    before = _scrape(url)
+                    res = run_load(predict, jpegs, concurrency=c, seconds=args.seconds)
+                    after = _scrape(url)
+                    batches = after["refit_batch_size_count"] - before["refit_batch_size_count"]
+                    reqs = after["refit_batch_size_sum"] - before["refit_batch_size_sum"]
+                    s = res.summary()
+                    rows.append(
+                        {
+                            "mode": mode,
+                            "served_mode": served_mode,
+                            "concurrency": c,
+                            **s,
+                            "mean_batch": reqs / max(1.0, batches),
+                            "raw_img_per_s": raw[mode],
+                            "vs_raw": s["req_per_s"] / raw[mode],
+                        }
+                    )
+                    print(f"[bench] {rows[-1]}", file=sys.stderr, flush=True)
+                deployments.shutdown()
+        finally:
+            ray.shutdown()
+    report(
+        "serving",
+        rows,
+        {
+            "allocator": malloc,
+            "torch_threads": threads,
+            "agreement_with_fp32": {m: checks[m][0] for m in modes},
+            "fp32_classes_predicted": {m: checks[m][1] for m in modes},
+            "held_out_images": int(held_out.shape[0]),
+            "torch": torch.__version__,
+        },
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

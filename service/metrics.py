@@ -1,0 +1,124 @@
+"""Metrics read at scrape time from a classifier replica and the job runner.
+
+The ingress owns request counters itself; what other processes know (loaded versions, swaps,
+batch sizes, queue depth, jobs, training throughput) comes from their ``stats()`` snapshot,
+set on this collector just before ``generate_latest``. Label values are published model names,
+version ids and fixed state names: never raw request input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from training.jobs import STATES, TERMINAL
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def batch_histogram(sizes: dict[Any, int]) -> tuple[list[tuple[str, float]], float]:
+    """Cumulative Prometheus buckets and the sum from ``{batch size: count}``."""
+    counts = {int(k): int(v) for k, v in sizes.items()}
+    buckets = [(str(b), float(sum(c for s, c in counts.items() if s <= b))) for b in BATCH_BUCKETS]
+    buckets.append(("+Inf", float(sum(counts.values()))))
+    return buckets, float(sum(s * c for s, c in counts.items()))
+
+
+class ScrapeCollector(Collector):
+    """Turns the latest classifier and job-runner snapshots into metric families."""
+
+    def __init__(self) -> None:
+        self.classifier: dict[str, Any] = {}
+        self.jobs: dict[str, Any] = {}
+
+    def collect(self) -> Iterator[Metric]:
+        """The metric families of the current snapshots."""
+        yield from self._classifier()
+        yield from self._jobs()
+
+    def _classifier(self) -> Iterator[Metric]:
+        c = self.classifier
+        loaded = GaugeMetricFamily(
+            "refit_model_loaded_info",
+            "Version a classifier replica serves, in which numeric mode",
+            labels=["model", "version", "mode"],
+        )
+        agreement = GaugeMetricFamily(
+            "refit_model_mode_agreement",
+            "Top-1 agreement of the numeric mode with fp32 on the calibration images",
+            labels=["model"],
+        )
+        swaps = GaugeMetricFamily(
+            "refit_model_swaps", "Hot swaps of a model (replica lifetime)", labels=["model"]
+        )
+        failed = GaugeMetricFamily(
+            "refit_model_failed_loads", "Failed hot-loads (old model kept)", labels=["model"]
+        )
+        for name, m in c.get("models", {}).items():
+            if m.get("version"):
+                loaded.add_metric([name, m["version"], m.get("mode") or "fp32"], 1)
+            if m.get("agreement") is not None:
+                agreement.add_metric([name], m["agreement"])
+            swaps.add_metric([name], m.get("swaps", 0))
+            failed.add_metric([name], m.get("failed_loads", 0))
+        yield from (loaded, agreement, swaps, failed)
+        if "rss_bytes" not in c:
+            return
+        yield GaugeMetricFamily(
+            "refit_classifier_rss_bytes", "Classifier replica resident memory", value=c["rss_bytes"]
+        )
+        yield GaugeMetricFamily(
+            "refit_classifier_models_alive",
+            "Model objects alive in a classifier replica (replaced versions must be freed)",
+            value=c.get("models_alive", 0),
+        )
+        yield GaugeMetricFamily(
+            "refit_classifier_queue_depth",
+            "Requests waiting for or inside a batch in a classifier replica",
+            value=c.get("queue_depth", 0),
+        )
+        yield CounterMetricFamily(
+            "refit_batches_split_by_version",
+            "Batches that held requests for two versions during a swap; each version ran in "
+            "its own forward pass (a forward pass never mixes versions)",
+            value=c.get("split_batches", 0),
+        )
+        buckets, total = batch_histogram(c.get("batch_sizes", {}))
+        yield HistogramMetricFamily(
+            "refit_batch_size",
+            "Requests merged into one forward pass (replica lifetime)",
+            buckets=buckets,
+            sum_value=total,
+        )
+
+    def _jobs(self) -> Iterator[Metric]:
+        j = self.jobs
+        if not j:
+            return
+        now = GaugeMetricFamily("refit_jobs", "Fine-tune jobs now, by state", labels=["state"])
+        now.add_metric(["queued"], j.get("queued", 0))
+        now.add_metric(["running"], j.get("running", 0))
+        yield now
+        done = CounterMetricFamily(
+            "refit_jobs_finished",
+            "Fine-tune jobs ended since the job runner started, by state",
+            labels=["state"],
+        )
+        finished = j.get("finished", {})
+        for state in STATES:
+            if state in TERMINAL:
+                done.add_metric([state], finished.get(state, 0))
+        yield done
+        yield GaugeMetricFamily(
+            "refit_training_images_per_second",
+            "Training throughput of all running jobs (images/s)",
+            value=j.get("images_per_s", 0.0),
+        )
