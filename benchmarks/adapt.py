@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import socket
 import sys
 import tempfile
@@ -51,7 +52,14 @@ def hot_swaps(url: str, reg: Any, model: str, images: list[bytes], args: Any) ->
     predict = f"{url}/v1/models/{model}/predict"
     base = run_load(predict, images, concurrency=args.concurrency, seconds=args.window)
     rows: list[dict[str, Any]] = [
-        {"run": "no swap (baseline)", **base.summary(), "first_new_s": None, "last_old_s": None}
+        {
+            "run": "no swap (baseline)",
+            **base.summary(),
+            **dict.fromkeys(
+                ("first_new_s", "last_old_s", "backwards", "old_after_new", "split_batches"), None
+            ),
+            "ended_on_new": None,
+        }
     ]
     manifest, state = reg.load(model, "production")
     calibration = reg.load_calibration(manifest)
@@ -110,7 +118,14 @@ def _one_swap(
         **res.summary(),
         "first_new_s": (first_new - t0) if first_new else None,
         "last_old_s": max(0.0, last_old - t0),
-        # versions never go backwards: an old answer completed after a new one
+        # versions never go backwards: no client gets the old version after the new one
+        "backwards": sum(
+            1
+            for answers in per_client.values()
+            for a, b in itertools.pairwise(answers)
+            if a == new_version and b == old_version
+        ),
+        # stricter: no old answer completed after the first new one, by any client
         "old_after_new": sum(
             1 for t, v in seen if first_new and t > first_new and v == old_version
         ),

@@ -121,7 +121,7 @@ def main() -> int:
     """Run the benchmark; print the table; write results/serving.json."""
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--seconds", type=float, default=12.0, help="per concurrency level")
-    p.add_argument("--modes", default="fp32,bf16")
+    p.add_argument("--modes", default="fp32,channels_last,bf16")
     p.add_argument("--concurrency", default="1,8,32")
     p.add_argument("--classifier-cpus", type=float, default=2.0)
     p.add_argument("--max-batch-size", type=int, default=32)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from training.backbones import build_backbone
+from training.errors import IntegrityError
 from training.preprocess import Preprocessing, normalize
 from training.registry import Manifest, Registry
 
@@ -92,6 +93,23 @@ def _memory_format(module: nn.Module, fmt: torch.memory_format) -> nn.Module:
     return out
 
 
+def _build_with(backbone: str, num_classes: int, state: dict[str, torch.Tensor]) -> nn.Module:
+    """The module with ``state`` loaded. Built on the meta device and filled by assignment
+    where the builder allows it: no random init that the weights overwrite anyway (the
+    slowest step of a hot-load on a busy CPU)."""
+    try:
+        with torch.device("meta"):
+            module = build_backbone(backbone, num_classes=num_classes)
+        module.load_state_dict(state, strict=True, assign=True)
+        if not any(t.is_meta for t in (*module.parameters(), *module.buffers())):
+            return module
+    except NotImplementedError:  # a builder that computes with tensors (regnet)
+        pass
+    module = build_backbone(backbone, num_classes=num_classes)
+    module.load_state_dict(state, strict=True)
+    return module
+
+
 def load_served_model(
     registry: Registry,
     name: str,
@@ -102,25 +120,27 @@ def load_served_model(
 ) -> ServedModel:
     """Load, verify, warm up and mode-check one version (by id or alias)."""
     manifest, state = registry.load(name, ref)
-    module = build_backbone(manifest.backbone, num_classes=manifest.num_classes)
-    module.load_state_dict(state, strict=True)
+    module = _build_with(manifest.backbone, manifest.num_classes, state)
     module.eval()
     calibration = registry.load_calibration(manifest)
     if calibration is None:
         size = manifest.preprocessing.crop_size
         calibration = torch.randint(0, 256, (8, 3, size, size), dtype=torch.uint8)
     x = normalize(manifest.preprocessing, calibration)
+    agreement = None
     with torch.inference_mode():
-        reference = forward(module, x, "fp32").argmax(dim=1)
-        agreement = None
         if mode != "fp32":
+            reference = forward(module, x, "fp32").argmax(dim=1)
             module = _memory_format(module, torch.channels_last)
             candidate = forward(module, x, mode).argmax(dim=1)
             agreement = float((candidate == reference).float().mean())
             if agreement < min_agreement:
                 module = _memory_format(module, torch.contiguous_format)
                 mode = "fp32"
-        forward(module, x[:1], mode)  # warm-up in the final mode
+        # warm-up in the final mode, and a sanity check: a version that yields NaN or inf
+        # never goes live (the old one keeps serving)
+        if not torch.isfinite(forward(module, x[:4], mode)).all():
+            raise IntegrityError(f"{name} {manifest.version} produces non-finite logits")
     return ServedModel(manifest=manifest, module=module, mode=mode, agreement=agreement)
 
 
