@@ -98,8 +98,9 @@ class Client:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
         return self.call("POST", "/v1/finetune-jobs", spec, headers=headers)
 
-    def wait(self, job_id: str, *, out: TextIO = sys.stderr, interval_s: float = 1.0) -> Any:
-        """Poll a job until it ends, drawing a progress bar on ``out``."""
+    def wait(self, job_id: str, *, out: TextIO | None = None, interval_s: float = 1.0) -> Any:
+        """Poll a job until it ends, drawing a progress bar on ``out`` (stderr by default)."""
+        out = out or sys.stderr  # looked up now: the caller may have replaced sys.stderr
         last = ""
         while True:
             job = self.call("GET", f"/v1/finetune-jobs/{job_id}")
