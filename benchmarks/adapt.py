@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import socket
 import sys
 import tempfile
 import threading
@@ -25,15 +24,9 @@ from typing import Any
 
 import requests
 from common import report  # also puts the repository on sys.path
-from load import digit_jpegs, reexec_with_jemalloc, run_load
+from load import digit_jpegs, free_port, reexec_with_jemalloc, run_load
 
 ADMIN = "bench-admin"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _split_batches(url: str) -> float:
@@ -207,7 +200,7 @@ def main() -> int:
         try:
             settings = RefitSettings(
                 s3=conn.s3_settings(),
-                serve=ServeSettings(port=_free_port(), admin_token=ADMIN, poll_interval_s=2.0),
+                serve=ServeSettings(port=free_port(), admin_token=ADMIN, poll_interval_s=2.0),
             )
             store = ObjectStore(settings.s3)
             reg = Registry(store)

@@ -36,6 +36,15 @@ def reexec_with_jemalloc(enabled: bool) -> str:
     raise AssertionError("unreachable")
 
 
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for the Serve app under test."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def digit_jpegs(n: int, size: int = 224, offset: int = 0) -> tuple[list[bytes], list[int]]:
     """``n`` scikit-learn digits, upscaled to ``size`` px RGB JPEGs, and their labels."""
     from sklearn.datasets import load_digits

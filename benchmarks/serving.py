@@ -12,7 +12,6 @@ agreement check is meaningful; no pretrained weights can be downloaded here).
 from __future__ import annotations
 
 import argparse
-import socket
 import sys
 import tempfile
 import time
@@ -20,15 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from common import report  # also puts the repository on sys.path
-from load import digit_jpegs, reexec_with_jemalloc, run_load
+from load import digit_jpegs, free_port, reexec_with_jemalloc, run_load
 
 IMAGENET = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def build_model(threads: int) -> tuple[Any, Any, Any, Any]:
@@ -174,7 +167,7 @@ def main() -> int:
                 settings = base.model_copy(
                     update={
                         "serve": ServeSettings(
-                            port=_free_port(),
+                            port=free_port(),
                             numeric_mode=mode,
                             classifier_cpus=args.classifier_cpus,
                             max_batch_size=args.max_batch_size,

@@ -61,9 +61,8 @@ class Client:
         body: Any = None,
         *,
         headers: dict[str, str] | None = None,
-        raw: bool = False,
     ) -> Any:
-        """One request; the parsed JSON answer (or bytes with ``raw``); ClientError on >= 400."""
+        """One request; the parsed JSON answer; ClientError on >= 400."""
         data = json.dumps(body).encode() if body is not None else None
         # the scheme is checked in __post_init__: only http(s), never file: or custom ones
         req = urllib.request.Request(self.url + path, data=data, method=method)  # noqa: S310
@@ -85,7 +84,7 @@ class Client:
             raise ClientError(exc.code, detail) from None
         except (urllib.error.URLError, OSError) as exc:
             raise ClientError(0, {"error": {"message": f"{self.url}: {exc}"}}) from None
-        return payload if raw else json.loads(payload)
+        return json.loads(payload)
 
     # --- commands -------------------------------------------------------------------------------
     def predict(self, model: str, images: list[Path], top_k: int = 5) -> Any:

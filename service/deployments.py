@@ -300,19 +300,17 @@ class _ServeBackend:
         return manifest
 
     async def promote(self, model: str, version: str, alias: str) -> dict[str, Any]:
-        before, _ = self.registry.get_alias(model, alias)
-        record = self.registry.set_alias(model, alias, version)
-        await notify_async(self.settings, model)
-        return {
-            "model": model,
-            "alias": alias,
-            "version": record.version,
-            "previous": before.version if before else None,
-        }
+        return await self._move_alias(
+            model, alias, lambda: self.registry.set_alias(model, alias, version)
+        )
 
     async def rollback(self, model: str, alias: str) -> dict[str, Any]:
+        return await self._move_alias(model, alias, lambda: self.registry.rollback(model, alias))
+
+    async def _move_alias(self, model: str, alias: str, move: Any) -> dict[str, Any]:
+        """Move the alias (``move`` does the CAS write), push the change to the replicas."""
         before, _ = self.registry.get_alias(model, alias)
-        record = self.registry.rollback(model, alias)
+        record = move()
         await notify_async(self.settings, model)
         return {
             "model": model,

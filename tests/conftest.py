@@ -53,6 +53,15 @@ def ray_session() -> Iterator[None]:
     ray.shutdown()
 
 
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for a Serve app under test)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def png_bytes(value: int, size: int = 32, *, seed: int = 0) -> bytes:
     """A small PNG whose content depends on ``value`` (learnable) plus a little noise."""
     rng = np.random.default_rng(seed)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import io
-import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -15,7 +14,7 @@ from typing import Any
 import pytest
 import ray
 import requests
-from conftest import png_bytes, write_imagefolder
+from conftest import free_port, png_bytes, write_imagefolder
 from PIL import Image
 
 from training.runner import stop_actors
@@ -28,12 +27,6 @@ ADMIN, PREDICT = "admin-token-jobs", "predict-token-jobs"
 SMALL = {"resize_size": 32, "crop_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def app(seaweed: Connection) -> Iterator[dict[str, Any]]:
     from service import deployments
@@ -41,7 +34,7 @@ def app(seaweed: Connection) -> Iterator[dict[str, Any]]:
     settings = RefitSettings(
         s3=seaweed.s3_settings(prefix=f"jobs-{uuid.uuid4().hex[:8]}"),
         serve=ServeSettings(
-            port=_free_port(),
+            port=free_port(),
             admin_token=ADMIN,
             predict_token=PREDICT,
             poll_interval_s=30,  # long: a prompt swap proves the push, not the poll

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-import socket
 import threading
 import time
 import uuid
@@ -13,7 +12,7 @@ from typing import Any
 
 import pytest
 import requests
-from conftest import png_bytes, publish_tiny_model
+from conftest import free_port, png_bytes, publish_tiny_model
 from PIL import Image
 
 from training.preprocess import Preprocessing
@@ -27,12 +26,6 @@ PRE = Preprocessing(resize_size=32, crop_size=32, mean=(0.5,) * 3, std=(0.5,) * 
 PREDICT, ADMIN = "predict-token-x", "admin-token-y"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def publish(reg: Registry, name: str, *, promote: bool = True) -> str:
     return publish_tiny_model(reg, name, promote=promote)[0].version
 
@@ -44,7 +37,7 @@ def app(seaweed: Connection) -> Iterator[dict[str, Any]]:
     settings = RefitSettings(
         s3=seaweed.s3_settings(prefix=f"serve-{uuid.uuid4().hex[:8]}"),
         serve=ServeSettings(
-            port=_free_port(),
+            port=free_port(),
             predict_token=PREDICT,
             admin_token=ADMIN,
             max_body_bytes=400_000,
