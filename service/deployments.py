@@ -3,8 +3,9 @@
 * ``Classifier`` holds models in a per-replica LRU (``@serve.multiplexed``), each in a
   :class:`ModelSlot` that a background thread keeps on the alias' version (poll; load, verify,
   warm up off the request path; swap between batches). Requests are decoded against the
-  version they will run on and merged by ``@serve.batch``; a batch is split by loaded model
-  object, so it never mixes versions.
+  version they will run on and merged by ``@serve.batch``, whose batches queue in a
+  :class:`~service.batching.ForwardLane` that runs one forward at a time; a forward pass is
+  split by loaded model object, so it never mixes versions.
 * ``Ingress`` is the FastAPI app of :mod:`service.api` with a backend that calls the
   classifier through its handle.
 """
@@ -29,6 +30,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from service.api import create_app
+from service.batching import ForwardLane
 from service.errors import BadRequestError, NoVersionError, OverloadedError
 from service.images import decode_request_images
 from service.jobs import JobsBackend, unwrap
@@ -41,6 +43,18 @@ from training.settings import RefitSettings, get_settings
 from training.store import ObjectStore
 
 log = logging.getLogger("refit.serve")
+
+_Item = tuple[ServedModel, torch.Tensor, int]
+_Ranked = list[list[dict[str, Any]]]
+
+
+class _LaneWarningFilter(logging.Filter):
+    """Drops Serve's warning that ``max_batch_size * max_concurrent_batches`` exceeds
+    ``max_ongoing_requests``: the classifier admits as many batches as it has requests on
+    purpose (they merge in the lane), so the warning's advice does not apply."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "max_concurrent_batches" not in str(record.msg)
 
 
 def _trim_heap() -> None:
@@ -132,10 +146,18 @@ class Classifier:
         torch.set_num_threads(max(1, int(settings.serve.classifier_cpus)))
         # Followers the multiplex LRU holds; weak, so an evicted model really goes away.
         self._followers: weakref.WeakValueDictionary[str, _Follower] = weakref.WeakValueDictionary()
-        # @serve.batch's wrapper exposes setters the type stubs do not show
-        batched: Any = self._batched
-        batched.set_max_batch_size(settings.serve.max_batch_size)
-        batched.set_batch_wait_timeout_s(settings.serve.batch_wait_timeout_s)
+        s = settings.serve
+        self._lane: ForwardLane[_Item, _Ranked] = ForwardLane(self._forward, s.max_batch_size)
+        logging.getLogger("ray.serve").addFilter(_LaneWarningFilter())
+        # Serve forms the batches; the lane merges those that queue behind a running forward
+        # pass. Every batch must reach the lane at once (one request is the smallest batch,
+        # so max_ongoing_requests batches is enough): Serve's own semaphore would hold them
+        # back, formed and small, instead.
+        self._batched = serve.batch(
+            max_batch_size=s.max_batch_size,
+            batch_wait_timeout_s=s.batch_wait_timeout_s,
+            max_concurrent_batches=s.max_ongoing_requests,
+        )(self._lane.submit)
         self._listener: asyncio.Task[None] | None = None
         self._pending = 0  # requests waiting for or inside a batch (queue depth)
         self._batch_sizes: collections.Counter[int] = collections.Counter()
@@ -210,10 +232,8 @@ class Classifier:
             self._pending -= 1
         return {"model": served.name, "model_version": served.version, "predictions": predictions}
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def _batched(
-        self, items: list[tuple[ServedModel, torch.Tensor, int]]
-    ) -> list[list[list[dict[str, Any]]]]:
+    async def _forward(self, items: list[_Item]) -> list[_Ranked]:
+        """One forward pass per loaded version over the lane's merged requests."""
         self._batch_sizes[len(items)] += 1
         # Group by the loaded model object: one forward per version, never a mixed batch.
         groups: dict[int, list[int]] = {}
@@ -243,6 +263,7 @@ class Classifier:
                 "version": current.version if current else None,
                 "mode": current.mode if current else None,
                 "agreement": current.agreement if current else None,
+                "fallback": current.fallback if current else None,
                 "swaps": f.slot.swaps,
                 "failed_loads": f.failed_loads,
                 "last_error": f.last_error,

@@ -7,11 +7,12 @@ A mode that does not keep top-1 agreement >= ``min_agreement`` falls back to fp3
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
@@ -21,7 +22,19 @@ from training.errors import IntegrityError
 from training.preprocess import Preprocessing, normalize
 from training.registry import Manifest, Registry
 
-NumericMode = Literal["fp32", "channels_last", "bf16"]
+NumericMode = Literal["fp32", "channels_last", "fp32_jit", "bf16", "bf16_jit"]
+"""fp32: eager, contiguous. channels_last: fp32 in NHWC. fp32_jit: channels_last, traced and
+frozen (batch norm folded into the convolutions). bf16 / bf16_jit: the same under bf16
+autocast. Every mode but fp32 runs channels_last."""
+
+NUMERIC_MODES: tuple[str, ...] = get_args(NumericMode)
+_JIT_MODES = ("fp32_jit", "bf16_jit")
+_BF16_MODES = ("bf16", "bf16_jit")
+
+# (backbone, crop, mode) -> None when the mode is faster than fp32 here, else the reason it
+# is not. Speed depends on the architecture, input size and CPU, not on the weights: time it
+# once per replica process, not on every hot-load.
+_SPEED_VERDICTS: dict[tuple[str, int, str], str | None] = {}
 
 
 @dataclass
@@ -29,10 +42,13 @@ class ServedModel:
     """One loaded, verified, warmed-up version."""
 
     manifest: Manifest
-    module: nn.Module
+    module: Any
+    """The ``nn.Module``, or its frozen TorchScript trace in the ``_jit`` modes."""
     mode: NumericMode
     agreement: float | None = None
     """Top-1 agreement of ``mode`` with fp32 on the calibration images (None: not checked)."""
+    fallback: str | None = None
+    """Why the configured mode was refused and fp32 serves instead (None: it was not)."""
     loaded_at: float = field(default_factory=time.time)
 
     @property
@@ -79,13 +95,64 @@ class ServedModel:
         ]
 
 
-def forward(module: nn.Module, x: torch.Tensor, mode: NumericMode) -> torch.Tensor:
-    """Logits of normalised ``x`` in a numeric mode (the module already in its memory format)."""
-    if mode in ("channels_last", "bf16"):
+def forward(module: Any, x: torch.Tensor, mode: NumericMode) -> torch.Tensor:
+    """Logits of normalised ``x`` in a numeric mode (the module already prepared for it by
+    :func:`prepare`)."""
+    if mode != "fp32":
         x = x.contiguous(memory_format=torch.channels_last)
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if mode == "bf16" else nullcontext()
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if mode in _BF16_MODES else nullcontext()
     with ctx:
-        return module(x).float()
+        out: torch.Tensor = module(x)
+        return out.float()
+
+
+def prepare(module: nn.Module, mode: NumericMode, example: torch.Tensor) -> Any:
+    """``module`` (eval, contiguous) made ready for ``mode``: channels_last for every mode but
+    fp32; traced on ``example`` and frozen for the ``_jit`` modes (under autocast for bf16,
+    so the trace holds the casts). No graph is read from storage: the trace is built here
+    from the verified weights."""
+    if mode == "fp32":
+        return module
+    module = _memory_format(module, torch.channels_last)
+    if mode not in _JIT_MODES:
+        return module
+    x = example.contiguous(memory_format=torch.channels_last)
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if mode in _BF16_MODES else nullcontext()
+    with torch.inference_mode(), ctx:
+        traced = torch.jit.trace(module, x, check_trace=False)
+    return torch.jit.freeze(traced.eval())
+
+
+def _seconds_per_forward(module: Any, x: torch.Tensor, mode: NumericMode) -> float:
+    forward(module, x, mode)  # first call: allocations, oneDNN primitive caches
+    best = float("inf")
+    for _ in range(2):
+        start = time.perf_counter()
+        forward(module, x, mode)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def speed_verdict(
+    backbone: str, module: nn.Module, candidate: Any, x: torch.Tensor, mode: NumericMode
+) -> str | None:
+    """None if ``candidate`` (``module`` prepared for ``mode``) runs ``x`` faster than fp32
+    here, else why not. bf16 is emulated, and slower than fp32, on CPUs without
+    AVX512-BF16/AMX: such a mode must not be served."""
+    key = (backbone, int(x.shape[-1]), mode)
+    if key not in _SPEED_VERDICTS:
+        # a contiguous copy: the non-jit modes turned ``module`` itself channels_last
+        reference = _memory_format(copy.deepcopy(module), torch.contiguous_format)
+        fp32_s = _seconds_per_forward(reference, x, "fp32")
+        del reference
+        mode_s = _seconds_per_forward(candidate, x, mode)
+        _SPEED_VERDICTS[key] = (
+            None
+            if mode_s < fp32_s
+            else f"{mode} is slower than fp32 on this CPU ({mode_s * 1e3:.0f} ms vs "
+            f"{fp32_s * 1e3:.0f} ms for {x.shape[0]} images)"
+        )
+    return _SPEED_VERDICTS[key]
 
 
 def _memory_format(module: nn.Module, fmt: torch.memory_format) -> nn.Module:
@@ -117,8 +184,12 @@ def load_served_model(
     *,
     mode: NumericMode = "fp32",
     min_agreement: float = 0.99,
+    check_speed: bool = True,
 ) -> ServedModel:
-    """Load, verify, warm up and mode-check one version (by id or alias)."""
+    """Load, verify, warm up and mode-check one version (by id or alias). A mode other than
+    fp32 is served only if it keeps top-1 agreement >= ``min_agreement`` with fp32 on the
+    version's calibration images and (``check_speed``) runs faster than fp32 here; otherwise
+    fp32 serves, and ``fallback`` says why."""
     manifest, state = registry.load(name, ref)
     module = _build_with(manifest.backbone, manifest.num_classes, state)
     module.eval()
@@ -127,21 +198,26 @@ def load_served_model(
         size = manifest.preprocessing.crop_size
         calibration = torch.randint(0, 256, (8, 3, size, size), dtype=torch.uint8)
     x = normalize(manifest.preprocessing, calibration)
-    agreement = None
+    agreement, fallback, served = None, None, module
     with torch.inference_mode():
         if mode != "fp32":
             reference = forward(module, x, "fp32").argmax(dim=1)
-            module = _memory_format(module, torch.channels_last)
-            candidate = forward(module, x, mode).argmax(dim=1)
+            served = prepare(module, mode, x[:8])
+            candidate = forward(served, x, mode).argmax(dim=1)
             agreement = float((candidate == reference).float().mean())
             if agreement < min_agreement:
-                module = _memory_format(module, torch.contiguous_format)
-                mode = "fp32"
+                fallback = f"top-1 agreement with fp32 {agreement:.3f} < {min_agreement}"
+            elif check_speed:
+                fallback = speed_verdict(manifest.backbone, module, served, x[:8], mode)
+            if fallback is not None:
+                served, mode = _memory_format(module, torch.contiguous_format), "fp32"
         # warm-up in the final mode, and a sanity check: a version that yields NaN or inf
         # never goes live (the old one keeps serving)
-        if not torch.isfinite(forward(module, x[:4], mode)).all():
+        if not torch.isfinite(forward(served, x[:4], mode)).all():
             raise IntegrityError(f"{name} {manifest.version} produces non-finite logits")
-    return ServedModel(manifest=manifest, module=module, mode=mode, agreement=agreement)
+    return ServedModel(
+        manifest=manifest, module=served, mode=mode, agreement=agreement, fallback=fallback
+    )
 
 
 class ModelSlot:

@@ -9,9 +9,10 @@ import torch
 from conftest import png_bytes, publish_tiny_model
 from PIL import Image
 
+from service import model as model_module
 from service.errors import InvalidImageError, TooLargeError, UnsupportedImageError
 from service.images import decode_request_images
-from service.model import ModelSlot, load_served_model
+from service.model import ModelSlot, NumericMode, load_served_model
 from training.errors import IntegrityError
 from training.preprocess import Preprocessing, normalize
 from training.registry import CALIBRATION_FILE, Registry
@@ -45,11 +46,61 @@ def test_fp32_model_matches_direct_forward(store: ObjectStore) -> None:
 
 def test_bf16_mode_is_checked_and_falls_back(store: ObjectStore) -> None:
     reg, version, _ = _publish(store)
-    bf16 = load_served_model(reg, "svc", version, mode="bf16", min_agreement=0.0)
+    bf16 = load_served_model(reg, "svc", version, mode="bf16", min_agreement=0.0, check_speed=False)
     assert bf16.mode == "bf16"
     assert 0.0 <= bf16.agreement <= 1.0
+    assert bf16.fallback is None
     strict = load_served_model(reg, "svc", version, mode="bf16", min_agreement=1.01)
     assert strict.mode == "fp32"  # agreement can never reach 101 %: falls back
+    assert strict.fallback is not None
+    assert "agreement" in strict.fallback
+    # the fallback really is fp32: contiguous weights, same logits as a fresh fp32 load
+    x = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    fp32 = load_served_model(reg, "svc", version)
+    assert torch.equal(strict.logits(x), fp32.logits(x))
+
+
+@pytest.mark.parametrize("mode", ["channels_last", "fp32_jit", "bf16", "bf16_jit"])
+def test_every_mode_serves_what_fp32_serves(store: ObjectStore, mode: NumericMode) -> None:
+    reg, version, _ = _publish(store)
+    fp32 = load_served_model(reg, "svc", version)
+    served = load_served_model(reg, "svc", version, mode=mode, check_speed=False)
+    assert served.mode == mode, served.fallback
+    assert served.agreement == 1.0
+    assert isinstance(served.module, torch.jit.ScriptModule) == mode.endswith("_jit")
+    x = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    tol = 1e-4 if mode.startswith("fp32") or mode == "channels_last" else 0.1
+    # any batch size, not only the traced one
+    for n in (1, 5):
+        assert torch.allclose(served.logits(x[:n]), fp32.logits(x[:n]), atol=tol)
+
+
+def test_a_mode_slower_than_fp32_is_refused_once_per_architecture(
+    store: ObjectStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reg, version, _ = _publish(store)
+    timed: list[str] = []
+
+    def fake_seconds(module: object, x: torch.Tensor, mode: str) -> float:
+        timed.append(mode)
+        return {"fp32": 1.0, "bf16": 2.0, "fp32_jit": 0.5}[mode]
+
+    monkeypatch.setattr(model_module, "_SPEED_VERDICTS", {})
+    monkeypatch.setattr(model_module, "_seconds_per_forward", fake_seconds)
+    slow = load_served_model(reg, "svc", version, mode="bf16", min_agreement=0.0)
+    assert slow.mode == "fp32"
+    assert slow.fallback is not None
+    assert "slower than fp32" in slow.fallback
+    fast = load_served_model(reg, "svc", version, mode="fp32_jit", min_agreement=0.0)
+    assert fast.mode == "fp32_jit"
+    assert fast.fallback is None
+    assert timed == ["fp32", "bf16", "fp32", "fp32_jit"]
+    # the next version of the same architecture reuses the verdicts: no timing on hot-loads
+    again = load_served_model(reg, "svc", version, mode="bf16", min_agreement=0.0)
+    assert again.mode == "fp32"
+    assert again.fallback == slow.fallback
+    load_served_model(reg, "svc", version, mode="fp32_jit", min_agreement=0.0)
+    assert len(timed) == 4
 
 
 def test_tampered_calibration_refused(store: ObjectStore) -> None:
