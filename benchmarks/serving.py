@@ -114,6 +114,8 @@ def _scrape(url: str) -> dict[str, float]:
             out[name] = float(value)
         if line.startswith("refit_model_loaded_info"):
             out["mode:" + line.split('mode="')[1].split('"')[0]] = 1.0
+        if line.startswith("refit_model_mode_fallback{"):
+            out["refused:" + line.split('reason="')[1].split('"')[0]] = 1.0
     return out
 
 
@@ -188,9 +190,9 @@ def main() -> int:
                 url = f"http://127.0.0.1:{settings.serve.port}"
                 predict = f"{url}/v1/models/bench/predict"
                 run_load(predict, jpegs, concurrency=4, seconds=3)  # load the model, warm up
-                served_mode = next(
-                    (k[5:] for k in _scrape(url) if k.startswith("mode:")), "unknown"
-                )
+                state = _scrape(url)
+                served_mode = next((k[5:] for k in state if k.startswith("mode:")), "unknown")
+                refused = next((k[8:] for k in state if k.startswith("refused:")), "")
                 for c in levels:
                     before = _scrape(url)
                     res = run_load(predict, jpegs, concurrency=c, seconds=args.seconds)
@@ -202,6 +204,7 @@ def main() -> int:
                         {
                             "mode": mode,
                             "served_mode": served_mode,
+                            "refused_for": refused,
                             "concurrency": c,
                             **s,
                             "mean_batch": reqs / max(1.0, batches),

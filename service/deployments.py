@@ -112,6 +112,14 @@ class _Follower:
         if current is not None and current.version == record.version:
             return
         served = load_served_model(self.registry, self.name, record.version, mode=s.numeric_mode)
+        if served.fallback:
+            log.warning(
+                "%s %s: fp32 serves, not %s: %s",
+                self.name,
+                record.version,
+                s.numeric_mode,
+                served.fallback,
+            )
         self.slot.swap(served)
         del served, current  # the old model is freed once its last batch returns
         gc.collect()
@@ -264,6 +272,7 @@ class Classifier:
                 "mode": current.mode if current else None,
                 "agreement": current.agreement if current else None,
                 "fallback": current.fallback if current else None,
+                "fallback_kind": current.fallback_kind if current else None,
                 "swaps": f.slot.swaps,
                 "failed_loads": f.failed_loads,
                 "last_error": f.last_error,

@@ -56,6 +56,12 @@ class ScrapeCollector(Collector):
             "Top-1 agreement of the numeric mode with fp32 on the calibration images",
             labels=["model"],
         )
+        fallback = GaugeMetricFamily(
+            "refit_model_mode_fallback",
+            "1 where the configured numeric mode was refused and fp32 serves: it disagreed "
+            "with fp32 on the calibration images (agreement) or ran slower (speed)",
+            labels=["model", "reason"],
+        )
         swaps = GaugeMetricFamily(
             "refit_model_swaps", "Hot swaps of a model (replica lifetime)", labels=["model"]
         )
@@ -67,9 +73,11 @@ class ScrapeCollector(Collector):
                 loaded.add_metric([name, m["version"], m.get("mode") or "fp32"], 1)
             if m.get("agreement") is not None:
                 agreement.add_metric([name], m["agreement"])
+            if m.get("fallback_kind") in ("agreement", "speed"):  # a fixed label set
+                fallback.add_metric([name, m["fallback_kind"]], 1)
             swaps.add_metric([name], m.get("swaps", 0))
             failed.add_metric([name], m.get("failed_loads", 0))
-        yield from (loaded, agreement, swaps, failed)
+        yield from (loaded, agreement, fallback, swaps, failed)
         if "rss_bytes" not in c:
             return
         yield GaugeMetricFamily(

@@ -49,6 +49,8 @@ class ServedModel:
     """Top-1 agreement of ``mode`` with fp32 on the calibration images (None: not checked)."""
     fallback: str | None = None
     """Why the configured mode was refused and fp32 serves instead (None: it was not)."""
+    fallback_kind: Literal["agreement", "speed"] | None = None
+    """The reason as a fixed label: the mode disagreed with fp32, or was slower."""
     loaded_at: float = field(default_factory=time.time)
 
     @property
@@ -199,6 +201,7 @@ def load_served_model(
         calibration = torch.randint(0, 256, (8, 3, size, size), dtype=torch.uint8)
     x = normalize(manifest.preprocessing, calibration)
     agreement, fallback, served = None, None, module
+    kind: Literal["agreement", "speed"] | None = None
     with torch.inference_mode():
         if mode != "fp32":
             reference = forward(module, x, "fp32").argmax(dim=1)
@@ -207,8 +210,10 @@ def load_served_model(
             agreement = float((candidate == reference).float().mean())
             if agreement < min_agreement:
                 fallback = f"top-1 agreement with fp32 {agreement:.3f} < {min_agreement}"
+                kind = "agreement"
             elif check_speed:
                 fallback = speed_verdict(manifest.backbone, module, served, x[:8], mode)
+                kind = "speed" if fallback else None
             if fallback is not None:
                 served, mode = _memory_format(module, torch.contiguous_format), "fp32"
         # warm-up in the final mode, and a sanity check: a version that yields NaN or inf
@@ -216,7 +221,12 @@ def load_served_model(
         if not torch.isfinite(forward(served, x[:4], mode)).all():
             raise IntegrityError(f"{name} {manifest.version} produces non-finite logits")
     return ServedModel(
-        manifest=manifest, module=served, mode=mode, agreement=agreement, fallback=fallback
+        manifest=manifest,
+        module=served,
+        mode=mode,
+        agreement=agreement,
+        fallback=fallback,
+        fallback_kind=kind,
     )
 
 

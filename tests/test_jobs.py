@@ -171,3 +171,27 @@ def test_progress_line() -> None:
 def test_client_refuses_non_http_urls() -> None:
     with pytest.raises(ClientError):
         Client("file:///etc/passwd", None)
+
+
+def test_mode_fallback_metric_uses_fixed_reasons_only() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from service.metrics import ScrapeCollector
+
+    collector = ScrapeCollector()
+    registry = CollectorRegistry()
+    registry.register(collector)
+    collector.classifier = {
+        "models": {
+            "a": {"version": "v1", "mode": "fp32", "fallback_kind": "speed", "agreement": 1.0},
+            "b": {"version": "v2", "mode": "fp32", "fallback_kind": "agreement"},
+            "c": {"version": "v3", "mode": "fp32_jit", "fallback_kind": None},
+            "d": {"version": "v4", "mode": "fp32", "fallback_kind": "made up by a bug"},
+        }
+    }
+    text = generate_latest(registry).decode()
+    assert 'refit_model_mode_fallback{model="a",reason="speed"} 1.0' in text
+    assert 'refit_model_mode_fallback{model="b",reason="agreement"} 1.0' in text
+    assert 'model="c",reason' not in text
+    assert "made up" not in text
+    assert 'refit_model_loaded_info{mode="fp32_jit",model="c",version="v3"} 1.0' in text
