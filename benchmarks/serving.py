@@ -180,7 +180,6 @@ def main() -> int:
                             numeric_mode=mode,
                             classifier_cpus=args.classifier_cpus,
                             max_batch_size=args.max_batch_size,
-                            batch_wait_timeout_s=0.005,
                             max_ongoing_requests=128,
                             ingress_cpus=0.5,
                         )

@@ -144,8 +144,9 @@ class ServeSettings(BaseModel):
     """Largest top_k a client may ask for."""
     max_batch_size: int = Field(default=16, ge=1)
     """Dynamic batching: most requests merged into one forward pass."""
-    batch_wait_timeout_s: float = Field(default=0.005, ge=0)
-    """Dynamic batching: longest wait for a batch to fill."""
+    batch_wait_timeout_s: float = Field(default=0.0, ge=0)
+    """Dynamic batching: longest wait for a batch to fill. Requests that arrive while a
+    forward pass runs merge into the next one anyway, so a wait only delays lone requests."""
     classifier_replicas: int = Field(default=1, ge=1)
     """Replicas of the classifier deployment."""
     classifier_cpus: float = Field(default=1.0, gt=0)
