@@ -1,11 +1,12 @@
 """One forward pass at a time, fed by every batch that queued while the last one ran.
 
 ``@serve.batch`` forms a batch from what arrives within its wait window and hands it to the
-batch function at once, whether or not the previous batch has finished (since Ray 2.46 the
+batch function at once, whether or not the previous batch has finished (the
 ``max_concurrent_batches`` semaphore, added by ray-project/ray PR #53096, is taken *after*
-the batch is formed). Under load that leaves the model running many batches of one or two requests
-back to back, while the rest wait formed and too small (measured here with Ray 2.60: 1.8
-requests per forward at 32 concurrent clients, with 32 requests waiting in the replica).
+the batch is formed; read in Ray 2.60's ``serve/batching.py``). Under load that leaves the
+model running many batches of one or two requests back to back, while the rest wait formed
+and too small (measured here with Ray 2.60: 1.8 requests per forward at 32 concurrent
+clients, with 32 requests waiting in the replica).
 
 :class:`ForwardLane` sits behind ``@serve.batch``: it runs one forward at a time and merges
 every batch that arrived meanwhile into the next one, up to ``max_items`` - continuous
@@ -36,12 +37,6 @@ class ForwardLane(Generic[T, R]):
             collections.deque()
         )
         self._task: asyncio.Task[None] | None = None
-        self.runs = 0  # forward passes started (the merged batches)
-
-    @property
-    def waiting(self) -> int:
-        """Items queued behind the running forward pass."""
-        return sum(len(items) for items, _ in self._waiting)
 
     async def submit(self, items: list[T]) -> list[R]:
         """Queue ``items`` for the next forward pass and wait for their results."""
@@ -73,7 +68,6 @@ class ForwardLane(Generic[T, R]):
             if not taken:
                 continue
             merged = [item for items, _ in taken for item in items]
-            self.runs += 1
             try:
                 results = await self._run(merged)
                 if len(results) != len(merged):

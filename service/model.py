@@ -12,7 +12,7 @@ import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -21,13 +21,8 @@ from training.backbones import build_backbone
 from training.errors import IntegrityError
 from training.preprocess import Preprocessing, normalize
 from training.registry import Manifest, Registry
+from training.settings import NumericMode
 
-NumericMode = Literal["fp32", "channels_last", "fp32_jit", "bf16", "bf16_jit"]
-"""fp32: eager, contiguous. channels_last: fp32 in NHWC. fp32_jit: channels_last, traced and
-frozen (batch norm folded into the convolutions). bf16 / bf16_jit: the same under bf16
-autocast. Every mode but fp32 runs channels_last."""
-
-NUMERIC_MODES: tuple[str, ...] = get_args(NumericMode)
 _JIT_MODES = ("fp32_jit", "bf16_jit")
 _BF16_MODES = ("bf16", "bf16_jit")
 

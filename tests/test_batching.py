@@ -39,13 +39,11 @@ def test_batches_that_wait_are_merged_into_one_forward() -> None:
         # arrive while [1] runs: four small batches
         later = [asyncio.create_task(lane.submit([i, i + 100])) for i in (2, 3, 4, 5)]
         await asyncio.sleep(0)
-        assert lane.waiting == 8
         model.gate.set()
         assert await first == [10]
         assert [await t for t in later] == [[i * 10, (i + 100) * 10] for i in (2, 3, 4, 5)]
         assert model.runs == [[1], [2, 102, 3, 103, 4, 104, 5, 105]]
         assert model.most_running == 1
-        assert lane.runs == 2
 
     asyncio.run(scenario())
 

@@ -12,10 +12,11 @@ from PIL import Image
 from service import model as model_module
 from service.errors import InvalidImageError, TooLargeError, UnsupportedImageError
 from service.images import decode_request_images
-from service.model import ModelSlot, NumericMode, load_served_model
+from service.model import ModelSlot, load_served_model
 from training.errors import IntegrityError
 from training.preprocess import Preprocessing, normalize
 from training.registry import CALIBRATION_FILE, Registry
+from training.settings import NumericMode
 from training.store import ObjectStore
 
 PRE = Preprocessing(resize_size=32, crop_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)

@@ -14,6 +14,11 @@ from typing import Literal
 from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+NumericMode = Literal["fp32", "channels_last", "fp32_jit", "bf16", "bf16_jit"]
+"""How a classifier replica runs a model. fp32: eager, contiguous. channels_last: fp32 in
+NHWC. fp32_jit: channels_last, traced and frozen (batch norm folded into the convolutions).
+bf16 / bf16_jit: the same under bf16 autocast."""
+
 
 class S3Settings(BaseModel):
     """Where the object store is. Unset credentials fall back to the usual AWS variables."""
@@ -165,7 +170,7 @@ class ServeSettings(BaseModel):
     """How often replicas check the alias for a new version (hot-load)."""
     alias: str = "production"
     """The alias replicas serve and follow."""
-    numeric_mode: Literal["fp32", "channels_last", "fp32_jit", "bf16", "bf16_jit"] = "fp32"
+    numeric_mode: NumericMode = "fp32"
     """fp32, channels_last, fp32_jit (channels_last, traced and frozen), bf16 or bf16_jit
     (autocast). A mode other than fp32 is used only where, checked at load time, it keeps
     >= 99 % top-1 agreement with fp32 and runs faster than fp32 on this CPU."""
