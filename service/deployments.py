@@ -262,6 +262,11 @@ class Classifier:
                 start += n
         return out
 
+    async def ready(self) -> bool:
+        """Answers while the replica's event loop runs (readiness probes: kept cheap, unlike
+        :meth:`stats`, which walks the heap to count live models)."""
+        return True
+
     def stats(self) -> dict[str, Any]:
         """This replica's loaded models, swaps, failed loads and resident memory."""
         models = {}
@@ -369,7 +374,7 @@ class _ServeBackend:
 
     async def ready(self) -> bool:
         try:
-            return bool((await self.stats())["ok"])
+            return bool(await self.classifier.ready.remote())
         except Exception:
             return False
 
