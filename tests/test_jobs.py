@@ -46,6 +46,38 @@ def test_create_get_list_newest_first(store: ObjectStore) -> None:
         jobs.get("../models/x")  # never a path
 
 
+def test_active_markers_follow_unfinished_jobs(
+    store: ObjectStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    jobs = JobStore(store)
+    a, _ = jobs.create(_spec(store))
+    b, _ = jobs.create(_spec(store, model="dogs"))
+    c, _ = jobs.create(_spec(store, model="owls"))
+    jobs.transition(b.job_id, "running")
+    jobs.transition(c.job_id, "succeeded")
+    assert store.exists(f"jobs/active/{a.job_id}")
+    assert not store.exists(f"jobs/active/{c.job_id}")  # removed when the record ended
+    assert [r.job_id for r in jobs.unfinished()] == [a.job_id, b.job_id]  # oldest first
+    # markers a crash left: one without a record, one whose record already ended
+    store.put_bytes("jobs/active/job-20000101-000000000-dead", b"")
+    jobs.transition(b.job_id, "failed")
+    store.put_bytes(f"jobs/active/{b.job_id}", b"")
+    assert [r.job_id for r in jobs.unfinished()] == [a.job_id]
+    assert [o.key for o in store.list("jobs/active/")] == [f"jobs/active/{a.job_id}"]
+    # the queued listing reads the marked records only, not every job ever run
+    read: list[str] = []
+    real_get = store.get_json
+
+    def counting_get(key: str) -> Any:
+        read.append(key)
+        return real_get(key)
+
+    monkeypatch.setattr(store, "get_json", counting_get)
+    assert [r.job_id for r in jobs.list_jobs(state="queued")] == [a.job_id]
+    assert read == [f"jobs/{a.job_id}.json"]
+    assert {r.job_id for r in jobs.list_jobs(state="failed")} == {b.job_id}
+
+
 def test_idempotency_key_returns_the_same_job(store: ObjectStore) -> None:
     jobs = JobStore(store)
     first, created = jobs.create(_spec(store), idempotency_key="k-1")

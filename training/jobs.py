@@ -5,6 +5,11 @@ cancelled). Every change is a compare-and-swap on the record's ETag, so the API,
 and the job itself never overwrite each other, and a terminal state is final. Progress lives
 beside the record (``jobs/{id}/progress.json`` per epoch from the Ray Train controller,
 ``jobs/{id}/step.json`` within an epoch from rank 0) so the hot path never rewrites it.
+
+``jobs/active/{id}`` marks a job that has not ended: written before its record, deleted after
+the record turns terminal. A runner's start-up scan and the queued/running listings read only
+the marked records, not every job ever run; a marker a crash left behind (no record, or an
+ended one) is removed when a scan meets it.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 STATES: tuple[str, ...] = ("queued", "running", "succeeded", "failed", "cancelled")
 _RECORD_KEY = re.compile(r"^jobs/([^/]+)\.json$")
+_ACTIVE = "jobs/active/"
 
 
 def now_iso() -> str:
@@ -138,6 +144,9 @@ class JobStore:
                 if known is None:
                     raise StorageError("idempotency record unreadable; retry") from None
                 return known, False
+        # marker first: a crash between the writes leaves a marker without a record (removed
+        # by the next scan), never a queued record that no scan would find
+        self.store.put_bytes(_ACTIVE + record.job_id, b"")
         self.store.put_json(self.key(record.job_id), record.model_dump(), if_none_match=True)
         return record, True
 
@@ -166,9 +175,11 @@ class JobStore:
                 return current
             try:
                 self.store.put_json(key, updated.model_dump(), if_match=etag)
-                return updated
             except ConflictError:
                 continue
+            if updated.terminal and not current.terminal:
+                self.store.delete(_ACTIVE + job_id)
+            return updated
         raise ConflictError(f"job {job_id} keeps changing; retry", field="job_id")
 
     def transition(self, job_id: str, state: JobState, **fields: Any) -> JobRecord:
@@ -187,7 +198,10 @@ class JobStore:
         return self.update(job_id, change)
 
     def list_jobs(self, *, limit: int = 50, state: str | None = None) -> list[JobRecord]:
-        """Records, newest first (job ids sort by creation time)."""
+        """Records, newest first (job ids sort by creation time). Queued and running jobs
+        come from the active markers, not from reading every record."""
+        if state is not None and state not in TERMINAL:
+            return [r for r in reversed(self.unfinished()) if r.state == state][:limit]
         ids = sorted(
             (m.group(1) for o in self.store.list("jobs/") if (m := _RECORD_KEY.match(o.key))),
             reverse=True,
@@ -205,8 +219,19 @@ class JobStore:
         return out
 
     def unfinished(self) -> list[JobRecord]:
-        """Queued and running records, oldest first (a runner's start-up scan)."""
-        return [r for r in reversed(self.list_jobs(limit=10_000)) if not r.terminal]
+        """Queued and running records, oldest first (a runner's start-up scan), from the
+        active markers; stale markers are removed."""
+        out = []
+        for job_id in sorted(o.key[len(_ACTIVE) :] for o in self.store.list(_ACTIVE)):
+            try:
+                record = self.get(job_id)
+            except NotFoundError:
+                record = None
+            if record is None or record.terminal:
+                self.store.delete(_ACTIVE + job_id)
+                continue
+            out.append(record)
+        return out
 
     def progress(self, job_id: str) -> dict[str, Any]:
         """The latest epoch report (with the history of all epochs) and the latest step."""
