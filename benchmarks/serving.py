@@ -71,7 +71,7 @@ def _prepared(model: Any, mode: str, x: Any) -> Any:
 
     from service.model import prepare
 
-    return prepare(copy.deepcopy(model), mode, x[:8])  # type: ignore[arg-type]
+    return prepare(copy.deepcopy(model), mode, x[:8])
 
 
 def raw_forward(model: Any, x: Any, mode: str, seconds: float, batch: int = 16) -> float:
