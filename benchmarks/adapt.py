@@ -187,13 +187,13 @@ def main() -> int:
     import ray
 
     from service import deployments
+    from service.embedded_store import EmbeddedStore
+    from service.settings import RefitSettings, ServeSettings
     from training import demo
-    from training.job import run_finetune
-    from training.registry import Registry
-    from training.seaweed import EmbeddedStore
-    from training.settings import RefitSettings, ServeSettings
+    from training.finetune import run_finetune
     from training.spec import parse_spec
-    from training.store import ObjectStore
+    from training.storage.registry import Registry
+    from training.storage.s3 import ObjectStore
 
     with tempfile.TemporaryDirectory() as tmp, EmbeddedStore(Path(tmp)) as conn:
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
@@ -208,7 +208,8 @@ def main() -> int:
             _log("training the demo base (setup, not timed)")
             run_finetune(
                 parse_spec(demo.base_spec(store, epochs=args.base_epochs), settings.training),
-                settings,
+                s3=settings.s3,
+                training=settings.training,
             )
             deployments.run(settings)
             url = f"http://127.0.0.1:{settings.serve.port}"

@@ -12,10 +12,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from service.embedded_store import EmbeddedStore
+from service.settings import RefitSettings
 from training import demo
-from training.seaweed import EmbeddedStore
-from training.settings import RefitSettings
-from training.store import ObjectStore
+from training.storage.s3 import ObjectStore
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -51,13 +51,14 @@ def _fmt(v: Any) -> str:
 
 
 def run_local(inputs: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Run :func:`training.run.run_worker` in this process without Ray (world size 1).
+    """Run :func:`training.worker.run_worker` in this process without Ray (world size 1).
 
     Returns every epoch's metrics and the weights of the best epoch (by val top-1).
     """
     import torch
 
-    from training.run import RunContext, load_checkpoint_weights, run_worker
+    from training.checkpoints import load_checkpoint_weights
+    from training.worker import RunContext, run_worker
 
     epochs: list[dict[str, Any]] = []
     best: dict[str, Any] = {"top1": -1.0, "state": None}

@@ -33,7 +33,7 @@ def build_model(threads: int) -> tuple[Any, Any, Any, Any]:
     the model, preprocessing, uint8 calibration crops and the held-out crops."""
     import torch
 
-    from service.images import decode_request_images
+    from service.dataplane.images import decode_request_images
     from training.backbones import build_backbone, head_module, trunk
     from training.preprocess import Preprocessing, normalize
 
@@ -69,7 +69,7 @@ def _prepared(model: Any, mode: str, x: Any) -> Any:
     """A copy of ``model`` made ready for ``mode`` exactly as the service does it."""
     import copy
 
-    from service.model import prepare
+    from service.dataplane.served_model import prepare
 
     return prepare(copy.deepcopy(model), mode, x[:8])
 
@@ -78,7 +78,7 @@ def raw_forward(model: Any, x: Any, mode: str, seconds: float, batch: int = 16) 
     """Images/s of a bare forward pass (no HTTP, no decode) in ``mode``."""
     import torch
 
-    from service.model import forward
+    from service.dataplane.served_model import forward
 
     m = _prepared(model, mode, x)
     xb = x[:batch]
@@ -96,7 +96,7 @@ def agreement(model: Any, x: Any, mode: str) -> tuple[float, int]:
     predicts among them (a collapsed model would agree trivially)."""
     import torch
 
-    from service.model import forward
+    from service.dataplane.served_model import forward
 
     with torch.inference_mode():
         ref = forward(model, x, "fp32").argmax(1)
@@ -135,10 +135,10 @@ def main() -> int:
     import torch
 
     from service import deployments
-    from training.registry import Registry
-    from training.seaweed import EmbeddedStore
-    from training.settings import RefitSettings, ServeSettings
-    from training.store import ObjectStore
+    from service.embedded_store import EmbeddedStore
+    from service.settings import RefitSettings, ServeSettings
+    from training.storage.registry import Registry
+    from training.storage.s3 import ObjectStore
 
     modes = args.modes.split(",")
     levels = [int(c) for c in args.concurrency.split(",")]

@@ -1,7 +1,7 @@
 """Ray Train path vs a plain torch loop: images/s on the same model, batch, data and threads.
 
-Both run :func:`training.run.run_worker` (same data path, same loop); the plain path calls it in
-this process, the Ray path through ``training.trainer.fit`` (TorchTrainer, one worker with the
+Both run :func:`training.worker.run_worker` (same data path, same loop); the plain path calls it in
+this process, the Ray path through ``training.ray_train.fit`` (TorchTrainer, one worker with the
 same CPU count, checkpoints to S3 every epoch). Steady state = the last epoch (the first one
 also fills the byte cache). Also reports peak RSS per worker.
 Goal: ratio >= 0.9. Usage: python benchmarks/train_throughput.py [--epochs 3]
@@ -20,9 +20,9 @@ from common import digits_store, report, run_local
 
 from training import demo
 from training.data import index_dataset
-from training.run import RunInputs
 from training.settings import RaySettings, TrainingSettings
 from training.spec import parse_spec
+from training.worker import RunInputs
 
 
 def main() -> None:
@@ -49,7 +49,8 @@ def main() -> None:
         idx = index_dataset(store, spec.dataset)
         inputs = RunInputs(
             spec=spec,
-            settings=settings,
+            s3=settings.s3,
+            training=settings.training,
             backbone=args.backbone,
             classes=idx.classes,
             train=idx.train,
@@ -61,15 +62,13 @@ def main() -> None:
         plain, _ = run_local(inputs)
         plain_wall = time.perf_counter() - start
 
-        from training.trainer import ensure_ray, fit
+        from training.ray_train import ensure_ray, fit
 
         ensure_ray(RaySettings(num_cpus=threads))
         print(f"Ray Train, {args.epochs} epochs ...", flush=True)
         start = time.perf_counter()
         with tempfile.TemporaryDirectory() as work:
-            ray_result = fit(
-                inputs, job_id="bench-throughput", settings=settings, workdir=Path(work)
-            )
+            ray_result = fit(inputs, job_id="bench-throughput", workdir=Path(work))
         ray_wall = time.perf_counter() - start
     p, r = plain[-1], ray_result.metrics
     rows = [

@@ -17,9 +17,9 @@ from common import digits_store, report, run_local
 from training import demo
 from training.backbones import build_backbone
 from training.data import Sample, index_dataset
-from training.job import evaluate_model
-from training.run import RunInputs
+from training.finetune import evaluate_model
 from training.spec import parse_spec
+from training.worker import RunInputs
 
 POLICIES: list[dict[str, Any]] = [
     {"policy": "full"},
@@ -46,7 +46,8 @@ def main() -> None:
         _, base_state = run_local(
             RunInputs(
                 spec=src,
-                settings=settings,
+                s3=settings.s3,
+                training=settings.training,
                 backbone="resnet18",
                 classes=src_idx.classes,
                 train=src_idx.train,
@@ -75,7 +76,8 @@ def main() -> None:
                 _, best = run_local(
                     RunInputs(
                         spec=spec,
-                        settings=settings,
+                        s3=settings.s3,
+                        training=settings.training,
                         backbone="resnet18",
                         classes=idx.classes,
                         train=idx.train,
@@ -92,7 +94,7 @@ def main() -> None:
                     store=store,
                     preprocessing=demo.PREPROCESSING,
                     classes=idx.classes,
-                    settings=settings,
+                    training=settings.training,
                 )
                 row[f"{label}_top1"] = metrics["top1"]
                 row[f"{label}_s"] = time.perf_counter() - start

@@ -11,7 +11,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from service.deployments import application
-from training.settings import RefitSettings, ServeSettings, get_settings
+from service.settings import RefitSettings, ServeSettings, get_settings
 
 
 class AppArgs(BaseModel):

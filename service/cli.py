@@ -3,6 +3,7 @@
 * ``refit store up --data-dir D``: run the embedded SeaweedFS in the foreground.
 * ``refit finetune --spec F [--wait]``: start a job on a running service (``--local``: run it
   on a local or configured Ray from this process instead).
+* ``refit run-job ID``: run a job record's spec here (the entrypoint of launched RayJobs).
 * ``refit jobs [ID] [--cancel]``: list jobs, show one, or cancel it.
 * ``refit predict --model M IMAGE...``: classify image files with a running service.
 * ``refit up --data-dir D``: store + Ray + the Serve app + the demo model, in the foreground.
@@ -25,9 +26,9 @@ from typing import Any
 from pydantic import SecretStr
 
 from service.client import Client, ClientError, progress_line
-from training.errors import RefitError
-from training.seaweed import Connection, EmbeddedStore
-from training.settings import RefitSettings, get_settings
+from service.embedded_store import Connection, EmbeddedStore
+from service.settings import RefitSettings, get_settings
+from training.storage.errors import RefitError
 
 
 def _with_store(settings: RefitSettings, data_dir: str | None) -> RefitSettings:
@@ -75,7 +76,7 @@ def cmd_store_up(args: argparse.Namespace, settings: RefitSettings) -> int:
 
 def cmd_finetune(args: argparse.Namespace, settings: RefitSettings) -> int:
     """Start a job on the service (``--wait``: follow it), or run it here (``--local``)."""
-    from training.entry import load_spec_file, run_spec_file
+    from service.control.local import load_spec_file, run_spec_file
 
     if args.local:
         return run_spec_file(args.spec, _with_store(settings, args.data_dir))
@@ -87,6 +88,13 @@ def cmd_finetune(args: argparse.Namespace, settings: RefitSettings) -> int:
     job = client.wait(job["job_id"])
     print(json.dumps({k: job[k] for k in ("job_id", "state", "reason", "result", "error")}))
     return 0 if job["state"] == "succeeded" else 1
+
+
+def cmd_run_job(args: argparse.Namespace, settings: RefitSettings) -> int:
+    """Run a job record's spec under its id (the entrypoint of launched RayJobs)."""
+    from service.control.local import run_job_record
+
+    return run_job_record(args.job_id, _with_store(settings, args.data_dir))
 
 
 def cmd_jobs(args: argparse.Namespace, settings: RefitSettings) -> int:
@@ -120,10 +128,10 @@ def _bootstrap_demo(
     """Demo datasets, the pretrained base (once) and the digits-5to9 fine-tune (once, or
     again when ``always``)."""
     from training import demo
-    from training.job import run_finetune
-    from training.registry import Registry
+    from training.finetune import run_finetune
     from training.spec import parse_spec
-    from training.store import ObjectStore
+    from training.storage.registry import Registry
+    from training.storage.s3 import ObjectStore
 
     store = ObjectStore(settings.s3)
     registry = Registry(store)
@@ -133,11 +141,11 @@ def _bootstrap_demo(
     if registry.get_alias(demo.BASE_MODEL, "production")[0] is None:
         _log("training the pretrained base on digits 0-4 (from scratch)")
         spec = parse_spec(demo.base_spec(store, epochs=base_epochs), settings.training)
-        out["base"] = run_finetune(spec, settings)
+        out["base"] = run_finetune(spec, s3=settings.s3, training=settings.training)
     if always or registry.get_alias(demo.TARGET, "production")[0] is None:
         _log("fine-tuning digits 5-9 from the base")
         spec = parse_spec(demo.target_spec(store, workers=workers), settings.training)
-        out["finetune"] = run_finetune(spec, settings)
+        out["finetune"] = run_finetune(spec, s3=settings.s3, training=settings.training)
     for job in out.values():  # confusion matrices are in the manifest; keep the print short
         job["metrics"].pop("confusion", None)
         job["metrics"].pop("per_class", None)
@@ -154,7 +162,7 @@ def _local_ray(settings: RefitSettings) -> RefitSettings:
 
 def cmd_demo(args: argparse.Namespace, settings: RefitSettings) -> int:
     """The offline demo, end to end, on the embedded store and a local Ray."""
-    from training.trainer import ensure_ray
+    from training.ray_train import ensure_ray
 
     embedded = EmbeddedStore(Path(args.data_dir), bucket=settings.s3.bucket)
     conn = embedded.start()
@@ -186,8 +194,8 @@ def cmd_up(args: argparse.Namespace, settings: RefitSettings) -> int:
     import ray
 
     from service import deployments
-    from training.seaweed import update_connection_file
-    from training.trainer import ensure_ray
+    from service.embedded_store import update_connection_file
+    from training.ray_train import ensure_ray
 
     data_dir = Path(args.data_dir)
     embedded = EmbeddedStore(data_dir, bucket=settings.s3.bucket)
@@ -266,6 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-dir", default=None, help="connection.json (or, with --local, the store) of this dir"
     )
     ft.set_defaults(func=cmd_finetune)
+
+    rj = sub.add_parser("run-job", help="run a job record here (a RayJob's entrypoint)")
+    rj.add_argument("job_id")
+    rj.add_argument("--data-dir", default=None, help="the embedded store of this dir")
+    rj.set_defaults(func=cmd_run_job)
 
     jobs = sub.add_parser("jobs", help="list jobs, show one, or cancel it")
     jobs.add_argument("job_id", nargs="?")

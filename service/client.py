@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from training.settings import RefitSettings
+from service.settings import RefitSettings
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 

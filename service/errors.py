@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from http import HTTPStatus
 
-from training.errors import RefitError
+from pydantic import ValidationError
+
+from training.storage.errors import RefitError
 
 
 class BadRequestError(RefitError):
@@ -61,3 +63,22 @@ class OverloadedError(RefitError):
 
     status = HTTPStatus.SERVICE_UNAVAILABLE
     code = "overloaded"
+
+
+def field_path(loc: tuple[int | str, ...] | list[int | str]) -> str:
+    """A pydantic error location as the field a client wrote: ``inputs[0].shape``."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def bad_request(exc: ValidationError, *, prefix: tuple[str, ...] = ()) -> BadRequestError:
+    """The first error of a pydantic validation as a 400 naming its field (the one way a
+    validation error becomes ``{"error": {"code", "message", "field"}}``)."""
+    errors = exc.errors(include_url=False)
+    if not errors:
+        return BadRequestError(str(exc), field="body")
+    err = errors[0]
+    loc = tuple(err["loc"])
+    return BadRequestError(err["msg"], field=field_path(prefix + loc) or "body")

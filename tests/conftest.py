@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.seaweed import Connection, EmbeddedStore
-from training.settings import RefitSettings, TrainingSettings
-from training.store import ObjectStore
+from service.embedded_store import Connection, EmbeddedStore
+from service.settings import RefitSettings
+from training.settings import TrainingSettings
+from training.storage.s3 import ObjectStore
 
 RAY_CPUS = 3
 
@@ -107,7 +108,7 @@ def tmp_torch_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def publish_tiny_model(registry, name: str, *, promote: bool = True, preprocessing=None):
     """Publish a random resnet18 (3 classes, 32 px, calibration crops); returns the manifest
     and the module. Promotes it to ``production`` unless told not to."""
-    from service.images import decode_request_images
+    from service.dataplane.images import decode_request_images
     from training.backbones import build_backbone
     from training.preprocess import Preprocessing
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from training.errors import SpecError
+from training.storage.errors import SpecError
 from training.tv import models
 
 # name -> family. Families share stage layout and head location.

@@ -21,8 +21,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from training.errors import DataError, NotFoundError, SpecError
-from training.store import ObjectStore
+from training.storage.errors import DataError, NotFoundError, SpecError
+from training.storage.s3 import ObjectStore
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 _FETCH_THREADS = 8

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from training.preprocess import Augmentation, Preprocessing
-from training.store import ObjectStore
+from training.storage.s3 import ObjectStore
 
 SOURCE = "digits-0to4"
 TARGET = "digits-5to9"

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from training.backbones import Stage, stages
-from training.errors import SpecError
+from training.storage.errors import SpecError
 
 
 class _Policy(BaseModel):
@@ -174,10 +174,56 @@ def plan_freeze(policy: _Policy, model: nn.Module, backbone: str) -> FreezePlan:
     return FreezePlan(policy=policy, stages=st, trainable=trainable)
 
 
-def _frozen_bn_train(self: nn.Module, mode: bool = True) -> nn.Module:
-    # Replaces Module.train on frozen BatchNorm instances: they stay in eval mode, so their
-    # running statistics never move, even after model.train() or DDP's train().
-    return nn.Module.train(self, mode and not getattr(self, "_refit_frozen", False))
+class _StatsFrozen:
+    """Mixin of the frozen BatchNorm classes below: ``train()`` keeps the layer in eval mode,
+    so its running statistics never move, even after ``model.train()`` or DDP's ``train()``.
+    A class of its own (rather than a ``train`` bound onto the instance) keeps the model
+    picklable and shows the freezing in ``repr``."""
+
+    def train(self, mode: bool = True) -> Any:
+        """Always eval: the statistics of a frozen stage stay as the base left them."""
+        return super().train(False)  # type: ignore[misc]
+
+    def extra_repr(self) -> str:
+        """The layer's own description, marked frozen."""
+        return f"{super().extra_repr()}, stats=frozen"  # type: ignore[misc]
+
+
+class StatsFrozenBatchNorm1d(_StatsFrozen, nn.BatchNorm1d):
+    """``nn.BatchNorm1d`` whose running statistics are frozen."""
+
+
+class StatsFrozenBatchNorm2d(_StatsFrozen, nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` whose running statistics are frozen."""
+
+
+class StatsFrozenBatchNorm3d(_StatsFrozen, nn.BatchNorm3d):
+    """``nn.BatchNorm3d`` whose running statistics are frozen."""
+
+
+class StatsFrozenSyncBatchNorm(_StatsFrozen, nn.SyncBatchNorm):
+    """``nn.SyncBatchNorm`` whose running statistics are frozen."""
+
+
+_FROZEN_CLASS: dict[type[nn.Module], type[nn.Module]] = {
+    nn.BatchNorm1d: StatsFrozenBatchNorm1d,
+    nn.BatchNorm2d: StatsFrozenBatchNorm2d,
+    nn.BatchNorm3d: StatsFrozenBatchNorm3d,
+    nn.SyncBatchNorm: StatsFrozenSyncBatchNorm,
+}
+_LIVE_CLASS = {frozen: live for live, frozen in _FROZEN_CLASS.items()}
+
+
+def _set_stats_frozen(module: nn.Module, frozen: bool) -> None:
+    # Swapping the class changes only behaviour: parameters, buffers and state_dict keys
+    # are those of the plain layer, so checkpoints load into either.
+    cls = type(module)
+    if frozen and cls in _FROZEN_CLASS:
+        module.__class__ = _FROZEN_CLASS[cls]
+    elif not frozen and cls in _LIVE_CLASS:
+        module.__class__ = _LIVE_CLASS[cls]  # the next model.train() trains it again
+    if frozen:
+        module.eval()
 
 
 def set_frozen_batchnorm(model: nn.Module, plan: FreezePlan, epoch: int) -> int:
@@ -191,12 +237,8 @@ def set_frozen_batchnorm(model: nn.Module, plan: FreezePlan, epoch: int) -> int:
             continue
         own = [f"{name}.{p}" for p, _ in module.named_parameters(recurse=False)]
         frozen = plan.bn_frozen(name, own, epoch)
-        module._refit_frozen = frozen  # type: ignore[assignment]
-        if "train" not in module.__dict__:
-            module.train = _frozen_bn_train.__get__(module)  # type: ignore[method-assign]
-        if frozen:
-            module.eval()
-            count += 1
+        _set_stats_frozen(module, frozen)
+        count += frozen
     return count
 
 

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from training.classification_metrics import MetricAccumulator
 from training.freeze import FreezePlan, drop_frozen_grads
-from training.metrics import MetricAccumulator
 
 
 @dataclass(frozen=True)

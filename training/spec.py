@@ -15,11 +15,11 @@ from pydantic import (
     model_validator,
 )
 
-from training.errors import SpecError
 from training.freeze import FreezePolicy, Full
-from training.ids import ID_PATTERN, is_id
 from training.preprocess import Augmentation, Preprocessing
 from training.settings import TrainingSettings
+from training.storage.errors import SpecError
+from training.storage.ids import ID_PATTERN, is_id
 
 
 def _check_id(value: str) -> str:

@@ -21,12 +21,12 @@ from safetensors.torch import load as st_load
 from torch import nn
 
 from training.backbones import HEAD_MODULE, family_of
-from training.errors import IntegrityError, SpecError, WeightsUnavailableError
 from training.preprocess import Preprocessing
-from training.registry import Registry
 from training.settings import TrainingSettings
 from training.spec import BaseModelSpec
-from training.store import ObjectStore
+from training.storage.errors import IntegrityError, SpecError, WeightsUnavailableError
+from training.storage.registry import Registry
+from training.storage.s3 import ObjectStore
 from training.tv import models
 
 

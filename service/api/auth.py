@@ -1,0 +1,75 @@
+"""Auth as declared FastAPI dependencies: two bearer schemes, one per scope, so every route's
+scope shows in its signature and in ``/openapi.json``.
+
+* predict scope: open unless ``REFIT_SERVE__PREDICT_TOKEN`` is set; the admin token works too;
+* admin scope: always needs ``REFIT_SERVE__ADMIN_TOKEN`` (disabled when none is set).
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import SecretStr
+
+from service.errors import AuthError, ForbiddenError
+from service.settings import ServeSettings
+
+predict_bearer = HTTPBearer(
+    scheme_name="predictToken",
+    description="REFIT_SERVE__PREDICT_TOKEN (or the admin token); open when none is set",
+    auto_error=False,
+)
+admin_bearer = HTTPBearer(
+    scheme_name="adminToken", description="REFIT_SERVE__ADMIN_TOKEN", auto_error=False
+)
+
+Credentials = HTTPAuthorizationCredentials | None
+
+
+def serve_settings(request: Request) -> ServeSettings:
+    """The settings the app was created with."""
+    settings: ServeSettings = request.app.state.settings
+    return settings
+
+
+Settings = Annotated[ServeSettings, Depends(serve_settings)]
+
+
+def _matches(token: str, secret: SecretStr | None) -> bool:
+    return secret is not None and hmac.compare_digest(
+        token.encode(), secret.get_secret_value().encode()
+    )
+
+
+def _token(credentials: Credentials) -> str:
+    if credentials is None or not credentials.credentials.strip():
+        raise AuthError("missing bearer token")
+    return credentials.credentials.strip()
+
+
+def require_predict(
+    settings: Settings, credentials: Annotated[Credentials, Security(predict_bearer)]
+) -> None:
+    """Predict scope."""
+    if settings.predict_token is None:
+        return
+    token = _token(credentials)
+    if not (_matches(token, settings.predict_token) or _matches(token, settings.admin_token)):
+        raise ForbiddenError("token not valid for predict")
+
+
+def require_admin(
+    settings: Settings, credentials: Annotated[Credentials, Security(admin_bearer)]
+) -> None:
+    """Admin scope."""
+    if settings.admin_token is None:
+        raise ForbiddenError("admin endpoints are disabled: no REFIT_SERVE__ADMIN_TOKEN is set")
+    if not _matches(_token(credentials), settings.admin_token):
+        raise ForbiddenError("token not valid for admin endpoints")
+
+
+PredictScope = Depends(require_predict)
+AdminScope = Depends(require_admin)

@@ -1,0 +1,221 @@
+"""The ``rayjob`` launcher: each fine-tune as its own KubeRay RayJob (an isolated Ray cluster
+that exists for the job and is deleted after it), created through the Kubernetes API.
+
+The job runner calls :class:`RayJobLauncher` instead of starting a Ray task. The RayJob's
+entrypoint, ``refit run-job ID``, runs the job of that record, so states and
+progress reach the API exactly as with the in-cluster launcher. Cancel deletes the RayJob (and
+with it the cluster); checkpoints stay on the store.
+
+Only the standard library talks to the API server, with the pod's service account (RBAC in
+``k8s/base/rbac.yaml``: create, get, delete RayJobs in its own namespace).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import ssl
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from service.settings import RefitSettings
+from training.spec import FinetuneSpec
+from training.storage.errors import ConflictError, NotFoundError, StorageError
+from training.storage.ids import is_id
+
+SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+_SECRET_ENV = [
+    ("REFIT_S3__ACCESS_KEY_ID", "refit-s3", "access-key-id"),
+    ("REFIT_S3__SECRET_ACCESS_KEY", "refit-s3", "secret-access-key"),
+]
+
+
+def rayjob_name(job_id: str) -> str:
+    """The RayJob's name for a job id (DNS-1123: lowercase, digits, '-')."""
+    if not is_id(job_id):
+        raise NotFoundError(f"no job {job_id!r}", field="job_id")
+    return "refit-" + job_id.replace(".", "-").replace("_", "-")[:57]
+
+
+def _pod(image: str, component: str, resources: dict[str, Any]) -> dict[str, Any]:
+    env = [
+        {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+        for name, secret, key in _SECRET_ENV
+    ]
+    return {
+        "metadata": {
+            "labels": {"app.kubernetes.io/name": "refit", "app.kubernetes.io/component": component}
+        },
+        "spec": {
+            "serviceAccountName": "refit",
+            "securityContext": {
+                "runAsNonRoot": True,
+                "runAsUser": 1000,
+                "fsGroup": 100,
+                "seccompProfile": {"type": "RuntimeDefault"},
+            },
+            "containers": [
+                {
+                    "name": "ray-head" if component == "ray-head" else "ray-worker",
+                    "image": image,
+                    "envFrom": [{"configMapRef": {"name": "refit-config"}}],
+                    "env": env,
+                    "resources": {"requests": resources, "limits": resources},
+                    "securityContext": {
+                        "allowPrivilegeEscalation": False,
+                        "capabilities": {"drop": ["ALL"]},
+                    },
+                }
+            ],
+        },
+    }
+
+
+def rayjob_manifest(job_id: str, spec: FinetuneSpec, settings: RefitSettings) -> dict[str, Any]:
+    """The RayJob of one fine-tune: a head that only coordinates, ``spec.workers`` workers
+    (one GPU each when ``use_gpu``), deleted after the job (its checkpoints are on S3)."""
+    t = settings.training
+    worker: dict[str, Any] = {"cpu": f"{t.cpus_per_worker:g}", "memory": t.rayjob_worker_memory}
+    if spec.use_gpu:
+        worker["nvidia.com/gpu"] = "1"
+    worker_pod = _pod(t.rayjob_image, "train-worker", worker)
+    if spec.use_gpu:
+        worker_pod["spec"]["tolerations"] = [
+            {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+        ]
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayJob",
+        "metadata": {
+            "name": rayjob_name(job_id),
+            "labels": {"app.kubernetes.io/name": "refit", "refit.dev/job-id": job_id},
+        },
+        "spec": {
+            "entrypoint": f"refit run-job {job_id}",
+            # the operator submits over HTTP to the head (allowed by the NetworkPolicy): no
+            # submitter pod
+            "submissionMode": "HTTPMode",
+            "shutdownAfterJobFinishes": True,
+            "ttlSecondsAfterFinished": 300,
+            "activeDeadlineSeconds": t.rayjob_deadline_s,
+            "rayClusterSpec": {
+                "rayVersion": "2.60.0",
+                "headGroupSpec": {
+                    "rayStartParams": {"num-cpus": "0"},
+                    "template": _pod(t.rayjob_image, "ray-head", {"cpu": "1", "memory": "4Gi"}),
+                },
+                "workerGroupSpecs": [
+                    {
+                        "groupName": "train",
+                        "replicas": spec.workers,
+                        "minReplicas": spec.workers,
+                        "maxReplicas": spec.workers,
+                        "rayStartParams": {"num-cpus": f"{int(t.cpus_per_worker)}"},
+                        "template": worker_pod,
+                    }
+                ],
+            },
+        },
+    }
+
+
+class KubeApi:
+    """A minimal Kubernetes API client for one namespace's RayJobs (service account auth)."""
+
+    def __init__(
+        self, base_url: str, namespace: str, token: str | None, ca_file: str | None = None
+    ) -> None:
+        if not base_url.startswith(("https://", "http://")):
+            raise ValueError(f"not an http(s) URL: {base_url!r}")
+        self.base_url, self.namespace, self.token = base_url.rstrip("/"), namespace, token
+        self.context = ssl.create_default_context(cafile=ca_file) if ca_file else None
+
+    @classmethod
+    def in_cluster(cls, namespace: str | None = None) -> KubeApi:
+        """From the pod's environment and service account files."""
+        host = os.environ["KUBERNETES_SERVICE_HOST"]
+        port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
+        ns = namespace or (SA_DIR / "namespace").read_text().strip()
+        return cls(
+            f"https://{host}:{port}",
+            ns,
+            (SA_DIR / "token").read_text().strip(),
+            str(SA_DIR / "ca.crt"),
+        )
+
+    def _url(self, name: str | None = None) -> str:
+        url = f"{self.base_url}/apis/ray.io/v1/namespaces/{self.namespace}/rayjobs"
+        return f"{url}/{name}" if name else url
+
+    def _call(self, method: str, url: str, body: Any = None) -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(url, data=data, method=method)  # noqa: S310  # checked
+        req.add_header("Accept", "application/json")
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        if self.token:
+            req.add_header("Authorization", f"Bearer {self.token}")
+        try:
+            with urllib.request.urlopen(req, timeout=30, context=self.context) as resp:  # noqa: S310
+                return json.loads(resp.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:
+                raise NotFoundError(f"no RayJob at {url}") from None
+            if exc.code == 409:
+                raise ConflictError(f"RayJob exists: {url}") from None
+            raise StorageError(f"Kubernetes API {exc.code} on {method} {url}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise StorageError(f"Kubernetes API unreachable: {exc}") from None
+
+    def create(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Create a RayJob."""
+        out: dict[str, Any] = self._call("POST", self._url(), manifest)
+        return out
+
+    def get(self, name: str) -> dict[str, Any]:
+        """A RayJob with its status."""
+        out: dict[str, Any] = self._call("GET", self._url(name))
+        return out
+
+    def delete(self, name: str) -> None:
+        """Delete a RayJob and, with it, its cluster (absent is fine)."""
+        with contextlib.suppress(NotFoundError):
+            self._call("DELETE", self._url(name), {"propagationPolicy": "Foreground"})
+
+
+class RayJobLauncher:
+    """Start, watch and stop jobs as RayJobs (the runner's ``rayjob`` launcher)."""
+
+    def __init__(self, settings: RefitSettings, api: KubeApi | None = None) -> None:
+        self.settings = settings
+        self.api = api or KubeApi.in_cluster(settings.training.rayjob_namespace)
+
+    def start(self, job_id: str, spec: FinetuneSpec) -> None:
+        """Create the job's RayJob (an existing one - a runner restart - is kept)."""
+        with contextlib.suppress(ConflictError):
+            self.api.create(rayjob_manifest(job_id, spec, self.settings))
+
+    def ended(self, job_id: str) -> str | None:
+        """``None`` while the RayJob runs; else why it ended (``SUCCEEDED``, ``FAILED`` or
+        the deployment status, e.g. ``Failed`` after a deadline; ``missing`` if deleted)."""
+        try:
+            status = self.api.get(rayjob_name(job_id)).get("status") or {}
+        except NotFoundError:
+            return "missing"
+        job_status = status.get("jobStatus")
+        if job_status in {"SUCCEEDED", "FAILED", "STOPPED"}:
+            return str(job_status)
+        deployment = status.get("jobDeploymentStatus")
+        if deployment in {"Failed", "Complete"}:
+            return str(deployment)
+        return None
+
+    def stop(self, job_id: str) -> None:
+        """Delete the job's RayJob and its cluster."""
+        self.api.delete(rayjob_name(job_id))
+
+
+__all__ = ["KubeApi", "RayJobLauncher", "rayjob_manifest", "rayjob_name"]

@@ -1,0 +1,403 @@
+"""The job runner: a detached Ray actor that queues fine-tune jobs and runs each as a Ray
+task, outside any request handler.
+
+* At most ``max_running_jobs`` run at once, and at most one per model; the others wait in a
+  FIFO queue of ``max_queued_jobs`` (a create beyond that is TooManyJobsError, 429).
+* Each job runs :func:`training.finetune.run_finetune` in its own actor process, which moves the
+  record to running and then to its end. The runner owns that process, the process the Ray
+  Train controller, the controller its workers: killing the process (cancel) or losing the
+  runner takes everything below down; the workers' placement group, which Ray Train frees
+  only through the dashboard's State API, the runner frees itself. The checkpoints already on
+  the store stay under ``runs/{job_id}``.
+* Records live on the store, so an API restart loses nothing; a restarted runner requeues the
+  jobs its predecessor was running (Ray Train resumes a run of the same name from its last
+  checkpoint).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import threading
+import time
+from typing import Any
+
+import ray
+
+from service.control.notices import NAMESPACE, actor_name, notify
+from service.settings import RefitSettings
+from training.ray_train import release_placement_groups
+from training.settings import TrainingSettings
+from training.spec import FinetuneSpec, parse_spec
+from training.storage.errors import ConflictError, DataError, RefitError, TooManyJobsError
+from training.storage.job_records import JobRecord, JobStore
+from training.storage.s3 import ObjectStore
+from training.storage.settings import S3Settings
+
+log = logging.getLogger(__name__)
+
+
+class JobProcess:
+    """One job, start to end, in its own actor process (owned by the runner). It gets the
+    store's location and the training limits only: no API tokens leave the service."""
+
+    def run(
+        self, job_id: str, spec_json: dict[str, Any], s3: S3Settings, training: TrainingSettings
+    ) -> dict[str, Any]:
+        """Run the job; the record ends succeeded or failed either way."""
+        from training.finetune import run_finetune
+
+        spec = parse_spec(spec_json, training)
+        result = run_finetune(spec, s3=s3, training=training, job_id=job_id)
+        return {k: result[k] for k in ("job_id", "version", "published", "promoted")}
+
+
+def _process_name(job_id: str) -> str:
+    return f"refit-{job_id}"
+
+
+class JobRunner:
+    """The queue and the running jobs of one store location (a threaded actor)."""
+
+    def __init__(self, settings: RefitSettings, launcher: Any = None) -> None:
+        self.settings = settings
+        self.jobs = JobStore(ObjectStore(settings.s3))
+        self.queue: list[str] = []
+        self.model_of: dict[str, str] = {}
+        self.running: dict[str, Any] = {}  # job id -> ObjectRef of its run (None: a RayJob)
+        self.processes: dict[str, Any] = {}  # job id -> its JobProcess actor
+        self.launcher: Any = launcher
+        if launcher is None and settings.training.launcher == "rayjob":
+            from service.control.rayjob import RayJobLauncher
+
+            self.launcher = RayJobLauncher(settings)
+        self._next_check: dict[str, float] = {}
+        self.finished: collections.Counter[str] = collections.Counter()
+        self._lock = threading.RLock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        for record in self.jobs.unfinished():
+            if record.state == "running":  # its process died with the previous runner
+                self._kill_leftover(record.job_id)
+                self.jobs.update(record.job_id, _requeue)
+            self.queue.append(record.job_id)
+            self.model_of[record.job_id] = record.model
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="job-scheduler")
+        self._thread.start()
+
+    # --- API -----------------------------------------------------------------------------------
+    def create(self, spec_json: dict[str, Any], idempotency_key: str | None) -> dict[str, Any]:
+        """Queue a job (or return the job of a known Idempotency-Key): the record, and
+        whether it was created."""
+        spec = parse_spec(spec_json, self.settings.training)
+        self._check_locations(spec)
+        with self._lock:
+            if idempotency_key is not None:
+                known = self.jobs.find_idempotent(spec, idempotency_key)
+                if known is not None:
+                    return {"record": known.model_dump(), "created": False}
+            limit = self.settings.training.max_queued_jobs
+            if len(self.queue) >= limit:
+                raise TooManyJobsError(
+                    f"{len(self.queue)} jobs are waiting (REFIT_TRAINING__MAX_QUEUED_JOBS="
+                    f"{limit}); retry later"
+                )
+            record, created = self.jobs.create(spec, idempotency_key=idempotency_key)
+            if created:
+                self.queue.append(record.job_id)
+                self.model_of[record.job_id] = record.model
+        self._wake.set()
+        return {"record": record.model_dump(), "created": created}
+
+    def _check_locations(self, spec: FinetuneSpec) -> None:
+        # Refuse now what the job would fail on later: URIs outside the bucket and prefix,
+        # and a dataset with nothing in it.
+        store = self.jobs.store
+        key = store.key_from_uri(spec.dataset, field="dataset")
+        if next(iter(store.list(key)), None) is None:
+            raise DataError(f"no objects under {spec.dataset}", field="dataset")
+        weights = spec.base.weights
+        if weights is not None and weights.startswith("s3://"):
+            store.key_from_uri(weights, field="base.weights")
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        """Cancel a queued job at once, or stop a running one (its checkpoints stay)."""
+        with self._lock:
+            record = self.jobs.get(job_id)
+            if record.terminal:
+                raise ConflictError(f"job {job_id} already {record.state}", field="job_id")
+            if job_id in self.running:
+                record = self.jobs.update(job_id, lambda r: None if r.terminal else _flag_cancel(r))
+                if self.running[job_id] is None:  # a RayJob: delete it with its cluster
+                    self.launcher.stop(job_id)
+                    self._next_check[job_id] = 0.0  # reap it on the next pass
+                else:
+                    # the process, its Train controller and workers (owned below it) go
+                    ray.kill(self.processes[job_id])
+            else:
+                if job_id in self.queue:
+                    self.queue.remove(job_id)
+                record = self.jobs.transition(
+                    job_id, "cancelled", reason="cancelled on request before it started"
+                )
+                self.finished["cancelled"] += 1
+        self._wake.set()
+        return record.model_dump()
+
+    def stats(self) -> dict[str, Any]:
+        """Queued and running jobs now, and jobs finished (by state) since the runner started."""
+        with self._lock:
+            return {
+                "queued": len(self.queue),
+                "running": len(self.running),
+                "running_jobs": sorted(self.running),
+                "finished": dict(self.finished),
+            }
+
+    # --- scheduling -----------------------------------------------------------------------------
+    def _kill_leftover(self, job_id: str) -> None:
+        # A process of a previous runner that is still alive must not train beside the retry,
+        # and the reservation of its workers must not starve it.
+        with contextlib.suppress(ValueError):
+            ray.kill(ray.get_actor(_process_name(job_id), namespace=NAMESPACE))
+        self._release(job_id)
+
+    def _release(self, job_id: str) -> None:
+        try:
+            if release_placement_groups(self.jobs.store, job_id):
+                log.info("freed the worker reservation of %s", job_id)
+        except Exception as exc:  # best effort; a leak is logged, never fatal
+            log.warning("could not free the placement group of %s: %s", job_id, exc)
+
+    def close(self) -> None:
+        """Stop scheduling (tests; an actor simply dies)."""
+        self._stop.set()
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(0.5)
+            self._wake.clear()
+            try:
+                with self._lock:
+                    self._reap()
+                    self._start_ready()
+            except Exception:  # the scheduler must outlive a flaky store
+                log.exception("job scheduler pass failed")
+
+    def _reap(self) -> None:
+        if not self.running:
+            return
+        refs = [r for r in self.running.values() if r is not None]
+        done = set(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) if refs else set()
+        for job_id, ref in list(self.running.items()):
+            failure: Exception | None = None
+            if ref is None:  # a RayJob: ask the API server now and then
+                if time.monotonic() < self._next_check.get(job_id, 0.0):
+                    continue
+                self._next_check[job_id] = time.monotonic() + 5.0
+                why = self.launcher.ended(job_id)
+                if why is None and not self.jobs.get(job_id).cancel_requested:
+                    continue
+                failure = RuntimeError(f"RayJob ended: {why or 'deleted on cancel'}")
+            else:
+                if ref not in done:
+                    continue
+                try:
+                    ray.get(ref)
+                except Exception as exc:  # the task recorded its own errors; this is the rest
+                    failure = exc
+            del self.running[job_id]
+            self._next_check.pop(job_id, None)
+            process = self.processes.pop(job_id, None)
+            if process is not None:
+                ray.kill(process)  # ends the process now, not when its handle is collected
+                self._release(job_id)
+            record = self.jobs.get(job_id)
+            if not record.terminal:
+                record = self._close(record, failure)
+            self.finished[record.state] += 1
+            if record.result and record.result.get("published"):
+                # whichever launcher ran it: replicas load the new version now, not at a poll
+                notify(self.settings, record.model)
+
+    def _close(self, record: JobRecord, failure: Exception | None) -> JobRecord:
+        if record.cancel_requested:
+            return self.jobs.transition(
+                record.job_id,
+                "cancelled",
+                reason=f"cancelled on request; checkpoints kept under runs/{record.job_id}",
+            )
+        message = f"the job's process ended unexpectedly: {type(failure).__name__}: {failure}"
+        return self.jobs.transition(
+            record.job_id,
+            "failed",
+            reason=message,
+            error={"code": "training_failed", "message": message},
+        )
+
+    def _start_ready(self) -> None:
+        busy = {self.model_of[j] for j in self.running}
+        for job_id in list(self.queue):
+            if len(self.running) >= self.settings.training.max_running_jobs:
+                return
+            model = self.model_of[job_id]
+            if model in busy:
+                continue
+            self.queue.remove(job_id)
+            record = self.jobs.update(job_id, _start)
+            if record.state != "running":  # cancelled meanwhile
+                continue
+            if self.launcher is not None:
+                self.launcher.start(job_id, parse_spec(record.spec, self.settings.training))
+                self.running[job_id] = None
+            else:
+                # owned by this runner: if the runner dies, the job's process goes with it
+                process: Any = (
+                    ray.remote(num_cpus=0, max_restarts=0)(JobProcess)
+                    .options(name=_process_name(job_id), namespace=NAMESPACE)
+                    .remote()
+                )
+                self.processes[job_id] = process
+                self.running[job_id] = process.run.remote(
+                    job_id, record.spec, self.settings.s3, self.settings.training
+                )
+            busy.add(model)
+            log.info("started %s (%s)", job_id, model)
+
+
+def _requeue(r: JobRecord) -> JobRecord | None:
+    if r.state != "running":
+        return None
+    return r.model_copy(update={"state": "queued", "reason": "requeued: the job runner restarted"})
+
+
+def _start(r: JobRecord) -> JobRecord | None:
+    if r.state != "queued":
+        return None
+    from training.storage.job_records import now_iso
+
+    return r.model_copy(
+        update={
+            "state": "running",
+            "reason": None,
+            "attempts": r.attempts + 1,
+            "started_at": r.started_at or now_iso(),
+        }
+    )
+
+
+def _flag_cancel(r: JobRecord) -> JobRecord:
+    return r.model_copy(update={"cancel_requested": True, "reason": "cancelling"})
+
+
+def runner_actor(settings: RefitSettings) -> Any:
+    """The job runner of this store location (created on first use; detached, so it
+    outlives the API replica that created it)."""
+    return (
+        ray.remote(num_cpus=0, max_restarts=-1)(JobRunner)
+        .options(
+            name=actor_name(settings, "jobs"),
+            max_concurrency=8,
+            namespace=NAMESPACE,
+            lifetime="detached",
+            get_if_exists=True,
+        )
+        .remote(settings)
+    )
+
+
+def existing_runner(settings: RefitSettings) -> Any | None:
+    """The runner if one exists (never creates one: a metrics scrape must not)."""
+    try:
+        return ray.get_actor(actor_name(settings, "jobs"), namespace=NAMESPACE)
+    except ValueError:
+        return None
+
+
+def stop_actors(settings: RefitSettings) -> None:
+    """Kill the runner and the notice actor of this location (tests; ``refit up`` exit)."""
+    for kind in ("jobs", "events"):
+        with contextlib.suppress(ValueError):
+            ray.kill(ray.get_actor(actor_name(settings, kind), namespace=NAMESPACE))
+
+
+def _unwrap(exc: Exception) -> Exception:
+    # our own error raised inside the runner actor, else the exception itself
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, RefitError) else exc
+
+
+class RunnerScheduler:
+    """The data plane's :class:`~service.dataplane.jobs.Scheduler` on a Ray cluster: the
+    detached runner actor of this store location."""
+
+    def __init__(self, settings: RefitSettings) -> None:
+        self.settings = settings
+        self._runner: Any = None
+
+    def runner(self) -> Any:
+        """The runner actor (created on first use; it is detached and outlives us)."""
+        if self._runner is None:
+            self._runner = runner_actor(self.settings)
+        return self._runner
+
+    async def create(self, spec: dict[str, Any], idempotency_key: str | None) -> dict[str, Any]:
+        """Queue a job on the runner."""
+        try:
+            out: dict[str, Any] = await self.runner().create.remote(spec, idempotency_key)
+        except Exception as exc:
+            raise _unwrap(exc) from None
+        return out
+
+    async def cancel(self, job_id: str) -> dict[str, Any]:
+        """Cancel a job on the runner."""
+        try:
+            out: dict[str, Any] = await self.runner().cancel.remote(job_id)
+        except Exception as exc:
+            raise _unwrap(exc) from None
+        return out
+
+    async def stats(self) -> dict[str, Any]:
+        """The runner's counts; empty when no runner exists yet (a scrape never creates
+        one) or it does not answer within 2 s."""
+        runner = existing_runner(self.settings)
+        if runner is None:
+            return {}
+        try:
+            stats: dict[str, Any] = await asyncio.wait_for(runner.stats.remote(), 2)
+        except Exception:
+            return {}
+        return stats
+
+
+class InProcessScheduler:
+    """A :class:`~service.dataplane.jobs.Scheduler` over a :class:`JobRunner` object in this
+    process (tools and tests; its launcher decides where jobs run)."""
+
+    def __init__(self, runner: JobRunner) -> None:
+        self.runner = runner
+
+    async def create(self, spec: dict[str, Any], idempotency_key: str | None) -> dict[str, Any]:
+        """Queue a job."""
+        return await asyncio.to_thread(self.runner.create, spec, idempotency_key)
+
+    async def cancel(self, job_id: str) -> dict[str, Any]:
+        """Cancel a job."""
+        return await asyncio.to_thread(self.runner.cancel, job_id)
+
+    async def stats(self) -> dict[str, Any]:
+        """The runner's counts."""
+        return self.runner.stats()
+
+
+__all__ = [
+    "InProcessScheduler",
+    "JobRunner",
+    "RunnerScheduler",
+    "existing_runner",
+    "runner_actor",
+    "stop_actors",
+]

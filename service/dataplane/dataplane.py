@@ -1,0 +1,181 @@
+"""The data plane: every use case the HTTP API offers, with no Ray and no FastAPI in it.
+
+The API receives one :class:`DataPlane` (``create_app(settings, dataplane)``); the Serve
+deployments build one whose :class:`Predictor` calls the classifier replicas, tests and tools
+one whose predictor is an in-process :class:`~service.dataplane.model_host.ModelHost`. Store
+calls run in threads (``asyncio.to_thread``), never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import torch
+
+from service.dataplane.jobs import JobsUseCases
+from service.dataplane.model_host import ModelHost
+from service.errors import NoVersionError
+from training.storage.errors import NotFoundError
+from training.storage.registry import AliasRecord, Manifest, Registry
+
+Notifier = Callable[[str], Awaitable[None]]
+"""Tells the replicas that a model's alias moved (best effort; they poll as well)."""
+
+
+class Predictor(Protocol):
+    """Runs a model: the classifier replicas, or a :class:`ModelHost` in this process."""
+
+    async def predict(self, model: str, images: list[bytes], top_k: int) -> dict[str, Any]:
+        """Classify encoded images with the serving version of ``model``."""
+        ...
+
+    async def predict_tensor(self, model: str, x: torch.Tensor, top_k: int) -> dict[str, Any]:
+        """Classify an already preprocessed float32 batch."""
+        ...
+
+    async def ready(self) -> bool:
+        """Whether predictions can be served."""
+        ...
+
+    async def stats(self) -> dict[str, Any]:
+        """Loaded models, swaps, failed loads, memory (for /metrics)."""
+        ...
+
+
+class InProcessPredictor:
+    """A :class:`Predictor` over a :class:`ModelHost` in this process."""
+
+    def __init__(self, host: ModelHost) -> None:
+        self.host = host
+
+    async def predict(self, model: str, images: list[bytes], top_k: int) -> dict[str, Any]:
+        """Classify encoded images."""
+        return await self.host.predict(await self.host.follower(model), images, top_k)
+
+    async def predict_tensor(self, model: str, x: torch.Tensor, top_k: int) -> dict[str, Any]:
+        """Classify a preprocessed batch."""
+        return await self.host.predict_tensor(await self.host.follower(model), x, top_k)
+
+    async def ready(self) -> bool:
+        """Always: the host is this process."""
+        return True
+
+    async def stats(self) -> dict[str, Any]:
+        """The host's statistics."""
+        return self.host.stats()
+
+
+async def _no_notice(model: str) -> None:
+    return None
+
+
+class DataPlane:
+    """Predict, list, metadata, promote, rollback and jobs."""
+
+    def __init__(
+        self,
+        *,
+        registry: Registry,
+        predictor: Predictor,
+        jobs: JobsUseCases,
+        alias: str,
+        notify: Notifier = _no_notice,
+    ) -> None:
+        self.registry, self.predictor, self.jobs = registry, predictor, jobs
+        self.alias, self.notify = alias, notify
+
+    # --- predictions -----------------------------------------------------------------------
+    async def predict(self, model: str, images: list[bytes], top_k: int) -> dict[str, Any]:
+        """Top-k labels per image from the serving version, with that version."""
+        return await self.predictor.predict(model, images, top_k)
+
+    async def predict_tensor(self, model: str, x: torch.Tensor, top_k: int) -> dict[str, Any]:
+        """Top-k labels for a preprocessed float32 batch ``[N, 3, H, W]``."""
+        return await self.predictor.predict_tensor(model, x, top_k)
+
+    async def ready(self) -> bool:
+        """Whether the predictor answers."""
+        try:
+            return await self.predictor.ready()
+        except Exception:
+            return False
+
+    async def stats(self) -> dict[str, Any]:
+        """The predictor's statistics (for /metrics)."""
+        return await self.predictor.stats()
+
+    # --- the registry ----------------------------------------------------------------------
+    async def list_models(self) -> list[dict[str, Any]]:
+        """Published models and the version the served alias points at."""
+        return await asyncio.to_thread(self._list_models)
+
+    def _list_models(self) -> list[dict[str, Any]]:
+        out = []
+        for name in self.registry.list_models():
+            record, _ = self.registry.get_alias(name, self.alias)
+            out.append({"name": name, self.alias: record.version if record else None})
+        return out
+
+    async def list_versions(self, model: str) -> dict[str, Any]:
+        """Published versions of one model (NotFound for an unknown one)."""
+        return await asyncio.to_thread(self._list_versions, model)
+
+    def _list_versions(self, model: str) -> dict[str, Any]:
+        versions = self.registry.list_versions(model)
+        if not versions:
+            raise NotFoundError(f"no model named {model!r}", field="model")
+        record, _ = self.registry.get_alias(model, self.alias)
+        return {
+            "model": model,
+            "versions": versions,
+            "aliases": {self.alias: record.version if record else None},
+        }
+
+    async def manifest(self, model: str) -> Manifest:
+        """The manifest of the served alias' version, checked against the alias' hash
+        (NotFound for an unknown model, NoVersion when nothing serves yet)."""
+        return await asyncio.to_thread(self._manifest, model)
+
+    def _manifest(self, model: str) -> Manifest:
+        record = self._alias_or_raise(model)
+        manifest, _ = self.registry.read_manifest(
+            model, record.version, expect_sha256=record.sha256
+        )
+        return manifest
+
+    def _alias_or_raise(self, model: str) -> AliasRecord:
+        record, _ = self.registry.get_alias(model, self.alias)
+        if record is None:
+            if not self.registry.list_versions(model):
+                raise NotFoundError(f"no model named {model!r}", field="model")
+            raise NoVersionError(f"model {model!r} has no {self.alias} version yet", field="model")
+        return record
+
+    async def promote(self, model: str, version: str, alias: str) -> dict[str, Any]:
+        """Point ``alias`` at ``version`` (verified first; compare-and-swap); replicas
+        follow at once."""
+        return await self._move_alias(
+            model, alias, lambda: self.registry.set_alias(model, alias, version)
+        )
+
+    async def rollback(self, model: str, alias: str) -> dict[str, Any]:
+        """Move ``alias`` back one step; replicas follow at once."""
+        return await self._move_alias(model, alias, lambda: self.registry.rollback(model, alias))
+
+    async def _move_alias(
+        self, model: str, alias: str, move: Callable[[], AliasRecord]
+    ) -> dict[str, Any]:
+        def moved() -> tuple[AliasRecord | None, AliasRecord]:
+            before, _ = self.registry.get_alias(model, alias)
+            return before, move()
+
+        before, record = await asyncio.to_thread(moved)
+        await self.notify(model)
+        return {
+            "model": model,
+            "alias": alias,
+            "version": record.version,
+            "previous": before.version if before else None,
+        }

@@ -1,0 +1,149 @@
+"""Hot-loading, in one place: the slot a model serves from, the follower that keeps it on
+the alias' version, and the swap between batches.
+
+A follower reads the alias record (version *and* the manifest's sha256), loads that exact
+version off the request path (:func:`~service.dataplane.served_model.load_served_model`:
+every hash verified, warmed up, numeric mode checked), and swaps it into the slot. A batch
+takes the slot's reference once and finishes on it, so no batch mixes versions and the old
+model is freed after its last batch. A failed load keeps the old model and is counted.
+
+It learns of a change by polling the alias every ``poll_interval_s`` and by :meth:`refresh`,
+which the serving edge calls when a registry notice arrives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import logging
+import threading
+
+from service.dataplane.served_model import ServedModel, load_served_model
+from service.errors import NoVersionError
+from service.settings import NumericMode
+from training.storage.errors import NotFoundError
+from training.storage.registry import Registry
+
+log = logging.getLogger("refit.hotload")
+
+
+def trim_heap() -> None:
+    """Hand freed model memory back to the OS: glibc keeps it in its heap otherwise, and RSS
+    grows with every hot-load (a no-op under jemalloc or musl)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+class ModelSlot:
+    """The current version of one model. A batch takes the reference once (``current``) and
+    finishes on it; ``swap`` replaces it atomically, so no batch ever mixes versions and the
+    old model is freed once its last batch returns."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._model: ServedModel | None = None
+        self.swaps = 0
+
+    @property
+    def current(self) -> ServedModel | None:
+        """The model to run the next batch on."""
+        return self._model
+
+    def swap(self, new: ServedModel) -> ServedModel | None:
+        """Install a loaded model; returns the one it replaced."""
+        with self._lock:
+            old, self._model = self._model, new
+            self.swaps += 1
+            return old
+
+
+class Follower:
+    """Keeps one model's slot on the alias' version: polls, loads off the request path,
+    swaps; a failed load keeps the old model and is counted."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        name: str,
+        *,
+        alias: str,
+        mode: NumericMode,
+        poll_interval_s: float,
+    ) -> None:
+        self.registry, self.name = registry, name
+        self.alias, self.mode, self.poll_interval_s = alias, mode, poll_interval_s
+        self.slot = ModelSlot()
+        self.failed_loads = 0
+        self.last_error: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._loading = threading.Lock()  # a push and a poll never load the same version twice
+
+    def load_now(self) -> None:
+        """Load the alias' version if it differs from the slot's (raises on failure)."""
+        with self._loading:
+            self._load()
+
+    def refresh(self) -> None:
+        """:meth:`load_now`, with a failure counted and logged instead of raised."""
+        try:
+            self.load_now()
+        except Exception as exc:  # keep serving the old model; report the failure
+            self.failed_loads += 1
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            log.warning("hot-load of %s failed: %s", self.name, self.last_error)
+
+    def _load(self) -> None:
+        record, _ = self.registry.get_alias(self.name, self.alias)
+        if record is None:
+            if not self.registry.list_versions(self.name):
+                raise NotFoundError(f"no model named {self.name!r}", field="model")
+            raise NoVersionError(
+                f"model {self.name!r} has no {self.alias} version yet", field="model"
+            )
+        current = self.slot.current
+        if current is not None and current.version == record.version:
+            return
+        served = load_served_model(
+            self.registry,
+            self.name,
+            record.version,
+            expect_sha256=record.sha256,
+            mode=self.mode,
+        )
+        if served.fallback:
+            log.warning(
+                "%s %s: fp32 serves, not %s: %s",
+                self.name,
+                record.version,
+                self.mode,
+                served.fallback,
+            )
+        self.slot.swap(served)
+        del served, current  # the old model is freed once its last batch returns
+        gc.collect()
+        trim_heap()
+        log.info("model %s now serves %s", self.name, record.version)
+
+    @property
+    def current(self) -> ServedModel | None:
+        """The version the next batch runs on."""
+        return self.slot.current
+
+    def start(self) -> None:
+        """Start polling the alias."""
+        self._thread = threading.Thread(target=self._run, daemon=True, name=f"follow-{self.name}")
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_interval_s):
+            self.refresh()
+
+    def stop(self) -> None:
+        """Stop polling (the model is evicted)."""
+        self._stop.set()
+
+    def __del__(self) -> None:
+        # Serve's multiplex LRU drops its reference when it evicts a model.
+        self._stop.set()

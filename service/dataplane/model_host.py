@@ -1,0 +1,196 @@
+"""The models one process serves: followers of each model's alias, request decoding, and
+one forward pass at a time over merged requests. Ray-free: the Serve classifier replica runs
+one (with Serve's batching and multiplexing in front); in-process tests and tools run it as
+it is.
+
+* ``predict`` decodes against the version the request will run on (off the event loop),
+  then queues the crops in the :class:`~service.dataplane.batching.ForwardLane`.
+* ``_forward`` groups the merged requests by loaded model object: one forward per version,
+  never a mixed batch.
+* Followers are held in an LRU of ``models_per_replica`` names; a caller (the Serve edge)
+  may hold them instead, through ``@serve.multiplexed``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import gc
+import os
+import weakref
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import torch
+
+from service.dataplane.batching import ForwardLane
+from service.dataplane.hotload import Follower
+from service.dataplane.images import decode_request_images
+from service.dataplane.served_model import ServedModel
+from service.errors import BadRequestError
+from service.settings import ServeSettings
+from training.preprocess import normalize
+from training.storage.registry import Registry
+
+Item = tuple[ServedModel, torch.Tensor, int]
+"""One request in the lane: the version it runs on, its input ``[n, 3, H, W]``, its top-k."""
+Ranked = list[list[dict[str, Any]]]
+"""Per image: the top-k ``{"label", "score"}``."""
+
+
+def rss_bytes() -> int:
+    """This process's current resident set (not the peak): /proc/self/statm, in pages."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _rank(served: ServedModel, x: torch.Tensor, k: int) -> Ranked:
+    return served.rank(served.logits_normalized(x), k)
+
+
+class ModelHost:
+    """Decode, batch and run requests on the followed versions of several models."""
+
+    def __init__(
+        self,
+        settings: ServeSettings,
+        registry: Registry,
+        *,
+        submit: Callable[[Item], Awaitable[Ranked]] | None = None,
+    ) -> None:
+        """``submit`` queues one request for a forward pass (the Serve edge wraps the lane
+        in ``@serve.batch``); by default requests go to the lane directly."""
+        self.settings, self.registry = settings, registry
+        self.lane: ForwardLane[Item, Ranked] = ForwardLane(self._forward, settings.max_batch_size)
+        self._submit = submit or self._submit_one
+        self._lru: collections.OrderedDict[str, Follower] = collections.OrderedDict()
+        # every follower alive, whoever holds it; weak, so an evicted model really goes away
+        self.followers: weakref.WeakValueDictionary[str, Follower] = weakref.WeakValueDictionary()
+        self._pending = 0  # requests waiting for or inside a forward pass (queue depth)
+        self._batch_sizes: collections.Counter[int] = collections.Counter()
+        self._split_batches = 0  # lane batches that held two versions (during a swap)
+        self._loading: dict[str, asyncio.Lock] = {}
+
+    async def _submit_one(self, item: Item) -> Ranked:
+        return (await self.lane.submit([item]))[0]
+
+    # --- models ----------------------------------------------------------------------------
+    async def load_follower(self, model: str) -> Follower:
+        """A new follower of ``model`` with its alias' version loaded (off the event loop)."""
+        s = self.settings
+        follower = Follower(
+            self.registry,
+            model,
+            alias=s.alias,
+            mode=s.numeric_mode,
+            poll_interval_s=s.poll_interval_s,
+        )
+        await asyncio.to_thread(follower.load_now)
+        follower.start()
+        self.followers[model] = follower
+        return follower
+
+    async def follower(self, model: str) -> Follower:
+        """This process's follower of ``model`` (loaded on first use, LRU-evicted)."""
+        if model in self._lru:
+            self._lru.move_to_end(model)
+            return self._lru[model]
+        lock = self._loading.setdefault(model, asyncio.Lock())
+        async with lock:  # concurrent first requests load the model once
+            if model not in self._lru:
+                self._lru[model] = await self.load_follower(model)
+                while len(self._lru) > self.settings.models_per_replica:
+                    _, evicted = self._lru.popitem(last=False)
+                    evicted.stop()
+        return self._lru[model]
+
+    async def refresh(self, model: str) -> None:
+        """Re-read ``model``'s alias now (a registry notice arrived)."""
+        follower = self.followers.get(model)
+        if follower is not None:
+            await asyncio.to_thread(follower.refresh)
+
+    # --- requests --------------------------------------------------------------------------
+    async def predict(self, follower: Follower, images: list[bytes], top_k: int) -> dict[str, Any]:
+        """Decode for the follower's current version, then classify in a merged batch."""
+        served = follower.current
+        assert served is not None  # a follower is returned only once it has loaded one
+        s = self.settings
+        crops = await asyncio.to_thread(
+            decode_request_images,
+            images,
+            max_image_bytes=s.max_image_bytes,
+            max_pixels=s.max_image_pixels,
+            preprocessing=served.preprocessing,
+        )
+        return await self._answer(served, normalize(served.preprocessing, crops), top_k)
+
+    async def predict_tensor(
+        self, follower: Follower, x: torch.Tensor, top_k: int
+    ) -> dict[str, Any]:
+        """Classify an already preprocessed float32 batch ``[N, 3, crop, crop]``."""
+        served = follower.current
+        assert served is not None
+        size = served.preprocessing.crop_size
+        if tuple(x.shape[1:]) != (3, size, size):
+            raise BadRequestError(
+                f"shape must be [N, 3, {size}, {size}] for this model", field="inputs[0].shape"
+            )
+        return await self._answer(served, x, top_k)
+
+    async def _answer(self, served: ServedModel, x: torch.Tensor, top_k: int) -> dict[str, Any]:
+        self._pending += 1
+        try:
+            predictions = await self._submit((served, x, top_k))
+        finally:
+            self._pending -= 1
+        return {"model": served.name, "model_version": served.version, "predictions": predictions}
+
+    async def _forward(self, items: list[Item]) -> list[Ranked]:
+        """One forward pass per loaded version over the lane's merged requests."""
+        self._batch_sizes[len(items)] += 1
+        groups: dict[int, list[int]] = {}
+        for i, (served, _, _) in enumerate(items):
+            groups.setdefault(id(served), []).append(i)
+        if len(groups) > 1:
+            self._split_batches += 1
+        out: list[Any] = [None] * len(items)
+        for idx in groups.values():
+            served = items[idx[0]][0]
+            x = torch.cat([items[i][1] for i in idx])
+            k = max(items[i][2] for i in idx)
+            ranked = await asyncio.to_thread(_rank, served, x, k)
+            start = 0
+            for i in idx:
+                n = items[i][1].shape[0]
+                out[i] = [r[: items[i][2]] for r in ranked[start : start + n]]
+                start += n
+        return out
+
+    # --- observation -----------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """Loaded models, swaps, failed loads, resident memory, queue depth, batch sizes."""
+        models = {}
+        for name, f in list(self.followers.items()):
+            current = f.current
+            models[name] = {
+                "version": current.version if current else None,
+                "mode": current.mode if current else None,
+                "agreement": current.agreement if current else None,
+                "fallback": current.fallback if current else None,
+                "fallback_kind": current.fallback_kind if current else None,
+                "swaps": f.slot.swaps,
+                "failed_loads": f.failed_loads,
+                "last_error": f.last_error,
+            }
+        # a heap walk: only for /metrics, never for readiness probes
+        alive = sum(isinstance(o, ServedModel) for o in gc.get_objects())
+        return {
+            "ok": True,
+            "rss_bytes": rss_bytes(),
+            "models": models,
+            "models_alive": alive,
+            "queue_depth": self._pending,
+            "batch_sizes": dict(self._batch_sizes),
+            "split_batches": self._split_batches,
+        }

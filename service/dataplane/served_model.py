@@ -1,0 +1,230 @@
+"""A served model version and the slot that swaps versions between batches.
+
+Loading is off the request path: verify every sha256 (the registry does), build, load weights
+strictly, warm up, and check the numeric mode against fp32 on the version's calibration images.
+A mode that does not keep top-1 agreement >= ``min_agreement`` falls back to fp32.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from service.settings import NumericMode
+from training.backbones import build_backbone
+from training.preprocess import Preprocessing, normalize
+from training.storage.errors import IntegrityError
+from training.storage.registry import Manifest, Registry
+
+_JIT_MODES = ("fp32_jit", "bf16_jit")
+_BF16_MODES = ("bf16", "bf16_jit")
+
+# (backbone, crop, mode) -> None when the mode is faster than fp32 here, else the reason it
+# is not. Speed depends on the architecture, input size and CPU, not on the weights: time it
+# once per replica process, not on every hot-load.
+_SPEED_VERDICTS: dict[tuple[str, int, str], str | None] = {}
+
+
+@dataclass
+class ServedModel:
+    """One loaded, verified, warmed-up version."""
+
+    manifest: Manifest
+    module: Any
+    """The ``nn.Module``, or its frozen TorchScript trace in the ``_jit`` modes."""
+    mode: NumericMode
+    agreement: float | None = None
+    """Top-1 agreement of ``mode`` with fp32 on the calibration images (None: not checked)."""
+    fallback: str | None = None
+    """Why the configured mode was refused and fp32 serves instead (None: it was not)."""
+    fallback_kind: Literal["agreement", "speed"] | None = None
+    """The reason as a fixed label: the mode disagreed with fp32, or was slower."""
+    loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def name(self) -> str:
+        """Model name."""
+        return self.manifest.model
+
+    @property
+    def version(self) -> str:
+        """Version id."""
+        return self.manifest.version
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """How request images are resized, cropped and normalised."""
+        return self.manifest.preprocessing
+
+    @torch.inference_mode()
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 crops ``[N, 3, H, W]`` -> float32 logits ``[N, classes]``."""
+        return forward(self.module, normalize(self.preprocessing, images), self.mode)
+
+    @torch.inference_mode()
+    def logits_normalized(self, x: torch.Tensor) -> torch.Tensor:
+        """Already preprocessed float32 ``[N, 3, H, W]`` -> float32 logits."""
+        return forward(self.module, x, self.mode)
+
+    def top_k(self, images: torch.Tensor, k: int) -> list[list[dict[str, Any]]]:
+        """Top-k labels and probabilities per image (uint8 crops)."""
+        return self.rank(self.logits(images), k)
+
+    def rank(self, logits: torch.Tensor, k: int) -> list[list[dict[str, Any]]]:
+        """Top-k labels and probabilities from logits."""
+        probs = logits.softmax(dim=1)
+        k = min(k, probs.shape[1])
+        scores, idx = probs.topk(k, dim=1)
+        names = self.manifest.class_names
+        return [
+            [
+                {"label": names[j], "score": round(float(s), 6)}
+                for s, j in zip(row_s, row_i, strict=True)
+            ]
+            for row_s, row_i in zip(scores.tolist(), idx.tolist(), strict=True)
+        ]
+
+
+def forward(module: Any, x: torch.Tensor, mode: NumericMode) -> torch.Tensor:
+    """Logits of normalised ``x`` in a numeric mode (the module already prepared for it by
+    :func:`prepare`)."""
+    if mode != "fp32":
+        x = x.contiguous(memory_format=torch.channels_last)
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if mode in _BF16_MODES else nullcontext()
+    with ctx:
+        out: torch.Tensor = module(x)
+        return out.float()
+
+
+def prepare(module: nn.Module, mode: NumericMode, example: torch.Tensor) -> Any:
+    """``module`` (eval, contiguous) made ready for ``mode``: channels_last for every mode but
+    fp32; traced on ``example`` and frozen for the ``_jit`` modes (under autocast for bf16,
+    so the trace holds the casts). No graph is read from storage: the trace is built here
+    from the verified weights."""
+    if mode == "fp32":
+        return module
+    module = _memory_format(module, torch.channels_last)
+    if mode not in _JIT_MODES:
+        return module
+    x = example.contiguous(memory_format=torch.channels_last)
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if mode in _BF16_MODES else nullcontext()
+    with torch.inference_mode(), ctx:
+        traced = torch.jit.trace(module, x, check_trace=False)
+    return torch.jit.freeze(traced.eval())
+
+
+def _seconds_per_forward(module: Any, x: torch.Tensor, mode: NumericMode) -> float:
+    forward(module, x, mode)  # first call: allocations, oneDNN primitive caches
+    best = float("inf")
+    for _ in range(2):
+        start = time.perf_counter()
+        forward(module, x, mode)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def speed_verdict(
+    backbone: str, module: nn.Module, candidate: Any, x: torch.Tensor, mode: NumericMode
+) -> str | None:
+    """None if ``candidate`` (``module`` prepared for ``mode``) runs ``x`` faster than fp32
+    here, else why not. bf16 is emulated, and slower than fp32, on CPUs without
+    AVX512-BF16/AMX: such a mode must not be served."""
+    key = (backbone, int(x.shape[-1]), mode)
+    if key not in _SPEED_VERDICTS:
+        # a contiguous copy: the non-jit modes turned ``module`` itself channels_last
+        reference = _memory_format(copy.deepcopy(module), torch.contiguous_format)
+        fp32_s = _seconds_per_forward(reference, x, "fp32")
+        del reference
+        mode_s = _seconds_per_forward(candidate, x, mode)
+        _SPEED_VERDICTS[key] = (
+            None
+            if mode_s < fp32_s
+            else f"{mode} is slower than fp32 on this CPU ({mode_s * 1e3:.0f} ms vs "
+            f"{fp32_s * 1e3:.0f} ms for {x.shape[0]} images)"
+        )
+    return _SPEED_VERDICTS[key]
+
+
+def _memory_format(module: nn.Module, fmt: torch.memory_format) -> nn.Module:
+    out: nn.Module = module.to(memory_format=fmt)  # type: ignore[call-overload]  # stubs lack it
+    return out
+
+
+def _build_with(backbone: str, num_classes: int, state: dict[str, torch.Tensor]) -> nn.Module:
+    """The module with ``state`` loaded. Built on the meta device and filled by assignment
+    where the builder allows it: no random init that the weights overwrite anyway (the
+    slowest step of a hot-load on a busy CPU)."""
+    try:
+        with torch.device("meta"):
+            module = build_backbone(backbone, num_classes=num_classes)
+        module.load_state_dict(state, strict=True, assign=True)
+        if not any(t.is_meta for t in (*module.parameters(), *module.buffers())):
+            return module
+    except NotImplementedError:  # a builder that computes with tensors (regnet)
+        pass
+    module = build_backbone(backbone, num_classes=num_classes)
+    module.load_state_dict(state, strict=True)
+    return module
+
+
+def load_served_model(
+    registry: Registry,
+    name: str,
+    ref: str,
+    *,
+    expect_sha256: str | None = None,
+    mode: NumericMode = "fp32",
+    min_agreement: float = 0.99,
+    check_speed: bool = True,
+) -> ServedModel:
+    """Load, verify, warm up and mode-check one version: ``ref`` is a version id whose
+    manifest must hash to ``expect_sha256`` (the alias' record) when that is given, else a
+    version id or alias name. A mode other than fp32 is served only if it keeps top-1
+    agreement >= ``min_agreement`` with fp32 on the version's calibration images and
+    (``check_speed``) runs faster than fp32 here; otherwise fp32 serves, and ``fallback``
+    says why."""
+    if expect_sha256 is not None:
+        manifest, state = registry.load_version(name, ref, expect_sha256=expect_sha256)
+    else:
+        manifest, state = registry.load(name, ref)
+    module = _build_with(manifest.backbone, manifest.num_classes, state)
+    module.eval()
+    calibration = registry.load_calibration(manifest)
+    if calibration is None:
+        size = manifest.preprocessing.crop_size
+        calibration = torch.randint(0, 256, (8, 3, size, size), dtype=torch.uint8)
+    x = normalize(manifest.preprocessing, calibration)
+    agreement, fallback, served = None, None, module
+    kind: Literal["agreement", "speed"] | None = None
+    with torch.inference_mode():
+        if mode != "fp32":
+            reference = forward(module, x, "fp32").argmax(dim=1)
+            served = prepare(module, mode, x[:8])
+            candidate = forward(served, x, mode).argmax(dim=1)
+            agreement = float((candidate == reference).float().mean())
+            if agreement < min_agreement:
+                fallback = f"top-1 agreement with fp32 {agreement:.3f} < {min_agreement}"
+                kind = "agreement"
+            elif check_speed:
+                fallback = speed_verdict(manifest.backbone, module, served, x[:8], mode)
+                kind = "speed" if fallback else None
+            if fallback is not None:
+                served, mode = _memory_format(module, torch.contiguous_format), "fp32"
+        # warm-up in the final mode, and a sanity check: a version that yields NaN or inf
+        # never goes live (the old one keeps serving)
+        if not torch.isfinite(forward(served, x[:4], mode)).all():
+            raise IntegrityError(f"{name} {manifest.version} produces non-finite logits")
+    return ServedModel(
+        manifest=manifest,
+        module=served,
+        mode=mode,
+        agreement=agreement,
+        fallback=fallback,
+        fallback_kind=kind,
+    )

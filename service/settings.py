@@ -1,0 +1,130 @@
+"""Refit's one settings object (pydantic-settings, ``REFIT_`` prefix, nested with ``__``).
+
+Example: ``REFIT_S3__BUCKET=models`` sets ``settings.s3.bucket``. Each section is owned by the
+package that uses it (``s3``: the storage contract; ``ray`` and ``training``: the training
+library; ``store`` and ``serve``: this application); this object only composes them and is
+read when :func:`get_settings` is first called, never at import. Kubernetes manifests and the
+README use exactly these names.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from training.settings import RaySettings, TrainingSettings
+from training.storage import S3Settings
+
+NumericMode = Literal["fp32", "channels_last", "fp32_jit", "bf16", "bf16_jit"]
+"""How a classifier replica runs a model. fp32: eager, contiguous. channels_last: fp32 in
+NHWC. fp32_jit: channels_last, traced and frozen (batch norm folded into the convolutions).
+bf16 / bf16_jit: the same under bf16 autocast."""
+
+
+class StoreSettings(BaseModel):
+    """The embedded SeaweedFS server (``refit store up``, the demo, the tests)."""
+
+    data_dir: Path = Path(".refit")
+    """Where SeaweedFS keeps its data and ``connection.json`` is written."""
+    s3_port: int = Field(default=8333, ge=0, le=65535)
+    """S3 port on 127.0.0.1; 0 picks a free port."""
+    stop_timeout_s: float = Field(default=30.0, gt=0)
+    """Seconds to wait after SIGTERM before SIGKILL (SeaweedFS takes about 15 s)."""
+    start_timeout_s: float = Field(default=60.0, gt=0)
+    """Seconds to wait for the S3 endpoint to answer."""
+
+
+class ServeSettings(BaseModel):
+    """The HTTP service: limits, batching, replicas, hot-load, tokens."""
+
+    host: str = "127.0.0.1"
+    """Address the Serve HTTP proxy binds (0.0.0.0 inside a container)."""
+    port: int = Field(default=8000, ge=0, le=65535)
+    """HTTP port of the Serve proxy."""
+    admin_token: SecretStr | None = None
+    """Bearer token for admin endpoints (jobs, promote, rollback); unset disables them."""
+    predict_token: SecretStr | None = None
+    """Bearer token for predict endpoints; unset leaves them open (admin token also works)."""
+    max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1)
+    """Request bodies above this get 413 before any parsing."""
+    max_image_bytes: int = Field(default=10 * 1024 * 1024, ge=1)
+    """One encoded image above this gets 413."""
+    max_image_pixels: int = Field(default=40_000_000, ge=1)
+    """Images with more pixels get 413, checked before decoding (decompression bombs)."""
+    max_images: int = Field(default=64, ge=1)
+    """Images in one request."""
+    max_top_k: int = Field(default=20, ge=1)
+    """Largest top_k a client may ask for."""
+    max_batch_size: int = Field(default=16, ge=1)
+    """Dynamic batching: most requests merged into one forward pass."""
+    batch_wait_timeout_s: float = Field(default=0.0, ge=0)
+    """Dynamic batching: longest wait for a batch to fill. Requests that arrive while a
+    forward pass runs merge into the next one anyway, so a wait only delays lone requests."""
+    classifier_replicas: int = Field(default=1, ge=1)
+    """Replicas of the classifier deployment."""
+    classifier_cpus: float = Field(default=1.0, gt=0)
+    """CPUs each classifier replica reserves (torch uses as many threads)."""
+    ingress_replicas: int = Field(default=1, ge=1)
+    """Replicas of the FastAPI ingress deployment."""
+    ingress_cpus: float = Field(default=0.25, gt=0)
+    """CPUs each ingress replica reserves."""
+    max_ongoing_requests: int = Field(default=64, ge=1)
+    """Requests one replica works on at once (Serve's default of 5 caps batches at 5)."""
+    max_queued_requests: int = Field(default=256, ge=-1)
+    """Requests waiting per caller before 503 with Retry-After (-1: unbounded)."""
+    models_per_replica: int = Field(default=4, ge=1)
+    """LRU of model names one classifier replica holds."""
+    poll_interval_s: float = Field(default=1.0, gt=0)
+    """How often replicas check the alias for a new version (hot-load)."""
+    alias: str = "production"
+    """The alias replicas serve and follow."""
+    numeric_mode: NumericMode = "fp32"
+    """fp32, channels_last, fp32_jit (channels_last, traced and frozen), bf16 or bf16_jit
+    (autocast). A mode other than fp32 is used only where, checked at load time, it keeps
+    >= 99 % top-1 agreement with fp32 and runs faster than fp32 on this CPU."""
+
+
+class RefitSettings(BaseSettings):
+    """All of Refit's settings. Environment: ``REFIT_<SECTION>__<FIELD>``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="REFIT_", env_nested_delimiter="__", extra="ignore", frozen=True
+    )
+
+    s3: S3Settings = S3Settings()
+    """Object store."""
+    store: StoreSettings = StoreSettings()
+    """Embedded SeaweedFS."""
+    ray: RaySettings = RaySettings()
+    """Ray connection."""
+    training: TrainingSettings = TrainingSettings()
+    """Fine-tune limits and defaults."""
+    serve: ServeSettings = ServeSettings()
+    """The HTTP service."""
+    url: str | None = None
+    """CLI client: the service's URL (else ``url`` in ``connection.json`` of ``--data-dir``)."""
+    token: SecretStr | None = None
+    """CLI client: bearer token (else the admin token in ``connection.json``)."""
+
+
+def env_names() -> list[str]:
+    """Every environment variable the settings read (the README table and the Kubernetes
+    manifests are checked against this list)."""
+    names = []
+    for section, field in RefitSettings.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            names += [f"REFIT_{section.upper()}__{n.upper()}" for n in annotation.model_fields]
+        else:
+            names.append(f"REFIT_{section.upper()}")
+    return names
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> RefitSettings:
+    """The process-wide settings, read once from the environment."""
+    return RefitSettings()

@@ -1,0 +1,38 @@
+"""Token checks without a server: scopes, constant-time comparison inputs, disabled admin."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.security import HTTPAuthorizationCredentials
+from pydantic import SecretStr
+
+from service.api.auth import require_admin, require_predict
+from service.errors import AuthError, ForbiddenError
+from service.settings import ServeSettings
+
+
+def _req(token: str | None) -> HTTPAuthorizationCredentials | None:
+    # what the declared bearer scheme hands the dependency (None: no Authorization header)
+    return HTTPAuthorizationCredentials(scheme="Bearer", credentials=token) if token else None
+
+
+def test_predict_open_unless_token_set() -> None:
+    require_predict(ServeSettings(), _req(None))
+    s = ServeSettings(predict_token=SecretStr("p"), admin_token=SecretStr("a"))
+    require_predict(s, _req("p"))
+    require_predict(s, _req("a"))
+    with pytest.raises(AuthError):
+        require_predict(s, _req(None))
+    with pytest.raises(ForbiddenError):
+        require_predict(s, _req("x"))
+
+
+def test_admin_scope_and_disabled() -> None:
+    with pytest.raises(ForbiddenError, match="disabled"):
+        require_admin(ServeSettings(), _req("anything"))
+    s = ServeSettings(predict_token=SecretStr("p"), admin_token=SecretStr("a"))
+    require_admin(s, _req("a"))
+    with pytest.raises(AuthError):
+        require_admin(s, _req(None))
+    with pytest.raises(ForbiddenError):
+        require_admin(s, _req("p"))

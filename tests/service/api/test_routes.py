@@ -1,0 +1,409 @@
+"""Every route, in process: the FastAPI app over a real data plane (a real SeaweedFS, real tiny
+models in an in-process ModelHost, a real job runner whose launcher only records), called
+through ``httpx.ASGITransport``. No Ray, no Serve."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import struct
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image
+from pydantic import SecretStr
+
+from conftest import png_bytes, publish_tiny_model, write_imagefolder
+from service.api import create_app
+from service.control.scheduler import InProcessScheduler, JobRunner
+from service.dataplane import DataPlane, InProcessPredictor, JobsUseCases, ModelHost
+from service.settings import RefitSettings, ServeSettings
+from training.storage.registry import Registry
+from training.storage.s3 import ObjectStore
+
+pytestmark = pytest.mark.anyio
+
+ADMIN, PREDICT = "admin-secret", "predict-secret"
+
+
+class RecordingLauncher:
+    """Where the runner would start a job: records it; jobs end only when told."""
+
+    def __init__(self) -> None:
+        self.started: list[str] = []
+        self.stopped: list[str] = []
+
+    def start(self, job_id: str, spec: Any) -> None:
+        self.started.append(job_id)
+
+    def ended(self, job_id: str) -> str | None:
+        return "stopped" if job_id in self.stopped else None
+
+    def stop(self, job_id: str) -> None:
+        self.stopped.append(job_id)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def plane_parts(settings: RefitSettings) -> Iterator[dict[str, Any]]:
+    serve = ServeSettings(
+        admin_token=SecretStr(ADMIN),
+        predict_token=SecretStr(PREDICT),
+        max_body_bytes=300_000,
+        poll_interval_s=30,
+    )
+    settings = settings.model_copy(update={"serve": serve})
+    store = ObjectStore(settings.s3)
+    registry = Registry(store)
+    notified: list[str] = []
+
+    async def notify(model: str) -> None:
+        notified.append(model)
+
+    launcher = RecordingLauncher()
+    runner = JobRunner(settings, launcher=launcher)
+    plane = DataPlane(
+        registry=registry,
+        predictor=InProcessPredictor(ModelHost(serve, registry)),
+        jobs=JobsUseCases(store, InProcessScheduler(runner)),
+        alias=serve.alias,
+        notify=notify,
+    )
+    yield {
+        "settings": settings,
+        "store": store,
+        "registry": registry,
+        "plane": plane,
+        "notified": notified,
+        "launcher": launcher,
+    }
+    runner.close()
+
+
+@pytest.fixture
+async def client(plane_parts: dict[str, Any]) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(plane_parts["settings"], plane_parts["plane"])
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://refit") as c:
+        yield c
+
+
+def _auth(token: str | None = PREDICT) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _gif() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, "GIF")
+    return buf.getvalue()
+
+
+def _b64(*images: bytes) -> list[str]:
+    return [base64.b64encode(i).decode() for i in images]
+
+
+@pytest.fixture
+def digits(plane_parts: dict[str, Any]) -> dict[str, Any]:
+    """A served model (``digits``), a second version of it, and a model with no alias."""
+    reg = plane_parts["registry"]
+    first, _ = publish_tiny_model(reg, "digits")
+    second, _ = publish_tiny_model(reg, "digits", promote=False)
+    publish_tiny_model(reg, "unpromoted", promote=False)
+    return {"first": first.version, "second": second.version}
+
+
+async def test_predict_json_and_multipart(client: httpx.AsyncClient, digits: dict) -> None:
+    r = await client.post(
+        "/v1/models/digits/predict",
+        json={"images": _b64(png_bytes(0), png_bytes(1)), "top_k": 2},
+        headers=_auth(),
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model_version"] == digits["first"] == r.headers["x-model-version"]
+    assert [len(p) for p in body["predictions"]] == [2, 2]
+    assert {p["label"] for row in body["predictions"] for p in row} <= {"a", "b", "c"}
+    files = [("a", ("a.png", png_bytes(0), "image/png")), ("b", ("b.png", png_bytes(2)))]
+    r = await client.post(
+        "/v1/models/digits/predict", files=files, data={"top_k": "1"}, headers=_auth()
+    )
+    assert r.status_code == 200, r.text
+    assert [len(p) for p in r.json()["predictions"]] == [1, 1]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "field"),
+    [
+        ({"json": {"images": ["***"]}}, 400, "images[0]"),
+        ({"json": {"images": []}}, 400, "images"),
+        ({"json": {"images": ["aGk="], "top_k": 99}}, 400, "top_k"),
+        ({"json": {"images": _b64(_gif())}}, 415, "images[0]"),
+        ({"json": {"images": _b64(b"\x89PNG\r\n\x1a\nbroken")}}, 422, "images[0]"),
+        ({"content": b"x" * 400_000, "headers": {"Content-Type": "application/json"}}, 413, "body"),
+        ({"content": b"{", "headers": {"Content-Type": "application/json"}}, 400, "body"),
+        ({"content": b"hi", "headers": {"Content-Type": "text/plain"}}, 400, "content-type"),
+        ({"files": [("top_k", (None, "3"))]}, 400, "images"),
+        ({"files": [("a", ("a.png", b"x"))], "data": {"top_k": "x"}}, 400, "top_k"),
+    ],
+)
+async def test_predict_mistakes(
+    client: httpx.AsyncClient, digits: dict, kwargs: dict, status: int, field: str
+) -> None:
+    headers = {**_auth(), **kwargs.pop("headers", {})}
+    r = await client.post("/v1/models/digits/predict", headers=headers, **kwargs)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["field"] == field
+
+
+async def test_predict_auth_unknown_and_unserved(client: httpx.AsyncClient, digits: dict) -> None:
+    body = {"images": _b64(png_bytes(0))}
+    url = "/v1/models/digits/predict"
+    assert (await client.post(url, json=body)).status_code == 401
+    assert (await client.post(url, json=body, headers=_auth("wrong"))).status_code == 403
+    assert (await client.post(url, json=body, headers=_auth(ADMIN))).status_code == 200
+    r = await client.post("/v1/models/nobody/predict", json=body, headers=_auth())
+    assert (r.status_code, r.json()["error"]["code"]) == (404, "not_found")
+    r = await client.post("/v1/models/unpromoted/predict", json=body, headers=_auth())
+    assert (r.status_code, r.headers["retry-after"]) == (503, "1")
+    for bad in ("Bad_Name", "a..b", "x" * 65):
+        r = await client.post(f"/v1/models/{bad}/predict", json=body, headers=_auth())
+        assert (r.status_code, r.json()["error"]["field"]) == (400, "model")
+
+
+async def test_listing(client: httpx.AsyncClient, digits: dict) -> None:
+    r = await client.get("/v1/models", headers=_auth())
+    assert r.status_code == 200
+    assert {"name": "digits", "production": digits["first"]} in r.json()["models"]
+    r = await client.get("/v1/models/digits/versions", headers=_auth())
+    assert r.json()["versions"] == sorted([digits["first"], digits["second"]])
+    assert r.json()["aliases"] == {"production": digits["first"]}
+    assert (await client.get("/v1/models/nobody/versions", headers=_auth())).status_code == 404
+    assert (await client.get("/v1/models")).status_code == 401
+
+
+async def test_promote_and_rollback(
+    client: httpx.AsyncClient, digits: dict, plane_parts: dict
+) -> None:
+    admin = _auth(ADMIN)
+    url = "/v1/models/digits"
+    predict = {"json": {"images": _b64(png_bytes(0))}, "headers": _auth()}
+    r = await client.post(f"{url}/predict", **predict)  # loads the first version
+    assert r.json()["model_version"] == digits["first"]
+    r = await client.post(f"{url}/promote", json={"version": digits["second"]}, headers=_auth())
+    assert r.status_code == 403  # the predict token is not an admin token
+    r = await client.post(f"{url}/promote", json={"version": digits["second"]}, headers=admin)
+    assert r.status_code == 200, r.text
+    assert r.json() == {
+        "model": "digits",
+        "alias": "production",
+        "version": digits["second"],
+        "previous": digits["first"],
+    }
+    assert plane_parts["notified"] == ["digits"]
+    r = await client.post(
+        "/v1/models/digits/predict", json={"images": _b64(png_bytes(0))}, headers=_auth()
+    )
+    assert r.json()["model_version"] == digits["first"]  # the follower polls every 30 s here
+    await plane_parts["plane"].predictor.host.refresh("digits")  # what a notice triggers
+    r = await client.post(
+        "/v1/models/digits/predict", json={"images": _b64(png_bytes(0))}, headers=_auth()
+    )
+    assert r.json()["model_version"] == digits["second"]
+    r = await client.post(f"{url}/rollback", headers=admin)  # no body: production
+    assert r.status_code == 200, r.text
+    assert r.json()["version"] == digits["first"]
+    for body, field in (
+        ({"version": "production\n"}, "version"),
+        ({"version": digits["first"], "alias": "../x"}, "alias"),
+        ({"version": digits["first"], "extra": 1}, "extra"),
+    ):
+        r = await client.post(f"{url}/promote", json=body, headers=admin)
+        assert (r.status_code, r.json()["error"]["field"]) == (400, field), r.text
+    r = await client.post(
+        f"{url}/promote", json={"version": "20000101-000000-000000"}, headers=admin
+    )
+    assert r.status_code == 404
+    r = await client.post(f"{url}/rollback", json={"alias": "staging"}, headers=admin)
+    assert r.status_code == 404
+
+
+async def test_oip_infer_json_binary_and_tensor(client: httpx.AsyncClient, digits: dict) -> None:
+    images = {
+        "name": "images",
+        "shape": [2],
+        "datatype": "BYTES",
+        "data": _b64(png_bytes(0), png_bytes(1)),
+    }
+    r = await client.post(
+        "/v2/models/digits/infer",
+        json={"id": "r1", "inputs": [images], "parameters": {"top_k": 2}},
+        headers=_auth(),
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert (body["id"], body["model_version"]) == ("r1", digits["first"])
+    assert [o["shape"] for o in body["outputs"]] == [[2, 2], [2, 2]]
+    # binary extension: header, then the BYTES elements as <u32 length><bytes>
+    blob = b"".join(struct.pack("<I", len(p)) + p for p in (png_bytes(2),))
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "images",
+                    "shape": [1],
+                    "datatype": "BYTES",
+                    "parameters": {"binary_data_size": len(blob)},
+                }
+            ],
+            "outputs": [{"name": "scores", "parameters": {"binary_data": True}}],
+        }
+    ).encode()
+    r = await client.post(
+        f"/v2/models/digits/versions/{digits['first']}/infer",
+        content=header + blob,
+        headers={
+            **_auth(),
+            "Inference-Header-Content-Length": str(len(header)),
+            "Content-Type": "application/octet-stream",
+        },
+    )
+    assert r.status_code == 200, r.text
+    length = int(r.headers["inference-header-content-length"])
+    assert (
+        json.loads(r.content[:length])["outputs"][1]["parameters"]["binary_data_size"] == 12
+    )  # 3 classes, 3 float32
+    tensor = {
+        "name": "input",
+        "shape": [1, 3, 32, 32],
+        "datatype": "FP32",
+        "data": [0.0] * 3 * 32 * 32,
+    }
+    r = await client.post("/v2/models/digits/infer", json={"inputs": [tensor]}, headers=_auth())
+    assert r.status_code == 200, r.text
+    r = await client.post(
+        f"/v2/models/digits/versions/{digits['second']}/infer",
+        json={"inputs": [images]},
+        headers=_auth(),
+    )
+    assert (r.status_code, r.json()["error"]["field"]) == (404, "version")
+    r = await client.post(
+        "/v2/models/digits/infer",
+        content=b"[" * 100_000,
+        headers={**_auth(), "Content-Type": "application/json"},
+    )
+    assert r.status_code == 400  # nesting past the JSON parser's depth limit: not a 500
+    r = await client.post(
+        "/v2/models/digits/infer",
+        json={"inputs": [images]},
+        headers={**_auth(), "Inference-Header-Content-Length": "x"},
+    )
+    assert (r.status_code, r.json()["error"]["field"]) == (400, "Inference-Header-Content-Length")
+
+
+async def test_oip_metadata_readiness_health(client: httpx.AsyncClient, digits: dict) -> None:
+    r = await client.get("/v2/models/digits", headers=_auth())
+    assert r.status_code == 200
+    assert r.json()["versions"] == [digits["first"]]
+    assert r.json()["parameters"]["class_names"] == ["a", "b", "c"]
+    assert r.json()["inputs"][1]["shape"] == [-1, 3, 32, 32]
+    assert (await client.get("/v2/models/digits/ready", headers=_auth())).json()["ready"]
+    r = await client.get("/v2/models/unpromoted/ready", headers=_auth())
+    assert (r.status_code, r.json()["ready"]) == (503, False)
+    assert (await client.get("/v2/models/nobody/ready", headers=_auth())).status_code == 404
+    assert (await client.get("/v2/models/unpromoted", headers=_auth())).status_code == 503
+    assert (await client.get("/v2/health/live")).json() == {"live": True}
+    assert (await client.get("/v2/health/ready")).json() == {"ready": True}
+
+
+async def test_jobs_lifecycle(client: httpx.AsyncClient, plane_parts: dict) -> None:
+    store, admin = plane_parts["store"], _auth(ADMIN)
+    uri = write_imagefolder(store, "tiny", classes=2, train=2, val=1)
+    spec = {
+        "model": "tiny",
+        "base": {"backbone": "resnet18"},
+        "dataset": uri,
+        "epochs": 1,
+        "workers": 1,
+    }
+    r = await client.post(
+        "/v1/finetune-jobs", json=spec, headers={**admin, "Idempotency-Key": "k1"}
+    )
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert r.headers["location"] == f"/v1/finetune-jobs/{job['job_id']}"
+    assert job["state"] == "queued"
+    again = await client.post(
+        "/v1/finetune-jobs", json=spec, headers={**admin, "Idempotency-Key": "k1"}
+    )
+    assert (again.status_code, again.json()["job_id"]) == (200, job["job_id"])
+    assert again.headers["idempotent-replayed"] == "true"
+    clash = await client.post(
+        "/v1/finetune-jobs", json={**spec, "epochs": 2}, headers={**admin, "Idempotency-Key": "k1"}
+    )
+    assert clash.status_code == 409
+    r = await client.get("/v1/finetune-jobs", headers=admin)
+    assert [j["job_id"] for j in r.json()["jobs"]] == [job["job_id"]]
+    r = await client.get(f"/v1/finetune-jobs/{job['job_id']}", headers=admin)
+    assert r.status_code == 200 and r.json()["links"]["cancel"].endswith("/cancel")
+    r = await client.get(f"/v1/finetune-jobs/{job['job_id']}/curve.png", headers=admin)
+    assert (r.status_code, r.content[:4]) == (200, b"\x89PNG")
+    r = await client.post(f"/v1/finetune-jobs/{job['job_id']}/cancel", headers=admin)
+    assert r.status_code == 202, r.text
+    assert r.json()["state"] in {"cancelled", "running"}
+    if r.json()["state"] == "running":  # the runner had started it: its launcher stops it
+        assert job["job_id"] in plane_parts["launcher"].stopped
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "kwargs", "status", "field"),
+    [
+        ("POST", "/v1/finetune-jobs", {"content": b"{oops"}, 400, "body"),
+        ("POST", "/v1/finetune-jobs", {"json": [1, 2]}, 400, "body"),
+        ("POST", "/v1/finetune-jobs", {"json": {"model": "x"}}, 422, "base"),
+        ("POST", "/v1/finetune-jobs", {"content": b"[" * 100_000}, 400, "body"),
+        (
+            "POST",
+            "/v1/finetune-jobs",
+            {"json": {}, "headers": {"Idempotency-Key": ""}},
+            400,
+            "Idempotency-Key",
+        ),
+        ("GET", "/v1/finetune-jobs/NOT..AN..ID", {}, 400, "job_id"),
+        ("GET", "/v1/finetune-jobs/job-1", {}, 404, "job_id"),
+        ("GET", "/v1/finetune-jobs?state=exploded", {}, 400, "state"),
+        ("GET", "/v1/finetune-jobs?limit=0", {}, 400, "limit"),
+        ("POST", "/v1/finetune-jobs/job-1/cancel", {}, 404, "job_id"),
+    ],
+)
+async def test_job_mistakes(
+    client: httpx.AsyncClient, method: str, path: str, kwargs: dict, status: int, field: Any
+) -> None:
+    headers = {**_auth(ADMIN), **kwargs.pop("headers", {})}
+    r = await client.request(method, path, headers=headers, **kwargs)
+    assert r.status_code == status, r.text
+    assert r.json()["error"].get("field") == field
+
+
+async def test_admin_needs_the_admin_token(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/v1/finetune-jobs")).status_code == 401
+    assert (await client.get("/v1/finetune-jobs", headers=_auth())).status_code == 403
+
+
+async def test_ops(client: httpx.AsyncClient, digits: dict) -> None:
+    assert (await client.get("/healthz")).json() == {"status": "ok"}
+    assert (await client.get("/readyz")).json() == {"ready": True}
+    await client.post(
+        "/v1/models/digits/predict", json={"images": _b64(png_bytes(0))}, headers=_auth()
+    )
+    text = (await client.get("/metrics")).text
+    assert 'refit_http_requests_total{route="/v1/models/{model}/predict",status="200"}' in text
+    assert "refit_model_loaded_info{" in text
+    r = await client.get("/nowhere")
+    assert (r.status_code, r.json()["error"]["code"]) == (404, "not_found")

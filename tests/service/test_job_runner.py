@@ -1,0 +1,112 @@
+"""The job runner actor on a real local Ray: per-model serialization under a global cap,
+cancel of a queued job, and a runner restart that requeues and finishes its running job."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+import ray
+from conftest import write_imagefolder
+
+from service.control.scheduler import runner_actor, stop_actors
+from service.settings import RefitSettings
+from training.settings import TrainingSettings
+from training.storage.job_records import JobStore
+from training.storage.s3 import ObjectStore
+
+pytestmark = [pytest.mark.ray, pytest.mark.trains, pytest.mark.usefixtures("ray_session")]
+SMALL = {"resize_size": 32, "crop_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3}
+
+
+def _spec(store: ObjectStore, model: str, **over: Any) -> dict[str, Any]:
+    return {
+        "model": model,
+        "base": {"backbone": "resnet18"},
+        "dataset": store.uri("datasets/tiny/"),
+        "epochs": 1,
+        "batch_size": 8,
+        "workers": 1,
+        "preprocess": SMALL,
+        "augment": {"hflip": False},
+        **over,
+    }
+
+
+def _cpus_return_to(baseline: float, timeout: float = 30) -> None:
+    """Every CPU a job took is free again: no process, controller or worker leaked."""
+    deadline = time.monotonic() + timeout
+    while ray.available_resources().get("CPU", 0) < baseline:
+        assert time.monotonic() < deadline, (
+            f"{ray.available_resources().get('CPU', 0)} CPUs free, {baseline} before the jobs"
+        )
+        time.sleep(0.5)
+
+
+def _wait(jobs: JobStore, job_id: str, states: set[str], timeout: float = 300) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        record = jobs.get(job_id)
+        if record.state in states:
+            return record
+        time.sleep(0.2)
+    raise AssertionError(f"{job_id} stayed {record.state}")
+
+
+@pytest.fixture
+def runner_settings(settings: RefitSettings) -> Any:
+    s = settings.model_copy(
+        update={"training": TrainingSettings(max_running_jobs=2, progress_interval_s=0.5)}
+    )
+    yield s
+    stop_actors(s)
+
+
+def test_one_job_per_model_under_a_global_cap(runner_settings: RefitSettings) -> None:
+    store = ObjectStore(runner_settings.s3)
+    write_imagefolder(store, "tiny", classes=2, train=8, val=4)
+    jobs = JobStore(store)
+    baseline = ray.available_resources().get("CPU", 0)
+    runner = runner_actor(runner_settings)
+    x = ray.get(runner.create.remote(_spec(store, "m1"), None))["record"]["job_id"]
+    y = ray.get(runner.create.remote(_spec(store, "m1"), None))["record"]["job_id"]
+    z = ray.get(runner.create.remote(_spec(store, "m2"), None))["record"]["job_id"]
+    _wait(jobs, x, {"running"})
+    _wait(jobs, z, {"running"})  # another model runs beside x (cap 2)
+    assert jobs.get(y).state == "queued"  # same model as x: waits
+    stats = ray.get(runner.stats.remote())
+    assert stats["running"] == 2
+    assert stats["queued"] == 1
+    cancelled = ray.get(runner.cancel.remote(y))
+    assert cancelled["state"] == "cancelled"
+    assert "before it started" in cancelled["reason"]
+    assert _wait(jobs, x, {"succeeded", "failed"}).state == "succeeded"
+    assert _wait(jobs, z, {"succeeded", "failed"}).state == "succeeded"
+    assert jobs.get(y).started_at is None
+    deadline = time.monotonic() + 10  # the record ends before the runner reaps the task
+    while ray.get(runner.stats.remote())["running"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray.get(runner.stats.remote())["finished"] == {"cancelled": 1, "succeeded": 2}
+    _cpus_return_to(baseline)
+
+
+def test_restarted_runner_requeues_and_finishes(runner_settings: RefitSettings) -> None:
+    store = ObjectStore(runner_settings.s3)
+    write_imagefolder(store, "tiny", classes=2, train=24, val=4)
+    jobs = JobStore(store)
+    baseline = ray.available_resources().get("CPU", 0)
+    runner = runner_actor(runner_settings)
+    spec = _spec(store, "m3", epochs=3)
+    job = ray.get(runner.create.remote(spec, None))["record"]["job_id"]
+    deadline = time.monotonic() + 300
+    while not store.exists(f"jobs/{job}/progress.json"):  # first checkpoint is on the store
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    ray.kill(runner, no_restart=False)  # the runner dies; its job's task dies with it
+    record = _wait(jobs, job, {"succeeded", "failed"}, timeout=400)
+    assert record.state == "succeeded", record
+    assert record.attempts == 2
+    assert record.result is not None
+    assert record.result["resumed_from_epoch"] >= 1  # Ray Train resumed the run by its name
+    _cpus_return_to(baseline)  # the first attempt's training died with the old runner

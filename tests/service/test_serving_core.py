@@ -1,0 +1,154 @@
+"""Serving core without Ray: request images, verified model loading, numeric modes, swaps."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from conftest import png_bytes, publish_tiny_model
+from PIL import Image
+
+from service.dataplane import served_model as model_module
+from service.dataplane.images import decode_request_images
+from service.dataplane.hotload import ModelSlot
+from service.dataplane.served_model import load_served_model
+from service.errors import InvalidImageError, TooLargeError, UnsupportedImageError
+from service.settings import NumericMode
+from training.preprocess import Preprocessing, normalize
+from training.storage.errors import IntegrityError
+from training.storage.registry import CALIBRATION_FILE, Registry
+from training.storage.s3 import ObjectStore
+
+PRE = Preprocessing(resize_size=32, crop_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
+
+
+def _publish(store: ObjectStore) -> tuple[Registry, str, torch.nn.Module]:
+    reg = Registry(store)
+    manifest, net = publish_tiny_model(reg, "svc", promote=False, preprocessing=PRE)
+    assert CALIBRATION_FILE in manifest.files
+    return reg, manifest.version, net
+
+
+def test_fp32_model_matches_direct_forward(store: ObjectStore) -> None:
+    reg, version, net = _publish(store)
+    served = load_served_model(reg, "svc", version)
+    images = decode_request_images(
+        [png_bytes(1), png_bytes(2)], max_image_bytes=10**6, max_pixels=10**6, preprocessing=PRE
+    )
+    with torch.no_grad():
+        expected = net(normalize(PRE, images))
+    assert torch.allclose(served.logits(images), expected, atol=1e-5)
+    top = served.top_k(images, k=2)
+    assert len(top) == 2
+    assert [len(t) for t in top] == [2, 2]
+    assert top[0][0]["label"] in {"a", "b", "c"}
+    assert served.top_k(images, k=10)[0][-1]["score"] >= 0
+
+
+def test_bf16_mode_is_checked_and_falls_back(store: ObjectStore) -> None:
+    reg, version, _ = _publish(store)
+    bf16 = load_served_model(reg, "svc", version, mode="bf16", min_agreement=0.0, check_speed=False)
+    assert bf16.mode == "bf16"
+    assert 0.0 <= bf16.agreement <= 1.0
+    assert bf16.fallback is None
+    strict = load_served_model(reg, "svc", version, mode="bf16", min_agreement=1.01)
+    assert strict.mode == "fp32"  # agreement can never reach 101 %: falls back
+    assert strict.fallback is not None
+    assert "agreement" in strict.fallback
+    # the fallback really is fp32: contiguous weights, same logits as a fresh fp32 load
+    x = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    fp32 = load_served_model(reg, "svc", version)
+    assert torch.equal(strict.logits(x), fp32.logits(x))
+
+
+@pytest.mark.parametrize("mode", ["channels_last", "fp32_jit", "bf16", "bf16_jit"])
+def test_every_mode_serves_what_fp32_serves(store: ObjectStore, mode: NumericMode) -> None:
+    reg, version, _ = _publish(store)
+    fp32 = load_served_model(reg, "svc", version)
+    served = load_served_model(reg, "svc", version, mode=mode, check_speed=False)
+    assert served.mode == mode, served.fallback
+    assert served.agreement == 1.0
+    assert isinstance(served.module, torch.jit.ScriptModule) == mode.endswith("_jit")
+    x = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    tol = 1e-4 if mode.startswith("fp32") or mode == "channels_last" else 0.1
+    # any batch size, not only the traced one
+    for n in (1, 5):
+        assert torch.allclose(served.logits(x[:n]), fp32.logits(x[:n]), atol=tol)
+
+
+def test_a_mode_slower_than_fp32_is_refused_once_per_architecture(
+    store: ObjectStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reg, version, _ = _publish(store)
+    timed: list[str] = []
+
+    def fake_seconds(module: object, x: torch.Tensor, mode: str) -> float:
+        timed.append(mode)
+        return {"fp32": 1.0, "bf16": 2.0, "fp32_jit": 0.5}[mode]
+
+    monkeypatch.setattr(model_module, "_SPEED_VERDICTS", {})
+    monkeypatch.setattr(model_module, "_seconds_per_forward", fake_seconds)
+    slow = load_served_model(reg, "svc", version, mode="bf16", min_agreement=0.0)
+    assert slow.mode == "fp32"
+    assert slow.fallback is not None
+    assert "slower than fp32" in slow.fallback
+    fast = load_served_model(reg, "svc", version, mode="fp32_jit", min_agreement=0.0)
+    assert fast.mode == "fp32_jit"
+    assert fast.fallback is None
+    assert timed == ["fp32", "bf16", "fp32", "fp32_jit"]
+    # the next version of the same architecture reuses the verdicts: no timing on hot-loads
+    again = load_served_model(reg, "svc", version, mode="bf16", min_agreement=0.0)
+    assert again.mode == "fp32"
+    assert again.fallback == slow.fallback
+    load_served_model(reg, "svc", version, mode="fp32_jit", min_agreement=0.0)
+    assert len(timed) == 4
+
+
+def test_tampered_calibration_refused(store: ObjectStore) -> None:
+    reg, version, _ = _publish(store)
+    key = f"models/svc/versions/{version}/{CALIBRATION_FILE}"
+    blob = bytearray(store.get_bytes(key))
+    blob[-1] ^= 0xFF
+    store.put_bytes(key, bytes(blob))
+    with pytest.raises(IntegrityError):
+        load_served_model(reg, "svc", version)
+
+
+def test_slot_swaps_whole_models(store: ObjectStore) -> None:
+    reg, version, _ = _publish(store)
+    slot = ModelSlot()
+    assert slot.current is None
+    first = load_served_model(reg, "svc", version)
+    assert slot.swap(first) is None
+    in_flight = slot.current  # a batch holds this reference until it finishes
+    second = load_served_model(reg, "svc", version)
+    assert slot.swap(second) is first
+    assert in_flight is first
+    assert slot.current is second
+    assert slot.swaps == 2
+
+
+def _encoded(fmt: str, size: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), (200, 10, 10)).save(buf, fmt)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("bad", "error", "status"),
+    [
+        (b"x" * 5000, TooLargeError, 413),
+        (_encoded("GIF", 8), UnsupportedImageError, 415),
+        (png_bytes(1)[:70], InvalidImageError, 422),
+        (_encoded("PNG", 4000), TooLargeError, 413),  # small file, 16 Mpx: a bomb
+    ],
+)
+def test_request_image_errors_name_the_item(bad: bytes, error: type, status: int) -> None:
+    with pytest.raises(error) as err:
+        decode_request_images(
+            [png_bytes(0), bad], max_image_bytes=4000, max_pixels=100 * 100, preprocessing=PRE
+        )
+    assert err.value.field == "images[1]"
+    assert err.value.status == status
+    assert err.value.to_dict()["error"]["field"] == "images[1]"

@@ -1,0 +1,34 @@
+"""Settings: env names, AWS fallbacks, and the README table listing every variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from service.settings import RefitSettings, env_names
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def test_readme_lists_every_variable() -> None:
+    text = README.read_text()
+    assert [n for n in env_names() if f"`{n}`" not in text] == []
+
+
+def test_env_and_aws_fallbacks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REFIT_S3__BUCKET", "models")
+    monkeypatch.setenv("REFIT_TRAINING__MAX_EPOCHS", "7")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "ak")
+    s = RefitSettings()
+    assert s.s3.bucket == "models"
+    assert s.training.max_epochs == 7
+    assert s.s3.resolved_endpoint() == "http://127.0.0.1:9000"
+    assert s.s3.resolved_access_key() == "ak"
+    monkeypatch.setenv("REFIT_S3__ENDPOINT_URL", "http://127.0.0.1:8333")
+    assert RefitSettings().s3.resolved_endpoint() == "http://127.0.0.1:8333"
+
+
+def test_dashboard_off_by_default() -> None:
+    assert RefitSettings().ray.include_dashboard is False

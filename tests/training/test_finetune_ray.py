@@ -1,0 +1,172 @@
+"""Fine-tune jobs end to end on a real local Ray and a real SeaweedFS."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import write_imagefolder
+
+from service.settings import RefitSettings
+from training.finetune import run_finetune
+from training.spec import parse_spec
+from training.storage.errors import DataError, ResourceError
+from training.storage.registry import Registry
+from training.storage.s3 import ObjectStore
+
+pytestmark = [pytest.mark.ray, pytest.mark.trains, pytest.mark.usefixtures("ray_session")]
+SMALL = {"resize_size": 32, "crop_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3}
+
+
+def _spec(store: ObjectStore, dataset: str, **over: Any):
+    raw = {
+        "model": "synth",
+        "base": {"backbone": "resnet18"},
+        "dataset": store.uri(f"datasets/{dataset}/"),
+        "freeze": {"policy": "full"},
+        "epochs": 2,
+        "batch_size": 8,
+        "lr": 0.003,
+        "workers": 2,
+        "preprocess": SMALL,
+        "augment": {"hflip": False},
+    }
+    raw.update(over)
+    return parse_spec(raw)
+
+
+def test_two_worker_ddp_publishes_then_finetunes_from_it(
+    store: ObjectStore, settings: RefitSettings
+) -> None:
+    write_imagefolder(store, "synth", classes=3, train=16, val=6)
+    first = run_finetune(_spec(store, "synth"), s3=settings.s3, training=settings.training)
+    assert first["published"]
+    assert first["promoted"]
+    assert first["epochs_run"] == 2
+    reg = Registry(store)
+    manifest, _ = reg.load("synth", "production")  # verifies every sha256
+    assert manifest.version == first["version"]
+    assert manifest.class_names == ["c0", "c1", "c2"]
+    assert manifest.hyperparameters["workers"] == 2
+    calibration = reg.load_calibration(manifest)  # verified validation crops for serving
+    assert calibration.dtype == torch.uint8
+    assert tuple(calibration.shape) == (18, 3, 32, 32)
+    assert manifest.dataset["fingerprint"]
+    assert manifest.job_id == first["job_id"]
+    assert store.exists(f"jobs/{first['job_id']}/progress.json")
+    record = store.get_json(f"jobs/{first['job_id']}.json")
+    assert record["state"] == "succeeded"
+    assert record["result"]["gate"]["passed"] is True
+
+    second = run_finetune(
+        _spec(
+            store,
+            "synth",
+            base={"version": f"synth@{first['version']}"},
+            freeze={"policy": "head_only"},
+            epochs=3,
+            gate={"max_regression": 1.0},
+        ),
+        s3=settings.s3,
+        training=settings.training,
+    )
+    assert second["parent"] == f"synth@{first['version']}"
+    assert second["gate"]["incumbent_version"] == first["version"]
+    assert second["published"]
+    alias, _ = reg.get_alias("synth", "production")
+    assert alias.version == second["version"]
+    assert alias.history[0] == first["version"]
+
+
+def _train_worker_pids() -> list[int]:
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if b"RayTrainWorker" in (d / "cmdline").read_bytes():
+                    pids.append(int(d.name))
+            except OSError:
+                continue
+    return pids
+
+
+def test_worker_killed_mid_run_resumes_and_publishes(
+    store: ObjectStore, settings: RefitSettings
+) -> None:
+    write_imagefolder(store, "big", classes=3, train=60, val=8)
+    spec = _spec(store, "big", epochs=4, batch_size=16, model="resume")
+    out: dict[str, Any] = {}
+    job_id = "job-resume-test"
+
+    def run() -> None:
+        try:
+            out["result"] = run_finetune(
+                spec, s3=settings.s3, training=settings.training, job_id=job_id
+            )
+        except Exception as exc:  # surfaced by the assertion below
+            out["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.monotonic() + 300
+    killed = None
+    while time.monotonic() < deadline and thread.is_alive():
+        # progress.json is written by the controller after it registered the checkpoint
+        progress = store.head(f"jobs/{job_id}/progress.json")
+        if progress is not None and store.get_json(f"jobs/{job_id}/progress.json")["epoch"] >= 1:
+            pids = _train_worker_pids()
+            if pids:
+                killed = pids[0]
+                os.kill(killed, signal.SIGKILL)
+                break
+        time.sleep(0.2)
+    thread.join(timeout=600)
+    assert killed is not None, "never saw a checkpoint to kill after"
+    assert "error" not in out, out.get("error")
+    result = out["result"]
+    assert result["resumed_from_epoch"] > 0
+    assert result["published"]
+    assert result["epochs_run"] == 4
+    Registry(store).load("resume", result["version"])
+
+
+def test_all_corrupt_fails_and_publishes_nothing(
+    store: ObjectStore, settings: RefitSettings
+) -> None:
+    write_imagefolder(store, "junk", classes=2, train=4, val=0)
+    for c in range(2):
+        for i in range(2):
+            store.put_bytes(f"datasets/junk/val/c{c}/{i}.png", b"not an image")
+        for i in range(4):
+            store.put_bytes(f"datasets/junk/train/c{c}/{i:03d}.png", b"\x89PNG broken")
+    with pytest.raises(DataError) as err:
+        run_finetune(
+            _spec(store, "junk", model="junk", workers=1),
+            s3=settings.s3,
+            training=settings.training,
+        )
+    assert err.value.field == "dataset"
+    assert "unreadable" in err.value.message
+    assert Registry(store).list_versions("junk") == []
+    assert Registry(store).get_alias("junk", "production") == (None, None)
+    records = [o.key for o in store.list("jobs/") if o.key.endswith(".json")]
+    failed = [store.get_json(k) for k in records if store.get_json(k).get("state") == "failed"]
+    assert failed[0]["error"]["code"] == "invalid_dataset"
+
+
+def test_more_workers_than_cluster(store: ObjectStore, settings: RefitSettings) -> None:
+    write_imagefolder(store, "w", classes=2, train=3, val=1)
+    with pytest.raises(ResourceError) as err:
+        run_finetune(_spec(store, "w", workers=16), s3=settings.s3, training=settings.training)
+    assert err.value.field == "workers"
+    assert err.value.status == 422
+    with pytest.raises(ResourceError):
+        run_finetune(
+            _spec(store, "w", workers=1, use_gpu=True), s3=settings.s3, training=settings.training
+        )

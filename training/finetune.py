@@ -1,0 +1,330 @@
+"""A fine-tune job from spec to published version: the driver side.
+
+:func:`run_finetune` moves the job's record and calls the pipeline, whose steps are::
+
+    prepare (index the data, resolve the base)  ->  train (Ray Train, ray_train.fit)
+    ->  score the best checkpoint on the validation split
+    ->  score the alias' current version on the same split  ->  gate
+    ->  publish (weights, then manifest)  ->  move the alias
+
+A failed job publishes nothing; the outcome is recorded in the job record either way.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from training.backbones import build_backbone
+from training.checkpoints import load_checkpoint_state, load_checkpoint_weights
+from training.data import DatasetIndex, ImageDataset, Sample, index_dataset, make_loader
+from training.gate import GateDecision, decide
+from training.loop import Precision, evaluate
+from training.preprocess import Preprocessing, crop_transform, eval_transform
+from training.ray_train import fit
+from training.settings import TrainingSettings
+from training.spec import FinetuneSpec
+from training.storage.errors import (
+    ConflictError,
+    DataError,
+    NotFoundError,
+    RefitError,
+    TrainingError,
+)
+from training.storage.job_records import JobState, JobStore
+from training.storage.registry import Registry
+from training.storage.s3 import ObjectStore
+from training.storage.settings import S3Settings
+from training.weights import ResolvedBase, resolve_base
+from training.worker import RunInputs
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_IMAGES = 32
+"""Validation crops kept with a version (load-time checks of the serving numeric modes)."""
+
+
+def _dataset(
+    store: ObjectStore, samples: list[Sample], transform: Any, training: TrainingSettings
+) -> ImageDataset:
+    """An ImageDataset under the configured byte and pixel caps."""
+    return ImageDataset(
+        store,
+        samples,
+        transform,
+        max_bytes=training.max_image_bytes,
+        max_pixels=training.max_image_pixels,
+    )
+
+
+def evaluate_model(
+    model: nn.Module,
+    samples: list[Sample],
+    *,
+    store: ObjectStore,
+    preprocessing: Preprocessing,
+    classes: list[str],
+    training: TrainingSettings,
+    batch_size: int = 64,
+) -> dict[str, Any]:
+    """Metrics of a model on samples (plain torch, in this process, CPU)."""
+    ds = _dataset(store, samples, eval_transform(preprocessing), training)
+    loader = make_loader(ds, batch_size=batch_size, shuffle=False)
+    acc = evaluate(
+        model, loader, num_classes=len(classes), precision=Precision(torch.device("cpu"))
+    )
+    return acc.compute(classes)
+
+
+def _calibration(
+    samples: list[Sample], store: ObjectStore, pre: Preprocessing, training: TrainingSettings
+) -> torch.Tensor:
+    """Up to 32 validation crops (uint8), spread over the classes, stored with the version."""
+    by_class: dict[int, list[Sample]] = {}
+    for s in samples:
+        by_class.setdefault(s.label, []).append(s)
+    picked: list[Sample] = []
+    while len(picked) < min(CALIBRATION_IMAGES, len(samples)):
+        for group in by_class.values():
+            if group and len(picked) < CALIBRATION_IMAGES:
+                picked.append(group.pop(0))
+    ds = _dataset(store, picked, crop_transform(pre), training)
+    return torch.stack([ds[i][0] for i in range(len(ds))])
+
+
+def run_finetune(
+    spec: FinetuneSpec,
+    *,
+    s3: S3Settings,
+    training: TrainingSettings,
+    job_id: str | None = None,
+) -> dict[str, Any]:
+    """Run one job to the end; returns the JSON-ready result. Raises RefitError subclasses
+    for bad specs and data; in that case nothing is published and no alias moves.
+
+    With ``job_id`` the job's record (created by the API) is moved to running and then to its
+    end; without, a record is created first. The outcome - published, rejected by the gate
+    (state succeeded, with the gate's reasons), or failed (with the error) - is recorded in
+    ``jobs/{job_id}.json`` either way.
+    """
+    store = ObjectStore(s3)
+    jobs = JobStore(store)
+    if job_id is None or not store.exists(jobs.key(job_id)):
+        job_id = jobs.create(spec, job_id=job_id)[0].job_id
+    if jobs.transition(job_id, "running").terminal:
+        raise ConflictError(f"job {job_id} already ended", field="job_id")
+    try:
+        result = _Pipeline(spec, store, training, job_id).run()
+    except RefitError as exc:
+        _finish(jobs, job_id, "failed", reason=str(exc), error=exc.to_dict()["error"])
+        raise
+    except Exception as exc:
+        error = {"code": "internal_error", "message": f"{type(exc).__name__}: {exc}"}
+        _finish(jobs, job_id, "failed", reason=error["message"], error=error)
+        raise
+    _finish(jobs, job_id, "succeeded", reason=_outcome(result), result=result)
+    return result
+
+
+def _outcome(result: dict[str, Any]) -> str:
+    if result["published"]:
+        moved = f" and moved {result['alias']}" if result["promoted"] else ""
+        return f"published {result['version']}{moved}"
+    return "not published: " + "; ".join(result["gate"].get("reasons") or ["gate failed"])
+
+
+def _finish(jobs: JobStore, job_id: str, state: JobState, **fields: Any) -> None:
+    try:
+        jobs.transition(job_id, state, **fields)
+    except RefitError as exc:  # the outcome itself matters more than its record
+        log.warning("could not record the end of %s: %s", job_id, exc)
+
+
+@dataclass
+class _Trained:
+    """The best checkpoint of the run, loaded, and what the run reported."""
+
+    model: nn.Module
+    skipped: set[str]
+    metrics: dict[str, Any]
+    best_metrics: dict[str, Any]
+    storage_uri: str
+
+
+@dataclass
+class _Incumbent:
+    version: str | None = None
+    top1: float | None = None
+    note: str | None = None
+
+
+class _Pipeline:
+    """The steps of one job, in order (see the module docstring)."""
+
+    def __init__(
+        self, spec: FinetuneSpec, store: ObjectStore, training: TrainingSettings, job_id: str
+    ) -> None:
+        self.spec, self.store, self.training, self.job_id = spec, store, training, job_id
+        self.registry = Registry(store)
+        self.started = time.time()
+
+    def run(self) -> dict[str, Any]:
+        spec = self.spec
+        index = index_dataset(
+            self.store, spec.dataset, val_fraction=spec.val_fraction, seed=spec.seed
+        )
+        base = resolve_base(spec.base, store=self.store, training=self.training)
+        preprocessing = spec.preprocess or base.preprocessing
+        trained = self.train(index, base, preprocessing)
+        val = [s for s in index.val if s.key not in trained.skipped]
+        candidate = self.score(trained.model, val, preprocessing, index.classes)
+        gate = self.gate(candidate["top1"], self.incumbent(val, index.classes))
+        metrics = {k: candidate[k] for k in ("loss", "top1", "top5", "macro_f1", "images")}
+        metrics.update(per_class=candidate["per_class"], confusion=candidate["confusion"])
+        version, promoted = None, False
+        if gate.passed:
+            version = self.publish(trained, index, base, preprocessing, val, metrics, gate)
+            if spec.promote:
+                self.registry.set_alias(spec.model, spec.alias, version)
+                promoted = True
+        return self.result(trained, index, base, metrics, gate, version, promoted)
+
+    def train(
+        self, index: DatasetIndex, base: ResolvedBase, preprocessing: Preprocessing
+    ) -> _Trained:
+        """Ray Train run; the best checkpoint's weights in a fresh model."""
+        inputs = RunInputs(
+            spec=self.spec,
+            s3=self.store.settings,
+            training=self.training,
+            backbone=base.backbone,
+            classes=index.classes,
+            train=index.train,
+            val=index.val,
+            preprocessing=preprocessing,
+            base_state=base.state_dict,
+            keep_head=base.class_names == index.classes,
+        )
+        with tempfile.TemporaryDirectory(prefix="refit-") as work:
+            result = fit(inputs, job_id=self.job_id, workdir=Path(work))
+            if "data_error" in result.metrics:
+                raise DataError(result.metrics["data_error"], field="dataset")
+            if result.best_dir is None:
+                raise TrainingError("training finished without a checkpoint")
+            model = build_backbone(base.backbone, num_classes=len(index.classes))
+            model.load_state_dict(load_checkpoint_weights(result.best_dir))
+            skipped = set(load_checkpoint_state(result.best_dir).get("bad_keys", []))
+        return _Trained(model, skipped, result.metrics, result.best_metrics, result.storage_uri)
+
+    def score(
+        self, model: nn.Module, val: list[Sample], pre: Preprocessing, classes: list[str]
+    ) -> dict[str, Any]:
+        """Metrics on the (readable) validation split."""
+        return evaluate_model(
+            model, val, store=self.store, preprocessing=pre, classes=classes, training=self.training
+        )
+
+    def incumbent(self, val: list[Sample], classes: list[str]) -> _Incumbent:
+        """The alias' current version scored on the same split (when it has the same
+        classes)."""
+        spec = self.spec
+        if self.registry.get_alias(spec.model, spec.alias)[0] is None:
+            return _Incumbent()
+        try:
+            manifest, state = self.registry.load(spec.model, spec.alias)
+        except NotFoundError:
+            return _Incumbent()
+        if manifest.class_names != classes:
+            return _Incumbent(note=f"serving {manifest.version} has other classes; not compared")
+        model = build_backbone(manifest.backbone, num_classes=len(classes))
+        model.load_state_dict(state)
+        top1 = self.score(model, val, manifest.preprocessing, classes)["top1"]
+        return _Incumbent(manifest.version, top1)
+
+    def gate(self, candidate_top1: float, incumbent: _Incumbent) -> GateDecision:
+        """The spec's gate, with the settings' defaults for what it leaves unset."""
+        g = self.spec.gate
+        return decide(
+            candidate_top1,
+            min_accuracy=g.min_accuracy
+            if g.min_accuracy is not None
+            else self.training.min_accuracy,
+            max_regression=g.max_regression
+            if g.max_regression is not None
+            else self.training.max_regression,
+            incumbent_version=incumbent.version,
+            incumbent_top1=incumbent.top1,
+            incumbent_note=incumbent.note,
+        )
+
+    def publish(
+        self,
+        trained: _Trained,
+        index: DatasetIndex,
+        base: ResolvedBase,
+        preprocessing: Preprocessing,
+        val: list[Sample],
+        metrics: dict[str, Any],
+        gate: GateDecision,
+    ) -> str:
+        """A new immutable version (weights, calibration crops, then the manifest)."""
+        spec = self.spec
+        manifest = self.registry.publish(
+            trained.model.state_dict(),
+            model=spec.model,
+            calibration=_calibration(val, self.store, preprocessing, self.training),
+            backbone=base.backbone,
+            num_classes=len(index.classes),
+            class_names=index.classes,
+            preprocessing=preprocessing,
+            freeze=spec.freeze.model_dump(mode="json"),
+            hyperparameters=spec.model_dump(
+                mode="json", exclude={"model", "base", "dataset", "freeze"}
+            ),
+            dataset={**index.summary(), "skipped_images": len(trained.skipped)},
+            parent=base.parent,
+            metrics=metrics,
+            gate=gate.model_dump(mode="json"),
+            job_id=self.job_id,
+        )
+        return manifest.version
+
+    def result(
+        self,
+        trained: _Trained,
+        index: DatasetIndex,
+        base: ResolvedBase,
+        metrics: dict[str, Any],
+        gate: GateDecision,
+        version: str | None,
+        promoted: bool,
+    ) -> dict[str, Any]:
+        """The job's JSON result (kept in its record)."""
+        spec, run = self.spec, trained.metrics
+        dataset = {**index.summary(), "skipped_images": len(trained.skipped)}
+        return {
+            "job_id": self.job_id,
+            "model": spec.model,
+            "version": version,
+            "published": version is not None,
+            "promoted": promoted,
+            "alias": spec.alias,
+            "parent": base.parent,
+            "metrics": metrics,
+            "gate": gate.model_dump(mode="json"),
+            "skipped_images": len(trained.skipped),
+            "resumed_from_epoch": int(run.get("resumed_from_epoch", 0)),
+            "epochs_run": int(run.get("epoch", 0)),
+            "best_epoch": int(trained.best_metrics.get("epoch", 0)),
+            "images_per_s": float(run.get("images_per_s", 0.0)),
+            "dataset": dataset,
+            "checkpoints": trained.storage_uri,
+            "seconds": round(time.time() - self.started, 2),
+        }

@@ -1,0 +1,29 @@
+"""Ids: model names, versions, aliases and job ids match one strict pattern, never paths."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from datetime import UTC, datetime
+
+ID_PATTERN = r"^[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?$"
+_ID = re.compile(ID_PATTERN)
+
+
+def is_id(value: object) -> bool:
+    """Whether a value is a valid id (lowercase letters, digits, ``._-``, 1-64 chars)."""
+    # fullmatch: ``$`` alone also matches before a trailing newline ("production\n")
+    return isinstance(value, str) and bool(_ID.fullmatch(value)) and ".." not in value
+
+
+def new_version_id(now: datetime | None = None) -> str:
+    """A new immutable version id that sorts by creation time: ``20261122-113000-1a2b3c``."""
+    now = now or datetime.now(UTC)
+    return f"{now:%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+
+
+def new_job_id(now: datetime | None = None) -> str:
+    """A new job id that sorts by creation time (to the millisecond):
+    ``job-20261122-113000123-1a2b3c``."""
+    now = now or datetime.now(UTC)
+    return f"job-{now:%Y%m%d-%H%M%S}{now.microsecond // 1000:03d}-{secrets.token_hex(3)}"

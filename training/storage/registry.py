@@ -1,0 +1,284 @@
+"""The S3 model registry: immutable versions, verified loads, compare-and-swap aliases.
+
+Layout (relative to the configured prefix)::
+
+    models/{model}/versions/{version}/model.safetensors   weights only (never pickle)
+    models/{model}/versions/{version}/manifest.json       written LAST: the version exists
+    models/{model}/aliases/{alias}.json                   {"version", "sha256", "history"}
+
+A loader never discovers versions by listing: it reads the alias, then the manifest (whose
+sha256 the alias records), then checks every file's sha256 and refuses what does not verify.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from training.preprocess import Preprocessing
+from training.storage.errors import ConflictError, IntegrityError, NotFoundError, SpecError
+from training.storage.ids import is_id, new_version_id
+from training.storage.s3 import ObjectStore
+
+WEIGHTS_FILE = "model.safetensors"
+MANIFEST_FILE = "manifest.json"
+CALIBRATION_FILE = "calibration.safetensors"
+"""Up to 32 validation crops (uint8, before normalisation): load-time checks of numeric modes."""
+_HISTORY = 20
+
+
+def sha256_hex(data: bytes) -> str:
+    """Hex sha256 of bytes."""
+    return hashlib.sha256(data).hexdigest()
+
+
+class FileEntry(BaseModel):
+    """A file of a version and its expected hash."""
+
+    sha256: str
+    size: int
+
+
+class Manifest(BaseModel):
+    """Everything needed to rebuild, verify and explain a published version."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: int = 1
+    model: str
+    version: str
+    backbone: str
+    num_classes: int
+    class_names: list[str]
+    preprocessing: Preprocessing
+    freeze: dict[str, Any] = Field(default_factory=dict)
+    hyperparameters: dict[str, Any] = Field(default_factory=dict)
+    dataset: dict[str, Any] = Field(default_factory=dict)
+    parent: str | None = None
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    gate: dict[str, Any] = Field(default_factory=dict)
+    job_id: str | None = None
+    created_at: str
+    files: dict[str, FileEntry]
+
+
+class AliasRecord(BaseModel):
+    """An alias pointer; ``sha256`` is the manifest's, ``history`` the earlier versions."""
+
+    version: str
+    sha256: str
+    updated_at: str
+    history: list[str] = Field(default_factory=list)
+
+
+def _check_ids(**ids: str) -> None:
+    for field, value in ids.items():
+        if not is_id(value):
+            raise SpecError(f"{value!r} is not a valid id", field=field)
+
+
+class Registry:
+    """Publish, load and point at model versions in the object store."""
+
+    def __init__(self, store: ObjectStore) -> None:
+        self.store = store
+
+    @staticmethod
+    def _vkey(model: str, version: str, name: str) -> str:
+        return f"models/{model}/versions/{version}/{name}"
+
+    @staticmethod
+    def _akey(model: str, alias: str) -> str:
+        return f"models/{model}/aliases/{alias}.json"
+
+    # --- publish -----------------------------------------------------------------------------
+    def publish(
+        self,
+        state_dict: dict[str, torch.Tensor],
+        *,
+        model: str,
+        calibration: torch.Tensor | None = None,
+        **manifest_fields: Any,
+    ) -> Manifest:
+        """Write a new immutable version: files first, manifest last (it makes the version
+        exist). Returns the manifest. No object can overwrite an existing one.
+
+        ``calibration``: uint8 images ``[N, 3, H, W]`` (validation crops) kept with the version.
+        """
+        _check_ids(model=model)
+        version = new_version_id()
+        meta = {"refit.model": model, "refit.version": version}
+        tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+        files = {WEIGHTS_FILE: st_save(tensors, metadata=meta)}
+        if calibration is not None:
+            images = calibration.to(torch.uint8).contiguous()
+            files[CALIBRATION_FILE] = st_save({"images": images}, metadata=meta)
+        manifest = Manifest(
+            model=model,
+            version=version,
+            created_at=datetime.now(UTC).isoformat(),
+            files={n: FileEntry(sha256=sha256_hex(b), size=len(b)) for n, b in files.items()},
+            **manifest_fields,
+        )
+        for name, blob in files.items():
+            self.store.put_bytes(self._vkey(model, version, name), blob, if_none_match=True)
+        self.store.put_bytes(
+            self._vkey(model, version, MANIFEST_FILE),
+            self.manifest_bytes(manifest),
+            content_type="application/json",
+            if_none_match=True,
+        )
+        return manifest
+
+    @staticmethod
+    def manifest_bytes(manifest: Manifest) -> bytes:
+        """Canonical manifest bytes (sorted keys): what is stored and hashed."""
+        return json.dumps(manifest.model_dump(mode="json"), sort_keys=True, indent=1).encode()
+
+    # --- read --------------------------------------------------------------------------------
+    def read_manifest(
+        self, model: str, version: str, *, expect_sha256: str | None = None
+    ) -> tuple[Manifest, str]:
+        """The manifest of a version and its sha256; IntegrityError when it does not match
+        ``expect_sha256`` (from an alias) or does not parse, NotFoundError when absent."""
+        _check_ids(model=model, version=version)
+        try:
+            raw = self.store.get_bytes(self._vkey(model, version, MANIFEST_FILE))
+        except NotFoundError:
+            raise NotFoundError(f"model {model!r} has no version {version!r}") from None
+        digest = sha256_hex(raw)
+        if expect_sha256 is not None and digest != expect_sha256:
+            raise IntegrityError(f"manifest of {model}@{version} does not match its alias")
+        try:
+            manifest = Manifest.model_validate_json(raw)
+        except ValidationError as exc:
+            raise IntegrityError(f"manifest of {model}@{version} is malformed: {exc}") from None
+        if manifest.model != model or manifest.version != version:
+            raise IntegrityError(f"manifest of {model}@{version} names another version")
+        return manifest, digest
+
+    def load(self, model: str, ref: str = "production") -> tuple[Manifest, dict[str, torch.Tensor]]:
+        """Load a version by id or alias, verifying the manifest and every file's sha256."""
+        version, expect = self.resolve(model, ref)
+        return self.load_version(model, version, expect_sha256=expect)
+
+    def load_version(
+        self, model: str, version: str, *, expect_sha256: str | None = None
+    ) -> tuple[Manifest, dict[str, torch.Tensor]]:
+        """Load one version, verifying its manifest against ``expect_sha256`` (the hash an
+        alias recorded: the version the alias pointed at, not one written since) and every
+        file against the manifest."""
+        manifest, _ = self.read_manifest(model, version, expect_sha256=expect_sha256)
+        return manifest, st_load(self.read_file(manifest, WEIGHTS_FILE))
+
+    def read_file(self, manifest: Manifest, name: str) -> bytes:
+        """A file of a version, verified against the manifest's size and sha256."""
+        entry = manifest.files.get(name)
+        if entry is None:
+            raise NotFoundError(f"{manifest.model}@{manifest.version} has no {name}")
+        blob = self.store.get_bytes(self._vkey(manifest.model, manifest.version, name))
+        if len(blob) != entry.size or sha256_hex(blob) != entry.sha256:
+            raise IntegrityError(
+                f"{name} of {manifest.model}@{manifest.version} fails its sha256 check"
+            )
+        return blob
+
+    def load_calibration(self, manifest: Manifest) -> torch.Tensor | None:
+        """The version's calibration images (uint8 ``[N, 3, H, W]``), or None if it has none."""
+        if CALIBRATION_FILE not in manifest.files:
+            return None
+        return st_load(self.read_file(manifest, CALIBRATION_FILE))["images"]
+
+    def resolve(self, model: str, ref: str) -> tuple[str, str | None]:
+        """``(version, expected manifest sha256 or None)`` for an alias name or version id."""
+        _check_ids(model=model, ref=ref)
+        record, _ = self.get_alias(model, ref)
+        if record is not None:
+            return record.version, record.sha256
+        if self.store.exists(self._vkey(model, ref, MANIFEST_FILE)):
+            return ref, None
+        raise NotFoundError(f"model {model!r} has no version or alias {ref!r}")
+
+    # --- aliases -----------------------------------------------------------------------------
+    def get_alias(self, model: str, alias: str) -> tuple[AliasRecord | None, str | None]:
+        """The alias record and its ETag, or ``(None, None)``."""
+        _check_ids(model=model, alias=alias)
+        try:
+            raw, etag = self.store.get_with_etag(self._akey(model, alias))
+        except NotFoundError:
+            return None, None
+        return AliasRecord.model_validate_json(raw), etag
+
+    def set_alias(self, model: str, alias: str, version: str) -> AliasRecord:
+        """Point an alias at a verified version (compare-and-swap on the alias object)."""
+        manifest, digest = self.read_manifest(model, version)
+        self.load(model, version)  # refuse to point at weights that do not verify
+        current, etag = self.get_alias(model, alias)
+        history = []
+        if current is not None:
+            history = [current.version, *current.history][:_HISTORY]
+        record = AliasRecord(
+            version=manifest.version,
+            sha256=digest,
+            updated_at=datetime.now(UTC).isoformat(),
+            history=history,
+        )
+        self._write_alias(model, alias, record, etag)
+        return record
+
+    def rollback(self, model: str, alias: str = "production") -> AliasRecord:
+        """Point the alias back at the version it held before (one step)."""
+        current, etag = self.get_alias(model, alias)
+        if current is None or not current.history:
+            raise NotFoundError(f"alias {model}@{alias} has no earlier version")
+        previous, rest = current.history[0], current.history[1:]
+        _, digest = self.read_manifest(model, previous)
+        self.load(model, previous)
+        record = AliasRecord(
+            version=previous,
+            sha256=digest,
+            updated_at=datetime.now(UTC).isoformat(),
+            history=rest,
+        )
+        self._write_alias(model, alias, record, etag)
+        return record
+
+    def _write_alias(self, model: str, alias: str, record: AliasRecord, etag: str | None) -> None:
+        try:
+            self.store.put_json(
+                self._akey(model, alias),
+                record.model_dump(mode="json"),
+                if_none_match=etag is None,
+                if_match=etag,
+            )
+        except ConflictError:
+            raise ConflictError(
+                f"alias {model}@{alias} was moved concurrently; read it and retry"
+            ) from None
+
+    # --- listing (for humans and the API; loaders never list) ---------------------------------
+    def list_models(self) -> list[str]:
+        """Names of models with at least one published version."""
+        names = set()
+        for obj in self.store.list("models/"):
+            parts = obj.key.split("/")
+            if len(parts) == 5 and parts[2] == "versions" and parts[4] == MANIFEST_FILE:
+                names.add(parts[1])
+        return sorted(names)
+
+    def list_versions(self, model: str) -> list[str]:
+        """Published versions of a model (those with a manifest), oldest first."""
+        _check_ids(model=model)
+        out = []
+        for obj in self.store.list(f"models/{model}/versions/"):
+            parts = obj.key.split("/")
+            if len(parts) == 5 and parts[4] == MANIFEST_FILE:
+                out.append(parts[3])
+        return sorted(out)
