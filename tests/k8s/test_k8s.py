@@ -22,9 +22,9 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from k8s_schemas import index, strip_nulls, validator
 from pydantic import BaseModel
 
+from k8s_schemas import index, strip_nulls, validator
 from service.settings import env_names
 
 ROOT = Path(__file__).resolve().parents[2]

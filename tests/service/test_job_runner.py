@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 import ray
-from conftest import write_imagefolder
 
+from conftest import write_imagefolder
 from service.control.scheduler import runner_actor, stop_actors
 from service.settings import RefitSettings
 from training.settings import TrainingSettings

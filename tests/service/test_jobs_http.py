@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 import ray
 import requests
-from conftest import free_port, png_bytes, write_imagefolder
 from PIL import Image
 
+from conftest import free_port, png_bytes, write_imagefolder
 from service.control.scheduler import stop_actors
 from service.embedded_store import Connection
 from service.settings import RefitSettings, ServeSettings

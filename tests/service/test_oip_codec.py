@@ -8,8 +8,8 @@ import struct
 
 import numpy as np
 import pytest
-from conftest import png_bytes
 
+from conftest import png_bytes
 from service.dataplane.oip_codec import InferRequest, build_response, parse_infer
 from service.errors import BadRequestError, TooLargeError
 

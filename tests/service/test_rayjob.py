@@ -11,8 +11,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
-from k8s_schemas import validator
 
+from k8s_schemas import validator
 from service.control.rayjob import KubeApi, RayJobLauncher, rayjob_manifest, rayjob_name
 from service.control.scheduler import JobRunner
 from service.settings import RefitSettings, env_names

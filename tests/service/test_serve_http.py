@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 import requests
-from conftest import free_port, png_bytes, publish_tiny_model
 from PIL import Image
 
+from conftest import free_port, png_bytes, publish_tiny_model
 from service.embedded_store import Connection
 from service.settings import RefitSettings, ServeSettings
 from training.preprocess import Preprocessing

@@ -6,12 +6,12 @@ import io
 
 import pytest
 import torch
-from conftest import png_bytes, publish_tiny_model
 from PIL import Image
 
+from conftest import png_bytes, publish_tiny_model
 from service.dataplane import served_model as model_module
-from service.dataplane.images import decode_request_images
 from service.dataplane.hotload import ModelSlot
+from service.dataplane.images import decode_request_images
 from service.dataplane.served_model import load_served_model
 from service.errors import InvalidImageError, TooLargeError, UnsupportedImageError
 from service.settings import NumericMode

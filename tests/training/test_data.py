@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from conftest import png_bytes, write_imagefolder
 
+from conftest import png_bytes, write_imagefolder
 from training.data import ImageDataset, decode_image, index_dataset
 from training.preprocess import Preprocessing, eval_transform
 from training.storage.errors import DataError

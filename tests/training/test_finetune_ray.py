@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import write_imagefolder
 
+from conftest import write_imagefolder
 from service.settings import RefitSettings
 from training.finetune import run_finetune
 from training.spec import parse_spec

@@ -351,7 +351,8 @@ async def test_jobs_lifecycle(client: httpx.AsyncClient, plane_parts: dict) -> N
     r = await client.get("/v1/finetune-jobs", headers=admin)
     assert [j["job_id"] for j in r.json()["jobs"]] == [job["job_id"]]
     r = await client.get(f"/v1/finetune-jobs/{job['job_id']}", headers=admin)
-    assert r.status_code == 200 and r.json()["links"]["cancel"].endswith("/cancel")
+    assert r.status_code == 200
+    assert r.json()["links"]["cancel"].endswith("/cancel")
     r = await client.get(f"/v1/finetune-jobs/{job['job_id']}/curve.png", headers=admin)
     assert (r.status_code, r.content[:4]) == (200, b"\x89PNG")
     r = await client.post(f"/v1/finetune-jobs/{job['job_id']}/cancel", headers=admin)
