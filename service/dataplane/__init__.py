@@ -9,7 +9,12 @@
   ``curve``: the training-curve PNG.
 """
 
-from service.dataplane.dataplane import DataPlane, InProcessPredictor, Predictor
+from service.dataplane.dataplane import (
+    DataPlane,
+    InProcessPredictor,
+    Predictor,
+    in_process_dataplane,
+)
 from service.dataplane.jobs import JobsUseCases, Scheduler
 from service.dataplane.model_host import ModelHost
 
@@ -20,4 +25,5 @@ __all__ = [
     "ModelHost",
     "Predictor",
     "Scheduler",
+    "in_process_dataplane",
 ]

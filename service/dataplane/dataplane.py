@@ -14,11 +14,13 @@ from typing import Any, Protocol
 
 import torch
 
-from service.dataplane.jobs import JobsUseCases
+from service.dataplane.jobs import JobsUseCases, Scheduler
 from service.dataplane.model_host import ModelHost
 from service.errors import NoVersionError
+from service.settings import RefitSettings
 from training.storage.errors import NotFoundError
 from training.storage.registry import AliasRecord, Manifest, Registry
+from training.storage.s3 import ObjectStore
 
 Notifier = Callable[[str], Awaitable[None]]
 """Tells the replicas that a model's alias moved (best effort; they poll as well)."""
@@ -179,3 +181,19 @@ class DataPlane:
             "version": record.version,
             "previous": before.version if before else None,
         }
+
+
+def in_process_dataplane(
+    settings: RefitSettings, scheduler: Scheduler, *, notify: Notifier = _no_notice
+) -> DataPlane:
+    """A data plane whose models run in this process (a :class:`ModelHost`), with jobs
+    queued on ``scheduler``: for tests and tools that need the API without Ray Serve."""
+    store = ObjectStore(settings.s3)
+    registry = Registry(store)
+    return DataPlane(
+        registry=registry,
+        predictor=InProcessPredictor(ModelHost(settings.serve, registry)),
+        jobs=JobsUseCases(store, scheduler),
+        alias=settings.serve.alias,
+        notify=notify,
+    )

@@ -14,36 +14,12 @@ from typing import Any
 import httpx
 import pytest
 from PIL import Image
-from pydantic import SecretStr
 
+from api_app import ADMIN, PREDICT, build_inprocess_app
 from conftest import png_bytes, publish_tiny_model, write_imagefolder
-from service.api import create_app
-from service.control.scheduler import InProcessScheduler, JobRunner
-from service.dataplane import DataPlane, InProcessPredictor, JobsUseCases, ModelHost
-from service.settings import RefitSettings, ServeSettings
-from training.storage.registry import Registry
-from training.storage.s3 import ObjectStore
+from service.settings import RefitSettings
 
 pytestmark = pytest.mark.anyio
-
-ADMIN, PREDICT = "admin-secret", "predict-secret"
-
-
-class RecordingLauncher:
-    """Where the runner would start a job: records it; jobs end only when told."""
-
-    def __init__(self) -> None:
-        self.started: list[str] = []
-        self.stopped: list[str] = []
-
-    def start(self, job_id: str, spec: Any) -> None:
-        self.started.append(job_id)
-
-    def ended(self, job_id: str) -> str | None:
-        return "stopped" if job_id in self.stopped else None
-
-    def stop(self, job_id: str) -> None:
-        self.stopped.append(job_id)
 
 
 @pytest.fixture
@@ -52,45 +28,20 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture
-def plane_parts(settings: RefitSettings) -> Iterator[dict[str, Any]]:
-    serve = ServeSettings(
-        admin_token=SecretStr(ADMIN),
-        predict_token=SecretStr(PREDICT),
-        max_body_bytes=300_000,
-        poll_interval_s=30,
-    )
-    settings = settings.model_copy(update={"serve": serve})
-    store = ObjectStore(settings.s3)
-    registry = Registry(store)
-    notified: list[str] = []
-
-    async def notify(model: str) -> None:
-        notified.append(model)
-
-    launcher = RecordingLauncher()
-    runner = JobRunner(settings, launcher=launcher)
-    plane = DataPlane(
-        registry=registry,
-        predictor=InProcessPredictor(ModelHost(serve, registry)),
-        jobs=JobsUseCases(store, InProcessScheduler(runner)),
-        alias=serve.alias,
-        notify=notify,
-    )
-    yield {
-        "settings": settings,
-        "store": store,
-        "registry": registry,
-        "plane": plane,
-        "notified": notified,
-        "launcher": launcher,
-    }
-    runner.close()
+def app_and_parts(settings: RefitSettings) -> Iterator[tuple[Any, dict[str, Any]]]:
+    app, parts = build_inprocess_app(settings)
+    yield app, parts
+    parts["runner"].close()
 
 
 @pytest.fixture
-async def client(plane_parts: dict[str, Any]) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(plane_parts["settings"], plane_parts["plane"])
-    transport = httpx.ASGITransport(app=app)
+def plane_parts(app_and_parts: tuple[Any, dict[str, Any]]) -> dict[str, Any]:
+    return app_and_parts[1]
+
+
+@pytest.fixture
+async def client(app_and_parts: tuple[Any, dict[str, Any]]) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=app_and_parts[0])
     async with httpx.AsyncClient(transport=transport, base_url="http://refit") as c:
         yield c
 

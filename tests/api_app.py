@@ -1,0 +1,73 @@
+"""The API in process, for the route and OpenAPI tests: the FastAPI app over a real data
+plane (the test's SeaweedFS prefix, real tiny models in an in-process ModelHost, a real job
+runner whose launcher only records what it was asked to do)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from pydantic import SecretStr
+
+from conftest import publish_tiny_model
+from service.api import create_app
+from service.control.scheduler import InProcessScheduler, JobRunner
+from service.dataplane import in_process_dataplane
+from service.settings import RefitSettings, ServeSettings
+from training.storage.registry import Registry
+from training.storage.s3 import ObjectStore
+
+ADMIN, PREDICT = "admin-secret", "predict-secret"
+
+
+class RecordingLauncher:
+    """Where the runner would start a job: records it; jobs end only when stopped."""
+
+    def __init__(self) -> None:
+        self.started: list[str] = []
+        self.stopped: list[str] = []
+
+    def start(self, job_id: str, spec: Any) -> None:
+        self.started.append(job_id)
+
+    def ended(self, job_id: str) -> str | None:
+        return "stopped" if job_id in self.stopped else None
+
+    def stop(self, job_id: str) -> None:
+        self.stopped.append(job_id)
+
+
+def build_inprocess_app(
+    settings: RefitSettings, *, publish: bool = False
+) -> tuple[FastAPI, dict[str, Any]]:
+    """The app and its parts (``store``, ``registry``, ``plane``, ``notified``, ``launcher``,
+    ``runner``: close it when done). ``publish``: a served model ``digits`` first."""
+    serve = ServeSettings(
+        admin_token=SecretStr(ADMIN),
+        predict_token=SecretStr(PREDICT),
+        max_body_bytes=300_000,
+        poll_interval_s=30,
+    )
+    settings = settings.model_copy(update={"serve": serve})
+    store = ObjectStore(settings.s3)
+    registry = Registry(store)
+    if publish:
+        publish_tiny_model(registry, "digits")
+    notified: list[str] = []
+
+    async def notify(model: str) -> None:
+        notified.append(model)
+
+    launcher = RecordingLauncher()
+    runner = JobRunner(settings, launcher=launcher)
+    plane = in_process_dataplane(settings, InProcessScheduler(runner), notify=notify)
+    parts = {
+        "settings": settings,
+        "store": store,
+        "registry": registry,
+        "plane": plane,
+        "notified": notified,
+        "launcher": launcher,
+        "runner": runner,
+    }
+    return create_app(settings, plane), parts
