@@ -15,6 +15,7 @@ from fastapi import APIRouter, Request, Response
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
 from service.api.auth import PredictScope, Settings
@@ -99,8 +100,11 @@ router = APIRouter(tags=["predict"], dependencies=[PredictScope])
 async def _form_inputs(request: Request, max_images: int) -> PredictForm:
     try:
         form = await request.form(max_files=max_images, max_fields=8)
-    except MultiPartException as exc:  # malformed body, no boundary, too many parts
-        raise BadRequestError(f"malformed multipart body: {exc}", field="body") from None
+    except (MultiPartException, HTTPException) as exc:
+        # malformed body, no boundary, too many parts (Starlette raises the parser's error as
+        # an HTTPException inside an app)
+        detail = getattr(exc, "detail", None) or getattr(exc, "message", str(exc))
+        raise BadRequestError(f"malformed multipart body: {detail}", field="body") from None
     files: list[bytes] = []
     fields: dict[str, Any] = {}
     for key, value in form.multi_items():

@@ -101,6 +101,16 @@ async def test_predict_json_and_multipart(client: httpx.AsyncClient, digits: dic
         ({"content": b"{", "headers": {"Content-Type": "application/json"}}, 400, "body"),
         ({"content": b"hi", "headers": {"Content-Type": "text/plain"}}, 400, "content-type"),
         ({"files": [("top_k", (None, "3"))]}, 400, "images"),
+        (
+            {"content": b"--x\r\nbroken", "headers": {"Content-Type": "multipart/form-data"}},
+            400,
+            "body",
+        ),
+        (
+            {"content": b"junk", "headers": {"Content-Type": "multipart/form-data; boundary=b"}},
+            400,
+            "body",
+        ),
         ({"files": [("a", ("a.png", b"x"))], "data": {"top_k": "x"}}, 400, "top_k"),
     ],
 )
