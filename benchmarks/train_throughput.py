@@ -20,7 +20,7 @@ from common import digits_store, report, run_local
 
 from training import demo
 from training.data import index_dataset
-from training.settings import RaySettings, TrainingSettings
+from training.job_settings import RaySettings, TrainingSettings
 from training.spec import parse_spec
 from training.worker import RunInputs
 

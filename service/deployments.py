@@ -29,7 +29,7 @@ from service.dataplane.dataplane import DataPlane
 from service.dataplane.hotload import Follower
 from service.dataplane.jobs import JobsUseCases
 from service.dataplane.model_host import Item, ModelHost, Ranked
-from service.errors import OverloadedError
+from service.request_errors import OverloadedError
 from service.settings import RefitSettings
 from training.storage.errors import RefitError
 from training.storage.registry import Registry

@@ -25,8 +25,8 @@ from types import TracebackType
 from typing import Any
 
 from training.storage.errors import StorageError
+from training.storage.location import S3Settings
 from training.storage.s3 import ObjectStore
-from training.storage.settings import S3Settings
 
 CONNECTION_FILE = "connection.json"
 _IDENTITIES_FILE = "s3-identities.json"

@@ -16,7 +16,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from training.settings import RaySettings, TrainingSettings
+from training.job_settings import RaySettings, TrainingSettings
 from training.storage import S3Settings
 
 NumericMode = Literal["fp32", "channels_last", "fp32_jit", "bf16", "bf16_jit"]

@@ -13,7 +13,7 @@ from PIL import Image
 
 from service.embedded_store import Connection, EmbeddedStore
 from service.settings import RefitSettings
-from training.settings import TrainingSettings
+from training.job_settings import TrainingSettings
 from training.storage.s3 import ObjectStore
 
 RAY_CPUS = 3

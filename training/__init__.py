@@ -14,7 +14,7 @@ the result to the model registry. No web or serving code lives here (``service``
 ``worker``               one worker's whole run (:func:`run_worker`), Ray-free
 ``ray_train``            the Ray Train edge (:func:`fit`, :func:`ensure_ray`)
 ``finetune``             the job pipeline: train, score, gate, publish (:func:`run_finetune`)
-``settings``             the ``ray`` and ``training`` settings sections
+``job_settings``         the ``ray`` and ``training`` settings sections
 =======================  ==============================================================
 
 The names below load their module on first use, so ``import training`` stays cheap (Ray and
@@ -29,8 +29,8 @@ from typing import Any
 _PUBLIC = {
     "FinetuneSpec": "training.spec",
     "parse_spec": "training.spec",
-    "RaySettings": "training.settings",
-    "TrainingSettings": "training.settings",
+    "RaySettings": "training.job_settings",
+    "TrainingSettings": "training.job_settings",
     "build_backbone": "training.backbones",
     "run_worker": "training.worker",
     "RunInputs": "training.worker",

@@ -26,10 +26,10 @@ from training.backbones import build_backbone
 from training.checkpoints import load_checkpoint_state, load_checkpoint_weights
 from training.data import DatasetIndex, ImageDataset, Sample, index_dataset, make_loader
 from training.gate import GateDecision, decide
+from training.job_settings import TrainingSettings
 from training.loop import Precision, evaluate
 from training.preprocess import Preprocessing, crop_transform, eval_transform
 from training.ray_train import fit
-from training.settings import TrainingSettings
 from training.spec import FinetuneSpec
 from training.storage.errors import (
     ConflictError,
@@ -39,9 +39,9 @@ from training.storage.errors import (
     TrainingError,
 )
 from training.storage.job_records import JobState, JobStore
+from training.storage.location import S3Settings
 from training.storage.registry import Registry
 from training.storage.s3 import ObjectStore
-from training.storage.settings import S3Settings
 from training.weights import ResolvedBase, resolve_base
 from training.worker import RunInputs
 

@@ -20,7 +20,7 @@ import ray.train
 import ray.train.torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 
-from training.settings import RaySettings
+from training.job_settings import RaySettings
 from training.storage.errors import ResourceError, TrainingError
 from training.storage.job_records import JobStore
 from training.storage.s3 import ObjectStore

@@ -16,8 +16,8 @@ from pydantic import (
 )
 
 from training.freeze import FreezePolicy, Full
+from training.job_settings import TrainingSettings
 from training.preprocess import Augmentation, Preprocessing
-from training.settings import TrainingSettings
 from training.storage.errors import SpecError
 from training.storage.ids import ID_PATTERN, is_id
 

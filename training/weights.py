@@ -21,8 +21,8 @@ from safetensors.torch import load as st_load
 from torch import nn
 
 from training.backbones import HEAD_MODULE, family_of
+from training.job_settings import TrainingSettings
 from training.preprocess import Preprocessing
-from training.settings import TrainingSettings
 from training.spec import BaseModelSpec
 from training.storage.errors import IntegrityError, SpecError, WeightsUnavailableError
 from training.storage.registry import Registry

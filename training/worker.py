@@ -41,6 +41,7 @@ from training.freeze import (
     plan_freeze,
     set_frozen_batchnorm,
 )
+from training.job_settings import TrainingSettings
 from training.loop import (
     Precision,
     build_optimizer,
@@ -50,10 +51,9 @@ from training.loop import (
     train_one_epoch,
 )
 from training.preprocess import Preprocessing, eval_transform, train_transform
-from training.settings import TrainingSettings
 from training.spec import FinetuneSpec
+from training.storage.location import S3Settings
 from training.storage.s3 import ObjectStore
-from training.storage.settings import S3Settings
 from training.weights import load_base_weights
 
 

@@ -14,7 +14,7 @@ from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import SecretStr
 
-from service.errors import AuthError, ForbiddenError
+from service.request_errors import AuthError, ForbiddenError
 from service.settings import ServeSettings
 
 predict_bearer = HTTPBearer(

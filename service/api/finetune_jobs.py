@@ -16,9 +16,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 from service.api.auth import AdminScope
-from service.api.errors import error_responses
+from service.api.error_table import error_responses
 from service.api.params import JobId, Plane
-from service.errors import BadRequestError
+from service.request_errors import BadRequestError
 from training.spec import parse_spec
 from training.storage.job_records import JobRecord
 

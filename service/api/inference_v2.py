@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from service.api.auth import PredictScope, Settings
-from service.api.errors import error_responses
+from service.api.error_table import error_responses
 from service.api.params import ModelName, Plane, VersionId
 from service.api.predict_v1 import EXAMPLE_IMAGE
 from service.dataplane.oip_codec import (

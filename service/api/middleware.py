@@ -13,7 +13,7 @@ from typing import Any
 
 from prometheus_client import Counter, Histogram
 
-from service.errors import TooLargeError
+from service.request_errors import TooLargeError
 
 Scope = dict[str, Any]
 

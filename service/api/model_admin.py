@@ -8,7 +8,7 @@ from fastapi import APIRouter, Body
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from service.api.auth import AdminScope, PredictScope
-from service.api.errors import error_responses
+from service.api.error_table import error_responses
 from service.api.params import ModelName, Plane, _check_id
 from training.storage.ids import ID_PATTERN
 

@@ -19,9 +19,9 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
 from service.api.auth import PredictScope, Settings
-from service.api.errors import error_responses
+from service.api.error_table import error_responses
 from service.api.params import ModelName, Plane
-from service.errors import BadRequestError, TooLargeError, bad_request
+from service.request_errors import BadRequestError, TooLargeError, bad_request
 
 
 def _example_png() -> str:

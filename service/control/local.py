@@ -24,6 +24,7 @@ def load_spec_file(path: str) -> Any:
 def _run(settings: RefitSettings, spec_json: Any, job_id: str | None) -> int:
     """Validate and run on Ray; print the JSON result (or the JSON error on stderr). Exit
     code 0 published or gated, 2 for a bad spec or data, 1 otherwise."""
+    from service.control.notices import notify
     from training.finetune import run_finetune
     from training.ray_train import ensure_ray
     from training.spec import parse_spec
@@ -32,6 +33,9 @@ def _run(settings: RefitSettings, spec_json: Any, job_id: str | None) -> int:
         spec = parse_spec(spec_json, settings.training)
         ensure_ray(settings.ray)
         result = run_finetune(spec, s3=settings.s3, training=settings.training, job_id=job_id)
+        if result["published"]:
+            # replicas on this Ray follow at once (best effort: elsewhere they poll)
+            notify(settings, spec.model)
     except RefitError as exc:
         print(json.dumps(exc.to_dict()), file=sys.stderr)
         return 2 if exc.status < 500 else 1

@@ -28,13 +28,13 @@ import ray
 
 from service.control.notices import NAMESPACE, actor_name, notify
 from service.settings import RefitSettings
+from training.job_settings import TrainingSettings
 from training.ray_train import release_placement_groups
-from training.settings import TrainingSettings
 from training.spec import FinetuneSpec, parse_spec
 from training.storage.errors import ConflictError, DataError, RefitError, TooManyJobsError
 from training.storage.job_records import JobRecord, JobStore
+from training.storage.location import S3Settings
 from training.storage.s3 import ObjectStore
-from training.storage.settings import S3Settings
 
 log = logging.getLogger(__name__)
 

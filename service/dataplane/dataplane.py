@@ -16,7 +16,7 @@ import torch
 
 from service.dataplane.jobs import JobsUseCases, Scheduler
 from service.dataplane.model_host import ModelHost
-from service.errors import NoVersionError
+from service.request_errors import NoVersionError
 from service.settings import RefitSettings
 from training.storage.errors import NotFoundError
 from training.storage.registry import AliasRecord, Manifest, Registry

@@ -20,7 +20,7 @@ import logging
 import threading
 
 from service.dataplane.served_model import ServedModel, load_served_model
-from service.errors import NoVersionError
+from service.request_errors import NoVersionError
 from service.settings import NumericMode
 from training.storage.errors import NotFoundError
 from training.storage.registry import Registry

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from service.errors import InvalidImageError, TooLargeError, UnsupportedImageError
+from service.request_errors import InvalidImageError, TooLargeError, UnsupportedImageError
 from training.data import ImageDecodeError, decode_image
 from training.preprocess import Preprocessing, crop_transform
 

@@ -27,7 +27,7 @@ from service.dataplane.batching import ForwardLane
 from service.dataplane.hotload import Follower
 from service.dataplane.images import decode_request_images
 from service.dataplane.served_model import ServedModel
-from service.errors import BadRequestError
+from service.request_errors import BadRequestError
 from service.settings import ServeSettings
 from training.preprocess import normalize
 from training.storage.registry import Registry

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from service.errors import BadRequestError, TooLargeError, bad_request
+from service.request_errors import BadRequestError, TooLargeError, bad_request
 
 
 class RequestInput(BaseModel):

@@ -12,7 +12,7 @@ import ray
 from conftest import write_imagefolder
 from service.control.scheduler import runner_actor, stop_actors
 from service.settings import RefitSettings
-from training.settings import TrainingSettings
+from training.job_settings import TrainingSettings
 from training.storage.job_records import JobStore
 from training.storage.s3 import ObjectStore
 

@@ -20,7 +20,7 @@ from conftest import free_port, png_bytes, write_imagefolder
 from service.control.scheduler import stop_actors
 from service.embedded_store import Connection
 from service.settings import RefitSettings, ServeSettings
-from training.settings import TrainingSettings
+from training.job_settings import TrainingSettings
 from training.storage.s3 import ObjectStore
 
 pytestmark = [

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import png_bytes
 from service.dataplane.oip_codec import InferRequest, build_response, parse_infer
-from service.errors import BadRequestError, TooLargeError
+from service.request_errors import BadRequestError, TooLargeError
 
 
 def _json(tensor: dict, **extra: object) -> bytes:

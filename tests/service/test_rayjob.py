@@ -16,7 +16,7 @@ from k8s_schemas import validator
 from service.control.rayjob import KubeApi, RayJobLauncher, rayjob_manifest, rayjob_name
 from service.control.scheduler import JobRunner
 from service.settings import RefitSettings, env_names
-from training.settings import TrainingSettings
+from training.job_settings import TrainingSettings
 from training.spec import parse_spec
 from training.storage.job_records import JobStore
 from training.storage.s3 import ObjectStore

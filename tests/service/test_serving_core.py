@@ -13,7 +13,7 @@ from service.dataplane import served_model as model_module
 from service.dataplane.hotload import ModelSlot
 from service.dataplane.images import decode_request_images
 from service.dataplane.served_model import load_served_model
-from service.errors import InvalidImageError, TooLargeError, UnsupportedImageError
+from service.request_errors import InvalidImageError, TooLargeError, UnsupportedImageError
 from service.settings import NumericMode
 from training.preprocess import Preprocessing, normalize
 from training.storage.errors import IntegrityError

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from training.settings import TrainingSettings
+from training.job_settings import TrainingSettings
 from training.spec import parse_spec
 from training.storage.errors import SpecError
 

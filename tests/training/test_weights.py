@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save, save_file
 
 from training.backbones import build_backbone
-from training.settings import TrainingSettings
+from training.job_settings import TrainingSettings
 from training.spec import BaseModelSpec
 from training.storage.errors import IntegrityError, SpecError, WeightsUnavailableError
 from training.storage.s3 import ObjectStore

@@ -39,9 +39,9 @@ from training.storage.job_records import (
     JobStore,
     progress_view,
 )
+from training.storage.location import S3Settings
 from training.storage.registry import AliasRecord, Manifest, Registry
 from training.storage.s3 import ObjectInfo, ObjectStore
-from training.storage.settings import S3Settings
 
 __all__ = [
     "ID_PATTERN",

@@ -18,7 +18,7 @@ import botocore.exceptions
 from botocore.config import Config
 
 from training.storage.errors import ConflictError, NotFoundError, SpecError, StorageError
-from training.storage.settings import S3Settings
+from training.storage.location import S3Settings
 
 if TYPE_CHECKING:
     import pyarrow.fs

@@ -7,7 +7,7 @@ from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import SecretStr
 
 from service.api.auth import require_admin, require_predict
-from service.errors import AuthError, ForbiddenError
+from service.request_errors import AuthError, ForbiddenError
 from service.settings import ServeSettings
 
 

@@ -6,7 +6,7 @@ from http import HTTPStatus
 
 import pytest
 
-import service.errors
+import service.request_errors
 import training.storage.errors
 from training.storage.errors import RefitError
 
@@ -34,7 +34,7 @@ EXPECTED = {
 
 def _classes() -> list[type[RefitError]]:
     found = {}
-    for module in (training.storage.errors, service.errors):
+    for module in (training.storage.errors, service.request_errors):
         for obj in vars(module).values():
             if isinstance(obj, type) and issubclass(obj, RefitError) and obj is not RefitError:
                 found[obj.__name__] = obj

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.errors import BadRequestError, bad_request, field_path
+from service.request_errors import BadRequestError, bad_request, field_path
 from training.storage.errors import RefitError
 
 log = logging.getLogger("refit.api")

@@ -15,7 +15,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from service.api import finetune_jobs, inference_v2, model_admin, ops, predict_v1
-from service.api.errors import EXCEPTION_HANDLERS
+from service.api.error_table import EXCEPTION_HANDLERS
 from service.api.middleware import BodyLimit, ObserveRequests
 from service.dataplane.dataplane import DataPlane
 from service.dataplane.oip_codec import InferenceRequest
