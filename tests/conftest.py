@@ -38,6 +38,12 @@ def settings(seaweed: Connection) -> RefitSettings:
     )
 
 
+@pytest.fixture(scope="module")
+def module_settings(seaweed: Connection) -> RefitSettings:
+    """Settings under a prefix shared by one test module (state its tests only read)."""
+    return RefitSettings(s3=seaweed.s3_settings(prefix=f"m-{uuid.uuid4().hex[:10]}"))
+
+
 @pytest.fixture
 def store(settings: RefitSettings) -> ObjectStore:
     """An ObjectStore under this test's prefix."""

@@ -182,3 +182,28 @@ def test_lp_ft_backbone_waits_for_phase_two() -> None:
     w1 = model2.layer1[0].conv1.weight.detach().clone()
     _short_run(model2, plan, epochs=2)
     assert not torch.equal(w1, model2.layer1[0].conv1.weight)
+
+
+def test_frozen_batchnorm_pickles_and_shows_in_repr() -> None:
+    import pickle
+
+    from training.freeze import StatsFrozenBatchNorm2d
+
+    model = build_backbone("resnet18", num_classes=3)
+    apply_freeze(model, plan_freeze(HeadOnly(), model, "resnet18"))
+    assert isinstance(model.bn1, StatsFrozenBatchNorm2d)
+    assert "stats=frozen" in repr(model.bn1)
+    copy = pickle.loads(pickle.dumps(model))  # what Ray does to ship a model
+    copy.train()
+    assert not copy.bn1.training
+    assert type(copy.bn1) is StatsFrozenBatchNorm2d
+    assert list(copy.state_dict()) == list(model.state_dict())
+    before = copy.bn1.running_mean.clone()
+    copy(torch.randn(2, 3, 32, 32))
+    assert torch.equal(copy.bn1.running_mean, before)
+    # a phase that unfreezes a stage gives the plain class back, and it trains again
+    plan = plan_freeze(Full(), copy, "resnet18")
+    set_frozen_batchnorm(copy, plan, epoch=0)
+    copy.train()
+    assert type(copy.bn1) is torch.nn.BatchNorm2d
+    assert copy.bn1.training

@@ -112,9 +112,9 @@ def test_generated_requests_get_no_server_error(settings: RefitSettings) -> None
             op = result.ok()
             outcome = collections.Counter({"2xx": 0, "4xx": 0, "5xx": 0})
             known = {k: v for k, v in ids.items() if op.get_parameter(k, "path")}
-            _run(op.as_strategy(), 20, outcome)
+            _run(op.as_strategy(), 15, outcome)
             if known:
-                _run(op.as_strategy(path_parameters=known), 20, outcome)
+                _run(op.as_strategy(path_parameters=known), 15, outcome)
             pinned = {  # bodies naming what exists: a version, a dataset
                 "POST /v1/models/{model}/promote": {"version": ids["version"]},
                 "POST /v1/finetune-jobs": {

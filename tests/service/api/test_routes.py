@@ -27,9 +27,11 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@pytest.fixture
-def app_and_parts(settings: RefitSettings) -> Iterator[tuple[Any, dict[str, Any]]]:
-    app, parts = build_inprocess_app(settings)
+@pytest.fixture(scope="module")
+def app_and_parts(module_settings: RefitSettings) -> Iterator[tuple[Any, dict[str, Any]]]:
+    """One app for the module: its tests read what ``digits`` publishes, and those that
+    change state use names of their own."""
+    app, parts = build_inprocess_app(module_settings)
     yield app, parts
     parts["runner"].close()
 
@@ -60,10 +62,10 @@ def _b64(*images: bytes) -> list[str]:
     return [base64.b64encode(i).decode() for i in images]
 
 
-@pytest.fixture
-def digits(plane_parts: dict[str, Any]) -> dict[str, Any]:
+@pytest.fixture(scope="module")
+def digits(app_and_parts: tuple[Any, dict[str, Any]]) -> dict[str, Any]:
     """A served model (``digits``), a second version of it, and a model with no alias."""
-    reg = plane_parts["registry"]
+    reg = app_and_parts[1]["registry"]
     first, _ = publish_tiny_model(reg, "digits")
     second, _ = publish_tiny_model(reg, "digits", promote=False)
     publish_tiny_model(reg, "unpromoted", promote=False)
@@ -149,11 +151,14 @@ async def test_listing(client: httpx.AsyncClient, digits: dict) -> None:
     assert (await client.get("/v1/models")).status_code == 401
 
 
-async def test_promote_and_rollback(
-    client: httpx.AsyncClient, digits: dict, plane_parts: dict
-) -> None:
+async def test_promote_and_rollback(client: httpx.AsyncClient, plane_parts: dict) -> None:
+    reg = plane_parts["registry"]
+    digits = {
+        "first": publish_tiny_model(reg, "moving")[0].version,
+        "second": publish_tiny_model(reg, "moving", promote=False)[0].version,
+    }
     admin = _auth(ADMIN)
-    url = "/v1/models/digits"
+    url = "/v1/models/moving"
     predict = {"json": {"images": _b64(png_bytes(0))}, "headers": _auth()}
     r = await client.post(f"{url}/predict", **predict)  # loads the first version
     assert r.json()["model_version"] == digits["first"]
@@ -162,19 +167,19 @@ async def test_promote_and_rollback(
     r = await client.post(f"{url}/promote", json={"version": digits["second"]}, headers=admin)
     assert r.status_code == 200, r.text
     assert r.json() == {
-        "model": "digits",
+        "model": "moving",
         "alias": "production",
         "version": digits["second"],
         "previous": digits["first"],
     }
-    assert plane_parts["notified"] == ["digits"]
+    assert plane_parts["notified"] == ["moving"]
     r = await client.post(
-        "/v1/models/digits/predict", json={"images": _b64(png_bytes(0))}, headers=_auth()
+        "/v1/models/moving/predict", json={"images": _b64(png_bytes(0))}, headers=_auth()
     )
     assert r.json()["model_version"] == digits["first"]  # the follower polls every 30 s here
-    await plane_parts["plane"].predictor.host.refresh("digits")  # what a notice triggers
+    await plane_parts["plane"].predictor.host.refresh("moving")  # what a notice triggers
     r = await client.post(
-        "/v1/models/digits/predict", json={"images": _b64(png_bytes(0))}, headers=_auth()
+        "/v1/models/moving/predict", json={"images": _b64(png_bytes(0))}, headers=_auth()
     )
     assert r.json()["model_version"] == digits["second"]
     r = await client.post(f"{url}/rollback", headers=admin)  # no body: production
