@@ -1,4 +1,4 @@
-"""``refit``: the command line.
+"""``refit``: the command line (one function per command, then the parser: long, not deep).
 
 * ``refit store up --data-dir D``: run the embedded SeaweedFS in the foreground.
 * ``refit finetune --spec F [--wait]``: start a job on a running service (``--local``: run it

@@ -24,7 +24,7 @@ from ray.serve.handle import DeploymentHandle
 
 from service.api import create_app
 from service.control.notices import events_actor, notify_async
-from service.control.scheduler import RunnerScheduler
+from service.control.runner_clients import RunnerScheduler
 from service.dataplane.dataplane import DataPlane
 from service.dataplane.hotload import Follower
 from service.dataplane.jobs import JobsUseCases

@@ -11,7 +11,8 @@ from pydantic import SecretStr
 
 from conftest import publish_tiny_model
 from service.api import create_app
-from service.control.scheduler import InProcessScheduler, JobRunner
+from service.control.runner_clients import InProcessScheduler
+from service.control.scheduler import JobRunner
 from service.dataplane import in_process_dataplane
 from service.settings import RefitSettings, ServeSettings
 from training.storage.registry import Registry

@@ -7,7 +7,8 @@
     ->  score the alias' current version on the same split  ->  gate
     ->  publish (weights, then manifest)  ->  move the alias
 
-A failed job publishes nothing; the outcome is recorded in the job record either way.
+A failed job publishes nothing; the outcome is recorded in the job record either way. The
+module is the pipeline's steps in the order they run (a little over 300 lines).
 """
 
 from __future__ import annotations

@@ -24,16 +24,16 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import DistributedSampler
 
-from training.backbones import build_backbone, head_module, trunk
+from training.backbones import build_backbone
 from training.checkpoints import (
     load_checkpoint_state,
     load_checkpoint_weights,
     load_optimizer_state,
     save_checkpoint,
 )
-from training.data import ByteCache, ImageDataset, Sample, make_loader
+from training.data import Sample
 from training.freeze import (
     FreezePlan,
     apply_freeze,
@@ -47,13 +47,19 @@ from training.loop import (
     build_optimizer,
     build_scheduler,
     evaluate,
-    extract_features,
     train_one_epoch,
 )
-from training.preprocess import Preprocessing, eval_transform, train_transform
+from training.preprocess import Preprocessing
+from training.run_data import (
+    Loaders,
+    WorkerImages,
+    data_error,
+    feature_loaders,
+    image_loaders,
+    scan_unreadable,
+)
 from training.spec import FinetuneSpec
 from training.storage.location import S3Settings
-from training.storage.s3 import ObjectStore
 from training.weights import load_base_weights
 
 
@@ -89,26 +95,6 @@ class RunInputs:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
-class _Loaders:
-    """What the epochs run on: the module that trains (the head alone on cached features)
-    and its loaders."""
-
-    trained: nn.Module
-    train: Any
-    val: Any
-    steps_per_epoch: int
-    feature_cache: bool
-
-
-def _gather_lists(items: list[str]) -> list[str]:
-    if not (dist.is_available() and dist.is_initialized()):
-        return sorted(items)
-    parts: list[list[str] | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, items)
-    return sorted(k for p in parts for k in (p or []))
-
-
 def _sum(values: list[float]) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64)
     if dist.is_available() and dist.is_initialized():
@@ -126,27 +112,6 @@ def build_model(inputs: RunInputs) -> tuple[nn.Module, FreezePlan]:
     return model, plan
 
 
-class _Images:
-    """Datasets of this worker's samples, sharing one in-memory byte cache across epochs."""
-
-    def __init__(self, inputs: RunInputs) -> None:
-        self.inputs = inputs
-        self.store = ObjectStore(inputs.s3)
-        self.cache = ByteCache(inputs.training.cache_mb * 1024 * 1024)
-
-    def dataset(self, samples: list[Sample], *, train: bool) -> ImageDataset:
-        pre, spec = self.inputs.preprocessing, self.inputs.spec
-        transform = train_transform(pre, spec.augment) if train else eval_transform(pre)
-        return ImageDataset(
-            self.store,
-            samples,
-            transform,
-            max_bytes=self.inputs.training.max_image_bytes,
-            max_pixels=self.inputs.training.max_image_pixels,
-            cache=self.cache,
-        )
-
-
 def _resume(model: nn.Module, ctx: RunContext) -> tuple[dict[str, Any], int]:
     """The run's state (epoch, best score, history) and the epoch it resumed from."""
     if ctx.resume_from is None:
@@ -154,96 +119,6 @@ def _resume(model: nn.Module, ctx: RunContext) -> tuple[dict[str, Any], int]:
     state = load_checkpoint_state(ctx.resume_from)
     model.load_state_dict(load_checkpoint_weights(ctx.resume_from))
     return state, int(state["epoch"])
-
-
-def _scan_unreadable(
-    images: _Images, inputs: RunInputs, ctx: RunContext, state: dict[str, Any]
-) -> set[str]:
-    """Keys of unreadable images: found once (each rank scans its share), kept in the state
-    so a resumed run drops exactly the same ones."""
-    if "bad_keys" not in state:
-        everything = images.dataset(inputs.train + inputs.val, train=False)
-        mine = list(range(ctx.rank, len(everything), ctx.world_size))
-        state["bad_keys"] = _gather_lists(everything.find_unreadable(mine))
-    return set(state["bad_keys"])
-
-
-def _data_error(inputs: RunInputs, bad: set[str], train: list[Sample], val: list[Sample]) -> str:
-    """Why the data cannot be trained on, or ``""``."""
-    total = len(inputs.train) + len(inputs.val)
-    limit = inputs.spec.max_corrupt_fraction
-    limit = inputs.training.max_corrupt_fraction if limit is None else limit
-    if len(bad) > limit * total or not train or not val:
-        return (
-            f"{len(bad)} of {total} images are unreadable (limit {limit:.0%}); "
-            f"examples: {sorted(bad)[:3]}"
-        )
-    return ""
-
-
-def _feature_loaders(
-    model: nn.Module,
-    images: _Images,
-    train: list[Sample],
-    val: list[Sample],
-    ctx: RunContext,
-    precision: Precision,
-) -> _Loaders:
-    """Head only: the trunk runs once per image; the epochs train the head on its features."""
-    spec, backbone = images.inputs.spec, images.inputs.backbone
-    body = trunk(model, backbone)
-
-    def features(samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
-        loader = make_loader(
-            images.dataset(samples, train=False),
-            batch_size=spec.batch_size,
-            shuffle=False,
-            rank=ctx.rank,
-            world_size=ctx.world_size,
-        )
-        return extract_features(body, loader, precision=precision)
-
-    feats_tr, feats_va = features(train), features(val)
-    train_ds = TensorDataset(*feats_tr)
-    sampler: DistributedSampler[Any] | None = (
-        DistributedSampler(train_ds, num_replicas=ctx.world_size, rank=ctx.rank, seed=spec.seed)
-        if ctx.world_size > 1
-        else None
-    )
-    train_loader = DataLoader(
-        train_ds, batch_size=spec.batch_size, shuffle=sampler is None, sampler=sampler
-    )
-    return _Loaders(
-        trained=ctx.wrap_model(head_module(model, backbone)),
-        train=train_loader,
-        val=DataLoader(TensorDataset(*feats_va), batch_size=spec.batch_size),
-        steps_per_epoch=len(train_loader),
-        feature_cache=True,
-    )
-
-
-def _image_loaders(
-    net: nn.Module, images: _Images, train: list[Sample], val: list[Sample], ctx: RunContext
-) -> _Loaders:
-    """Every other policy: the whole (DDP-wrapped) model trains on decoded images."""
-    spec = images.inputs.spec
-    train_loader = make_loader(
-        images.dataset(train, train=True),
-        batch_size=spec.batch_size,
-        shuffle=True,
-        rank=ctx.rank,
-        world_size=ctx.world_size,
-        seed=spec.seed,
-        num_workers=images.inputs.training.loader_workers,
-    )
-    val_loader = make_loader(
-        images.dataset(val, train=False),
-        batch_size=spec.batch_size,
-        shuffle=False,
-        rank=ctx.rank,
-        world_size=ctx.world_size,
-    )
-    return _Loaders(ctx.wrap_model(net), train_loader, val_loader, len(train_loader), False)
 
 
 def _optimizer(
@@ -297,7 +172,7 @@ def _epoch_metrics(
     state: dict[str, Any],
     stats: dict[str, float],
     val: dict[str, Any],
-    loaders: _Loaders,
+    loaders: Loaders,
     ctx: RunContext,
     seconds_per_epoch: float,
     resumed_from: int,
@@ -375,11 +250,11 @@ def run_worker(inputs: RunInputs, ctx: RunContext) -> dict[str, Any]:
     model, plan = build_model(inputs)
     state, resumed_from = _resume(model, ctx)
 
-    images = _Images(inputs)
-    bad = _scan_unreadable(images, inputs, ctx, state)
+    images = WorkerImages(inputs)
+    bad = scan_unreadable(images, inputs, ctx, state)
     train_s = [s for s in inputs.train if s.key not in bad]
     val_s = [s for s in inputs.val if s.key not in bad]
-    error = _data_error(inputs, bad, train_s, val_s)
+    error = data_error(inputs, bad, train_s, val_s)
     if error:
         return {"data_error": error, "skipped_images": len(bad)}
 
@@ -387,9 +262,9 @@ def run_worker(inputs: RunInputs, ctx: RunContext) -> dict[str, Any]:
     if precision.channels_last:
         net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     if plan.uses_feature_cache:
-        loaders = _feature_loaders(model, images, train_s, val_s, ctx, precision)
+        loaders = feature_loaders(model, images, train_s, val_s, ctx, precision)
     else:
-        loaders = _image_loaders(net, images, train_s, val_s, ctx)
+        loaders = image_loaders(net, images, train_s, val_s, ctx)
     optimizer, scheduler = _optimizer(model, plan, spec, loaders.steps_per_epoch, ctx)
 
     started = time.perf_counter()

@@ -12,11 +12,13 @@ task, outside any request handler.
 * Records live on the store, so an API restart loses nothing; a restarted runner requeues the
   jobs its predecessor was running (Ray Train resumes a run of the same name from its last
   checkpoint).
+
+Over 300 lines because queueing, starting and reaping are one state machine under one lock;
+how callers reach the runner is in ``runner_clients``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import contextlib
 import logging
@@ -31,7 +33,7 @@ from service.settings import RefitSettings
 from training.job_settings import TrainingSettings
 from training.ray_train import release_placement_groups
 from training.spec import FinetuneSpec, parse_spec
-from training.storage.errors import ConflictError, DataError, RefitError, TooManyJobsError
+from training.storage.errors import ConflictError, DataError, TooManyJobsError
 from training.storage.job_records import JobRecord, JobStore
 from training.storage.location import S3Settings
 from training.storage.s3 import ObjectStore
@@ -324,79 +326,8 @@ def stop_actors(settings: RefitSettings) -> None:
             ray.kill(ray.get_actor(actor_name(settings, kind), namespace=NAMESPACE))
 
 
-def _unwrap(exc: Exception) -> Exception:
-    # our own error raised inside the runner actor, else the exception itself
-    cause = getattr(exc, "cause", None)
-    return cause if isinstance(cause, RefitError) else exc
-
-
-class RunnerScheduler:
-    """The data plane's :class:`~service.dataplane.jobs.Scheduler` on a Ray cluster: the
-    detached runner actor of this store location."""
-
-    def __init__(self, settings: RefitSettings) -> None:
-        self.settings = settings
-        self._runner: Any = None
-
-    def runner(self) -> Any:
-        """The runner actor (created on first use; it is detached and outlives us)."""
-        if self._runner is None:
-            self._runner = runner_actor(self.settings)
-        return self._runner
-
-    async def create(self, spec: dict[str, Any], idempotency_key: str | None) -> dict[str, Any]:
-        """Queue a job on the runner."""
-        try:
-            out: dict[str, Any] = await self.runner().create.remote(spec, idempotency_key)
-        except Exception as exc:
-            raise _unwrap(exc) from None
-        return out
-
-    async def cancel(self, job_id: str) -> dict[str, Any]:
-        """Cancel a job on the runner."""
-        try:
-            out: dict[str, Any] = await self.runner().cancel.remote(job_id)
-        except Exception as exc:
-            raise _unwrap(exc) from None
-        return out
-
-    async def stats(self) -> dict[str, Any]:
-        """The runner's counts; empty when no runner exists yet (a scrape never creates
-        one) or it does not answer within 2 s."""
-        runner = existing_runner(self.settings)
-        if runner is None:
-            return {}
-        try:
-            stats: dict[str, Any] = await asyncio.wait_for(runner.stats.remote(), 2)
-        except Exception:
-            return {}
-        return stats
-
-
-class InProcessScheduler:
-    """A :class:`~service.dataplane.jobs.Scheduler` over a :class:`JobRunner` object in this
-    process (tools and tests; its launcher decides where jobs run)."""
-
-    def __init__(self, runner: JobRunner) -> None:
-        self.runner = runner
-
-    async def create(self, spec: dict[str, Any], idempotency_key: str | None) -> dict[str, Any]:
-        """Queue a job."""
-        return await asyncio.to_thread(self.runner.create, spec, idempotency_key)
-
-    async def cancel(self, job_id: str) -> dict[str, Any]:
-        """Cancel a job."""
-        return await asyncio.to_thread(self.runner.cancel, job_id)
-
-    async def stats(self) -> dict[str, Any]:
-        """The runner's counts."""
-        return self.runner.stats()
-
-
 __all__ = [
-    "InProcessScheduler",
     "JobRunner",
-    "RunnerScheduler",
     "existing_runner",
     "runner_actor",
     "stop_actors",

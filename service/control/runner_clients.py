@@ -1,0 +1,82 @@
+"""The data plane's :class:`~service.dataplane.jobs.Scheduler`, two ways: the runner actor
+on a Ray cluster (:class:`RunnerScheduler`, what the Serve ingress uses), or a
+:class:`~service.control.scheduler.JobRunner` object in this process
+(:class:`InProcessScheduler`: tools and tests)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from service.control.scheduler import JobRunner, existing_runner, runner_actor
+from service.settings import RefitSettings
+from training.storage.errors import RefitError
+
+
+def _unwrap(exc: Exception) -> Exception:
+    # our own error raised inside the runner actor, else the exception itself
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, RefitError) else exc
+
+
+class RunnerScheduler:
+    """The data plane's :class:`~service.dataplane.jobs.Scheduler` on a Ray cluster: the
+    detached runner actor of this store location."""
+
+    def __init__(self, settings: RefitSettings) -> None:
+        self.settings = settings
+        self._runner: Any = None
+
+    def runner(self) -> Any:
+        """The runner actor (created on first use; it is detached and outlives us)."""
+        if self._runner is None:
+            self._runner = runner_actor(self.settings)
+        return self._runner
+
+    async def create(self, spec: dict[str, Any], idempotency_key: str | None) -> dict[str, Any]:
+        """Queue a job on the runner."""
+        try:
+            out: dict[str, Any] = await self.runner().create.remote(spec, idempotency_key)
+        except Exception as exc:
+            raise _unwrap(exc) from None
+        return out
+
+    async def cancel(self, job_id: str) -> dict[str, Any]:
+        """Cancel a job on the runner."""
+        try:
+            out: dict[str, Any] = await self.runner().cancel.remote(job_id)
+        except Exception as exc:
+            raise _unwrap(exc) from None
+        return out
+
+    async def stats(self) -> dict[str, Any]:
+        """The runner's counts; empty when no runner exists yet (a scrape never creates
+        one) or it does not answer within 2 s."""
+        runner = existing_runner(self.settings)
+        if runner is None:
+            return {}
+        try:
+            stats: dict[str, Any] = await asyncio.wait_for(runner.stats.remote(), 2)
+        except Exception:
+            return {}
+        return stats
+
+
+class InProcessScheduler:
+    """A :class:`~service.dataplane.jobs.Scheduler` over a :class:`JobRunner` object in this
+    process (tools and tests; its launcher decides where jobs run)."""
+
+    def __init__(self, runner: JobRunner) -> None:
+        self.runner = runner
+
+    async def create(self, spec: dict[str, Any], idempotency_key: str | None) -> dict[str, Any]:
+        """Queue a job."""
+        return await asyncio.to_thread(self.runner.create, spec, idempotency_key)
+
+    async def cancel(self, job_id: str) -> dict[str, Any]:
+        """Cancel a job."""
+        return await asyncio.to_thread(self.runner.cancel, job_id)
+
+    async def stats(self) -> dict[str, Any]:
+        """The runner's counts."""
+        return self.runner.stats()

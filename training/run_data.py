@@ -1,0 +1,154 @@
+"""What one worker's run trains and evaluates on: its images (one byte cache across epochs),
+the scan that drops unreadable ones identically on every rank, and the loaders - cached
+backbone features for head-only runs, decoded images otherwise."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from training.backbones import head_module, trunk
+from training.data import ByteCache, ImageDataset, Sample, make_loader
+from training.loop import Precision, extract_features
+from training.preprocess import eval_transform, train_transform
+from training.storage.s3 import ObjectStore
+
+if TYPE_CHECKING:
+    from training.worker import RunContext, RunInputs
+
+
+@dataclass
+class Loaders:
+    """What the epochs run on: the module that trains (the head alone on cached features)
+    and its loaders."""
+
+    trained: nn.Module
+    train: Any
+    val: Any
+    steps_per_epoch: int
+    feature_cache: bool
+
+
+def _gather_lists(items: list[str]) -> list[str]:
+    if not (dist.is_available() and dist.is_initialized()):
+        return sorted(items)
+    parts: list[list[str] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, items)
+    return sorted(k for p in parts for k in (p or []))
+
+
+class WorkerImages:
+    """Datasets of this worker's samples, sharing one in-memory byte cache across epochs."""
+
+    def __init__(self, inputs: RunInputs) -> None:
+        self.inputs = inputs
+        self.store = ObjectStore(inputs.s3)
+        self.cache = ByteCache(inputs.training.cache_mb * 1024 * 1024)
+
+    def dataset(self, samples: list[Sample], *, train: bool) -> ImageDataset:
+        """A dataset of ``samples`` with the train or the eval transform."""
+        pre, spec = self.inputs.preprocessing, self.inputs.spec
+        transform = train_transform(pre, spec.augment) if train else eval_transform(pre)
+        return ImageDataset(
+            self.store,
+            samples,
+            transform,
+            max_bytes=self.inputs.training.max_image_bytes,
+            max_pixels=self.inputs.training.max_image_pixels,
+            cache=self.cache,
+        )
+
+
+def scan_unreadable(
+    images: WorkerImages, inputs: RunInputs, ctx: RunContext, state: dict[str, Any]
+) -> set[str]:
+    """Keys of unreadable images: found once (each rank scans its share), kept in the state
+    so a resumed run drops exactly the same ones."""
+    if "bad_keys" not in state:
+        everything = images.dataset(inputs.train + inputs.val, train=False)
+        mine = list(range(ctx.rank, len(everything), ctx.world_size))
+        state["bad_keys"] = _gather_lists(everything.find_unreadable(mine))
+    return set(state["bad_keys"])
+
+
+def data_error(inputs: RunInputs, bad: set[str], train: list[Sample], val: list[Sample]) -> str:
+    """Why the data cannot be trained on, or ``""``."""
+    total = len(inputs.train) + len(inputs.val)
+    limit = inputs.spec.max_corrupt_fraction
+    limit = inputs.training.max_corrupt_fraction if limit is None else limit
+    if len(bad) > limit * total or not train or not val:
+        return (
+            f"{len(bad)} of {total} images are unreadable (limit {limit:.0%}); "
+            f"examples: {sorted(bad)[:3]}"
+        )
+    return ""
+
+
+def feature_loaders(
+    model: nn.Module,
+    images: WorkerImages,
+    train: list[Sample],
+    val: list[Sample],
+    ctx: RunContext,
+    precision: Precision,
+) -> Loaders:
+    """Head only: the trunk runs once per image; the epochs train the head on its features."""
+    spec, backbone = images.inputs.spec, images.inputs.backbone
+    body = trunk(model, backbone)
+
+    def features(samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
+        loader = make_loader(
+            images.dataset(samples, train=False),
+            batch_size=spec.batch_size,
+            shuffle=False,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+        )
+        return extract_features(body, loader, precision=precision)
+
+    feats_tr, feats_va = features(train), features(val)
+    train_ds = TensorDataset(*feats_tr)
+    sampler: DistributedSampler[Any] | None = (
+        DistributedSampler(train_ds, num_replicas=ctx.world_size, rank=ctx.rank, seed=spec.seed)
+        if ctx.world_size > 1
+        else None
+    )
+    train_loader = DataLoader(
+        train_ds, batch_size=spec.batch_size, shuffle=sampler is None, sampler=sampler
+    )
+    return Loaders(
+        trained=ctx.wrap_model(head_module(model, backbone)),
+        train=train_loader,
+        val=DataLoader(TensorDataset(*feats_va), batch_size=spec.batch_size),
+        steps_per_epoch=len(train_loader),
+        feature_cache=True,
+    )
+
+
+def image_loaders(
+    net: nn.Module, images: WorkerImages, train: list[Sample], val: list[Sample], ctx: RunContext
+) -> Loaders:
+    """Every other policy: the whole (DDP-wrapped) model trains on decoded images."""
+    spec = images.inputs.spec
+    train_loader = make_loader(
+        images.dataset(train, train=True),
+        batch_size=spec.batch_size,
+        shuffle=True,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        seed=spec.seed,
+        num_workers=images.inputs.training.loader_workers,
+    )
+    val_loader = make_loader(
+        images.dataset(val, train=False),
+        batch_size=spec.batch_size,
+        shuffle=False,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+    )
+    return Loaders(ctx.wrap_model(net), train_loader, val_loader, len(train_loader), False)
