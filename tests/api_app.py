@@ -60,7 +60,7 @@ def build_inprocess_app(
         notified.append(model)
 
     launcher = RecordingLauncher()
-    runner = JobRunner(settings, launcher=launcher)
+    runner = JobRunner(settings, launcher=launcher, notify_published=lambda *_: None)
     plane = in_process_dataplane(settings, InProcessScheduler(runner), notify=notify)
     parts = {
         "settings": settings,

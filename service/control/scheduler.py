@@ -24,6 +24,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -63,8 +64,16 @@ def _process_name(job_id: str) -> str:
 class JobRunner:
     """The queue and the running jobs of one store location (a threaded actor)."""
 
-    def __init__(self, settings: RefitSettings, launcher: Any = None) -> None:
+    def __init__(
+        self,
+        settings: RefitSettings,
+        launcher: Any = None,
+        notify_published: Callable[[RefitSettings, str], None] = notify,
+    ) -> None:
+        """``launcher``: where jobs run (None: a Ray task each, or a RayJob per the settings);
+        ``notify_published``: how replicas hear of a version a job published."""
         self.settings = settings
+        self.notify_published = notify_published
         self.jobs = JobStore(ObjectStore(settings.s3))
         self.queue: list[str] = []
         self.model_of: dict[str, str] = {}
@@ -223,7 +232,7 @@ class JobRunner:
             self.finished[record.state] += 1
             if record.result and record.result.get("published"):
                 # whichever launcher ran it: replicas load the new version now, not at a poll
-                notify(self.settings, record.model)
+                self.notify_published(self.settings, record.model)
 
     def _close(self, record: JobRecord, failure: Exception | None) -> JobRecord:
         if record.cancel_requested:

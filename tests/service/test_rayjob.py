@@ -146,7 +146,8 @@ def test_runner_with_rayjob_launcher(
 ) -> None:
     store.put_bytes("datasets/cats/train/a/0.png", b"x")
     launcher = RayJobLauncher(settings, KubeApi(kube.url, "refit", token=None))
-    runner = JobRunner(settings, launcher=launcher)
+    notices: list[str] = []
+    runner = JobRunner(settings, launcher=launcher, notify_published=lambda _, m: notices.append(m))
     jobs = JobStore(store)
     try:
         spec = _spec(store).model_dump(mode="json")
@@ -155,12 +156,16 @@ def test_runner_with_rayjob_launcher(
         assert rayjob_name(done) in kube.jobs
         # the RayJob's entrypoint (refit run-job) ends the record, then KubeRay
         # reports the job succeeded: the runner counts it
-        jobs.transition(done, "succeeded", reason="published v1")
+        jobs.transition(
+            done, "succeeded", reason="published v1", result={"published": True, "version": "v1"}
+        )
         kube.jobs[rayjob_name(done)]["status"] = {"jobStatus": "SUCCEEDED"}
         deadline = time.monotonic() + 30
         while runner.stats()["running"] and time.monotonic() < deadline:
             time.sleep(0.1)
         assert runner.stats()["finished"] == {"succeeded": 1}
+        # a RayJob publishes in its own cluster: the runner pushes the notice for it
+        assert notices == [jobs.get(done).model]
 
         crashed = runner.create(_spec(store, model="dogs").model_dump(mode="json"), None)
         crashed_id = crashed["record"]["job_id"]
