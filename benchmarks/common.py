@@ -58,7 +58,8 @@ def run_local(inputs: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     import torch
 
     from training.checkpoints import load_checkpoint_weights
-    from training.worker import RunContext, run_worker
+    from training.run_context import RunContext
+    from training.worker import run_worker
 
     epochs: list[dict[str, Any]] = []
     best: dict[str, Any] = {"top1": -1.0, "state": None}

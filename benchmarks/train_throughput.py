@@ -21,8 +21,8 @@ from common import digits_store, report, run_local
 from training import demo
 from training.data import index_dataset
 from training.job_settings import RaySettings, TrainingSettings
+from training.run_context import RunInputs
 from training.spec import parse_spec
-from training.worker import RunInputs
 
 
 def main() -> None:

@@ -18,8 +18,8 @@ from training import demo
 from training.backbones import build_backbone
 from training.data import Sample, index_dataset
 from training.finetune import evaluate_model
+from training.run_context import RunInputs
 from training.spec import parse_spec
-from training.worker import RunInputs
 
 POLICIES: list[dict[str, Any]] = [
     {"policy": "full"},

@@ -31,6 +31,7 @@ from training.job_settings import TrainingSettings
 from training.loop import Precision, evaluate
 from training.preprocess import Preprocessing, crop_transform, eval_transform
 from training.ray_train import fit
+from training.run_context import RunInputs
 from training.spec import FinetuneSpec
 from training.storage.errors import (
     ConflictError,
@@ -44,7 +45,6 @@ from training.storage.location import S3Settings
 from training.storage.registry import Registry
 from training.storage.s3 import ObjectStore
 from training.weights import ResolvedBase, resolve_base
-from training.worker import RunInputs
 
 log = logging.getLogger(__name__)
 

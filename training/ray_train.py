@@ -21,10 +21,11 @@ import ray.train.torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 
 from training.job_settings import RaySettings
+from training.run_context import RunContext, RunInputs
 from training.storage.errors import ResourceError, TrainingError
 from training.storage.job_records import JobStore
 from training.storage.s3 import ObjectStore
-from training.worker import RunContext, RunInputs, run_worker
+from training.worker import run_worker
 
 log = logging.getLogger(__name__)
 

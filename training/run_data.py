@@ -5,7 +5,7 @@ backbone features for head-only runs, decoded images otherwise."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -16,10 +16,8 @@ from training.backbones import head_module, trunk
 from training.data import ByteCache, ImageDataset, Sample, make_loader
 from training.loop import Precision, extract_features
 from training.preprocess import eval_transform, train_transform
+from training.run_context import RunContext, RunInputs
 from training.storage.s3 import ObjectStore
-
-if TYPE_CHECKING:
-    from training.worker import RunContext, RunInputs
 
 
 @dataclass

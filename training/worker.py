@@ -16,8 +16,6 @@ import math
 import resource
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +31,6 @@ from training.checkpoints import (
     load_optimizer_state,
     save_checkpoint,
 )
-from training.data import Sample
 from training.freeze import (
     FreezePlan,
     apply_freeze,
@@ -41,7 +38,6 @@ from training.freeze import (
     plan_freeze,
     set_frozen_batchnorm,
 )
-from training.job_settings import TrainingSettings
 from training.loop import (
     Precision,
     build_optimizer,
@@ -49,7 +45,7 @@ from training.loop import (
     evaluate,
     train_one_epoch,
 )
-from training.preprocess import Preprocessing
+from training.run_context import RunContext, RunInputs
 from training.run_data import (
     Loaders,
     WorkerImages,
@@ -59,40 +55,7 @@ from training.run_data import (
     scan_unreadable,
 )
 from training.spec import FinetuneSpec
-from training.storage.location import S3Settings
 from training.weights import load_base_weights
-
-
-@dataclass
-class RunContext:
-    """What a run needs from where it runs."""
-
-    rank: int
-    world_size: int
-    device: torch.device
-    wrap_model: Callable[[nn.Module], nn.Module]
-    report: Callable[[dict[str, Any], Path | None], None]
-    resume_from: Path | None = None
-    on_step: Callable[[dict[str, Any]], None] | None = None
-    """Called after every optimizer step on this rank with epoch, step and images/s."""
-
-
-@dataclass
-class RunInputs:
-    """Everything the driver hands every worker (picklable). Only the settings sections a
-    worker uses travel: the store's location and the training limits, never API tokens."""
-
-    spec: FinetuneSpec
-    s3: S3Settings
-    training: TrainingSettings
-    backbone: str
-    classes: list[str]
-    train: list[Sample]
-    val: list[Sample]
-    preprocessing: Preprocessing
-    base_state: dict[str, torch.Tensor] | None = None
-    keep_head: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _sum(values: list[float]) -> list[float]:

@@ -1,0 +1,51 @@
+"""What a training run is given: :class:`RunInputs` from the driver (the same for every
+worker, picklable) and :class:`RunContext` from where it runs (rank, device, how to wrap the
+model for DDP, where reports and checkpoints go)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from training.data import Sample
+from training.job_settings import TrainingSettings
+from training.preprocess import Preprocessing
+from training.spec import FinetuneSpec
+from training.storage.location import S3Settings
+
+
+@dataclass
+class RunContext:
+    """What a run needs from where it runs."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    wrap_model: Callable[[nn.Module], nn.Module]
+    report: Callable[[dict[str, Any], Path | None], None]
+    resume_from: Path | None = None
+    on_step: Callable[[dict[str, Any]], None] | None = None
+    """Called after every optimizer step on this rank with epoch, step and images/s."""
+
+
+@dataclass
+class RunInputs:
+    """Everything the driver hands every worker (picklable). Only the settings sections a
+    worker uses travel: the store's location and the training limits, never API tokens."""
+
+    spec: FinetuneSpec
+    s3: S3Settings
+    training: TrainingSettings
+    backbone: str
+    classes: list[str]
+    train: list[Sample]
+    val: list[Sample]
+    preprocessing: Preprocessing
+    base_state: dict[str, torch.Tensor] | None = None
+    keep_head: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
