@@ -45,10 +45,26 @@ class NoVersionError(RefitError):
 
 
 class AuthError(RefitError):
-    """No or malformed credentials."""
+    """No credentials (RFC 6750: 401 with a ``Bearer`` challenge)."""
 
     status = HTTPStatus.UNAUTHORIZED
     code = "unauthorized"
+    challenge = "Bearer"
+    """The ``WWW-Authenticate`` value of the response."""
+
+
+class InvalidTokenError(AuthError):
+    """A bearer token that is malformed or not one of ours (RFC 6750 ``invalid_token``)."""
+
+    code = "invalid_token"
+    challenge = 'Bearer error="invalid_token"'
+
+
+class HeadersTooLargeError(RefitError):
+    """Request headers over their count or size limits."""
+
+    status = HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE
+    code = "headers_too_large"
 
 
 class ForbiddenError(RefitError):

@@ -51,10 +51,19 @@ class ServeSettings(BaseModel):
     """Bearer token for predict endpoints; unset leaves them open (admin token also works)."""
     max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1)
     """Request bodies above this get 413 before any parsing."""
+    max_header_bytes: int = Field(default=16 * 1024, ge=1024)
+    """Request headers above this size in all (names and values) get 431."""
+    max_headers: int = Field(default=64, ge=8)
+    """Requests with more header fields get 431."""
     max_image_bytes: int = Field(default=10 * 1024 * 1024, ge=1)
     """One encoded image above this gets 413."""
     max_image_pixels: int = Field(default=40_000_000, ge=1)
     """Images with more pixels get 413, checked before decoding (decompression bombs)."""
+    max_image_side: int = Field(default=8192, ge=16)
+    """Images with a longer side get 413, checked before decoding."""
+    max_aspect_ratio: float = Field(default=20.0, ge=1)
+    """Images longer than this many times their short side get 413 (a resize to the crop
+    would otherwise blow a thin sliver up to millions of pixels)."""
     max_images: int = Field(default=64, ge=1)
     """Images in one request."""
     max_top_k: int = Field(default=20, ge=1)

@@ -191,15 +191,26 @@ class ImageDecodeError(ValueError):
 ACCEPTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP"})
 
 
-def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
-    """Decode bytes to an RGB image, checking the pixel count before decoding the pixels.
+def decode_image(
+    data: bytes,
+    *,
+    max_pixels: int,
+    max_side: int | None = None,
+    max_aspect: float | None = None,
+    draft_to: int | None = None,
+) -> Image.Image:
+    """Decode bytes to an RGB image, checking the pixel count, the long side and the aspect
+    ratio from the header, before any pixel is decoded. A thin sliver (1 x 200000) passes a
+    pixel cap, yet a short-side resize would blow its long side up to millions of pixels: the
+    side and aspect caps refuse it. ``draft_to``: let a large JPEG decode at a reduced scale
+    that still covers that many pixels on its short side (libjpeg's DCT scaling).
 
-    Raises ImageDecodeError for an unsupported format, too many pixels (decompression
-    bombs), or anything unreadable or truncated.
+    Raises ImageDecodeError for an unsupported format, an image over a cap (``pixels``), or
+    anything unreadable or truncated: every decoder exception, whatever Pillow raises.
     """
     try:
         img = Image.open(io.BytesIO(data))
-    except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
+    except Exception as exc:  # Pillow raises many types (a text chunk too large: ValueError)
         raise ImageDecodeError("corrupt", f"not a readable image: {exc}") from None
     if img.format not in ACCEPTED_FORMATS:
         raise ImageDecodeError(
@@ -208,10 +219,16 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
     w, h = img.size
     if w * h > max_pixels:
         raise ImageDecodeError("pixels", f"{w}x{h} exceeds {max_pixels} pixels")
+    if max_side is not None and max(w, h) > max_side:
+        raise ImageDecodeError("pixels", f"{w}x{h}: a side exceeds {max_side} pixels")
+    if max_aspect is not None and max(w, h) > max_aspect * max(1, min(w, h)):
+        raise ImageDecodeError("pixels", f"{w}x{h}: aspect ratio exceeds {max_aspect:g}:1")
     try:
+        if draft_to is not None and img.format == "JPEG":
+            img.draft("RGB", (draft_to, draft_to))
         img.load()
         return img.convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except Exception as exc:  # truncated, corrupt, or a bomb past the header's claims
         raise ImageDecodeError("corrupt", f"truncated or corrupt image: {exc}") from None
 
 

@@ -48,7 +48,7 @@ class Preprocessing(BaseModel):
 class Augmentation(BaseModel):
     """Training-time augmentation: random resized crop and horizontal flip."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     enabled: bool = True
     min_scale: float = Field(default=0.5, gt=0, le=1)

@@ -15,6 +15,7 @@ from pydantic import (
     model_validator,
 )
 
+from training.backbones import BACKBONES
 from training.freeze import FreezePolicy, Full
 from training.job_settings import TrainingSettings
 from training.preprocess import Augmentation, Preprocessing
@@ -31,20 +32,38 @@ def _check_id(value: str) -> str:
 Id = Annotated[str, AfterValidator(_check_id)]
 
 
+def _caps(info: ValidationInfo) -> TrainingSettings:
+    ctx = info.context or {}
+    caps = ctx.get("training")
+    return caps if isinstance(caps, TrainingSettings) else TrainingSettings()
+
+
 class BaseModelSpec(BaseModel):
     """What to start from: a torchvision backbone (random, enum or URI weights) or a
     published Refit version (``name@version`` or ``name@alias``)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     backbone: str | None = None
     weights: str | None = None
     """torchvision enum name (``IMAGENET1K_V1``, ``DEFAULT``) or ``s3://``/``file://`` URI."""
     version: str | None = None
 
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, v: str | None) -> str | None:
+        if v is not None and v not in BACKBONES:
+            raise ValueError(f"unknown backbone {v!r}; valid: {', '.join(sorted(BACKBONES))}")
+        return v
+
     @field_validator("weights")
     @classmethod
-    def _weights_form(cls, v: str | None) -> str | None:
+    def _weights_form(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is not None and v.startswith("file://") and _caps(info).local_weights_dir is None:
+            # refused at create time, not when the job runs
+            raise ValueError(
+                "file:// weights are disabled: REFIT_TRAINING__LOCAL_WEIGHTS_DIR is unset"
+            )
         if v is None or v.startswith(("s3://", "file://")) or v.replace("_", "").isalnum():
             return v
         raise ValueError(
@@ -75,22 +94,16 @@ class GateSpec(BaseModel):
     """Publish only if top-1 >= ``min_accuracy`` and not worse than the serving model by more
     than ``max_regression``. Unset fields take the settings' defaults."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     min_accuracy: float | None = Field(default=None, ge=0, le=1)
     max_regression: float | None = Field(default=None, ge=0, le=1)
 
 
-def _caps(info: ValidationInfo) -> TrainingSettings:
-    ctx = info.context or {}
-    caps = ctx.get("training")
-    return caps if isinstance(caps, TrainingSettings) else TrainingSettings()
-
-
 class FinetuneSpec(BaseModel):
     """One fine-tune job."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     model: Id
     base: BaseModelSpec

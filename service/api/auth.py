@@ -3,6 +3,9 @@ scope shows in its signature and in ``/openapi.json``.
 
 * predict scope: open unless ``REFIT_SERVE__PREDICT_TOKEN`` is set; the admin token works too;
 * admin scope: always needs ``REFIT_SERVE__ADMIN_TOKEN`` (disabled when none is set).
+
+RFC 6750: no token, or one that is none of ours, is 401 with a ``WWW-Authenticate`` challenge;
+403 is for a valid token of the wrong scope (the predict token on an admin route).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import SecretStr
 
-from service.request_errors import AuthError, ForbiddenError
+from service.request_errors import AuthError, ForbiddenError, InvalidTokenError
 from service.settings import ServeSettings
 
 predict_bearer = HTTPBearer(
@@ -58,7 +61,7 @@ def require_predict(
         return
     token = _token(credentials)
     if not (_matches(token, settings.predict_token) or _matches(token, settings.admin_token)):
-        raise ForbiddenError("token not valid for predict")
+        raise InvalidTokenError("not a valid token")
 
 
 def require_admin(
@@ -67,8 +70,11 @@ def require_admin(
     """Admin scope."""
     if settings.admin_token is None:
         raise ForbiddenError("admin endpoints are disabled: no REFIT_SERVE__ADMIN_TOKEN is set")
-    if not _matches(_token(credentials), settings.admin_token):
-        raise ForbiddenError("token not valid for admin endpoints")
+    token = _token(credentials)
+    if _matches(token, settings.predict_token):
+        raise ForbiddenError("the predict token is not valid for admin endpoints")
+    if not _matches(token, settings.admin_token):
+        raise InvalidTokenError("not a valid token")
 
 
 PredictScope = Depends(require_predict)

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.request_errors import BadRequestError, bad_request, field_path
+from service.request_errors import AuthError, BadRequestError, bad_request, field_path
 from training.storage.errors import RefitError
 
 log = logging.getLogger("refit.api")
@@ -42,7 +42,9 @@ class ErrorResponse(BaseModel):
 def error_response(exc: RefitError) -> JSONResponse:
     """The response of one of our errors (its status, ``Retry-After`` where it applies)."""
     retry = RETRY_AFTER_S.get(exc.status)
-    headers = {"Retry-After": retry} if retry else None
+    headers = {"Retry-After": retry} if retry else {}
+    if isinstance(exc, AuthError):
+        headers["WWW-Authenticate"] = exc.challenge
     return JSONResponse(exc.to_dict(), status_code=int(exc.status), headers=headers)
 
 

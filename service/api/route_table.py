@@ -16,7 +16,7 @@ from pydantic.json_schema import models_json_schema
 
 from service.api import finetune_jobs, inference_v2, model_admin, ops, predict_v1
 from service.api.error_table import EXCEPTION_HANDLERS
-from service.api.middleware import BodyLimit, ObserveRequests
+from service.api.middleware import BodyLimit, HeaderLimit, ObserveRequests
 from service.dataplane.dataplane import DataPlane
 from service.dataplane.oip_codec import InferenceRequest
 from service.metrics import ScrapeCollector
@@ -91,6 +91,11 @@ def create_app(settings: RefitSettings, dataplane: DataPlane) -> FastAPI:
         BodyLimit,
         default=ADMIN_BODY_BYTES,
         limits=[(predict_paths, settings.serve.max_body_bytes)],
+    )
+    app.add_middleware(
+        HeaderLimit,
+        max_headers=settings.serve.max_headers,
+        max_bytes=settings.serve.max_header_bytes,
     )
     app.add_middleware(ObserveRequests, requests_total=requests_total, latency=latency)
     return app

@@ -10,10 +10,18 @@ from training.preprocess import Preprocessing, crop_transform
 
 
 def decode_request_images(
-    items: list[bytes], *, max_image_bytes: int, max_pixels: int, preprocessing: Preprocessing
+    items: list[bytes],
+    *,
+    max_image_bytes: int,
+    max_pixels: int,
+    preprocessing: Preprocessing,
+    max_side: int | None = None,
+    max_aspect: float | None = None,
 ) -> torch.Tensor:
     """Encoded images -> uint8 ``[N, 3, crop, crop]``. The byte cap is checked before
-    decoding, the pixel cap before decoding the pixels; the error names ``images[i]``."""
+    decoding, the pixel, side and aspect caps before decoding the pixels (a large JPEG is
+    decoded at the smallest scale that still covers the resize); the error names
+    ``images[i]``."""
     crop = crop_transform(preprocessing)
     out = []
     for i, data in enumerate(items):
@@ -21,7 +29,13 @@ def decode_request_images(
         if len(data) > max_image_bytes:
             raise TooLargeError(f"{len(data)} bytes exceeds {max_image_bytes}", field=field)
         try:
-            img = decode_image(data, max_pixels=max_pixels)
+            img = decode_image(
+                data,
+                max_pixels=max_pixels,
+                max_side=max_side,
+                max_aspect=max_aspect,
+                draft_to=preprocessing.resize_size,
+            )
         except ImageDecodeError as exc:
             cls = {"format": UnsupportedImageError, "pixels": TooLargeError}.get(
                 exc.reason, InvalidImageError

@@ -122,6 +122,8 @@ class ModelHost:
             max_image_bytes=s.max_image_bytes,
             max_pixels=s.max_image_pixels,
             preprocessing=served.preprocessing,
+            max_side=s.max_image_side,
+            max_aspect=s.max_aspect_ratio,
         )
         return await self._answer(served, normalize(served.preprocessing, crops), top_k)
 

@@ -129,7 +129,7 @@ def test_client_mistakes_get_4xx_naming_the_field(
 def test_auth_models_and_routes(app: dict[str, Any]) -> None:
     body = {"json": {"images": _b64(png_bytes(0))}}
     assert _post(app, "digits", token=None, **body).status_code == 401
-    assert _post(app, "digits", token="wrong", **body).status_code == 403
+    assert _post(app, "digits", token="wrong", **body).status_code == 401
     assert _post(app, "digits", token=ADMIN, **body).status_code == 200
     r = _post(app, "nobody", **body)
     assert r.status_code == 404

@@ -78,6 +78,12 @@ def test_unknown_enum_lists_valid(store: ObjectStore) -> None:
     assert err.value.field == "base.weights"
 
 
+def _file_base(uri: str, training: TrainingSettings) -> BaseModelSpec:
+    # file:// weights pass spec validation only where the settings name a weights directory
+    raw = {"backbone": "mobilenet_v3_small", "weights": uri}
+    return BaseModelSpec.model_validate(raw, context={"training": training})
+
+
 def test_safetensors_from_s3_and_file(store: ObjectStore, tmp_path: Path) -> None:
     ref = build_backbone("mobilenet_v3_small", num_classes=1000).state_dict()
     store.put_bytes("weights/mnv3.safetensors", save(ref))
@@ -90,7 +96,7 @@ def test_safetensors_from_s3_and_file(store: ObjectStore, tmp_path: Path) -> Non
     save_file(ref, tmp_path / "w.safetensors")
     allowed = TrainingSettings(local_weights_dir=tmp_path)
     base = resolve_base(
-        BaseModelSpec(backbone="mobilenet_v3_small", weights=f"file://{tmp_path}/w.safetensors"),
+        _file_base(f"file://{tmp_path}/w.safetensors", allowed),
         store=store,
         training=allowed,
     )
@@ -101,11 +107,9 @@ def test_safetensors_from_s3_and_file(store: ObjectStore, tmp_path: Path) -> Non
         (f"file://{tmp_path}/../{tmp_path.name}/x.safetensors", allowed),
     ]:
         with pytest.raises(SpecError):
-            resolve_base(
-                BaseModelSpec(backbone="mobilenet_v3_small", weights=uri),
-                store=store,
-                training=settings,
-            )
+            resolve_base(_file_base(uri, allowed), store=store, training=settings)
+    with pytest.raises(ValueError, match="LOCAL_WEIGHTS_DIR"):  # refused when the spec is made
+        BaseModelSpec(backbone="mobilenet_v3_small", weights=f"file://{tmp_path}/w.safetensors")
 
 
 def test_wrong_architecture_is_named(store: ObjectStore) -> None:

@@ -7,7 +7,7 @@ from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import SecretStr
 
 from service.api.auth import require_admin, require_predict
-from service.request_errors import AuthError, ForbiddenError
+from service.request_errors import AuthError, ForbiddenError, InvalidTokenError
 from service.settings import ServeSettings
 
 
@@ -23,7 +23,7 @@ def test_predict_open_unless_token_set() -> None:
     require_predict(s, _req("a"))
     with pytest.raises(AuthError):
         require_predict(s, _req(None))
-    with pytest.raises(ForbiddenError):
+    with pytest.raises(InvalidTokenError):
         require_predict(s, _req("x"))
 
 
@@ -34,5 +34,7 @@ def test_admin_scope_and_disabled() -> None:
     require_admin(s, _req("a"))
     with pytest.raises(AuthError):
         require_admin(s, _req(None))
-    with pytest.raises(ForbiddenError):
+    with pytest.raises(ForbiddenError):  # a valid token of the other scope
         require_admin(s, _req("p"))
+    with pytest.raises(InvalidTokenError):
+        require_admin(s, _req("x"))

@@ -8,6 +8,7 @@ import base64
 import io
 import json
 import struct
+import urllib.parse
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -129,7 +130,10 @@ async def test_predict_auth_unknown_and_unserved(client: httpx.AsyncClient, digi
     body = {"images": _b64(png_bytes(0))}
     url = "/v1/models/digits/predict"
     assert (await client.post(url, json=body)).status_code == 401
-    assert (await client.post(url, json=body, headers=_auth("wrong"))).status_code == 403
+    r = await client.post(url, json=body, headers=_auth("wrong"))
+    assert r.status_code == 401  # RFC 6750: not one of our tokens
+    assert r.headers["www-authenticate"] == 'Bearer error="invalid_token"'
+    assert (await client.post(url, json=body)).headers["www-authenticate"] == "Bearer"
     assert (await client.post(url, json=body, headers=_auth(ADMIN))).status_code == 200
     r = await client.post("/v1/models/nobody/predict", json=body, headers=_auth())
     assert (r.status_code, r.json()["error"]["code"]) == (404, "not_found")
@@ -374,3 +378,103 @@ async def test_ops(client: httpx.AsyncClient, digits: dict) -> None:
     assert "refit_model_loaded_info{" in text
     r = await client.get("/nowhere")
     assert (r.status_code, r.json()["error"]["code"]) == (404, "not_found")
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "production\n",
+        "digits\x00",
+        "a/b",
+        "..",
+        "a..b",
+        "\uff44\uff49gits",  # fullwidth letters: NFKC folds them to "digits"
+        "Digits",
+        "-x",
+        "x" * 65,
+    ],
+)
+async def test_every_id_field_refuses_lookalikes(
+    client: httpx.AsyncClient, digits: dict, bad: str
+) -> None:
+    admin = _auth(ADMIN)
+    path = urllib.parse.quote(bad, safe="")
+    r = await client.get(f"/v1/models/{path}/versions", headers=admin)
+    assert r.status_code in {400, 404}, r.text  # never the model "digits"
+    r = await client.post("/v1/models/digits/promote", json={"version": bad}, headers=admin)
+    assert (r.status_code, r.json()["error"]["field"]) == (400, "version")
+    r = await client.post(
+        "/v1/models/digits/promote",
+        json={"version": digits["first"], "alias": bad},
+        headers=admin,
+    )
+    assert (r.status_code, r.json()["error"]["field"]) == (400, "alias")
+    r = await client.post("/v1/models/digits/rollback", json={"alias": bad}, headers=admin)
+    assert (r.status_code, r.json()["error"]["field"]) == (400, "alias")
+    r = await client.get(f"/v1/finetune-jobs/{path}", headers=admin)
+    assert r.status_code in {400, 404}
+    versions = await client.get("/v1/models/digits/versions", headers=admin)
+    assert versions.json()["aliases"] == {"production": digits["first"]}  # nothing moved
+
+
+@pytest.mark.parametrize(
+    ("over", "field"),
+    [
+        ({"epochs": "3"}, "epochs"),  # strict: no coercion
+        ({"base": {"backbone": "resnet18; rm -rf /"}}, "base.backbone"),
+        ({"base": {"backbone": "resnet18", "weights": "file:///etc/passwd"}}, "base.weights"),
+        ({"promote": "yes"}, "promote"),
+    ],
+)
+async def test_spec_refused_at_create(
+    client: httpx.AsyncClient, plane_parts: dict, over: dict, field: str
+) -> None:
+    uri = write_imagefolder(plane_parts["store"], "strict", classes=2, train=1, val=1)
+    spec = {"model": "strict", "base": {"backbone": "resnet18"}, "dataset": uri, **over}
+    r = await client.post("/v1/finetune-jobs", json=spec, headers=_auth(ADMIN))
+    assert (r.status_code, r.json()["error"]["field"]) == (422, field), r.text
+
+
+def _png(w: int, h: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", (w, h)).save(buf, "PNG", optimize=True)
+    return buf.getvalue()
+
+
+def _png_with_text_bomb() -> bytes:
+    """A valid PNG whose compressed text chunk inflates past Pillow's limit."""
+    import zlib
+
+    png = _png(8, 8)
+    data = b"Comment\x00\x00" + zlib.compress(b"\x00" * (4 << 20), 9)
+    chunk = struct.pack(">I", len(data)) + b"zTXt" + data
+    chunk += struct.pack(">I", zlib.crc32(b"zTXt" + data) & 0xFFFFFFFF)
+    return png[:33] + chunk + png[33:]  # after the IHDR chunk
+
+
+@pytest.mark.parametrize(
+    ("image", "status"),
+    [
+        (lambda: _png(1, 200_000), 413),  # far under the pixel cap, a 200000:1 sliver
+        (lambda: _png(1, 5_000_000), 413),
+        (lambda: _png(10_000, 10), 413),
+        (_png_with_text_bomb, 422),  # Pillow's ValueError is a corrupt image, not a 500
+    ],
+)
+async def test_decode_is_bounded(
+    client: httpx.AsyncClient, digits: dict, image: Any, status: int
+) -> None:
+    r = await client.post(
+        "/v1/models/digits/predict", json={"images": _b64(image())}, headers=_auth()
+    )
+    assert (r.status_code, r.json()["error"]["field"]) == (status, "images[0]"), r.text
+
+
+async def test_header_limits(client: httpx.AsyncClient) -> None:
+    r = await client.get("/healthz", headers={"X-Big": "x" * 64 * 1024})
+    assert (r.status_code, r.json()["error"]["code"]) == (431, "headers_too_large")
+    many = {f"X-H{i}": "1" for i in range(1000)}
+    assert (await client.get("/healthz", headers=many)).status_code == 431
+    r = await client.get("/v1/models", headers={"Authorization": "Bearer " + "x" * (1 << 20)})
+    assert r.status_code == 431
+    assert (await client.get("/healthz")).status_code == 200

@@ -29,6 +29,8 @@ EXPECTED = {
     "OverloadedError": 503,
     "AuthError": 401,
     "ForbiddenError": 403,
+    "InvalidTokenError": 401,
+    "HeadersTooLargeError": 431,
 }
 
 
