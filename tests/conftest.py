@@ -60,6 +60,19 @@ def ray_session() -> Iterator[None]:
     ray.shutdown()
 
 
+def train_worker_pids() -> list[int]:
+    """Pids of the Ray Train workers alive in *this session's* Ray, from its GCS actor table
+    (the dashboard's State API is off by design). Another Ray cluster on this host is never
+    seen: the table is our cluster's own."""
+    from ray._private import state
+
+    return [
+        int(actor["Pid"])
+        for actor in state.actors().values()
+        if actor.get("ActorClassName") == "RayTrainWorker" and actor.get("State") == "ALIVE"
+    ]
+
+
 def free_port() -> int:
     """A free TCP port on 127.0.0.1 (for a Serve app under test)."""
     import socket

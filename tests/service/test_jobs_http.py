@@ -16,7 +16,7 @@ import ray
 import requests
 from PIL import Image
 
-from conftest import free_port, png_bytes, write_imagefolder
+from conftest import free_port, png_bytes, train_worker_pids, write_imagefolder
 from service.control.scheduler import stop_actors
 from service.embedded_store import Connection
 from service.settings import RefitSettings, ServeSettings
@@ -184,7 +184,10 @@ def test_job_end_to_end_then_queue_cancel_and_limits(app: dict[str, Any]) -> Non
     assert cancelled["state"] == "cancelled", cancelled
     assert "checkpoints kept" in cancelled["reason"]
     assert any("checkpoint" in o.key for o in store.list(f"runs/{job_b}/"))
-    assert _train_workers() == [], "cancel left Ray Train workers running"
+    deadline = time.monotonic() + 30  # the actor table marks them dead once they are gone
+    while train_worker_pids():
+        assert time.monotonic() < deadline, "cancel left Ray Train workers running"
+        time.sleep(0.5)
     deadline = time.monotonic() + 30  # and their CPUs are free again (no reservation leaked)
     while ray.available_resources().get("CPU", 0) < app["cpus"]:
         assert time.monotonic() < deadline, ray.available_resources()
@@ -205,17 +208,6 @@ def test_job_end_to_end_then_queue_cancel_and_limits(app: dict[str, Any]) -> Non
     assert "refit_training_images_per_second" in text
     assert 'refit_batch_size_bucket{le="1"}' in text
     assert "refit_classifier_queue_depth" in text
-
-
-def _train_workers() -> list[int]:
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if b"RayTrainWorker" in (proc / "cmdline").read_bytes():
-                pids.append(int(proc.name))
-        except (OSError, ValueError):
-            continue
-    return pids
 
 
 @pytest.mark.parametrize(

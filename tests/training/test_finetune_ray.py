@@ -6,13 +6,12 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from conftest import write_imagefolder
+from conftest import train_worker_pids, write_imagefolder
 from service.settings import RefitSettings
 from training.finetune import run_finetune
 from training.spec import parse_spec
@@ -84,18 +83,6 @@ def test_two_worker_ddp_publishes_then_finetunes_from_it(
     assert alias.history[0] == first["version"]
 
 
-def _train_worker_pids() -> list[int]:
-    pids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if b"RayTrainWorker" in (d / "cmdline").read_bytes():
-                    pids.append(int(d.name))
-            except OSError:
-                continue
-    return pids
-
-
 def test_worker_killed_mid_run_resumes_and_publishes(
     store: ObjectStore, settings: RefitSettings
 ) -> None:
@@ -120,7 +107,7 @@ def test_worker_killed_mid_run_resumes_and_publishes(
         # progress.json is written by the controller after it registered the checkpoint
         progress = store.head(f"jobs/{job_id}/progress.json")
         if progress is not None and store.get_json(f"jobs/{job_id}/progress.json")["epoch"] >= 1:
-            pids = _train_worker_pids()
+            pids = train_worker_pids()
             if pids:
                 killed = pids[0]
                 os.kill(killed, signal.SIGKILL)
