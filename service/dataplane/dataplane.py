@@ -16,9 +16,10 @@ import torch
 
 from service.dataplane.jobs import JobsUseCases, Scheduler
 from service.dataplane.model_host import ModelHost
+from service.dataplane.served_model import check_loadable
 from service.request_errors import NoVersionError
 from service.settings import RefitSettings
-from training.storage.errors import NotFoundError
+from training.storage.errors import NotFoundError, RefitError
 from training.storage.registry import AliasRecord, Manifest, Registry
 from training.storage.s3 import ObjectStore
 
@@ -116,7 +117,11 @@ class DataPlane:
     def _list_models(self) -> list[dict[str, Any]]:
         out = []
         for name in self.registry.list_models():
-            record, _ = self.registry.get_alias(name, self.alias)
+            try:
+                record, _ = self.registry.get_alias(name, self.alias)
+            except RefitError as exc:  # a damaged alias affects its own model only
+                out.append({"name": name, self.alias: None, "error": exc.to_dict()["error"]})
+                continue
             out.append({"name": name, self.alias: record.version if record else None})
         return out
 
@@ -159,12 +164,16 @@ class DataPlane:
         """Point ``alias`` at ``version`` (verified first; compare-and-swap); replicas
         follow at once."""
         return await self._move_alias(
-            model, alias, lambda: self.registry.set_alias(model, alias, version)
+            model,
+            alias,
+            lambda: self.registry.set_alias(model, alias, version, verify=check_loadable),
         )
 
     async def rollback(self, model: str, alias: str) -> dict[str, Any]:
         """Move ``alias`` back one step; replicas follow at once."""
-        return await self._move_alias(model, alias, lambda: self.registry.rollback(model, alias))
+        return await self._move_alias(
+            model, alias, lambda: self.registry.rollback(model, alias, verify=check_loadable)
+        )
 
     async def _move_alias(
         self, model: str, alias: str, move: Callable[[], AliasRecord]

@@ -30,6 +30,7 @@ from service.dataplane.served_model import ServedModel
 from service.request_errors import BadRequestError
 from service.settings import ServeSettings
 from training.preprocess import normalize
+from training.storage.errors import IntegrityError, RefitError
 from training.storage.registry import Registry
 
 Item = tuple[ServedModel, torch.Tensor, int]
@@ -85,7 +86,16 @@ class ModelHost:
             mode=s.numeric_mode,
             poll_interval_s=s.poll_interval_s,
         )
-        await asyncio.to_thread(follower.load_now)
+        try:
+            await asyncio.to_thread(follower.load_now)
+        except RefitError:
+            raise
+        except Exception as exc:  # a stored version that verifies yet will not load or run
+            raise IntegrityError(
+                f"model {model!r}: its {s.alias} version cannot be loaded: "
+                f"{type(exc).__name__}: {exc}",
+                field="model",
+            ) from None
         follower.start()
         self.followers[model] = follower
         return follower

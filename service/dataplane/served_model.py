@@ -156,6 +156,40 @@ def _memory_format(module: nn.Module, fmt: torch.memory_format) -> nn.Module:
     return out
 
 
+def check_loadable(manifest: Manifest, state: dict[str, torch.Tensor]) -> None:
+    """IntegrityError naming what is wrong unless ``state`` is exactly the weights of the
+    manifest's backbone and head: the same key set, shapes and dtypes. Hashes alone do not
+    say so (a version can hash correctly and still not load)."""
+    try:
+        with torch.device("meta"):
+            reference = build_backbone(manifest.backbone, num_classes=manifest.num_classes)
+        expected = reference.state_dict()
+    except Exception as exc:  # unknown backbone, or a builder that computes at build time
+        raise IntegrityError(
+            f"{manifest.model}@{manifest.version}: cannot build {manifest.backbone}: {exc}",
+            field="version",
+        ) from None
+    problems = []
+    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing:
+        problems.append(f"{len(missing)} missing tensors (e.g. {missing[0]})")
+    if extra:
+        problems.append(f"{len(extra)} unexpected tensors (e.g. {extra[0]})")
+    for key in sorted(set(expected) & set(state)):
+        want, got = expected[key], state[key]
+        if tuple(got.shape) != tuple(want.shape) or got.dtype != want.dtype:
+            problems.append(
+                f"{key} is {got.dtype} {list(got.shape)}, needs {want.dtype} {list(want.shape)}"
+            )
+            break
+    if problems:
+        raise IntegrityError(
+            f"{manifest.model}@{manifest.version} does not load into {manifest.backbone} "
+            f"with {manifest.num_classes} classes: {'; '.join(problems)}",
+            field="version",
+        )
+
+
 def _build_with(backbone: str, num_classes: int, state: dict[str, torch.Tensor]) -> nn.Module:
     """The module with ``state`` loaded. Built on the meta device and filled by assignment
     where the builder allows it: no random init that the weights overwrite anyway (the
@@ -193,6 +227,7 @@ def load_served_model(
         manifest, state = registry.load_version(name, ref, expect_sha256=expect_sha256)
     else:
         manifest, state = registry.load(name, ref)
+    check_loadable(manifest, state)
     module = _build_with(manifest.backbone, manifest.num_classes, state)
     module.eval()
     calibration = registry.load_calibration(manifest)

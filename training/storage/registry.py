@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -32,6 +33,12 @@ MANIFEST_FILE = "manifest.json"
 CALIBRATION_FILE = "calibration.safetensors"
 """Up to 32 validation crops (uint8, before normalisation): load-time checks of numeric modes."""
 _HISTORY = 20
+MAX_RECORD_BYTES = 1024 * 1024
+"""Largest manifest or alias object read: anything larger is damaged, never parsed."""
+
+Verify = Callable[["Manifest", dict[str, torch.Tensor]], None]
+"""A check of a version's weights before an alias may point at it (the service passes one
+that builds the backbone and compares key set, shapes and dtypes)."""
 
 
 def sha256_hex(data: bytes) -> str:
@@ -150,9 +157,13 @@ class Registry:
         ``expect_sha256`` (from an alias) or does not parse, NotFoundError when absent."""
         _check_ids(model=model, version=version)
         try:
-            raw = self.store.get_bytes(self._vkey(model, version, MANIFEST_FILE))
+            raw = self.store.get_bytes(
+                self._vkey(model, version, MANIFEST_FILE), max_bytes=MAX_RECORD_BYTES
+            )
         except NotFoundError:
             raise NotFoundError(f"model {model!r} has no version {version!r}") from None
+        except ValueError as exc:
+            raise IntegrityError(f"manifest of {model}@{version} is damaged: {exc}") from None
         digest = sha256_hex(raw)
         if expect_sha256 is not None and digest != expect_sha256:
             raise IntegrityError(f"manifest of {model}@{version} does not match its alias")
@@ -176,7 +187,13 @@ class Registry:
         alias recorded: the version the alias pointed at, not one written since) and every
         file against the manifest."""
         manifest, _ = self.read_manifest(model, version, expect_sha256=expect_sha256)
-        return manifest, st_load(self.read_file(manifest, WEIGHTS_FILE))
+        blob = self.read_file(manifest, WEIGHTS_FILE)
+        try:
+            return manifest, st_load(blob)
+        except Exception as exc:  # hashes match, yet it is no safetensors file
+            raise IntegrityError(
+                f"{WEIGHTS_FILE} of {model}@{version} is not a valid safetensors file: {exc}"
+            ) from None
 
     def read_file(self, manifest: Manifest, name: str) -> bytes:
         """A file of a version, verified against the manifest's size and sha256."""
@@ -210,16 +227,29 @@ class Registry:
     def get_alias(self, model: str, alias: str) -> tuple[AliasRecord | None, str | None]:
         """The alias record and its ETag, or ``(None, None)``."""
         _check_ids(model=model, alias=alias)
+        key = self._akey(model, alias)
         try:
-            raw, etag = self.store.get_with_etag(self._akey(model, alias))
+            raw, etag = self.store.get_with_etag(key, max_bytes=MAX_RECORD_BYTES)
         except NotFoundError:
             return None, None
-        return AliasRecord.model_validate_json(raw), etag
+        except ValueError as exc:  # one damaged object must not break anything but its model
+            raise IntegrityError(f"alias object {key} is damaged: {exc}", field="model") from None
+        try:
+            return AliasRecord.model_validate_json(raw), etag
+        except ValidationError:
+            raise IntegrityError(
+                f"alias object {key} is damaged: not an alias record", field="model"
+            ) from None
 
-    def set_alias(self, model: str, alias: str, version: str) -> AliasRecord:
-        """Point an alias at a verified version (compare-and-swap on the alias object)."""
+    def set_alias(
+        self, model: str, alias: str, version: str, *, verify: Verify | None = None
+    ) -> AliasRecord:
+        """Point an alias at a verified version (compare-and-swap on the alias object).
+        ``verify`` also checks that the weights load into the manifest's model."""
         manifest, digest = self.read_manifest(model, version)
-        self.load(model, version)  # refuse to point at weights that do not verify
+        _, state = self.load_version(model, version, expect_sha256=digest)
+        if verify is not None:
+            verify(manifest, state)
         current, etag = self.get_alias(model, alias)
         history = []
         if current is not None:
@@ -233,14 +263,18 @@ class Registry:
         self._write_alias(model, alias, record, etag)
         return record
 
-    def rollback(self, model: str, alias: str = "production") -> AliasRecord:
+    def rollback(
+        self, model: str, alias: str = "production", *, verify: Verify | None = None
+    ) -> AliasRecord:
         """Point the alias back at the version it held before (one step)."""
         current, etag = self.get_alias(model, alias)
         if current is None or not current.history:
             raise NotFoundError(f"alias {model}@{alias} has no earlier version")
         previous, rest = current.history[0], current.history[1:]
-        _, digest = self.read_manifest(model, previous)
-        self.load(model, previous)
+        manifest, digest = self.read_manifest(model, previous)
+        _, state = self.load_version(model, previous, expect_sha256=digest)
+        if verify is not None:
+            verify(manifest, state)
         record = AliasRecord(
             version=previous,
             sha256=digest,

@@ -139,10 +139,14 @@ class ObjectStore:
         """Read and parse one JSON object."""
         return json.loads(self.get_bytes(key))
 
-    def get_with_etag(self, key: str) -> tuple[bytes, str]:
-        """Read one object and its ETag (for a later conditional write)."""
+    def get_with_etag(self, key: str, *, max_bytes: int | None = None) -> tuple[bytes, str]:
+        """Read one object and its ETag (for a later conditional write); ValueError when it
+        is larger than ``max_bytes`` (from the response header, before the body is read)."""
         try:
             resp = self.client.get_object(Bucket=self.bucket, Key=self.full_key(key))
+            if max_bytes is not None and int(resp["ContentLength"]) > max_bytes:
+                resp["Body"].close()
+                raise ValueError(f"{resp['ContentLength']} bytes exceeds {max_bytes}")
             return bytes(resp["Body"].read()), str(resp["ETag"])
         except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
             raise self._translate(exc, key) from exc

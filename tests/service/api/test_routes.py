@@ -5,6 +5,7 @@ through ``httpx.ASGITransport``. No Ray, no Serve."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import struct
@@ -19,6 +20,7 @@ from PIL import Image
 from api_app import ADMIN, PREDICT, build_inprocess_app
 from conftest import png_bytes, publish_tiny_model, write_imagefolder
 from service.settings import RefitSettings
+from training.storage.registry import Registry
 
 pytestmark = pytest.mark.anyio
 
@@ -478,3 +480,96 @@ async def test_header_limits(client: httpx.AsyncClient) -> None:
     r = await client.get("/v1/models", headers={"Authorization": "Bearer " + "x" * (1 << 20)})
     assert r.status_code == 431
     assert (await client.get("/healthz")).status_code == 200
+
+
+def _publish_weights(reg: Registry, name: str, state: dict[str, Any]) -> str:
+    """A version whose files hash correctly, whatever its weights are."""
+    from training.preprocess import Preprocessing
+
+    pre = Preprocessing(resize_size=32, crop_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
+    manifest = reg.publish(
+        state,
+        model=name,
+        backbone="resnet18",
+        num_classes=3,
+        class_names=["a", "b", "c"],
+        preprocessing=pre,
+    )
+    return manifest.version
+
+
+def _broken_states() -> dict[str, dict[str, Any]]:
+    import torch
+
+    from training.backbones import build_backbone
+
+    good = build_backbone("resnet18", num_classes=3).state_dict()
+    missing = {k: v for k, v in good.items() if k != "fc.bias"}
+    extra = {**good, "surplus.weight": torch.zeros(2)}
+    shape = {**good, "fc.weight": torch.zeros(4, 512)}
+    wide = {**good, "fc.weight": good["fc.weight"].double()}
+    return {"missing": missing, "extra": extra, "shape": shape, "float64": wide}
+
+
+async def test_promote_refuses_versions_that_do_not_load(
+    client: httpx.AsyncClient, plane_parts: dict
+) -> None:
+    reg, store, admin = plane_parts["registry"], plane_parts["store"], _auth(ADMIN)
+    served, _ = publish_tiny_model(reg, "guarded")
+    bad = {why: _publish_weights(reg, "guarded", s) for why, s in _broken_states().items()}
+    # a version whose weights file is no safetensors file at all, yet hashes correctly
+    notst = _publish_weights(reg, "guarded", _broken_states()["missing"])
+    manifest, _ = reg.read_manifest("guarded", notst)
+    blob = b"not safetensors"
+    entry = {"sha256": hashlib.sha256(blob).hexdigest(), "size": len(blob)}
+    forged = manifest.model_copy(
+        update={"version": "20000101-000000-000000", "files": {"model.safetensors": entry}}
+    )
+    store.put_bytes("models/guarded/versions/20000101-000000-000000/model.safetensors", blob)
+    store.put_bytes(
+        "models/guarded/versions/20000101-000000-000000/manifest.json",
+        reg.manifest_bytes(forged),
+    )
+    bad["not-safetensors"] = forged.version
+    for why, version in bad.items():
+        r = await client.post(
+            "/v1/models/guarded/promote", json={"version": version}, headers=admin
+        )
+        assert r.status_code == 409, (why, r.text)
+        assert r.json()["error"]["code"] == "integrity_error", why
+        record, _ = reg.get_alias("guarded", "production")
+        assert record.version == served.version, why  # the alias did not move
+
+
+async def test_damaged_stored_objects_stay_with_their_model(
+    client: httpx.AsyncClient, plane_parts: dict, digits: dict
+) -> None:
+    reg, store = plane_parts["registry"], plane_parts["store"]
+    for name, content in (("broken", b"{"), ("huge", b" " * (10 << 20)), ("empty", b"")):
+        publish_tiny_model(reg, name, promote=False)
+        store.put_bytes(f"models/{name}/aliases/production.json", content)
+    # an alias that points, with the right hash, at weights that verify but do not load
+    version = _publish_weights(reg, "unloadable", _broken_states()["shape"])
+    _, digest = reg.read_manifest("unloadable", version)
+    record = {"version": version, "sha256": digest, "updated_at": "2026-01-01T00:00:00+00:00"}
+    store.put_json("models/unloadable/aliases/production.json", record)
+
+    listed = (await client.get("/v1/models", headers=_auth())).json()["models"]
+    by_name = {m["name"]: m for m in listed}
+    assert by_name["digits"]["production"] == digits["first"]
+    for name in ("broken", "huge", "empty"):
+        assert by_name[name]["error"]["code"] == "integrity_error", by_name[name]
+        r = await client.get(f"/v1/models/{name}/versions", headers=_auth())
+        assert (r.status_code, r.json()["error"]["field"]) == (409, "model"), r.text
+        r = await client.post(
+            f"/v1/models/{name}/predict", json={"images": _b64(png_bytes(0))}, headers=_auth()
+        )
+        assert r.status_code == 409, r.text
+    r = await client.post(
+        "/v1/models/unloadable/predict", json={"images": _b64(png_bytes(0))}, headers=_auth()
+    )
+    assert (r.status_code, r.json()["error"]["code"]) == (409, "integrity_error"), r.text
+    r = await client.post(
+        "/v1/models/digits/predict", json={"images": _b64(png_bytes(0))}, headers=_auth()
+    )
+    assert r.status_code == 200  # everyone else keeps being served
