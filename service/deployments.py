@@ -120,9 +120,9 @@ class Classifier:
         return await self.host.predict_tensor(await self._current(), x, top_k)
 
     async def ready(self) -> bool:
-        """Answers while the replica's event loop runs (readiness probes: kept cheap, unlike
-        :meth:`stats`, which walks the heap to count live models)."""
-        return True
+        """Whether this replica can serve: a model loaded, or the store answering (kept
+        cheap, unlike :meth:`stats`, which walks the heap to count live models)."""
+        return await asyncio.to_thread(self.host.ready)
 
     def stats(self) -> dict[str, Any]:
         """This replica's loaded models, swaps, failed loads and resident memory."""
@@ -167,8 +167,9 @@ class ClassifierPredictor:
 
 
 def serving_dataplane(classifier: DeploymentHandle, settings: RefitSettings) -> DataPlane:
-    """The data plane of an ingress replica."""
-    store = ObjectStore(settings.s3)
+    """The data plane of an ingress replica (its store calls use the request-path
+    timeouts)."""
+    store = ObjectStore(settings.s3, request_path=True)
 
     async def notify(model: str) -> None:
         await notify_async(settings, model)

@@ -8,7 +8,6 @@ calls run in threads (``asyncio.to_thread``), never on the event loop.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -17,6 +16,7 @@ import torch
 from service.dataplane.jobs import JobsUseCases, Scheduler
 from service.dataplane.model_host import ModelHost
 from service.dataplane.served_model import check_loadable
+from service.dataplane.store_calls import store_call
 from service.request_errors import NoVersionError
 from service.settings import RefitSettings
 from training.storage.errors import NotFoundError, RefitError
@@ -62,8 +62,8 @@ class InProcessPredictor:
         return await self.host.predict_tensor(await self.host.follower(model), x, top_k)
 
     async def ready(self) -> bool:
-        """Always: the host is this process."""
-        return True
+        """Whether the host can serve: a model loaded, or the store answering."""
+        return await store_call(self.host.ready)
 
     async def stats(self) -> dict[str, Any]:
         """The host's statistics."""
@@ -112,7 +112,7 @@ class DataPlane:
     # --- the registry ----------------------------------------------------------------------
     async def list_models(self) -> list[dict[str, Any]]:
         """Published models and the version the served alias points at."""
-        return await asyncio.to_thread(self._list_models)
+        return await store_call(self._list_models)
 
     def _list_models(self) -> list[dict[str, Any]]:
         out = []
@@ -127,7 +127,7 @@ class DataPlane:
 
     async def list_versions(self, model: str) -> dict[str, Any]:
         """Published versions of one model (NotFound for an unknown one)."""
-        return await asyncio.to_thread(self._list_versions, model)
+        return await store_call(self._list_versions, model)
 
     def _list_versions(self, model: str) -> dict[str, Any]:
         versions = self.registry.list_versions(model)
@@ -143,7 +143,7 @@ class DataPlane:
     async def manifest(self, model: str) -> Manifest:
         """The manifest of the served alias' version, checked against the alias' hash
         (NotFound for an unknown model, NoVersion when nothing serves yet)."""
-        return await asyncio.to_thread(self._manifest, model)
+        return await store_call(self._manifest, model)
 
     def _manifest(self, model: str) -> Manifest:
         record = self._alias_or_raise(model)
@@ -182,7 +182,7 @@ class DataPlane:
             before, _ = self.registry.get_alias(model, alias)
             return before, move()
 
-        before, record = await asyncio.to_thread(moved)
+        before, record = await store_call(moved)
         await self.notify(model)
         return {
             "model": model,
@@ -197,11 +197,11 @@ def in_process_dataplane(
 ) -> DataPlane:
     """A data plane whose models run in this process (a :class:`ModelHost`), with jobs
     queued on ``scheduler``: for tests and tools that need the API without Ray Serve."""
-    store = ObjectStore(settings.s3)
-    registry = Registry(store)
+    store = ObjectStore(settings.s3, request_path=True)  # what HTTP requests wait on
+    models = Registry(ObjectStore(settings.s3))  # hot-loads: large reads, in the background
     return DataPlane(
-        registry=registry,
-        predictor=InProcessPredictor(ModelHost(settings.serve, registry)),
+        registry=Registry(store),
+        predictor=InProcessPredictor(ModelHost(settings.serve, models)),
         jobs=JobsUseCases(store, scheduler),
         alias=settings.serve.alias,
         notify=notify,

@@ -8,6 +8,7 @@ import asyncio
 from typing import Any, Protocol
 
 from service.dataplane.curve import render_curve
+from service.dataplane.store_calls import store_call
 from training.storage.job_records import JobRecord, JobStore, progress_view
 from training.storage.s3 import ObjectStore
 
@@ -60,22 +61,22 @@ class JobsUseCases:
 
     async def get(self, job_id: str) -> dict[str, Any]:
         """One job with its progress."""
-        record = await asyncio.to_thread(self.jobs.get, job_id)
+        record = await store_call(self.jobs.get, job_id)
         return job_view(record, await self._progress(job_id))
 
     async def list(self, *, limit: int, state: str | None) -> list[dict[str, Any]]:
         """Jobs, newest first (records only; progress is on each job's own page)."""
-        records = await asyncio.to_thread(self.jobs.list_jobs, limit=limit, state=state)
+        records = await store_call(self.jobs.list_jobs, limit=limit, state=state)
         return [job_view(r, {}) for r in records]
 
     async def curve(self, job_id: str) -> bytes:
         """The job's training curve as PNG."""
-        await asyncio.to_thread(self.jobs.get, job_id)  # 404 for an unknown job
+        await store_call(self.jobs.get, job_id)  # 404 for an unknown job
         view = progress_view(await self._progress(job_id))
         return await asyncio.to_thread(render_curve, view["history"])
 
     async def _progress(self, job_id: str) -> dict[str, Any]:
-        return await asyncio.to_thread(self.jobs.progress, job_id)
+        return await store_call(self.jobs.progress, job_id)
 
     async def stats(self) -> dict[str, Any]:
         """Queued/running/finished counts and the images/s of running jobs (for /metrics)."""

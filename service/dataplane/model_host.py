@@ -32,6 +32,7 @@ from service.settings import ServeSettings
 from training.preprocess import normalize
 from training.storage.errors import IntegrityError, RefitError
 from training.storage.registry import Registry
+from training.storage.s3 import ObjectStore
 
 Item = tuple[ServedModel, torch.Tensor, int]
 """One request in the lane: the version it runs on, its input ``[n, 3, H, W]``, its top-k."""
@@ -71,6 +72,8 @@ class ModelHost:
         self._batch_sizes: collections.Counter[int] = collections.Counter()
         self._split_batches = 0  # lane batches that held two versions (during a swap)
         self._loading: dict[str, asyncio.Lock] = {}
+        # readiness asks the store with the short timeouts of the request path
+        self._probe = ObjectStore(registry.store.settings, request_path=True)
 
     async def _submit_one(self, item: Item) -> Ranked:
         return (await self.lane.submit([item]))[0]
@@ -180,6 +183,14 @@ class ModelHost:
         return out
 
     # --- observation -----------------------------------------------------------------------
+    def ready(self) -> bool:
+        """Whether this host can serve: a model is loaded, or (none yet) the store answers
+        within the request-path timeouts, so a cold load can happen. Blocking: call it off
+        the event loop."""
+        if any(f.current is not None for f in list(self.followers.values())):
+            return True
+        return self._probe.ping()
+
     def stats(self) -> dict[str, Any]:
         """Loaded models, swaps, failed loads, resident memory, queue depth, batch sizes."""
         models = {}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 
 class S3Settings(BaseModel):
@@ -22,6 +22,19 @@ class S3Settings(BaseModel):
     """The one bucket that holds datasets, runs, models, aliases and job records."""
     prefix: str = ""
     """Key prefix inside the bucket (no leading or trailing slash), e.g. ``team-a``."""
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    """Connect timeout of background and training store calls (loads, checkpoints, jobs)."""
+    read_timeout_s: float = Field(default=60.0, gt=0)
+    """Read timeout of background and training store calls (weights are large)."""
+    max_attempts: int = Field(default=5, ge=1)
+    """Attempts (with botocore's standard backoff) of background and training store calls."""
+    request_connect_timeout_s: float = Field(default=1.0, gt=0)
+    """Connect timeout of store calls made while an HTTP request waits (listing, metadata,
+    promote, jobs): a store that does not answer costs the client a bounded 503."""
+    request_read_timeout_s: float = Field(default=3.0, gt=0)
+    """Read timeout of store calls made while an HTTP request waits."""
+    request_max_attempts: int = Field(default=2, ge=1)
+    """Attempts of store calls made while an HTTP request waits (their retry budget)."""
 
     def resolved_endpoint(self) -> str | None:
         """The endpoint after the ``AWS_ENDPOINT_URL`` fallback."""

@@ -50,13 +50,16 @@ def validate_key(key: str, *, field: str = "key") -> str:
 class ObjectStore:
     """S3 access for Refit: bytes and JSON in and out, conditional writes, listing."""
 
-    def __init__(self, settings: S3Settings) -> None:
+    def __init__(self, settings: S3Settings, *, request_path: bool = False) -> None:
+        """``request_path``: calls an HTTP request waits on, with the short timeouts and the
+        small retry budget of ``settings.request_*`` (else the background ones)."""
         self.settings = settings
+        self.request_path = request_path
         self._client: Any = None
 
     # Ray ships stores to workers; boto3 clients do not pickle, so rebuild lazily there.
     def __getstate__(self) -> dict[str, Any]:
-        return {"settings": self.settings, "_client": None}
+        return {"settings": self.settings, "request_path": self.request_path, "_client": None}
 
     @property
     def client(self) -> Any:
@@ -69,14 +72,30 @@ class ObjectStore:
                 aws_access_key_id=s.resolved_access_key(),
                 aws_secret_access_key=s.resolved_secret_key(),
                 region_name=s.region,
-                config=Config(
-                    retries={"max_attempts": 5, "mode": "standard"},
-                    s3={"addressing_style": "path"},
-                    connect_timeout=5,
-                    read_timeout=60,
-                ),
+                config=self._config(),
             )
         return self._client
+
+    def _config(self) -> Config:
+        s = self.settings
+        fast = self.request_path
+        return Config(
+            retries={
+                "max_attempts": s.request_max_attempts if fast else s.max_attempts,
+                "mode": "standard",
+            },
+            s3={"addressing_style": "path"},
+            connect_timeout=s.request_connect_timeout_s if fast else s.connect_timeout_s,
+            read_timeout=s.request_read_timeout_s if fast else s.read_timeout_s,
+        )
+
+    def ping(self) -> bool:
+        """Whether the bucket answers (within this store's timeouts)."""
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError):
+            return False
+        return True
 
     @property
     def bucket(self) -> str:
