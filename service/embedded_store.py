@@ -8,6 +8,7 @@ to stop on SIGTERM, after which we SIGKILL.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import secrets
@@ -29,6 +30,29 @@ from training.storage.location import S3Settings
 from training.storage.s3 import ObjectStore
 
 CONNECTION_FILE = "connection.json"
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> Any:
+    """A ``preexec_fn`` that has the child receive SIGTERM when the process that started it
+    dies (Linux ``PR_SET_PDEATHSIG``), so no store outlives a killed ``refit up``; None
+    elsewhere. libc is resolved here, in the parent: the child only makes the one call
+    (nothing to import or lock between fork and exec). The signal follows the *thread* that
+    forked, so start the store from the main thread (``refit`` and the tests do)."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def arm() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the call: go now
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return arm
+
+
 _IDENTITIES_FILE = "s3-identities.json"
 _ACCESS_KEY = "refit"
 
@@ -171,8 +195,13 @@ class EmbeddedStore:
         argv = self._argv(_free_ports(8))
         log = open(self.data_dir / "weed.log", "ab")  # noqa: SIM115 - lives as long as weed
         # Its own session: a Ctrl-C in the terminal reaches us, and we stop weed in order.
+        # If we die without stopping it (SIGKILL, OOM), the kernel ends it too.
         self.process = subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent(),  # the child makes one prctl call, nothing else
         )
         log.close()
         endpoint = f"http://127.0.0.1:{self.s3_port}"
