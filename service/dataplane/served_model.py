@@ -156,15 +156,23 @@ def _memory_format(module: nn.Module, fmt: torch.memory_format) -> nn.Module:
     return out
 
 
+def _reference_state(backbone: str, num_classes: int) -> dict[str, torch.Tensor]:
+    """The state dict of the architecture (shapes and dtypes are what count): built on the
+    meta device, allocating nothing, where the builder allows it."""
+    try:
+        with torch.device("meta"):
+            return build_backbone(backbone, num_classes=num_classes).state_dict()
+    except NotImplementedError:  # a builder that computes with tensors (regnet)
+        return build_backbone(backbone, num_classes=num_classes).state_dict()
+
+
 def check_loadable(manifest: Manifest, state: dict[str, torch.Tensor]) -> None:
     """IntegrityError naming what is wrong unless ``state`` is exactly the weights of the
     manifest's backbone and head: the same key set, shapes and dtypes. Hashes alone do not
     say so (a version can hash correctly and still not load)."""
     try:
-        with torch.device("meta"):
-            reference = build_backbone(manifest.backbone, num_classes=manifest.num_classes)
-        expected = reference.state_dict()
-    except Exception as exc:  # unknown backbone, or a builder that computes at build time
+        expected = _reference_state(manifest.backbone, manifest.num_classes)
+    except Exception as exc:  # an unknown backbone, or too few classes
         raise IntegrityError(
             f"{manifest.model}@{manifest.version}: cannot build {manifest.backbone}: {exc}",
             field="version",

@@ -158,3 +158,26 @@ def test_request_image_errors_name_the_item(bad: bytes, error: type, status: int
     assert err.value.field == "images[1]"
     assert err.value.status == status
     assert err.value.to_dict()["error"]["field"] == "images[1]"
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "regnet_x_400mf"])
+def test_check_loadable_accepts_the_architecture_and_names_a_mismatch(backbone: str) -> None:
+    from service.dataplane.served_model import check_loadable
+    from training.backbones import build_backbone
+    from training.storage.registry import Manifest
+
+    manifest = Manifest(
+        model="m",
+        version="v1",
+        backbone=backbone,
+        num_classes=3,
+        class_names=["a", "b", "c"],
+        preprocessing=PRE,
+        created_at="2026-01-01T00:00:00+00:00",
+        files={},
+    )
+    state = build_backbone(backbone, num_classes=3).state_dict()
+    check_loadable(manifest, state)  # regnet cannot be built on the meta device: no matter
+    wrong = {**state, next(iter(state)): torch.zeros(1)}
+    with pytest.raises(IntegrityError, match="needs"):
+        check_loadable(manifest, wrong)
