@@ -109,12 +109,18 @@ class ModelHost:
             self._lru.move_to_end(model)
             return self._lru[model]
         lock = self._loading.setdefault(model, asyncio.Lock())
-        async with lock:  # concurrent first requests load the model once
-            if model not in self._lru:
-                self._lru[model] = await self.load_follower(model)
-                while len(self._lru) > self.settings.models_per_replica:
-                    _, evicted = self._lru.popitem(last=False)
-                    evicted.stop()
+        try:
+            async with lock:  # concurrent first requests load the model once
+                if model not in self._lru:
+                    self._lru[model] = await self.load_follower(model)
+                    while len(self._lru) > self.settings.models_per_replica:
+                        _, evicted = self._lru.popitem(last=False)
+                        evicted.stop()
+        finally:
+            # names come from clients: keep no lock for a name that nobody waits on, or
+            # requests for made-up models would grow this without bound
+            if not lock.locked():
+                self._loading.pop(model, None)
         return self._lru[model]
 
     async def refresh(self, model: str) -> None:

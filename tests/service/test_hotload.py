@@ -11,7 +11,7 @@ from conftest import publish_tiny_model
 from service.dataplane.hotload import Follower
 from service.dataplane.model_host import ModelHost
 from service.settings import ServeSettings
-from training.storage.errors import IntegrityError
+from training.storage.errors import IntegrityError, NotFoundError
 from training.storage.registry import Registry
 from training.storage.s3 import ObjectStore
 
@@ -55,3 +55,17 @@ def test_model_host_keeps_an_lru_of_followers(store: ObjectStore) -> None:
     assert first._stop.is_set()  # evicted: it stopped polling
     assert not second._stop.is_set()
     assert list(host._lru) == ["m2"]
+
+
+def test_unknown_models_leave_nothing_behind(store: ObjectStore) -> None:
+    host = ModelHost(ServeSettings(poll_interval_s=60), Registry(store))
+
+    async def ask(n: int) -> None:
+        for i in range(n):
+            with pytest.raises(NotFoundError):
+                await host.follower(f"made-up-{i}")
+
+    asyncio.run(ask(50))
+    assert host._loading == {}
+    assert not host._lru
+    assert not host.followers
