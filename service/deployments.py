@@ -29,9 +29,8 @@ from service.dataplane.dataplane import DataPlane
 from service.dataplane.hotload import Follower
 from service.dataplane.jobs import JobsUseCases
 from service.dataplane.model_host import Item, ModelHost, Ranked
-from service.request_errors import OverloadedError
+from service.request_errors import OverloadedError, unwrap_remote
 from service.settings import RefitSettings
-from training.storage.errors import RefitError
 from training.storage.registry import Registry
 from training.storage.s3 import ObjectStore
 
@@ -45,12 +44,6 @@ class _LaneWarningFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "max_concurrent_batches" not in str(record.msg)
-
-
-def unwrap(exc: Exception) -> Exception:
-    """Our own error raised inside an actor or replica, else the exception itself."""
-    cause = getattr(exc, "cause", None)
-    return cause if isinstance(cause, RefitError) else exc
 
 
 @serve.deployment
@@ -154,7 +147,7 @@ class ClassifierPredictor:
                 "the classifier's queue is full (REFIT_SERVE__MAX_QUEUED_REQUESTS)"
             ) from None
         except RayTaskError as exc:  # unwrap our own errors raised inside the replica
-            raise unwrap(exc) from None
+            raise unwrap_remote(exc) from None
 
     async def ready(self) -> bool:
         """Whether a classifier replica answers."""

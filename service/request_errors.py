@@ -98,3 +98,11 @@ def bad_request(exc: ValidationError, *, prefix: tuple[str, ...] = ()) -> BadReq
     err = errors[0]
     loc = tuple(err["loc"])
     return BadRequestError(err["msg"], field=field_path(prefix + loc) or "body")
+
+
+def unwrap_remote(exc: Exception) -> Exception:
+    """Our own error raised inside a Ray actor or replica (a ``RayTaskError`` keeps it as
+    ``cause``), else the exception itself: errors crossing a Ray boundary reach the one error
+    table as the class they were raised as."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, RefitError) else exc

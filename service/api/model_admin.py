@@ -9,10 +9,10 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from service.api.auth import AdminScope, PredictScope
 from service.api.error_table import error_responses
-from service.api.params import ModelName, Plane, _check_id
+from service.api.params import ModelName, Plane, check_id
 from training.storage.ids import ID_PATTERN
 
-Id = Annotated[str, Field(pattern=ID_PATTERN, max_length=64), AfterValidator(_check_id)]
+Id = Annotated[str, Field(pattern=ID_PATTERN, max_length=64), AfterValidator(check_id)]
 
 
 class ModelSummary(BaseModel):

@@ -11,7 +11,8 @@ from service.dataplane.dataplane import DataPlane
 from training.storage.ids import ID_PATTERN, is_id
 
 
-def _check_id(value: str) -> str:
+def check_id(value: str) -> str:
+    """``value`` if it is a valid id, else ValueError (pydantic reports it, naming the field)."""
     if not is_id(value):
         raise ValueError(f"must match {ID_PATTERN} (lowercase letters, digits, '._-'; no '..')")
     return value
@@ -21,9 +22,9 @@ def _id(description: str) -> object:
     return Path(pattern=ID_PATTERN, min_length=1, max_length=64, description=description)
 
 
-ModelName = Annotated[str, _id("model name"), AfterValidator(_check_id)]
-VersionId = Annotated[str, _id("version id"), AfterValidator(_check_id)]
-JobId = Annotated[str, _id("job id"), AfterValidator(_check_id)]
+ModelName = Annotated[str, _id("model name"), AfterValidator(check_id)]
+VersionId = Annotated[str, _id("version id"), AfterValidator(check_id)]
+JobId = Annotated[str, _id("job id"), AfterValidator(check_id)]
 
 
 def dataplane(request: Request) -> DataPlane:

@@ -9,14 +9,8 @@ import asyncio
 from typing import Any
 
 from service.control.scheduler import JobRunner, existing_runner, runner_actor
+from service.request_errors import unwrap_remote
 from service.settings import RefitSettings
-from training.storage.errors import RefitError
-
-
-def _unwrap(exc: Exception) -> Exception:
-    # our own error raised inside the runner actor, else the exception itself
-    cause = getattr(exc, "cause", None)
-    return cause if isinstance(cause, RefitError) else exc
 
 
 class RunnerScheduler:
@@ -38,7 +32,7 @@ class RunnerScheduler:
         try:
             out: dict[str, Any] = await self.runner().create.remote(spec, idempotency_key)
         except Exception as exc:
-            raise _unwrap(exc) from None
+            raise unwrap_remote(exc) from None
         return out
 
     async def cancel(self, job_id: str) -> dict[str, Any]:
@@ -46,7 +40,7 @@ class RunnerScheduler:
         try:
             out: dict[str, Any] = await self.runner().cancel.remote(job_id)
         except Exception as exc:
-            raise _unwrap(exc) from None
+            raise unwrap_remote(exc) from None
         return out
 
     async def stats(self) -> dict[str, Any]:
