@@ -38,6 +38,7 @@ def test_follower_checks_the_alias_manifest_hash(store: ObjectStore) -> None:
     follower.refresh()  # the poll path: counted, not raised
     assert follower.failed_loads == 1
     assert follower.current.version == manifest.version
+    follower.stop()
 
 
 def test_model_host_keeps_an_lru_of_followers(store: ObjectStore) -> None:
@@ -55,6 +56,7 @@ def test_model_host_keeps_an_lru_of_followers(store: ObjectStore) -> None:
     assert first._stop.is_set()  # evicted: it stopped polling
     assert not second._stop.is_set()
     assert list(host._lru) == ["m2"]
+    second.stop()  # no poll of a store that the session stops later
 
 
 def test_unknown_models_leave_nothing_behind(store: ObjectStore) -> None:
