@@ -94,7 +94,7 @@ def cmd_run_job(args: argparse.Namespace, settings: RefitSettings) -> int:
     """Run a job record's spec under its id (the entrypoint of launched RayJobs)."""
     from service.control.local import run_job_record
 
-    return run_job_record(args.job_id, _with_store(settings, args.data_dir))
+    return run_job_record(args.job_id, _with_store(settings, args.data_dir), owner=args.owner)
 
 
 def cmd_jobs(args: argparse.Namespace, settings: RefitSettings) -> int:
@@ -278,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     rj = sub.add_parser("run-job", help="run a job record here (a RayJob's entrypoint)")
     rj.add_argument("job_id")
     rj.add_argument("--data-dir", default=None, help="the embedded store of this dir")
+    rj.add_argument(
+        "--owner", default=None, help="the lease token the launcher gave (unset: a new one)"
+    )
     rj.set_defaults(func=cmd_run_job)
 
     jobs = sub.add_parser("jobs", help="list jobs, show one, or cancel it")

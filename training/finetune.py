@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,12 +35,12 @@ from training.ray_train import fit
 from training.run_context import RunInputs
 from training.spec import FinetuneSpec
 from training.storage.errors import (
-    ConflictError,
     DataError,
     NotFoundError,
     RefitError,
     TrainingError,
 )
+from training.storage.job_lease import JobCancelledError, JobLease, LeaseLostError, new_owner
 from training.storage.job_records import JobState, JobStore
 from training.storage.location import S3Settings
 from training.storage.registry import Registry
@@ -106,12 +107,16 @@ def run_finetune(
     s3: S3Settings,
     training: TrainingSettings,
     job_id: str | None = None,
+    owner: str | None = None,
 ) -> dict[str, Any]:
     """Run one job to the end; returns the JSON-ready result. Raises RefitError subclasses
     for bad specs and data; in that case nothing is published and no alias moves.
 
-    With ``job_id`` the job's record (created by the API) is moved to running and then to its
-    end; without, a record is created first. The outcome - published, rejected by the gate
+    With ``job_id`` the job's record (created by the API) is run; without, a record is created
+    first. The run holds the record's lease as ``owner`` (the token a runner or RayJob was
+    given; unset, a new one for this process) and renews it while it runs: a job another live
+    owner runs is a ConflictError, and a run that lost its lease publishes nothing and leaves
+    the record to the owner that took over. The outcome - published, rejected by the gate
     (state succeeded, with the gate's reasons), or failed (with the error) - is recorded in
     ``jobs/{job_id}.json`` either way.
     """
@@ -119,18 +124,25 @@ def run_finetune(
     jobs = JobStore(store)
     if job_id is None or not store.exists(jobs.key(job_id)):
         job_id = jobs.create(spec, job_id=job_id)[0].job_id
-    if jobs.transition(job_id, "running").terminal:
-        raise ConflictError(f"job {job_id} already ended", field="job_id")
-    try:
-        result = _Pipeline(spec, store, training, job_id).run()
-    except RefitError as exc:
-        _finish(jobs, job_id, "failed", reason=str(exc), error=exc.to_dict()["error"])
-        raise
-    except Exception as exc:
-        error = {"code": "internal_error", "message": f"{type(exc).__name__}: {exc}"}
-        _finish(jobs, job_id, "failed", reason=error["message"], error=error)
-        raise
-    _finish(jobs, job_id, "succeeded", reason=_outcome(result), result=result)
+    lease = JobLease(jobs, job_id, owner or new_owner("local"), training.job_lease_s)
+    lease.acquire()
+    with lease.heartbeat():
+        try:
+            result = _Pipeline(spec, store, training, job_id, lease.check).run()
+        except LeaseLostError:
+            log.warning("job %s: lease lost; its new owner records the end", job_id)
+            raise
+        except JobCancelledError as exc:
+            _finish(lease, "cancelled", reason=f"cancelled on request: {exc}")
+            raise
+        except RefitError as exc:
+            _finish(lease, "failed", reason=str(exc), error=exc.to_dict()["error"])
+            raise
+        except Exception as exc:
+            error = {"code": "internal_error", "message": f"{type(exc).__name__}: {exc}"}
+            _finish(lease, "failed", reason=error["message"], error=error)
+            raise
+        _finish(lease, "succeeded", reason=_outcome(result), result=result)
     return result
 
 
@@ -141,11 +153,12 @@ def _outcome(result: dict[str, Any]) -> str:
     return "not published: " + "; ".join(result["gate"].get("reasons") or ["gate failed"])
 
 
-def _finish(jobs: JobStore, job_id: str, state: JobState, **fields: Any) -> None:
+def _finish(lease: JobLease, state: JobState, **fields: Any) -> None:
     try:
-        jobs.transition(job_id, state, **fields)
+        if lease.finish(state, **fields) is None:
+            log.warning("job %s changed owner; its end is not recorded here", lease.job_id)
     except RefitError as exc:  # the outcome itself matters more than its record
-        log.warning("could not record the end of %s: %s", job_id, exc)
+        log.warning("could not record the end of %s: %s", lease.job_id, exc)
 
 
 @dataclass
@@ -170,9 +183,16 @@ class _Pipeline:
     """The steps of one job, in order (see the module docstring)."""
 
     def __init__(
-        self, spec: FinetuneSpec, store: ObjectStore, training: TrainingSettings, job_id: str
+        self,
+        spec: FinetuneSpec,
+        store: ObjectStore,
+        training: TrainingSettings,
+        job_id: str,
+        still_owner: Callable[[], None],
     ) -> None:
         self.spec, self.store, self.training, self.job_id = spec, store, training, job_id
+        # raises unless this run still holds the job: checked before steps nobody may repeat
+        self.still_owner = still_owner
         self.registry = Registry(store)
         self.started = time.time()
 
@@ -184,6 +204,7 @@ class _Pipeline:
         base = resolve_base(spec.base, store=self.store, training=self.training)
         preprocessing = spec.preprocess or base.preprocessing
         trained = self.train(index, base, preprocessing)
+        self.still_owner()
         val = [s for s in index.val if s.key not in trained.skipped]
         candidate = self.score(trained.model, val, preprocessing, index.classes)
         gate = self.gate(candidate["top1"], self.incumbent(val, index.classes))
@@ -191,8 +212,10 @@ class _Pipeline:
         metrics.update(per_class=candidate["per_class"], confusion=candidate["confusion"])
         version, promoted = None, False
         if gate.passed:
+            self.still_owner()
             version = self.publish(trained, index, base, preprocessing, val, metrics, gate)
             if spec.promote:
+                self.still_owner()
                 self.registry.set_alias(spec.model, spec.alias, version)
                 promoted = True
         return self.result(trained, index, base, metrics, gate, version, promoted)

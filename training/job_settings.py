@@ -56,6 +56,9 @@ class TrainingSettings(BaseModel):
     """DataLoader worker processes per training worker (0: decode in the training process)."""
     max_running_jobs: int = Field(default=2, ge=1)
     """Fine-tune jobs running at once over the cluster (one per model at most); more queue."""
+    job_lease_s: float = Field(default=60.0, gt=0)
+    """How long a job's owner holds it without renewing (renewed every quarter of it); a
+    runner takes over a running job only after its owner's lease ran out."""
     max_queued_jobs: int = Field(default=32, ge=0)
     """Jobs waiting for a slot; a create beyond this gets 429 with Retry-After."""
     progress_interval_s: float = Field(default=2.0, gt=0)

@@ -9,6 +9,7 @@ last reported checkpoint.
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -33,16 +34,40 @@ log = logging.getLogger(__name__)
 def ensure_ray(settings: RaySettings) -> bool:
     """Join the configured Ray cluster or start a local one. Returns True if we started it.
 
-    The dashboard stays off: its port must never be exposed (CVE-2023-48022).
+    Unset, a new local cluster starts even when ``RAY_ADDRESS`` names another one (another
+    cluster may run on this host). Once connected, ``RAY_ADDRESS`` names this cluster, so what
+    this process starts reaches it by address, never by discovery. The dashboard stays off:
+    its port must never be exposed (CVE-2023-48022).
     """
     if ray.is_initialized():
         return False
     kwargs: dict[str, Any] = {"include_dashboard": settings.include_dashboard}
     if settings.address:
         ray.init(address=settings.address, **kwargs)
-        return False
-    ray.init(num_cpus=settings.num_cpus, **kwargs)
-    return True
+        started = False
+    else:
+        ray.init(address="local", num_cpus=settings.num_cpus, **kwargs)
+        started = True
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    return started
+
+
+def cluster_env() -> dict[str, str]:
+    """Environment for Ray work Refit starts: this cluster's address. Ray Train's helpers
+    (its placement-group cleaner) look a cluster up through ``RAY_ADDRESS``; without it they
+    discover one, and fail or pick a stranger's when two clusters share the host."""
+    return {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+
+
+class _TrainerHost:
+    """Runs ``trainer.fit()`` in an actor whose runtime env names the cluster: the Train
+    controller and its helpers inherit it (a driver's job env cannot change once it
+    connected). An actor, not a task, so it dies with whoever started the run (a cancelled
+    job's process), and the controller and workers below it go too."""
+
+    def fit(self, trainer: Any) -> Any:
+        """The trainer's result."""
+        return trainer.fit()
 
 
 def check_resources(*, workers: int, use_gpu: bool, cpus_per_worker: float) -> None:
@@ -198,10 +223,20 @@ def fit(inputs: RunInputs, *, job_id: str, workdir: Path) -> FitResult:
             worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(max(1, int(cpus)))}},
         ),
     )
+    host: Any = (
+        ray.remote(num_cpus=0, max_restarts=0)(_TrainerHost)
+        .options(runtime_env={"env_vars": cluster_env()})
+        .remote()
+    )
     try:
-        result = trainer.fit()
-    except ray.train.TrainingFailedError as exc:
-        raise TrainingError(f"training failed: {exc}") from exc
+        result: ray.train.Result = ray.get(host.fit.remote(trainer))
+    except ray.exceptions.RayTaskError as exc:
+        cause = exc.cause if isinstance(exc.cause, Exception) else exc
+        if isinstance(cause, ray.train.TrainingFailedError):
+            raise TrainingError(f"training failed: {cause}") from cause
+        raise cause from None
+    finally:
+        ray.kill(host)
     # metrics of the last checkpoint, plus what rank 0 returned (e.g. a data error)
     returned = result.return_value or {}  # type: ignore[attr-defined]  # V2 Result
     metrics = {**(result.metrics or {}), **returned}
@@ -237,4 +272,11 @@ def release_placement_groups(store: ObjectStore, job_id: str) -> int:
     return removed
 
 
-__all__ = ["FitResult", "check_resources", "ensure_ray", "fit", "release_placement_groups"]
+__all__ = [
+    "FitResult",
+    "check_resources",
+    "cluster_env",
+    "ensure_ray",
+    "fit",
+    "release_placement_groups",
+]

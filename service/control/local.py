@@ -21,7 +21,9 @@ def load_spec_file(path: str) -> Any:
         raise SpecError(f"cannot read spec: {exc}", field="spec") from None
 
 
-def _run(settings: RefitSettings, spec_json: Any, job_id: str | None) -> int:
+def _run(
+    settings: RefitSettings, spec_json: Any, job_id: str | None, owner: str | None = None
+) -> int:
     """Validate and run on Ray; print the JSON result (or the JSON error on stderr). Exit
     code 0 published or gated, 2 for a bad spec or data, 1 otherwise."""
     from service.control.notices import notify
@@ -32,7 +34,9 @@ def _run(settings: RefitSettings, spec_json: Any, job_id: str | None) -> int:
     try:
         spec = parse_spec(spec_json, settings.training)
         ensure_ray(settings.ray)
-        result = run_finetune(spec, s3=settings.s3, training=settings.training, job_id=job_id)
+        result = run_finetune(
+            spec, s3=settings.s3, training=settings.training, job_id=job_id, owner=owner
+        )
         if result["published"]:
             # replicas on this Ray follow at once (best effort: elsewhere they poll)
             notify(settings, spec.model)
@@ -53,9 +57,10 @@ def run_spec_file(path: str, settings: RefitSettings) -> int:
     return _run(settings, spec_json, None)
 
 
-def run_job_record(job_id: str, settings: RefitSettings) -> int:
-    """Run the job a record describes (its spec, its id); the record ends succeeded or failed
-    either way."""
+def run_job_record(job_id: str, settings: RefitSettings, *, owner: str | None = None) -> int:
+    """Run the job a record describes (its spec, its id) under the lease token ``owner`` (a
+    RayJob's, given by the runner that launched it); the record ends succeeded or failed
+    either way. A job another live owner runs is refused (exit 2)."""
     from training.storage.job_records import JobStore
     from training.storage.s3 import ObjectStore
 
@@ -64,4 +69,4 @@ def run_job_record(job_id: str, settings: RefitSettings) -> int:
     except RefitError as exc:
         print(json.dumps(exc.to_dict()), file=sys.stderr)
         return 2 if exc.status < 500 else 1
-    return _run(settings, record.spec, job_id)
+    return _run(settings, record.spec, job_id, owner)

@@ -33,6 +33,12 @@ _SECRET_ENV = [
 ]
 
 
+def rayjob_owner(job_id: str) -> str:
+    """The lease owner token of a job run as a RayJob: the RayJob's entrypoint holds it, and
+    a restarted runner, which keeps the RayJob, recognises it as its own."""
+    return f"rayjob:{rayjob_name(job_id)}"
+
+
 def rayjob_name(job_id: str) -> str:
     """The RayJob's name for a job id (DNS-1123: lowercase, digits, '-')."""
     if not is_id(job_id):
@@ -94,7 +100,7 @@ def rayjob_manifest(job_id: str, spec: FinetuneSpec, settings: RefitSettings) ->
             "labels": {"app.kubernetes.io/name": "refit", "refit.dev/job-id": job_id},
         },
         "spec": {
-            "entrypoint": f"refit run-job {job_id}",
+            "entrypoint": f"refit run-job {job_id} --owner {rayjob_owner(job_id)}",
             # the operator submits over HTTP to the head (allowed by the NetworkPolicy): no
             # submitter pod
             "submissionMode": "HTTPMode",
@@ -218,4 +224,4 @@ class RayJobLauncher:
         self.api.delete(rayjob_name(job_id))
 
 
-__all__ = ["KubeApi", "RayJobLauncher", "rayjob_manifest", "rayjob_name"]
+__all__ = ["KubeApi", "RayJobLauncher", "rayjob_manifest", "rayjob_name", "rayjob_owner"]

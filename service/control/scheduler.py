@@ -12,9 +12,13 @@ task, outside any request handler.
 * Records live on the store, so an API restart loses nothing; a restarted runner requeues the
   jobs its predecessor was running (Ray Train resumes a run of the same name from its last
   checkpoint).
+* A job is run by one owner at a time (``training.storage.job_lease``): the runner takes each
+  job's lease when it starts it and renews it while it runs. A running job another owner
+  holds (``refit finetune --local``, a runner of another cluster) is watched, not rerun: its
+  model counts as busy, and the runner takes it over only once that owner's lease ran out.
 
-Over 300 lines because queueing, starting and reaping are one state machine under one lock;
-how callers reach the runner is in ``runner_clients``.
+Over 300 lines because queueing, starting, watching and reaping are one state machine under
+one lock; how callers reach the runner is in ``runner_clients``.
 """
 
 from __future__ import annotations
@@ -24,18 +28,21 @@ import contextlib
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
 import ray
 
 from service.control.notices import NAMESPACE, actor_name, notify
+from service.control.rayjob import rayjob_owner
 from service.settings import RefitSettings
 from training.job_settings import TrainingSettings
-from training.ray_train import release_placement_groups
+from training.ray_train import cluster_env, release_placement_groups
 from training.spec import FinetuneSpec, parse_spec
 from training.storage.errors import ConflictError, DataError, TooManyJobsError
-from training.storage.job_records import JobRecord, JobStore
+from training.storage.job_lease import JobLease, lease_live
+from training.storage.job_records import JobRecord, JobState, JobStore
 from training.storage.location import S3Settings
 from training.storage.s3 import ObjectStore
 
@@ -47,13 +54,19 @@ class JobProcess:
     store's location and the training limits only: no API tokens leave the service."""
 
     def run(
-        self, job_id: str, spec_json: dict[str, Any], s3: S3Settings, training: TrainingSettings
+        self,
+        job_id: str,
+        spec_json: dict[str, Any],
+        s3: S3Settings,
+        training: TrainingSettings,
+        owner: str,
     ) -> dict[str, Any]:
-        """Run the job; the record ends succeeded or failed either way."""
+        """Run the job under the runner's lease token; the record ends succeeded or failed
+        either way."""
         from training.finetune import run_finetune
 
         spec = parse_spec(spec_json, training)
-        result = run_finetune(spec, s3=s3, training=training, job_id=job_id)
+        result = run_finetune(spec, s3=s3, training=training, job_id=job_id, owner=owner)
         return {k: result[k] for k in ("job_id", "version", "published", "promoted")}
 
 
@@ -79,6 +92,12 @@ class JobRunner:
         self.model_of: dict[str, str] = {}
         self.running: dict[str, Any] = {}  # job id -> ObjectRef of its run (None: a RayJob)
         self.processes: dict[str, Any] = {}  # job id -> its JobProcess actor
+        self.leases: dict[str, JobLease] = {}  # job id -> this runner's lease on it
+        self.watching: dict[str, float] = {}  # job id run by another owner -> next look
+        # Leases of runners of this location on this cluster: at most one lives at a time
+        # (the actor name is unique), so a record holding one belongs to a dead predecessor.
+        session = ray.get_runtime_context().get_session_name() if ray.is_initialized() else "-"
+        self.owner_prefix = f"runner:{session}:{actor_name(settings, 'jobs')}:"
         self.launcher: Any = launcher
         if launcher is None and settings.training.launcher == "rayjob":
             from service.control.rayjob import RayJobLauncher
@@ -90,11 +109,11 @@ class JobRunner:
         self._wake = threading.Event()
         self._stop = threading.Event()
         for record in self.jobs.unfinished():
-            if record.state == "running":  # its process died with the previous runner
-                self._kill_leftover(record.job_id)
-                self.jobs.update(record.job_id, _requeue)
-            self.queue.append(record.job_id)
             self.model_of[record.job_id] = record.model
+            if record.state == "running" and not self._take_over(record):
+                self.watching[record.job_id] = 0.0
+                continue
+            self.queue.append(record.job_id)
         self._thread = threading.Thread(target=self._loop, daemon=True, name="job-scheduler")
         self._thread.start()
 
@@ -139,6 +158,11 @@ class JobRunner:
             record = self.jobs.get(job_id)
             if record.terminal:
                 raise ConflictError(f"job {job_id} already {record.state}", field="job_id")
+            if job_id in self.watching:
+                # its owner sees the flag at its next check and ends it as cancelled
+                return self.jobs.update(
+                    job_id, lambda r: None if r.terminal else _flag_cancel(r)
+                ).model_dump()
             if job_id in self.running:
                 record = self.jobs.update(job_id, lambda r: None if r.terminal else _flag_cancel(r))
                 if self.running[job_id] is None:  # a RayJob: delete it with its cluster
@@ -164,10 +188,45 @@ class JobRunner:
                 "queued": len(self.queue),
                 "running": len(self.running),
                 "running_jobs": sorted(self.running),
+                "watching": sorted(self.watching),
                 "finished": dict(self.finished),
             }
 
     # --- scheduling -----------------------------------------------------------------------------
+    def _take_over(self, record: JobRecord) -> bool:
+        """Requeue a running job whose owner is gone (True), or leave it to a live owner
+        (False). A lease of a predecessor runner, or of this runner's own RayJob, is void at
+        once; another owner's only when it ran out."""
+        owner = record.owner
+        void = (
+            owner is None
+            or owner.startswith(self.owner_prefix)
+            or (self.launcher is not None and owner == rayjob_owner(record.job_id))
+        )
+        if not void and lease_live(record):
+            return False
+        if self.launcher is None:
+            self._kill_leftover(record.job_id)
+
+        def requeue(r: JobRecord) -> JobRecord | None:
+            if r.state != "running" or r.owner != owner or (not void and lease_live(r)):
+                return None
+            why = "the job runner restarted" if void else f"its owner {owner} stopped renewing"
+            return r.model_copy(
+                update={
+                    "state": "queued",
+                    "reason": f"requeued: {why}",
+                    "owner": None,
+                    "lease_expires_at": None,
+                }
+            )
+
+        current = self.jobs.update(record.job_id, requeue)
+        if current.state == "queued":
+            log.info("took over %s from %s", record.job_id, owner)
+            return True
+        return False
+
     def _kill_leftover(self, job_id: str) -> None:
         # A process of a previous runner that is still alive must not train beside the retry,
         # and the reservation of its workers must not starve it.
@@ -194,6 +253,8 @@ class JobRunner:
             try:
                 with self._lock:
                     self._reap()
+                    self._renew()
+                    self._watch()
                     self._start_ready()
             except Exception:  # the scheduler must outlive a flaky store
                 log.exception("job scheduler pass failed")
@@ -229,28 +290,66 @@ class JobRunner:
             record = self.jobs.get(job_id)
             if not record.terminal:
                 record = self._close(record, failure)
+            self.leases.pop(job_id, None)
+            if not record.terminal:  # another owner took it over: watch it end
+                self.watching[job_id] = 0.0
+                continue
             self.finished[record.state] += 1
             if record.result and record.result.get("published"):
                 # whichever launcher ran it: replicas load the new version now, not at a poll
                 self.notify_published(self.settings, record.model)
 
     def _close(self, record: JobRecord, failure: Exception | None) -> JobRecord:
+        lease = self.leases.get(record.job_id)
+        state: JobState = "cancelled" if record.cancel_requested else "failed"
         if record.cancel_requested:
-            return self.jobs.transition(
-                record.job_id,
-                "cancelled",
-                reason=f"cancelled on request; checkpoints kept under runs/{record.job_id}",
-            )
-        message = f"the job's process ended unexpectedly: {type(failure).__name__}: {failure}"
-        return self.jobs.transition(
-            record.job_id,
-            "failed",
-            reason=message,
-            error={"code": "training_failed", "message": message},
-        )
+            fields: dict[str, Any] = {
+                "reason": f"cancelled on request; checkpoints kept under runs/{record.job_id}"
+            }
+        else:
+            message = f"the job's process ended unexpectedly: {type(failure).__name__}: {failure}"
+            fields = {"reason": message, "error": {"code": "training_failed", "message": message}}
+        if lease is None or lease.finish(state, **fields) is None:
+            return self.jobs.get(record.job_id)  # ended meanwhile, or another owner has it
+        return self.jobs.get(record.job_id)
+
+    def _renew(self) -> None:
+        for job_id in list(self.running):
+            lease = self.leases.get(job_id)
+            if lease is None or not lease.due() or lease.renew() or lease.lost is None:
+                continue
+            # someone took the job over: this run must stop (the owner records the end)
+            log.warning("stopping %s: %s", job_id, lease.lost)
+            del self.running[job_id]
+            self.leases.pop(job_id, None)
+            process = self.processes.pop(job_id, None)
+            if process is not None:
+                ray.kill(process)
+            elif self.launcher is not None:
+                self.launcher.stop(job_id)
+
+    def _watch(self) -> None:
+        now = time.monotonic()
+        for job_id, due in list(self.watching.items()):
+            if now < due:
+                continue
+            record = self.jobs.get(job_id)
+            if record.terminal:
+                del self.watching[job_id]
+                self.finished[record.state] += 1
+                if record.result and record.result.get("published"):
+                    self.notify_published(self.settings, record.model)
+            elif record.state != "running" or self._take_over(record):
+                del self.watching[job_id]
+                if job_id not in self.queue and self.jobs.get(job_id).state == "queued":
+                    self.queue.insert(0, job_id)  # it was first: before jobs queued behind it
+            else:
+                # a record read every 2 s at most: its end is counted (and a published
+                # version announced) promptly, an expired lease noticed within a quarter
+                self.watching[job_id] = now + min(2.0, self.settings.training.job_lease_s / 4)
 
     def _start_ready(self) -> None:
-        busy = {self.model_of[j] for j in self.running}
+        busy = {self.model_of[j] for j in (*self.running, *self.watching)}
         for job_id in list(self.queue):
             if len(self.running) >= self.settings.training.max_running_jobs:
                 return
@@ -258,9 +357,21 @@ class JobRunner:
             if model in busy:
                 continue
             self.queue.remove(job_id)
-            record = self.jobs.update(job_id, _start)
-            if record.state != "running":  # cancelled meanwhile
+            owner = (
+                rayjob_owner(job_id)
+                if self.launcher is not None
+                else self.owner_prefix + uuid.uuid4().hex[:12]
+            )
+            lease = JobLease(self.jobs, job_id, owner, self.settings.training.job_lease_s)
+            try:
+                record = lease.acquire()
+            except ConflictError as exc:  # cancelled meanwhile, or another owner runs it
+                log.info("not starting %s: %s", job_id, exc)
+                if not self.jobs.get(job_id).terminal:
+                    self.watching[job_id] = 0.0
+                    busy.add(model)
                 continue
+            self.leases[job_id] = lease
             if self.launcher is not None:
                 self.launcher.start(job_id, parse_spec(record.spec, self.settings.training))
                 self.running[job_id] = None
@@ -268,36 +379,19 @@ class JobRunner:
                 # owned by this runner: if the runner dies, the job's process goes with it
                 process: Any = (
                     ray.remote(num_cpus=0, max_restarts=0)(JobProcess)
-                    .options(name=_process_name(job_id), namespace=NAMESPACE)
+                    .options(
+                        name=_process_name(job_id),
+                        namespace=NAMESPACE,
+                        runtime_env={"env_vars": cluster_env()},
+                    )
                     .remote()
                 )
                 self.processes[job_id] = process
                 self.running[job_id] = process.run.remote(
-                    job_id, record.spec, self.settings.s3, self.settings.training
+                    job_id, record.spec, self.settings.s3, self.settings.training, owner
                 )
             busy.add(model)
             log.info("started %s (%s)", job_id, model)
-
-
-def _requeue(r: JobRecord) -> JobRecord | None:
-    if r.state != "running":
-        return None
-    return r.model_copy(update={"state": "queued", "reason": "requeued: the job runner restarted"})
-
-
-def _start(r: JobRecord) -> JobRecord | None:
-    if r.state != "queued":
-        return None
-    from training.storage.job_records import now_iso
-
-    return r.model_copy(
-        update={
-            "state": "running",
-            "reason": None,
-            "attempts": r.attempts + 1,
-            "started_at": r.started_at or now_iso(),
-        }
-    )
 
 
 def _flag_cancel(r: JobRecord) -> JobRecord:

@@ -1,8 +1,10 @@
 """The job runner actor on a real local Ray: per-model serialization under a global cap,
-cancel of a queued job, and a runner restart that requeues and finishes its running job."""
+cancel of a queued job, a runner restart that requeues and finishes its running job, and a
+runner that leaves a job another owner runs alone."""
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -12,7 +14,9 @@ import ray
 from conftest import write_imagefolder
 from service.control.scheduler import runner_actor, stop_actors
 from service.settings import RefitSettings
+from training.finetune import run_finetune
 from training.job_settings import TrainingSettings
+from training.spec import parse_spec
 from training.storage.job_records import JobStore
 from training.storage.s3 import ObjectStore
 
@@ -110,3 +114,46 @@ def test_restarted_runner_requeues_and_finishes(runner_settings: RefitSettings) 
     assert record.result is not None
     assert record.result["resumed_from_epoch"] >= 1  # Ray Train resumed the run by its name
     _cpus_return_to(baseline)  # the first attempt's training died with the old runner
+
+
+def test_runner_started_beside_a_local_run_leaves_it_alone(
+    runner_settings: RefitSettings,
+) -> None:
+    """``refit up``'s demo runs its base job from the CLI while the API may start the runner:
+    the runner must watch that job, not take it for an orphan and train it a second time."""
+    store = ObjectStore(runner_settings.s3)
+    write_imagefolder(store, "tiny", classes=2, train=16, val=4)
+    jobs = JobStore(store)
+    spec = parse_spec(_spec(store, "m4", epochs=2), runner_settings.training)
+    record, _ = jobs.create(spec)
+    outcome: dict[str, Any] = {}
+
+    def local_run() -> None:
+        try:
+            outcome["result"] = run_finetune(
+                spec, s3=runner_settings.s3, training=runner_settings.training, job_id=record.job_id
+            )
+        except BaseException as exc:  # surfaced by the assertions below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=local_run)
+    thread.start()
+    _wait(jobs, record.job_id, {"running"})
+    runner = runner_actor(runner_settings)
+    seen = []
+    while thread.is_alive():
+        seen.append(ray.get(runner.stats.remote()))
+        time.sleep(0.3)
+    thread.join()
+    assert "error" not in outcome, outcome
+    assert seen
+    assert seen[0]["watching"] == [record.job_id]
+    assert all(s["running"] == 0 for s in seen)  # the runner never launched it
+    final = jobs.get(record.job_id)
+    assert (final.state, final.attempts) == ("succeeded", 1)
+    assert final.owner is not None
+    assert final.owner.startswith("local:")
+    deadline = time.monotonic() + 10
+    while ray.get(runner.stats.remote())["finished"] != {"succeeded": 1}:
+        assert time.monotonic() < deadline, ray.get(runner.stats.remote())
+        time.sleep(0.2)

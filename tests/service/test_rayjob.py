@@ -101,7 +101,9 @@ def test_manifest_is_a_valid_rayjob(store: ObjectStore) -> None:
     errors = [e.message for e in validator("ray.io/v1/RayJob").iter_errors(manifest)]
     assert errors == []
     assert manifest["metadata"]["name"] == "refit-job-20261122-000000-abcdef"
-    assert manifest["spec"]["entrypoint"] == "refit run-job job-20261122-000000-abcdef"
+    assert manifest["spec"]["entrypoint"] == (
+        "refit run-job job-20261122-000000-abcdef --owner rayjob:refit-job-20261122-000000-abcdef"
+    )
     group = manifest["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
     assert group["replicas"] == 2
     container = group["template"]["spec"]["containers"][0]

@@ -74,6 +74,10 @@ class JobRecord(BaseModel):
     cancel_requested: bool = False
     attempts: int = 0
     """How many times a runner started it (a restarted runner requeues running jobs)."""
+    owner: str | None = None
+    """Who runs it (``training.storage.job_lease``): a runner, a local CLI run or a RayJob."""
+    lease_expires_at: float | None = None
+    """Epoch seconds until which the owner's lease holds unless renewed."""
     idempotency_key_sha256: str | None = None
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
