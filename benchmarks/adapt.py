@@ -30,7 +30,8 @@ ADMIN = "bench-admin"
 
 
 def _split_batches(url: str) -> float:
-    for line in requests.get(url + "/metrics", timeout=30).text.splitlines():
+    scrape = {"Authorization": f"Bearer {ADMIN}"}  # /metrics takes the admin token too
+    for line in requests.get(url + "/metrics", headers=scrape, timeout=30).text.splitlines():
         if line.startswith("refit_batches_split_by_version_total"):
             return float(line.rsplit(" ", 1)[1])
     return 0.0

@@ -28,6 +28,9 @@ from load import digit_jpegs, free_port, reexec_with_jemalloc, run_load
 IMAGENET = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
 
 
+SCRAPE_TOKEN = "bench-scrape"
+
+
 def build_model(threads: int) -> tuple[Any, Any, Any, Any]:
     """resnet18 trunk (random) + linear head trained on digit features at 224 px. Returns
     the model, preprocessing, uint8 calibration crops and the held-out crops."""
@@ -108,7 +111,8 @@ def _scrape(url: str) -> dict[str, float]:
     import requests
 
     out = {}
-    for line in requests.get(url + "/metrics", timeout=30).text.splitlines():
+    scrape = {"Authorization": f"Bearer {SCRAPE_TOKEN}"}
+    for line in requests.get(url + "/metrics", headers=scrape, timeout=30).text.splitlines():
         if line.startswith(("refit_batch_size_sum", "refit_batch_size_count")):
             name, value = line.rsplit(" ", 1)
             out[name] = float(value)
@@ -178,6 +182,7 @@ def main() -> int:
                         "serve": ServeSettings(
                             port=free_port(),
                             numeric_mode=mode,
+                            metrics_token=SCRAPE_TOKEN,
                             classifier_cpus=args.classifier_cpus,
                             max_batch_size=args.max_batch_size,
                             max_ongoing_requests=128,

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import secrets
@@ -186,34 +187,51 @@ def _tokens(data_dir: Path) -> dict[str, str]:
     return {
         "admin_token": current.get("admin_token") or secrets.token_urlsafe(24),
         "predict_token": current.get("predict_token") or secrets.token_urlsafe(24),
+        "metrics_token": current.get("metrics_token") or secrets.token_urlsafe(24),
     }
 
 
+def _stop_on_sigterm() -> None:
+    # SIGTERM raises KeyboardInterrupt like Ctrl-C, wherever the main thread is (store or Ray
+    # starting, the demo training, serving): the cleanup below runs in every phase.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
+def _serve_until_signal() -> None:
+    while True:
+        signal.pause()
+
+
 def cmd_up(args: argparse.Namespace, settings: RefitSettings) -> int:
-    """Store + Ray + the Serve app + the demo model; foreground until SIGINT/SIGTERM."""
+    """Store + Ray + the Serve app + the demo model; foreground until SIGINT/SIGTERM, which
+    stop everything it started in whatever phase they arrive (within the store's stop timeout
+    plus Serve's and Ray's shutdown)."""
     import ray
 
     from service import deployments
     from service.embedded_store import update_connection_file
     from training.ray_train import ensure_ray
 
+    _stop_on_sigterm()
     data_dir = Path(args.data_dir)
     embedded = EmbeddedStore(data_dir, bucket=settings.s3.bucket)
-    conn = embedded.start()
-    started_ray = False
+    deployed = False
     try:
+        conn = embedded.start()
         tokens = _tokens(data_dir)
         serve_conf = settings.serve.model_copy(
             update={
                 "port": args.port if args.port is not None else settings.serve.port,
                 "admin_token": SecretStr(tokens["admin_token"]),
                 "predict_token": SecretStr(tokens["predict_token"]),
+                "metrics_token": SecretStr(tokens["metrics_token"]),
             }
         )
         settings = _local_ray(settings).model_copy(
             update={"s3": conn.s3_settings(settings.s3.prefix), "serve": serve_conf}
         )
-        started_ray = ensure_ray(settings.ray)
+        ensure_ray(settings.ray, env=deployments.controller_env(settings))
+        deployed = True
         deployments.run(settings)
         url = f"http://{settings.serve.host}:{settings.serve.port}"
         update_connection_file(data_dir, {"url": url, **tokens})
@@ -226,16 +244,24 @@ def cmd_up(args: argparse.Namespace, settings: RefitSettings) -> int:
         if not args.no_demo:
             _bootstrap_demo(settings, few=20, base_epochs=6, workers=2, always=False)
         _log(f"serving on {url}; Ctrl-C stops everything")
-        _wait_for_signal()
-        return 0
+        _serve_until_signal()
+    except KeyboardInterrupt:
+        _log("signal received")
     finally:
+        # a second signal must not cut the cleanup short (each step is bounded)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         _log("stopping Serve, Ray and the object store")
         try:
-            deployments.shutdown()
-        finally:
-            if started_ray:
+            if deployed:
+                with contextlib.suppress(Exception):
+                    deployments.shutdown()
+            # also a Ray interrupted while it started (its processes exist, init did not end)
+            with contextlib.suppress(Exception):
                 ray.shutdown()
+        finally:
             embedded.stop()
+    return 0
 
 
 def cmd_weights_prefetch(args: argparse.Namespace, settings: RefitSettings) -> int:

@@ -201,7 +201,13 @@ def application(settings: RefitSettings) -> Any:
     # @serve.deployment turns the classes into Deployments; the stubs still see classes.
     classifier_dep: Any = Classifier
     ingress_dep: Any = Ingress
+    spread = (
+        {}
+        if s.max_replicas_per_node is None
+        else {"max_replicas_per_node": s.max_replicas_per_node}
+    )
     classifier = classifier_dep.options(
+        **spread,
         num_replicas=s.classifier_replicas,
         max_ongoing_requests=s.max_ongoing_requests,
         max_queued_requests=s.max_queued_requests,
@@ -212,12 +218,21 @@ def application(settings: RefitSettings) -> Any:
     # proxy's plain-text 503 never does.
     held = (s.max_ongoing_requests + max(0, s.max_queued_requests)) * s.classifier_replicas
     return ingress_dep.options(
+        **spread,
         num_replicas=s.ingress_replicas,
         max_ongoing_requests=max(64, 2 * s.max_batch_size, -(-2 * held // s.ingress_replicas)),
         # requests wait here only while the router assigns them (bursts), never for work
         max_queued_requests=max(1024, 4 * held),
         ray_actor_options={"num_cpus": s.ingress_cpus},
     ).bind(classifier, settings)
+
+
+def controller_env(settings: RefitSettings) -> dict[str, str]:
+    """Environment of the Serve controller (Ray reads it there at start): how soon a dead
+    HTTP proxy is noticed and replaced."""
+    return {
+        "RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S": f"{settings.serve.proxy_health_check_period_s:g}"
+    }
 
 
 def run(settings: RefitSettings, *, name: str = "refit") -> None:

@@ -49,6 +49,9 @@ class ServeSettings(BaseModel):
     """Bearer token for admin endpoints (jobs, promote, rollback); unset disables them."""
     predict_token: SecretStr | None = None
     """Bearer token for predict endpoints; unset leaves them open (admin token also works)."""
+    metrics_token: SecretStr | None = None
+    """Bearer token of the Prometheus scrape of ``/metrics`` (the admin token also works;
+    with neither set, ``/metrics`` is disabled)."""
     max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1)
     """Request bodies above this get 413 before any parsing."""
     max_header_bytes: int = Field(default=16 * 1024, ge=1024)
@@ -81,6 +84,15 @@ class ServeSettings(BaseModel):
     """Replicas of the FastAPI ingress deployment."""
     ingress_cpus: float = Field(default=0.25, gt=0)
     """CPUs each ingress replica reserves."""
+    proxy_health_check_period_s: float = Field(default=2.0, gt=0)
+    """How often Serve's controller checks each HTTP proxy (Ray's
+    ``RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S``, 10 s by default); a proxy is replaced after 3
+    failed checks, so this sets how long a killed proxy stays dead. Applies to a Ray that
+    ``refit up`` starts; on KubeRay the pods set the variable."""
+    max_replicas_per_node: int | None = Field(default=None, ge=1)
+    """Most replicas of one deployment on one Ray node (unset: no limit). 1 with 2+ replicas
+    spreads them over nodes, so every serving node runs a Serve proxy and one node's loss (or
+    its proxy's) leaves the others answering."""
     max_ongoing_requests: int = Field(default=64, ge=1)
     """Requests one replica works on at once (Serve's default of 5 caps batches at 5)."""
     max_queued_requests: int = Field(default=256, ge=-1)

@@ -18,7 +18,7 @@ from service.settings import RefitSettings, ServeSettings
 from training.storage.registry import Registry
 from training.storage.s3 import ObjectStore
 
-ADMIN, PREDICT = "admin-secret", "predict-secret"
+ADMIN, PREDICT, METRICS = "admin-secret", "predict-secret", "metrics-secret"
 
 
 class RecordingLauncher:
@@ -46,6 +46,7 @@ def build_inprocess_app(
     serve = ServeSettings(
         admin_token=SecretStr(ADMIN),
         predict_token=SecretStr(PREDICT),
+        metrics_token=SecretStr(METRICS),
         max_body_bytes=300_000,
         poll_interval_s=30,
     )

@@ -16,7 +16,10 @@ class RaySettings(BaseModel):
     """How Refit reaches Ray."""
 
     address: str | None = None
-    """Ray address (``auto`` or ``ray://``-less GCS address). Unset: start a local Ray."""
+    """Ray address (``auto`` or ``ray://``-less GCS address). Unset: start a new local Ray,
+    even when ``RAY_ADDRESS`` names another; once connected, Refit sets ``RAY_ADDRESS`` to its
+    cluster for everything it starts (Ray Train's helpers included), so nothing finds a
+    cluster by discovery."""
     num_cpus: int | None = Field(default=None, ge=1)
     """Logical CPUs of a locally started Ray; unset means the machine's count."""
     include_dashboard: bool = False

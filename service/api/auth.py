@@ -2,7 +2,9 @@
 scope shows in its signature and in ``/openapi.json``.
 
 * predict scope: open unless ``REFIT_SERVE__PREDICT_TOKEN`` is set; the admin token works too;
-* admin scope: always needs ``REFIT_SERVE__ADMIN_TOKEN`` (disabled when none is set).
+* admin scope: always needs ``REFIT_SERVE__ADMIN_TOKEN`` (disabled when none is set);
+* metrics scope (``/metrics``: model names, versions, job counts): ``REFIT_SERVE__METRICS_TOKEN``
+  (the scraper's, which opens nothing else) or the admin token; disabled when neither is set.
 
 RFC 6750: no token, or one that is none of ours, is 401 with a ``WWW-Authenticate`` challenge;
 403 is for a valid token of the wrong scope (the predict token on an admin route).
@@ -27,6 +29,12 @@ predict_bearer = HTTPBearer(
 )
 admin_bearer = HTTPBearer(
     scheme_name="adminToken", description="REFIT_SERVE__ADMIN_TOKEN", auto_error=False
+)
+
+metrics_bearer = HTTPBearer(
+    scheme_name="metricsToken",
+    description="REFIT_SERVE__METRICS_TOKEN (or the admin token)",
+    auto_error=False,
 )
 
 Credentials = HTTPAuthorizationCredentials | None
@@ -77,5 +85,21 @@ def require_admin(
         raise InvalidTokenError("not a valid token")
 
 
+def require_metrics(
+    settings: Settings, credentials: Annotated[Credentials, Security(metrics_bearer)]
+) -> None:
+    """Metrics scope: what a scrape shows is for operators, not for every client."""
+    if settings.metrics_token is None and settings.admin_token is None:
+        raise ForbiddenError(
+            "metrics are disabled: set REFIT_SERVE__METRICS_TOKEN (or an admin token)"
+        )
+    token = _token(credentials)
+    if _matches(token, settings.predict_token):
+        raise ForbiddenError("the predict token is not valid for /metrics")
+    if not (_matches(token, settings.metrics_token) or _matches(token, settings.admin_token)):
+        raise InvalidTokenError("not a valid token")
+
+
 PredictScope = Depends(require_predict)
+MetricsScope = Depends(require_metrics)
 AdminScope = Depends(require_admin)

@@ -7,6 +7,8 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
+from service.api.auth import MetricsScope
+from service.api.error_table import error_responses
 from service.api.params import Plane
 
 
@@ -41,10 +43,15 @@ async def readyz(plane: Plane) -> JSONResponse:
 @router.get(
     "/metrics",
     response_class=Response,
-    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text"}},
+    dependencies=[MetricsScope],
+    responses={
+        200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text"},
+        **error_responses(401, 403),
+    },
 )
 async def metrics(request: Request, plane: Plane) -> Response:
-    """Prometheus metrics of this app, the classifier replica and the job runner."""
+    """Prometheus metrics of this app, the classifier replica and the job runner (metrics
+    token or admin token: they name models, versions and job counts)."""
     scraped = request.app.state.scraped
     # metrics must answer even when the classifier or the job runner does not
     try:

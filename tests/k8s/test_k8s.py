@@ -201,6 +201,53 @@ def test_serve_config_validates_and_imports() -> None:
             settings_with(AppArgs.model_validate(app.get("args", {})))
 
 
+def _config_env(path: str) -> dict[str, str]:
+    cm = next(
+        d
+        for d in render(path)
+        if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "refit-config"
+    )
+    return dict(cm.get("data", {}))
+
+
+def test_every_overlay_serves_through_two_proxies() -> None:
+    """Killing one Serve proxy (or its pod) must leave another answering: every deployable
+    overlay runs >= 2 serve workers, spreads >= 2 replicas of each deployment one per node (so
+    each worker hosts replicas and a proxy), fits one of each on a worker, and keeps a PDB that
+    lets a drain take one worker but not all."""
+    from service.app import AppArgs, settings_with
+    from service.settings import RefitSettings
+
+    for path, doc, config in serve_configs():
+        at = where(path, doc)
+        group = doc["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+        assert group["template"]["metadata"]["labels"]["app.kubernetes.io/component"] == (
+            "serve-worker"
+        ), at
+        assert group["minReplicas"] >= 2, f"{at}: one serve worker is one proxy"
+        assert config.get("proxy_location", "EveryNode") == "EveryNode", at
+        env = _config_env(path)
+        base = RefitSettings.model_validate(
+            {
+                "serve": {
+                    k.removeprefix("REFIT_SERVE__").lower(): v
+                    for k, v in env.items()
+                    if k.startswith("REFIT_SERVE__")
+                }
+            }
+        )
+        (app,) = config["applications"]
+        serve = settings_with(AppArgs.model_validate(app.get("args", {})), base).serve
+        assert serve.max_replicas_per_node == 1, at
+        assert min(serve.ingress_replicas, serve.classifier_replicas) >= 2, at
+        cpus = float(group["rayStartParams"]["num-cpus"])
+        assert serve.classifier_cpus + serve.ingress_cpus <= cpus, f"{at}: replicas do not fit"
+        pdb = next(d for d in render(path) if d["kind"] == "PodDisruptionBudget")
+        assert 1 <= pdb["spec"]["minAvailable"] < group["minReplicas"], where(path, pdb)
+        spread = group["template"]["spec"]["topologySpreadConstraints"]
+        assert spread[0]["topologyKey"] == "kubernetes.io/hostname", at
+
+
 def test_unknown_serve_keys_are_reported() -> None:
     from ray.serve.schema import ServeDeploySchema
 

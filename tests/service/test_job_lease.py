@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
+from api_app import RecordingLauncher
 from service.control.rayjob import rayjob_owner
 from service.control.scheduler import JobRunner
 from service.settings import RefitSettings
-from tests.api_app import RecordingLauncher
 from training.spec import parse_spec
 from training.storage.errors import ConflictError
 from training.storage.job_lease import JobCancelledError, JobLease, LeaseLostError

@@ -201,7 +201,7 @@ def test_job_end_to_end_then_queue_cancel_and_limits(app: dict[str, Any]) -> Non
     assert [
         j["job_id"] for j in _call(app, "GET", "/v1/finetune-jobs?state=cancelled").json()["jobs"]
     ] == [job_b]
-    text = requests.get(app["url"] + "/metrics", timeout=30).text
+    text = _call(app, "GET", "/metrics").text  # the admin token may scrape too
     assert 'refit_jobs_finished_total{state="succeeded"} 1.0' in text
     assert 'refit_jobs_finished_total{state="cancelled"} 1.0' in text
     assert 'refit_jobs{state="queued"} 0.0' in text

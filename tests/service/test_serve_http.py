@@ -23,7 +23,8 @@ from training.storage.s3 import ObjectStore
 
 pytestmark = [pytest.mark.ray, pytest.mark.serve, pytest.mark.usefixtures("ray_session")]
 PRE = Preprocessing(resize_size=32, crop_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
-PREDICT, ADMIN = "predict-token-x", "admin-token-y"
+PREDICT, ADMIN, METRICS = "predict-token-x", "admin-token-y", "metrics-token-z"
+SCRAPE = {"Authorization": f"Bearer {METRICS}"}
 
 
 def publish(reg: Registry, name: str, *, promote: bool = True) -> str:
@@ -40,6 +41,7 @@ def app(seaweed: Connection) -> Iterator[dict[str, Any]]:
             port=free_port(),
             predict_token=PREDICT,
             admin_token=ADMIN,
+            metrics_token=METRICS,
             max_body_bytes=400_000,
             poll_interval_s=0.5,
             classifier_cpus=1,
@@ -154,7 +156,7 @@ def test_health_and_metrics(app: dict[str, Any]) -> None:
     assert _post(app, "digits", json={"images": _b64(png_bytes(0))}).status_code == 200
     assert requests.get(f"{app['url']}/healthz", timeout=10).json() == {"status": "ok"}
     assert requests.get(f"{app['url']}/readyz", timeout=30).status_code == 200
-    text = requests.get(f"{app['url']}/metrics", timeout=10).text
+    text = requests.get(f"{app['url']}/metrics", headers=SCRAPE, timeout=10).text
     assert 'refit_http_requests_total{route="/v1/models/{model}/predict",status="200"}' in text
     assert "refit_http_request_seconds_bucket" in text
 
@@ -392,7 +394,7 @@ def test_replica_metrics_and_memory_over_20_swaps(app: dict[str, Any]) -> None:
         return _post(app, "digits", json={"images": _b64(png_bytes(0))}).json()["model_version"]
 
     served()
-    text = requests.get(metrics_url, timeout=30).text
+    text = requests.get(metrics_url, headers=SCRAPE, timeout=30).text
     current = reg.get_alias("digits", "production")[0].version
     assert f'refit_model_loaded_info{{mode="fp32",model="digits",version="{current}"}} 1.0' in text
     baseline = _metric(text, "refit_classifier_rss_bytes")
@@ -403,7 +405,7 @@ def test_replica_metrics_and_memory_over_20_swaps(app: dict[str, Any]) -> None:
         while served() != version and time.monotonic() < deadline:
             time.sleep(0.1)
         assert served() == version
-    text = requests.get(metrics_url, timeout=30).text
+    text = requests.get(metrics_url, headers=SCRAPE, timeout=30).text
     assert _metric(text, 'refit_model_swaps{model="digits"}') >= swaps_before + 20
     assert _metric(text, 'refit_model_failed_loads{model="digits"}') == 0
     after = _metric(text, "refit_classifier_rss_bytes")

@@ -6,7 +6,7 @@ import pytest
 from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import SecretStr
 
-from service.api.auth import require_admin, require_predict
+from service.api.auth import require_admin, require_metrics, require_predict
 from service.request_errors import AuthError, ForbiddenError, InvalidTokenError
 from service.settings import ServeSettings
 
@@ -38,3 +38,20 @@ def test_admin_scope_and_disabled() -> None:
         require_admin(s, _req("p"))
     with pytest.raises(InvalidTokenError):
         require_admin(s, _req("x"))
+
+
+def test_metrics_need_the_scrape_or_admin_token() -> None:
+    with pytest.raises(ForbiddenError, match="disabled"):  # no token configured: closed
+        require_metrics(ServeSettings(), _req(None))
+    s = ServeSettings(
+        predict_token=SecretStr("p"), admin_token=SecretStr("a"), metrics_token=SecretStr("m")
+    )
+    require_metrics(s, _req("m"))
+    require_metrics(s, _req("a"))
+    with pytest.raises(AuthError):
+        require_metrics(s, _req(None))
+    with pytest.raises(ForbiddenError):
+        require_metrics(s, _req("p"))
+    with pytest.raises(InvalidTokenError):
+        require_metrics(s, _req("x"))
+    require_metrics(ServeSettings(admin_token=SecretStr("a")), _req("a"))

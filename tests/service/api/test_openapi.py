@@ -46,13 +46,14 @@ def test_every_body_and_scope_is_declared(openapi: dict[str, Any]) -> None:
             if method == "post" and not path.endswith("/cancel"):
                 assert "requestBody" in op, f"{method} {path} declares no body"
     schemes = openapi["components"]["securitySchemes"]
-    assert set(schemes) == {"adminToken", "predictToken"}
+    assert set(schemes) == {"adminToken", "metricsToken", "predictToken"}
     assert all(s == {"type": "http", "scheme": "bearer", **s} for s in schemes.values())
     scope = {
         ("get", "/v1/finetune-jobs"): "adminToken",
         ("post", "/v1/models/{model}/promote"): "adminToken",
         ("post", "/v1/models/{model}/predict"): "predictToken",
         ("post", "/v2/models/{model}/infer"): "predictToken",
+        ("get", "/metrics"): "metricsToken",
     }
     for (method, path), name in scope.items():
         assert paths[path][method]["security"] == [{name: []}], path

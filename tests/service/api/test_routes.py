@@ -17,7 +17,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from api_app import ADMIN, PREDICT, build_inprocess_app
+from api_app import ADMIN, METRICS, PREDICT, build_inprocess_app
 from conftest import png_bytes, publish_tiny_model, write_imagefolder
 from service.settings import RefitSettings
 from training.storage.registry import Registry
@@ -375,7 +375,11 @@ async def test_ops(client: httpx.AsyncClient, digits: dict) -> None:
     await client.post(
         "/v1/models/digits/predict", json={"images": _b64(png_bytes(0))}, headers=_auth()
     )
-    text = (await client.get("/metrics")).text
+    anonymous = await client.get("/metrics")  # model names and job counts: not for anyone
+    assert anonymous.status_code == 401
+    assert anonymous.headers["www-authenticate"] == "Bearer"
+    assert (await client.get("/metrics", headers=_auth(PREDICT))).status_code == 403
+    text = (await client.get("/metrics", headers=_auth(METRICS))).text
     assert 'refit_http_requests_total{route="/v1/models/{model}/predict",status="200"}' in text
     assert "refit_model_loaded_info{" in text
     r = await client.get("/nowhere")

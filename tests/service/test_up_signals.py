@@ -1,0 +1,155 @@
+"""``refit up`` stopped by SIGTERM in the middle of its bootstrap leaves no process behind
+(issue 10, class 12). A real ``refit up`` in its own session: its own SeaweedFS, its own
+local Ray (Serve, and Ray Train during the demo). Every process it starts is found through its
+own process tree and session, sampled while it runs, and killed by pid if a test fails."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import free_port
+
+pytestmark = [pytest.mark.fault, pytest.mark.serve]
+
+STOP_BOUND_S = 90.0
+"""The documented bound: the store's stop timeout (30 s) plus Serve's and Ray's shutdown."""
+
+
+def _stat(pid: int) -> tuple[int, int, int] | None:
+    """(parent pid, session id, start time) of a live process, None if it is gone."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = raw[raw.rindex(")") + 2 :].split()
+    if fields[0] == "Z":  # a zombie has exited; only its parent's wait() is missing
+        return None
+    return int(fields[1]), int(fields[3]), int(fields[19])
+
+
+class _Run:
+    """One ``refit up`` and every process seen in its tree or session: pid -> start time."""
+
+    def __init__(self, tmp: Path, *extra: str) -> None:
+        self.log = tmp / "up.log"
+        env = {
+            **os.environ,
+            "REFIT_STORE__S3_PORT": "0",
+            "REFIT_RAY__NUM_CPUS": "4",
+            "PYTHONUNBUFFERED": "1",
+        }
+        env.pop("RAY_ADDRESS", None)  # its own cluster, not this session's
+        cmd = [sys.executable, "-m", "service.cli", "up", "--data-dir", str(tmp / "d")]
+        cmd += ["--port", str(free_port()), *extra]
+        with self.log.open("wb") as out:
+            self.proc = subprocess.Popen(  # fixed arguments
+                cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
+        self.seen: dict[int, int] = {}
+
+    def sample(self) -> None:
+        stats = {int(p): _stat(int(p)) for p in os.listdir("/proc") if p.isdigit()}
+        tree = {self.proc.pid}
+        changed = True
+        while changed:
+            changed = False
+            for pid, st in stats.items():
+                if st is not None and pid not in tree and (st[0] in tree or st[1] == self.proc.pid):
+                    tree.add(pid)
+                    changed = True
+        for pid in tree:
+            st = stats.get(pid)
+            if st is not None:
+                self.seen.setdefault(pid, st[2])
+
+    def wait_for(self, text: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.log.read_text(errors="replace"):
+            assert self.proc.poll() is None, self.log.read_text(errors="replace")[-3000:]
+            assert time.monotonic() < deadline, f"no {text!r}:\n{self.log.read_text()[-3000:]}"
+            self.sample()
+            time.sleep(0.2)
+        self.sample()
+
+    def left(self) -> list[int]:
+        """Processes of this run still alive (same pid and start time)."""
+        return [p for p, start in self.seen.items() if (st := _stat(p)) and st[2] == start]
+
+    def kill_all(self) -> None:
+        for pid in self.left():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def up(tmp_path: Path) -> Iterator[type[_Run]]:
+    runs: list[_Run] = []
+
+    class Tracked(_Run):
+        def __init__(self, *extra: str) -> None:
+            super().__init__(tmp_path, *extra)
+            runs.append(self)
+
+    yield Tracked
+    for run in runs:
+        run.kill_all()
+        if run.proc.poll() is None:
+            run.proc.kill()
+            run.proc.wait()
+
+
+def _stop_and_check(run: _Run) -> float:
+    run.sample()
+    assert len(run.seen) > 1, "nothing started yet: the phase under test was not reached"
+    start = time.monotonic()
+    run.proc.send_signal(signal.SIGTERM)
+    while run.proc.poll() is None:
+        run.sample()  # processes started while it stops count too
+        assert time.monotonic() - start < STOP_BOUND_S, "refit up did not stop in time"
+        time.sleep(0.2)
+    took = time.monotonic() - start
+    assert run.proc.returncode == 0, run.log.read_text(errors="replace")[-3000:]
+    deadline = time.monotonic() + 15  # workers notice their raylet is gone within seconds
+    while run.left() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    left = {p: _cmdline(p)[:120] for p in run.left()}
+    assert left == {}, f"processes of the run outlived it: {left}"
+    return took
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def test_sigterm_while_ray_starts(up: type[_Run]) -> None:
+    run = up("--no-demo")
+    deadline = time.monotonic() + 90
+    # the store is up and Ray's first process exists: Ray is starting
+    while not any(b"gcs_server" in _cmdline(p) for p in run.left()):
+        assert time.monotonic() < deadline, run.log.read_text(errors="replace")[-3000:]
+        assert run.proc.poll() is None, run.log.read_text(errors="replace")[-3000:]
+        run.sample()
+        time.sleep(0.05)
+    assert any(b"weed" in _cmdline(p) for p in run.left())
+    assert "serving on" not in run.log.read_text()  # still bootstrapping
+    _stop_and_check(run)
+
+
+def test_sigterm_during_the_demo_training(up: type[_Run]) -> None:
+    run = up()
+    run.wait_for("training the pretrained base", 180)
+    run.wait_for("[refit] epoch 1/", 240)  # Ray Train's controller and workers are up
+    _stop_and_check(run)
+    assert "signal received" in run.log.read_text()
