@@ -35,6 +35,7 @@ bench: setup
 	$(BIN)/python benchmarks/transfer.py
 	$(BIN)/python benchmarks/serving.py
 	$(BIN)/python benchmarks/adapt.py
+	$(BIN)/python benchmarks/availability.py
 
 clean:
 	rm -rf .refit benchmarks/results

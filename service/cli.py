@@ -193,8 +193,11 @@ def _tokens(data_dir: Path) -> dict[str, str]:
 
 def _stop_on_sigterm() -> None:
     # SIGTERM raises KeyboardInterrupt like Ctrl-C, wherever the main thread is (store or Ray
-    # starting, the demo training, serving): the cleanup below runs in every phase.
+    # starting, the demo training, serving): the cleanup below runs in every phase. Again
+    # after ray.init, whose own handlers (sys.exit in Python, a C++ one that aborts the
+    # process) replace it.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _serve_until_signal() -> None:
@@ -231,8 +234,10 @@ def cmd_up(args: argparse.Namespace, settings: RefitSettings) -> int:
             update={"s3": conn.s3_settings(settings.s3.prefix), "serve": serve_conf}
         )
         ensure_ray(settings.ray, env=deployments.controller_env(settings))
+        _stop_on_sigterm()
         deployed = True
         deployments.run(settings)
+        _stop_on_sigterm()
         url = f"http://{settings.serve.host}:{settings.serve.port}"
         update_connection_file(data_dir, {"url": url, **tokens})
         print(
@@ -245,7 +250,7 @@ def cmd_up(args: argparse.Namespace, settings: RefitSettings) -> int:
             _bootstrap_demo(settings, few=20, base_epochs=6, workers=2, always=False)
         _log(f"serving on {url}; Ctrl-C stops everything")
         _serve_until_signal()
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # SystemExit: Ray's handler, before ours is back
         _log("signal received")
     finally:
         # a second signal must not cut the cleanup short (each step is bounded)

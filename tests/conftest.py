@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import io
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +20,44 @@ from training.job_settings import TrainingSettings
 from training.storage.s3 import ObjectStore
 
 RAY_CPUS = 3
+SERVICE = str(Path(__file__).resolve().parents[1] / "service")
+STORE_CALLS_ON_THE_LOOP: list[str] = []
+
+
+def _service_frame_on_the_loop() -> str | None:
+    """The service coroutine that (directly or through sync helpers) calls the store, when it
+    does so on a running event loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return None  # a worker thread (to_thread, the store pool): where store calls belong
+    frame = sys._getframe(2)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_filename.startswith(SERVICE) and code.co_flags & inspect.CO_COROUTINE:
+            return f"{frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}"
+        frame = frame.f_back
+    return None  # the test's own setup (on its loop), not a request the service handles
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_store_call_on_the_event_loop() -> Iterator[None]:
+    """The rule, for every test: no service code calls the object store on an event loop
+    (every store call is a boto3 call through ``ObjectStore.client``). A frozen store would
+    stall every route on that loop; the calls run in threads instead."""
+    original = ObjectStore.client
+
+    def guarded(self: ObjectStore) -> object:
+        where = _service_frame_on_the_loop()
+        if where is not None:
+            STORE_CALLS_ON_THE_LOOP.append(where)
+            raise AssertionError(f"object store called on the event loop from {where}")
+        return original.fget(self)  # type: ignore[attr-defined]
+
+    ObjectStore.client = property(guarded)  # type: ignore[assignment, method-assign]
+    yield
+    ObjectStore.client = original  # type: ignore[method-assign]
+    assert STORE_CALLS_ON_THE_LOOP == [], STORE_CALLS_ON_THE_LOOP
 
 
 @pytest.fixture(scope="session")

@@ -158,8 +158,13 @@ class JobRunner:
             record = self.jobs.get(job_id)
             if record.terminal:
                 raise ConflictError(f"job {job_id} already {record.state}", field="job_id")
-            if job_id in self.watching:
-                # its owner sees the flag at its next check and ends it as cancelled
+            if job_id in self.watching or (
+                record.state == "running" and job_id not in self.running
+            ):
+                # another owner runs it (a local run the runner may not have met yet): the
+                # owner sees the flag at its next check and ends it as cancelled
+                self.watching.setdefault(job_id, 0.0)
+                self.model_of[job_id] = record.model
                 return self.jobs.update(
                     job_id, lambda r: None if r.terminal else _flag_cancel(r)
                 ).model_dump()
@@ -309,8 +314,8 @@ class JobRunner:
         else:
             message = f"the job's process ended unexpectedly: {type(failure).__name__}: {failure}"
             fields = {"reason": message, "error": {"code": "training_failed", "message": message}}
-        if lease is None or lease.finish(state, **fields) is None:
-            return self.jobs.get(record.job_id)  # ended meanwhile, or another owner has it
+        if lease is not None:  # a no-op when it ended meanwhile or another owner has it
+            lease.finish(state, **fields)
         return self.jobs.get(record.job_id)
 
     def _renew(self) -> None:

@@ -169,3 +169,26 @@ def test_restarted_runner_takes_its_own_jobs_back_at_once(
         assert JobStore(store).get(job_id).attempts == 2
     finally:
         second.close()
+
+
+def test_cancel_of_a_job_another_owner_runs_goes_through_its_owner(
+    lease_settings: RefitSettings, store: ObjectStore
+) -> None:
+    jobs = JobStore(store)
+    runner = JobRunner(lease_settings, launcher=RecordingLauncher(), notify_published=print)
+    try:
+        # a local run that began after the runner started: the runner has not met it
+        record, _ = jobs.create(_spec(store))
+        local = JobLease(jobs, record.job_id, "local:cli", TTL)
+        local.acquire()
+        with local.heartbeat():
+            flagged = runner.cancel(record.job_id)
+            assert (flagged["state"], flagged["cancel_requested"]) == ("running", True)
+            assert _until(lambda: local.cancel_requested, TTL * 2)
+            with pytest.raises(JobCancelledError):
+                local.check()
+            local.finish("cancelled", reason="cancelled on request")
+        assert _until(lambda: runner.stats()["finished"] == {"cancelled": 1})
+        assert jobs.get(record.job_id).state == "cancelled"
+    finally:
+        runner.close()

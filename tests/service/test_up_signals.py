@@ -117,6 +117,7 @@ def _stop_and_check(run: _Run) -> float:
         assert time.monotonic() - start < STOP_BOUND_S, "refit up did not stop in time"
         time.sleep(0.2)
     took = time.monotonic() - start
+    print(f"refit up stopped {took:.1f} s after SIGTERM")  # the figure in the note
     assert run.proc.returncode == 0, run.log.read_text(errors="replace")[-3000:]
     deadline = time.monotonic() + 15  # workers notice their raylet is gone within seconds
     while run.left() and time.monotonic() < deadline:
