@@ -3,22 +3,35 @@
 PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
-# jemalloc where installed (Debian: libjemalloc2): glibc malloc costs about a fifth of CPU
-# inference throughput here; Ray's workers inherit the preload.
-JEMALLOC := $(firstword $(wildcard /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 /usr/lib/aarch64-linux-gnu/libjemalloc.so.2))
+# jemalloc (Debian: libjemalloc2): glibc malloc costs about a fifth of CPU inference
+# throughput here. `make setup` installs it where it can (root with apt-get) and says so plainly
+# where it cannot; `refit up` preloads it itself (service/allocator.py), and Ray's processes
+# inherit it.
+JEMALLOC_LIB := /usr/lib/*-linux-gnu/libjemalloc.so.2
 
-.PHONY: setup up demo test lint bench clean
+.PHONY: setup jemalloc up demo test lint bench clean
 
 $(BIN)/python:
 	$(shell command -v $(PY) || echo python3) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-setup: $(BIN)/python
+setup: $(BIN)/python jemalloc
 	$(BIN)/pip install -q "torch==2.13.0" "torchvision==0.28.0"
 	$(BIN)/pip install -q -e ".[dev]"
 
+jemalloc:
+	@if ls $(JEMALLOC_LIB) >/dev/null 2>&1; then \
+		echo "jemalloc: $$(ls $(JEMALLOC_LIB) | head -n1)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		if (apt-get install -y -qq libjemalloc2 || (apt-get update -qq && apt-get install -y -qq libjemalloc2)) >/dev/null 2>&1; \
+		then echo "jemalloc: installed libjemalloc2"; \
+		else echo "jemalloc: apt-get could not install libjemalloc2; refit up serves with glibc malloc (about a fifth slower)"; fi; \
+	else \
+		echo "jemalloc: not installed, and installing it needs root: sudo apt-get install libjemalloc2 (until then refit up serves with glibc malloc, about a fifth slower)"; \
+	fi
+
 up: setup
-	LD_PRELOAD=$(JEMALLOC) $(BIN)/refit up --data-dir .refit
+	$(BIN)/refit up --data-dir .refit
 
 demo: setup
 	$(BIN)/refit demo --data-dir .refit

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -17,23 +16,13 @@ import aiohttp
 import numpy as np
 from PIL import Image
 
-JEMALLOC_PATHS = (
-    "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
-    "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
-)
-
 
 def reexec_with_jemalloc(enabled: bool) -> str:
     """Restart this script with jemalloc preloaded (Ray's workers inherit it), once.
     Returns the allocator in use: glibc malloc costs about a fifth of CPU inference here."""
-    lib = next((p for p in JEMALLOC_PATHS if os.path.exists(p)), None)
-    if "jemalloc" in os.environ.get("LD_PRELOAD", ""):
-        return "jemalloc"
-    if not enabled or lib is None:
-        return "glibc"
-    env = {**os.environ, "LD_PRELOAD": lib}
-    os.execve(sys.executable, [sys.executable, *sys.argv], env)  # same script
-    raise AssertionError("unreachable")
+    from service.allocator import reexec_with_jemalloc as reexec
+
+    return reexec(sys.argv, enabled=enabled)  # the same script, same arguments
 
 
 def free_port() -> int:

@@ -212,9 +212,15 @@ def cmd_up(args: argparse.Namespace, settings: RefitSettings) -> int:
     import ray
 
     from service import deployments
+    from service.allocator import reexec_with_jemalloc
     from service.embedded_store import update_connection_file
     from training.ray_train import ensure_ray
 
+    # before anything starts: the preload must be in place when the process begins
+    allocator = reexec_with_jemalloc(
+        ["-m", "service.cli", *sys.argv[1:]], enabled=settings.serve.jemalloc
+    )
+    _log(f"allocator: {allocator}")
     _stop_on_sigterm()
     data_dir = Path(args.data_dir)
     embedded = EmbeddedStore(data_dir, bucket=settings.s3.bucket)

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 from ray import serve
-from ray.exceptions import RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
@@ -146,7 +146,7 @@ class ClassifierPredictor:
             raise OverloadedError(
                 "the classifier's queue is full (REFIT_SERVE__MAX_QUEUED_REQUESTS)"
             ) from None
-        except RayTaskError as exc:  # unwrap our own errors raised inside the replica
+        except (RayTaskError, RayActorError) as exc:  # our errors; a replica that died
             raise unwrap_remote(exc) from None
 
     async def ready(self) -> bool:

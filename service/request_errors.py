@@ -100,9 +100,24 @@ def bad_request(exc: ValidationError, *, prefix: tuple[str, ...] = ()) -> BadReq
     return BadRequestError(err["msg"], field=field_path(prefix + loc) or "body")
 
 
+class ReplicaUnavailableError(RefitError):
+    """The replica or actor that was to answer died or is restarting: retry shortly."""
+
+    status = HTTPStatus.SERVICE_UNAVAILABLE
+    code = "unavailable"
+
+
 def unwrap_remote(exc: Exception) -> Exception:
-    """Our own error raised inside a Ray actor or replica (a ``RayTaskError`` keeps it as
-    ``cause``), else the exception itself: errors crossing a Ray boundary reach the one error
-    table as the class they were raised as."""
+    """An exception that crossed a Ray boundary, as the one error table should see it: our
+    own error raised inside a Ray actor or replica (a ``RayTaskError`` keeps it as
+    ``cause``) as the class it was raised as; a dead or restarting actor (``RayActorError``)
+    as a 503 to retry; anything else as itself (a bug: 500)."""
     cause = getattr(exc, "cause", None)
-    return cause if isinstance(cause, RefitError) else exc
+    if isinstance(cause, RefitError):
+        return cause
+    # only callers that crossed a Ray boundary get here, so Ray is importable
+    from ray.exceptions import RayActorError
+
+    if isinstance(exc, RayActorError):
+        return ReplicaUnavailableError(f"the serving process is unavailable: {type(exc).__name__}")
+    return exc

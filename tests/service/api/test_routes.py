@@ -271,6 +271,12 @@ async def test_oip_infer_json_binary_and_tensor(client: httpx.AsyncClient, digit
         headers={**_auth(), "Content-Type": "application/json"},
     )
     assert r.status_code == 400  # nesting past the JSON parser's depth limit: not a 500
+    r = await client.post(  # a request id is echoed back: capped, not 1 MiB back to the client
+        "/v2/models/digits/infer",
+        json={"id": "i" * 257, "inputs": [images]},
+        headers=_auth(),
+    )
+    assert (r.status_code, r.json()["error"]["field"]) == (400, "id"), r.text
     r = await client.post(
         "/v2/models/digits/infer",
         json={"inputs": [images]},
