@@ -116,6 +116,8 @@ def _scrape(url: str) -> dict[str, float]:
         if line.startswith(("refit_batch_size_sum", "refit_batch_size_count")):
             name, value = line.rsplit(" ", 1)
             out[name] = float(value)
+        if line.startswith("refit_classifier_allocator_info{"):
+            out["allocator:" + line.split('allocator="')[1].split('"')[0]] = 1.0
         if line.startswith("refit_model_loaded_info"):
             out["mode:" + line.split('mode="')[1].split('"')[0]] = 1.0
         if line.startswith("refit_model_mode_fallback{"):
@@ -197,6 +199,7 @@ def main() -> int:
                 state = _scrape(url)
                 served_mode = next((k[5:] for k in state if k.startswith("mode:")), "unknown")
                 refused = next((k[8:] for k in state if k.startswith("refused:")), "")
+                replica_malloc = next((k[10:] for k in state if k.startswith("allocator:")), "?")
                 for c in levels:
                     before = _scrape(url)
                     res = run_load(predict, jpegs, concurrency=c, seconds=args.seconds)
@@ -208,6 +211,7 @@ def main() -> int:
                         {
                             "mode": mode,
                             "served_mode": served_mode,
+                            "replica_allocator": replica_malloc,
                             "refused_for": refused,
                             "concurrency": c,
                             **s,
@@ -225,7 +229,7 @@ def main() -> int:
         "serving",
         rows,
         {
-            "allocator": malloc,
+            "allocator": malloc,  # of this process and the Ray processes it started
             "torch_threads": threads,
             "agreement_with_fp32": {m: checks[m][0] for m in modes},
             "fp32_classes_predicted": {m: checks[m][1] for m in modes},

@@ -83,6 +83,13 @@ class ScrapeCollector(Collector):
         yield GaugeMetricFamily(
             "refit_classifier_rss_bytes", "Classifier replica resident memory", value=c["rss_bytes"]
         )
+        allocator = GaugeMetricFamily(
+            "refit_classifier_allocator_info",
+            "The memory allocator the classifier replica runs with (jemalloc or glibc)",
+            labels=["allocator"],
+        )
+        allocator.add_metric([str(c.get("allocator", "unknown"))], 1)
+        yield allocator
         yield GaugeMetricFamily(
             "refit_classifier_models_alive",
             "Model objects alive in a classifier replica (replaced versions must be freed)",

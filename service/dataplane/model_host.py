@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from service.allocator import current_allocator
 from service.dataplane.batching import ForwardLane
 from service.dataplane.hotload import Follower
 from service.dataplane.images import decode_request_images
@@ -217,6 +218,7 @@ class ModelHost:
         return {
             "ok": True,
             "rss_bytes": rss_bytes(),
+            "allocator": current_allocator(),
             "models": models,
             "models_alive": alive,
             "queue_depth": self._pending,

@@ -388,6 +388,7 @@ async def test_ops(client: httpx.AsyncClient, digits: dict) -> None:
     text = (await client.get("/metrics", headers=_auth(METRICS))).text
     assert 'refit_http_requests_total{route="/v1/models/{model}/predict",status="200"}' in text
     assert "refit_model_loaded_info{" in text
+    assert "refit_classifier_allocator_info{allocator=" in text
     r = await client.get("/nowhere")
     assert (r.status_code, r.json()["error"]["code"]) == (404, "not_found")
 
