@@ -206,9 +206,22 @@ def application(settings: RefitSettings) -> Any:
         if s.max_replicas_per_node is None
         else {"max_replicas_per_node": s.max_replicas_per_node}
     )
+    most = max(s.classifier_replicas, s.classifier_max_replicas or 0)
+    scaling: dict[str, Any] = {"num_replicas": s.classifier_replicas}
+    if s.classifier_max_replicas is not None:  # Serve scales on ongoing requests
+        scaling = {
+            "autoscaling_config": {
+                "min_replicas": s.classifier_replicas,
+                "initial_replicas": s.classifier_replicas,
+                "max_replicas": most,
+                "target_ongoing_requests": s.target_ongoing_requests,
+                "upscale_delay_s": s.upscale_delay_s,
+                "downscale_delay_s": s.downscale_delay_s,
+            }
+        }
     classifier = classifier_dep.options(
         **spread,
-        num_replicas=s.classifier_replicas,
+        **scaling,
         max_ongoing_requests=s.max_ongoing_requests,
         max_queued_requests=s.max_queued_requests,
         ray_actor_options={"num_cpus": s.classifier_cpus},
@@ -216,7 +229,7 @@ def application(settings: RefitSettings) -> Any:
     # The ingress only awaits: give it room for twice what the classifiers can hold, so the
     # classifier's queue sheds load first - with our JSON 503 and Retry-After - and the
     # proxy's plain-text 503 never does.
-    held = (s.max_ongoing_requests + max(0, s.max_queued_requests)) * s.classifier_replicas
+    held = (s.max_ongoing_requests + max(0, s.max_queued_requests)) * most
     return ingress_dep.options(
         **spread,
         num_replicas=s.ingress_replicas,

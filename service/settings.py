@@ -77,7 +77,16 @@ class ServeSettings(BaseModel):
     """Dynamic batching: longest wait for a batch to fill. Requests that arrive while a
     forward pass runs merge into the next one anyway, so a wait only delays lone requests."""
     classifier_replicas: int = Field(default=1, ge=1)
-    """Replicas of the classifier deployment."""
+    """Replicas of the classifier deployment (with autoscaling: the fewest)."""
+    classifier_max_replicas: int | None = Field(default=None, ge=1)
+    """Serve autoscaling of the classifier, on ongoing requests: from ``classifier_replicas``
+    up to this many replicas. Unset: a fixed ``classifier_replicas``."""
+    target_ongoing_requests: float = Field(default=8.0, gt=0)
+    """Autoscaling: ongoing requests per classifier replica Serve aims for."""
+    upscale_delay_s: float = Field(default=5.0, ge=0)
+    """Autoscaling: how long load stays above target before a replica is added."""
+    downscale_delay_s: float = Field(default=60.0, ge=0)
+    """Autoscaling: how long load stays below target before a replica is removed."""
     classifier_cpus: float = Field(default=1.0, gt=0)
     """CPUs each classifier replica reserves (torch uses as many threads)."""
     ingress_replicas: int = Field(default=1, ge=1)
