@@ -92,7 +92,7 @@ async def _run(
                 start = time.perf_counter()
                 try:
                     async with session.post(url, json=body) as resp:
-                        payload = await resp.json() if resp.status == 200 else None
+                        payload = await resp.json(content_type=None) if resp.status == 200 else None
                         status = resp.status
                 except aiohttp.ClientError:
                     status, payload = 0, None

@@ -7,6 +7,12 @@ its features of scikit-learn digits (so top-1 answers differ across images and t
 agreement check is meaningful; no pretrained weights can be downloaded here).
 
     python benchmarks/serving.py [--seconds 12] [--modes fp32,fp32_jit] [--no-jemalloc]
+                                 [--no-torchserve]
+
+TorchServe 0.12 (``benchmarks/torchserve/``: its own venv, Java from Debian) serves the same
+weights as TorchScript with the same preprocessing, measured first with the same JPEGs and
+client; ``vs_torchserve`` is each row's req/s over TorchServe's best configuration at the same
+concurrency. ``top1_agreement`` checks 32 answers of each system against the local model.
 
 ``vs_raw`` compares with the raw forward in the same mode; ``vs_raw_fp32`` with raw fp32
 eager, the yardstick the goals are stated against. A mode the service refused (agreement
@@ -134,6 +140,7 @@ def main() -> int:
     p.add_argument("--classifier-cpus", type=float, default=2.0)
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--no-jemalloc", action="store_true")
+    p.add_argument("--no-torchserve", action="store_true", help="skip the TorchServe peer")
     args = p.parse_args()
     malloc = reexec_with_jemalloc(not args.no_jemalloc)
 
@@ -161,6 +168,21 @@ def main() -> int:
         checks[mode] = agreement(model, x_held, mode)
         print(f"[bench] raw {mode}: {raw[mode]:.1f} img/s", file=sys.stderr, flush=True)
     jpegs, _ = digit_jpegs(64, offset=1000)
+    from service.dataplane.images import decode_request_images
+
+    with torch.inference_mode():
+        crops = decode_request_images(
+            jpegs, max_image_bytes=1 << 24, max_pixels=1 << 26, preprocessing=pre
+        )
+        expected = [str(int(i)) for i in model(normalize(pre, crops)).argmax(1)]
+    peer: list[dict[str, Any]] = []
+    if not args.no_torchserve:
+        from torchserve_peer import torchserve_rows
+
+        peer = torchserve_rows(model, jpegs, expected, levels, args.seconds)
+    best_peer = {
+        c: max((r["req_per_s"] for r in peer if r["concurrency"] == c), default=0.0) for c in levels
+    }
 
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp, EmbeddedStore(Path(tmp)) as conn:
@@ -196,6 +218,9 @@ def main() -> int:
                 url = f"http://127.0.0.1:{settings.serve.port}"
                 predict = f"{url}/v1/models/bench/predict"
                 run_load(predict, jpegs, concurrency=4, seconds=3)  # load the model, warm up
+                from torchserve_peer import top1_agreement
+
+                agreement_http = top1_agreement(predict, jpegs[:32], expected[:32])
                 state = _scrape(url)
                 served_mode = next((k[5:] for k in state if k.startswith("mode:")), "unknown")
                 refused = next((k[8:] for k in state if k.startswith("refused:")), "")
@@ -219,12 +244,34 @@ def main() -> int:
                             "raw_img_per_s": raw[mode],
                             "vs_raw": s["req_per_s"] / raw[mode],
                             "vs_raw_fp32": s["req_per_s"] / raw["fp32"],
+                            "vs_torchserve": s["req_per_s"] / best_peer[c]
+                            if best_peer[c]
+                            else None,
+                            "top1_agreement": agreement_http,
                         }
                     )
                     print(f"[bench] {rows[-1]}", file=sys.stderr, flush=True)
                 deployments.shutdown()
         finally:
             ray.shutdown()
+    for r in peer:  # the peer's rows beside ours, in the same table
+        best = best_peer[r["concurrency"]]
+        rows.append(
+            {
+                "mode": r["system"],
+                "served_mode": "torchscript fp32",
+                "refused_for": "",
+                "replica_allocator": "glibc (TorchServe default)",
+                "concurrency": r["concurrency"],
+                **{k: r[k] for k in ("requests", "req_per_s", "p50_ms", "p99_ms", "errors")},
+                "mean_batch": None,
+                "raw_img_per_s": raw["fp32"],
+                "vs_raw": r["req_per_s"] / raw["fp32"],
+                "vs_raw_fp32": r["req_per_s"] / raw["fp32"],
+                "vs_torchserve": r["req_per_s"] / best if best else None,
+                "top1_agreement": r["top1_agreement"],
+            }
+        )
     report(
         "serving",
         rows,

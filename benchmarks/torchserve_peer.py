@@ -1,0 +1,193 @@
+"""TorchServe as the serving benchmark's peer: the same model (TorchScript of the same
+weights), the same JPEGs, the same closed-loop client, in the same run.
+
+``benchmarks/torchserve/setup.sh`` makes its venv (TorchServe 0.12, torch pinned like Refit's)
+and checks for Java. Each configuration is started in a session of its own and stopped by
+that session's process group (ours), never by name.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+from load import free_port, run_load
+
+HERE = Path(__file__).resolve().parent / "torchserve"
+CONFIGS = (
+    {"name": "TorchServe 2 workers x 1 thread, batch 8", "workers": 2, "threads": 1},
+    {"name": "TorchServe 1 worker x 2 threads, batch 8", "workers": 1, "threads": 2},
+)
+
+
+def _log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def _venv() -> Path:
+    out = subprocess.run(  # our own script
+        [str(HERE / "setup.sh")], capture_output=True, text=True, check=False
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"TorchServe set-up failed: {out.stderr[-2000:]}")
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+def _archive(model: Any, venv: Path, work: Path) -> Path:
+    import torch
+
+    scripted = torch.jit.trace(model.eval(), torch.zeros(1, 3, 224, 224))
+    torch.jit.save(scripted, str(work / "model.pt"))
+    store = work / "store"
+    store.mkdir()
+    subprocess.run(  # fixed arguments
+        [
+            str(venv / "bin" / "torch-model-archiver"),
+            "--model-name=bench",
+            "--version=1.0",
+            f"--serialized-file={work / 'model.pt'}",
+            f"--handler={HERE / 'handler.py'}",
+            f"--export-path={store}",
+            "--force",
+        ],
+        check=True,
+    )
+    return store
+
+
+def _start(venv: Path, store: Path, work: Path, config: dict[str, Any]) -> tuple[Any, int]:
+    port, mgmt, metrics = free_port(), free_port(), free_port()
+    models = {
+        "bench": {
+            "1.0": {
+                "defaultVersion": True,
+                "marName": "bench.mar",
+                "minWorkers": config["workers"],
+                "maxWorkers": config["workers"],
+                "batchSize": 8,
+                "maxBatchDelay": 5,
+                "responseTimeout": 120,
+            }
+        }
+    }
+    props = work / f"config-{config['workers']}.properties"
+    props.write_text(
+        f"inference_address=http://127.0.0.1:{port}\n"
+        f"management_address=http://127.0.0.1:{mgmt}\n"
+        f"metrics_address=http://127.0.0.1:{metrics}\n"
+        "disable_token_authorization=true\n"
+        "enable_envvars_config=false\n"
+        "install_py_dep_per_model=false\n"
+        "load_models=bench.mar\n"
+        f"models={json.dumps(models)}\n"
+    )
+    threads = str(config["threads"])
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    env["PATH"] = f"{venv / 'bin'}:{env['PATH']}"
+    log = (work / f"torchserve-{config['workers']}.log").open("wb")
+    proc = subprocess.Popen(  # fixed arguments; its own session, stopped by its group
+        [
+            str(venv / "bin" / "torchserve"),
+            "--foreground",
+            "--ncs",
+            "--disable-token-auth",
+            f"--model-store={store}",
+            f"--ts-config={props}",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        cwd=work,
+    )
+    return proc, port
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _stop(proc: Any) -> None:
+    # the whole group of the session we started: the launcher and its Java server (which
+    # must be gone before the next configuration starts: TorchServe runs once per host)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while _group_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _wait_ready(url: str, body: dict[str, Any], proc: Any, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("TorchServe exited during start-up")
+        try:
+            if requests.post(url, json=body, timeout=30).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    raise RuntimeError("TorchServe did not answer in time")
+
+
+def top1_agreement(url: str, jpegs: list[bytes], expected: list[str]) -> float:
+    """Share of the JPEGs whose top-1 label over HTTP is the locally computed one."""
+    same = 0
+    for jpeg, want in zip(jpegs, expected, strict=True):
+        body = {"images": [base64.b64encode(jpeg).decode()], "top_k": 1}
+        got = requests.post(url, json=body, timeout=60).json()["predictions"][0][0]["label"]
+        same += got == want
+    return same / len(jpegs)
+
+
+def torchserve_rows(
+    model: Any, jpegs: list[bytes], expected: list[str], levels: list[int], seconds: float
+) -> list[dict[str, Any]]:
+    """One row per configuration and concurrency, with top-1 agreement with the local model."""
+    venv = _venv()
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="refit-ts-") as tmp:
+        work = Path(tmp)
+        store = _archive(model, venv, work)
+        for config in CONFIGS:
+            proc, port = _start(venv, store, work, config)
+            url = f"http://127.0.0.1:{port}/predictions/bench"
+            try:
+                _wait_ready(url, {"images": [base64.b64encode(jpegs[0]).decode()]}, proc)
+                agreement = top1_agreement(url, jpegs[:32], expected[:32])
+                run_load(url, jpegs, concurrency=4, seconds=3)  # warm up
+                for c in levels:
+                    s = run_load(url, jpegs, concurrency=c, seconds=seconds).summary()
+                    rows.append(
+                        {
+                            "system": config["name"],
+                            "concurrency": c,
+                            **s,
+                            "top1_agreement": agreement,
+                        }
+                    )
+                    _log(f"{rows[-1]}")
+            finally:
+                _stop(proc)
+    return rows
+
+
+__all__ = ["top1_agreement", "torchserve_rows"]
