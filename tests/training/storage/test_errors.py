@@ -8,6 +8,7 @@ import pytest
 
 import service.request_errors
 import training.storage.errors
+import training.storage.job_lease
 from training.storage.errors import RefitError
 
 EXPECTED = {
@@ -31,12 +32,15 @@ EXPECTED = {
     "ForbiddenError": 403,
     "InvalidTokenError": 401,
     "HeadersTooLargeError": 431,
+    "ReplicaUnavailableError": 503,
+    "LeaseLostError": 409,
+    "JobCancelledError": 409,
 }
 
 
 def _classes() -> list[type[RefitError]]:
     found = {}
-    for module in (training.storage.errors, service.request_errors):
+    for module in (training.storage.errors, training.storage.job_lease, service.request_errors):
         for obj in vars(module).values():
             if isinstance(obj, type) and issubclass(obj, RefitError) and obj is not RefitError:
                 found[obj.__name__] = obj
