@@ -210,7 +210,6 @@ def main() -> int:
                             classifier_cpus=args.classifier_cpus,
                             max_batch_size=args.max_batch_size,
                             max_ongoing_requests=128,
-                            ingress_cpus=0.5,
                         )
                     }
                 )

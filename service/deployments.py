@@ -1,13 +1,18 @@
-"""The Ray Serve deployments: the only module that touches ``ray.serve``. A thin edge that
+"""The Ray Serve deployment: the only module that touches ``ray.serve``. A thin edge that
 wires the Ray-free data plane (``service.dataplane``) to replicas.
 
-* ``Classifier`` runs a :class:`~service.dataplane.model_host.ModelHost`: Serve's
-  ``@serve.multiplexed`` holds the followers (an LRU per replica, routed by model id) and
-  ``@serve.batch`` forms the batches that the host's forward lane merges. Both are built per
-  replica in ``__init__``, from the settings the replica was given (never read at import).
-  Registry notices (a publish or an alias move) reach the followers at once.
-* ``Ingress`` is :func:`service.api.create_app` over a :class:`DataPlane` whose predictor
-  calls the classifier through its handle, and whose jobs go to the job runner actor.
+One deployment, ``Classifier``, is the whole HTTP API (``@serve.ingress`` over
+:func:`service.api.create_app`): Serve's proxy hands each request to a replica that
+validates, decodes, batches and runs the model in the same process, so a prediction crosses
+one Ray hop, not two. In each replica:
+
+* a :class:`~service.dataplane.model_host.ModelHost` decodes (in threads, off the event loop)
+  and runs the forward lane; ``@serve.batch`` forms the batches that the lane merges;
+* ``@serve.multiplexed`` holds the followers (an LRU per replica, by model name; a gateway
+  that sets ``serve_multiplexed_model_id`` routes to a replica holding the model);
+* registry notices (a publish or an alias move) reach the followers at once;
+* admission control answers past the replica's limit with a JSON 503 and ``Retry-After``;
+* admin and job routes are served by the same app (jobs go to the job runner actor).
 """
 
 from __future__ import annotations
@@ -18,9 +23,6 @@ from typing import Any
 
 import torch
 from ray import serve
-from ray.exceptions import RayActorError, RayTaskError
-from ray.serve.exceptions import BackPressureError
-from ray.serve.handle import DeploymentHandle
 
 from service.api import create_app
 from service.control.notices import events_actor, notify_async
@@ -29,12 +31,16 @@ from service.dataplane.dataplane import DataPlane
 from service.dataplane.hotload import Follower
 from service.dataplane.jobs import JobsUseCases
 from service.dataplane.model_host import Item, ModelHost, Ranked
-from service.request_errors import OverloadedError, unwrap_remote
+from service.dataplane.store_calls import store_call
 from service.settings import RefitSettings
 from training.storage.registry import Registry
 from training.storage.s3 import ObjectStore
 
 log = logging.getLogger("refit.serve")
+
+ROOM_FOR_OTHER_ROUTES = 32
+"""Requests per replica beyond the predictions it admits: probes, metrics, admin and job
+routes still get in while predictions are at their limit."""
 
 
 class _LaneWarningFilter(logging.Filter):
@@ -46,14 +52,41 @@ class _LaneWarningFilter(logging.Filter):
         return "max_concurrent_batches" not in str(record.msg)
 
 
+class ReplicaPredictor:
+    """The data plane's predictor in a replica: this replica's :class:`ModelHost`, its
+    followers held by Serve's multiplexing."""
+
+    def __init__(self, replica: Classifier) -> None:
+        self.replica = replica
+
+    async def predict(self, model: str, images: list[bytes], top_k: int) -> dict[str, Any]:
+        """Classify encoded images here."""
+        host = self.replica.host
+        return await host.predict(await self.replica.follower(model), images, top_k)
+
+    async def predict_tensor(self, model: str, x: torch.Tensor, top_k: int) -> dict[str, Any]:
+        """Classify a preprocessed batch here."""
+        host = self.replica.host
+        return await host.predict_tensor(await self.replica.follower(model), x, top_k)
+
+    async def ready(self) -> bool:
+        """Whether this replica can serve: a model loaded, or the store answering."""
+        return await store_call(self.replica.host.ready)
+
+    async def stats(self) -> dict[str, Any]:
+        """This replica's loaded models, swaps, failed loads and resident memory."""
+        return self.replica.host.stats()
+
+
 @serve.deployment
+@serve.ingress()
 class Classifier:
-    """Batched, multiplexed image classification with hot-loading."""
+    """The Refit HTTP API in front of batched, multiplexed, hot-loading classification."""
 
     def __init__(self, settings: RefitSettings) -> None:
         self.settings = settings
         s = settings.serve
-        torch.set_num_threads(max(1, int(s.classifier_cpus)))
+        torch.set_num_threads(s.torch_threads)
         self.host = ModelHost(s, Registry(ObjectStore(settings.s3)), submit=self._submit)
         logging.getLogger("ray.serve").addFilter(_LaneWarningFilter())
         # Serve forms the batches; the lane merges those that queue behind a running forward
@@ -72,13 +105,35 @@ class Classifier:
         # per replica, so the builder's models_per_replica override takes effect
         self._follower = serve.multiplexed(max_num_models_per_replica=s.models_per_replica)(load)
         self._listener: asyncio.Task[None] | None = None
+        store = ObjectStore(settings.s3, request_path=True)  # what HTTP requests wait on
+
+        async def notify(model: str) -> None:
+            await notify_async(settings, model)
+
+        self._dataplane = DataPlane(
+            registry=Registry(store),
+            predictor=ReplicaPredictor(self),
+            jobs=JobsUseCases(store, RunnerScheduler(settings)),
+            alias=s.alias,
+            notify=notify,
+        )
+        try:  # start the job runner now: queued jobs resume without waiting for a request
+            RunnerScheduler(settings).runner()
+        except Exception as exc:
+            log.warning("job runner not started yet: %s", exc)
+
+    def __serve_build_asgi_app__(self) -> Any:
+        # Late-bound app: built in the replica after __init__, so it gets this replica's
+        # data plane and settings (a module-level app would be a pickled copy without them).
+        return create_app(self.settings, self._dataplane)
 
     async def _submit(self, item: Item) -> Ranked:
         ranked: Ranked = await self._batched(item)
         return ranked
 
-    async def _current(self) -> Follower:
-        follower: Follower = await self._follower(serve.get_multiplexed_model_id())
+    async def follower(self, model: str) -> Follower:
+        """This replica's follower of ``model`` (loaded on first use, LRU by Serve)."""
+        follower: Follower = await self._follower(model)
         if self._listener is None:
             self._listener = asyncio.get_running_loop().create_task(self._listen())
         return follower
@@ -104,140 +159,43 @@ class Classifier:
                     seen[name] = seq
                     await self.host.refresh(name)
 
-    async def predict(self, images: list[bytes], top_k: int) -> dict[str, Any]:
-        """Decode for the current version, then classify in a dynamic batch."""
-        return await self.host.predict(await self._current(), images, top_k)
-
-    async def predict_tensor(self, x: torch.Tensor, top_k: int) -> dict[str, Any]:
-        """Classify an already preprocessed float32 batch ``[N, 3, crop, crop]``."""
-        return await self.host.predict_tensor(await self._current(), x, top_k)
-
-    async def ready(self) -> bool:
-        """Whether this replica can serve: a model loaded, or the store answering (kept
-        cheap, unlike :meth:`stats`, which walks the heap to count live models)."""
-        return await asyncio.to_thread(self.host.ready)
-
-    def stats(self) -> dict[str, Any]:
-        """This replica's loaded models, swaps, failed loads and resident memory."""
-        return self.host.stats()
-
-
-class ClassifierPredictor:
-    """The data plane's predictor in the ingress: calls the classifier replicas, routed by
-    model id; their errors come back as ours."""
-
-    def __init__(self, classifier: DeploymentHandle) -> None:
-        self.classifier = classifier
-
-    async def predict(self, model: str, images: list[bytes], top_k: int) -> dict[str, Any]:
-        """Classify encoded images on a replica that holds ``model``."""
-        return await self._call(model, "predict", images, top_k)
-
-    async def predict_tensor(self, model: str, x: torch.Tensor, top_k: int) -> dict[str, Any]:
-        """Classify a preprocessed batch on a replica that holds ``model``."""
-        return await self._call(model, "predict_tensor", x, top_k)
-
-    async def _call(self, model: str, method: str, *args: Any) -> dict[str, Any]:
-        try:
-            handle = self.classifier.options(multiplexed_model_id=model)
-            result: dict[str, Any] = await getattr(handle, method).remote(*args)
-            return result
-        except BackPressureError:
-            raise OverloadedError(
-                "the classifier's queue is full (REFIT_SERVE__MAX_QUEUED_REQUESTS)"
-            ) from None
-        except (RayTaskError, RayActorError) as exc:  # our errors; a replica that died
-            raise unwrap_remote(exc) from None
-
-    async def ready(self) -> bool:
-        """Whether a classifier replica answers."""
-        return bool(await self.classifier.ready.remote())
-
-    async def stats(self) -> dict[str, Any]:
-        """One replica's statistics."""
-        result: dict[str, Any] = await self.classifier.stats.remote()
-        return result
-
-
-def serving_dataplane(classifier: DeploymentHandle, settings: RefitSettings) -> DataPlane:
-    """The data plane of an ingress replica (its store calls use the request-path
-    timeouts)."""
-    store = ObjectStore(settings.s3, request_path=True)
-
-    async def notify(model: str) -> None:
-        await notify_async(settings, model)
-
-    return DataPlane(
-        registry=Registry(store),
-        predictor=ClassifierPredictor(classifier),
-        jobs=JobsUseCases(store, RunnerScheduler(settings)),
-        alias=settings.serve.alias,
-        notify=notify,
-    )
-
-
-@serve.deployment
-@serve.ingress()
-class Ingress:
-    """FastAPI ingress: validation, auth, errors and metrics in front of the classifier."""
-
-    def __init__(self, classifier: DeploymentHandle, settings: RefitSettings) -> None:
-        self._settings = settings
-        self._dataplane = serving_dataplane(classifier, settings)
-        try:  # start the job runner now: queued jobs resume without waiting for a request
-            RunnerScheduler(settings).runner()
-        except Exception as exc:
-            log.warning("job runner not started yet: %s", exc)
-
-    def __serve_build_asgi_app__(self) -> Any:
-        # Late-bound app: built in the replica after __init__, so it gets this replica's
-        # data plane and settings (a module-level app would be a pickled copy without them).
-        return create_app(self._settings, self._dataplane)
-
 
 def application(settings: RefitSettings) -> Any:
-    """The Serve application graph (ingress -> classifier) with options from settings."""
+    """The Serve application (one deployment, the API and the model) with options from
+    settings."""
     s = settings.serve
-    # @serve.deployment turns the classes into Deployments; the stubs still see classes.
+    # @serve.deployment turns the class into a Deployment; the stubs still see a class.
     classifier_dep: Any = Classifier
-    ingress_dep: Any = Ingress
     spread = (
         {}
         if s.max_replicas_per_node is None
         else {"max_replicas_per_node": s.max_replicas_per_node}
     )
-    most = max(s.classifier_replicas, s.classifier_max_replicas or 0)
-    scaling: dict[str, Any] = {"num_replicas": s.classifier_replicas}
+    replicas = s.replicas
+    scaling: dict[str, Any] = {"num_replicas": replicas}
     if s.classifier_max_replicas is not None:  # Serve scales on ongoing requests
         scaling = {
             "autoscaling_config": {
-                "min_replicas": s.classifier_replicas,
-                "initial_replicas": s.classifier_replicas,
-                "max_replicas": most,
+                "min_replicas": replicas,
+                "initial_replicas": replicas,
+                "max_replicas": max(replicas, s.classifier_max_replicas),
                 "target_ongoing_requests": s.target_ongoing_requests,
                 "upscale_delay_s": s.upscale_delay_s,
                 "downscale_delay_s": s.downscale_delay_s,
             }
         }
-    classifier = classifier_dep.options(
+    # The replica's own admission control refuses predictions past its limit with our JSON
+    # 503 and Retry-After; Serve's limits sit above it (with room for probes and admin), so
+    # its plain-text 503 never answers instead. Requests wait at the proxy only while the
+    # router assigns them (bursts), never for work.
+    admitted = s.max_ongoing_requests + max(0, s.max_queued_requests)
+    return classifier_dep.options(
         **spread,
         **scaling,
-        max_ongoing_requests=s.max_ongoing_requests,
-        max_queued_requests=s.max_queued_requests,
+        max_ongoing_requests=admitted + ROOM_FOR_OTHER_ROUTES,
+        max_queued_requests=-1 if s.max_queued_requests < 0 else max(1024, 4 * admitted),
         ray_actor_options={"num_cpus": s.classifier_cpus},
     ).bind(settings)
-    # The ingress only awaits: give it room for twice what the classifiers can hold, so the
-    # classifier's queue sheds load first - with our JSON 503 and Retry-After - and the
-    # proxy's plain-text 503 never does.
-    held = (s.max_ongoing_requests + max(0, s.max_queued_requests)) * most
-    return ingress_dep.options(
-        **spread,
-        num_replicas=s.ingress_replicas,
-        max_ongoing_requests=max(64, 2 * s.max_batch_size, -(-2 * held // s.ingress_replicas)),
-        # requests wait here only while the router assigns them (bursts), never for work
-        max_queued_requests=max(1024, 4 * held),
-        ray_actor_options={"num_cpus": s.ingress_cpus},
-    ).bind(classifier, settings)
 
 
 def controller_env(settings: RefitSettings) -> dict[str, str]:

@@ -9,6 +9,7 @@ README use exactly these names.
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -76,8 +77,10 @@ class ServeSettings(BaseModel):
     batch_wait_timeout_s: float = Field(default=0.0, ge=0)
     """Dynamic batching: longest wait for a batch to fill. Requests that arrive while a
     forward pass runs merge into the next one anyway, so a wait only delays lone requests."""
-    classifier_replicas: int = Field(default=1, ge=1)
-    """Replicas of the classifier deployment (with autoscaling: the fewest)."""
+    classifier_replicas: int | None = Field(default=None, ge=1)
+    """Replicas of the serving deployment (with autoscaling: the fewest). Unset: one per CPU
+    core of the machine that deploys the app, at most 4 - single-thread replicas side by
+    side measured fastest on CPU (see the README's serving figures)."""
     classifier_max_replicas: int | None = Field(default=None, ge=1)
     """Serve autoscaling of the classifier, on ongoing requests: from ``classifier_replicas``
     up to this many replicas. Unset: a fixed ``classifier_replicas``."""
@@ -88,11 +91,7 @@ class ServeSettings(BaseModel):
     downscale_delay_s: float = Field(default=60.0, ge=0)
     """Autoscaling: how long load stays below target before a replica is removed."""
     classifier_cpus: float = Field(default=1.0, gt=0)
-    """CPUs each classifier replica reserves (torch uses as many threads)."""
-    ingress_replicas: int = Field(default=1, ge=1)
-    """Replicas of the FastAPI ingress deployment."""
-    ingress_cpus: float = Field(default=0.25, gt=0)
-    """CPUs each ingress replica reserves."""
+    """CPUs each serving replica reserves (torch uses as many threads, at least one)."""
     jemalloc: bool = True
     """``refit up`` restarts itself with jemalloc preloaded where it is installed (Debian
     ``libjemalloc2``; ``make setup`` installs it as root): every Ray process it starts
@@ -116,6 +115,20 @@ class ServeSettings(BaseModel):
     """How often replicas check the alias for a new version (hot-load)."""
     alias: str = "production"
     """The alias replicas serve and follow."""
+
+    @property
+    def replicas(self) -> int:
+        """Serving replicas to start: ``classifier_replicas``, or one per core (at most 4).
+        Read when the app is built, on the machine that builds it."""
+        if self.classifier_replicas is not None:
+            return self.classifier_replicas
+        return max(1, min(os.cpu_count() or 1, 4))
+
+    @property
+    def torch_threads(self) -> int:
+        """Torch threads per serving replica: its whole reserved CPUs, at least one."""
+        return max(1, int(self.classifier_cpus))
+
     numeric_mode: NumericMode = "fp32"
     """fp32, channels_last, fp32_jit (channels_last, traced and frozen), bf16 or bf16_jit
     (autocast). A mode other than fp32 is used only where, checked at load time, it keeps

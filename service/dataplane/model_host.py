@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import gc
 import os
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import torch
@@ -28,7 +29,7 @@ from service.dataplane.batching import ForwardLane
 from service.dataplane.hotload import Follower
 from service.dataplane.images import decode_request_images
 from service.dataplane.served_model import ServedModel
-from service.request_errors import BadRequestError
+from service.request_errors import BadRequestError, OverloadedError
 from service.settings import ServeSettings
 from training.preprocess import normalize
 from training.storage.errors import IntegrityError, RefitError
@@ -70,6 +71,12 @@ class ModelHost:
         # every follower alive, whoever holds it; weak, so an evicted model really goes away
         self.followers: weakref.WeakValueDictionary[str, Follower] = weakref.WeakValueDictionary()
         self._pending = 0  # requests waiting for or inside a forward pass (queue depth)
+        self._admitted = 0  # requests from admission to answer (decoding included)
+        # Admission control: past this, a request is refused at once with a JSON 503 and
+        # Retry-After, before it costs a decode (the Serve edge sets its own limits above
+        # this, so Serve's plain-text 503 never answers a prediction).
+        queued = settings.max_queued_requests
+        self.admit_limit = None if queued < 0 else settings.max_ongoing_requests + queued
         self._batch_sizes: collections.Counter[int] = collections.Counter()
         self._split_batches = 0  # lane batches that held two versions (during a swap)
         self._loading: dict[str, asyncio.Lock] = {}
@@ -131,8 +138,27 @@ class ModelHost:
             await asyncio.to_thread(follower.refresh)
 
     # --- requests --------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def admitted(self) -> Iterator[None]:
+        """Hold one of this host's admission places for a request, or refuse it with
+        :class:`OverloadedError` when all are taken."""
+        if self.admit_limit is not None and self._admitted >= self.admit_limit:
+            raise OverloadedError(
+                f"{self._admitted} requests are in progress on this replica "
+                "(REFIT_SERVE__MAX_ONGOING_REQUESTS + MAX_QUEUED_REQUESTS)"
+            )
+        self._admitted += 1
+        try:
+            yield
+        finally:
+            self._admitted -= 1
+
     async def predict(self, follower: Follower, images: list[bytes], top_k: int) -> dict[str, Any]:
         """Decode for the follower's current version, then classify in a merged batch."""
+        with self.admitted():
+            return await self._predict(follower, images, top_k)
+
+    async def _predict(self, follower: Follower, images: list[bytes], top_k: int) -> dict[str, Any]:
         served = follower.current
         assert served is not None  # a follower is returned only once it has loaded one
         s = self.settings
@@ -158,7 +184,8 @@ class ModelHost:
             raise BadRequestError(
                 f"shape must be [N, 3, {size}, {size}] for this model", field="inputs[0].shape"
             )
-        return await self._answer(served, x, top_k)
+        with self.admitted():
+            return await self._answer(served, x, top_k)
 
     async def _answer(self, served: ServedModel, x: torch.Tensor, top_k: int) -> dict[str, Any]:
         self._pending += 1

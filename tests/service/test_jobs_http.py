@@ -45,6 +45,7 @@ def app(seaweed: Connection) -> Iterator[dict[str, Any]]:
             predict_token=PREDICT,
             poll_interval_s=30,  # long: a prompt swap proves the push, not the poll
             classifier_cpus=1,
+            classifier_replicas=1,  # /metrics scrapes see the one replica
             # tiny classifier queue: test_overload_gets_503_with_retry_after
             max_ongoing_requests=1,
             max_queued_requests=1,

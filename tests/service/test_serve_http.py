@@ -45,6 +45,7 @@ def app(seaweed: Connection) -> Iterator[dict[str, Any]]:
             max_body_bytes=400_000,
             poll_interval_s=0.5,
             classifier_cpus=1,
+            classifier_replicas=1,  # /metrics scrapes see the one replica
         ),
     )
     reg = Registry(ObjectStore(settings.s3))
@@ -159,6 +160,21 @@ def test_health_and_metrics(app: dict[str, Any]) -> None:
     text = requests.get(f"{app['url']}/metrics", headers=SCRAPE, timeout=10).text
     assert 'refit_http_requests_total{route="/v1/models/{model}/predict",status="200"}' in text
     assert "refit_http_request_seconds_bucket" in text
+
+
+def test_a_prediction_crosses_one_replica(app: dict[str, Any]) -> None:
+    """Serve's proxy hands predictions straight to the replica that runs the model: the
+    application is one deployment, and the process that counted the HTTP request is the one
+    holding the model (its /metrics shows both)."""
+    from ray import serve
+
+    status = serve.status().applications["refit"]
+    assert list(status.deployments) == ["Classifier"]
+    assert _post(app, "digits", json={"images": _b64(png_bytes(0))}).status_code == 200
+    text = requests.get(f"{app['url']}/metrics", headers=SCRAPE, timeout=10).text
+    route = 'refit_http_requests_total{route="/v1/models/{model}/predict",status="200"}'
+    assert _metric(text, route) >= 1
+    assert 'refit_model_loaded_info{mode="fp32",model="digits"' in text
 
 
 def test_hot_swap_under_load(app: dict[str, Any]) -> None:
