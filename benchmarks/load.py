@@ -49,6 +49,44 @@ def digit_jpegs(n: int, size: int = 224, offset: int = 0) -> tuple[list[bytes], 
     return out, [int(t) for t in d.target[offset : offset + n]]
 
 
+def tree_rss_bytes(
+    root: int, *, skip: tuple[str, ...] = (), into: dict[str, int] | None = None
+) -> tuple[int, int]:
+    """Resident memory of ``root``'s descendants (not ``root`` itself) and their count,
+    leaving out processes whose command line contains one of ``skip`` (and theirs).
+    ``into``: also each process's RSS by its command line (shortened)."""
+    import os
+
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    total, count, todo = 0, 0, [root]
+    while todo:
+        pid = todo.pop()
+        for child, parent in parents.items():
+            if parent != pid:
+                continue
+            try:
+                with open(f"/proc/{child}/cmdline", "rb") as f:
+                    cmd = f.read().decode(errors="replace")
+                with open(f"/proc/{child}/statm") as f:
+                    rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            except OSError:
+                continue
+            if any(s in cmd for s in skip):
+                continue
+            total, count = total + rss, count + 1
+            if into is not None:
+                into[f"{child} {cmd.replace(chr(0), ' ')[:60]}"] = rss
+            todo.append(child)
+    return total, count
+
+
 @dataclass
 class LoadResult:
     """What one load run saw."""

@@ -6,8 +6,13 @@ happen inside the service. The model: a random resnet18 trunk with a linear head
 its features of scikit-learn digits (so top-1 answers differ across images and the bf16
 agreement check is meaningful; no pretrained weights can be downloaded here).
 
-    python benchmarks/serving.py [--seconds 12] [--modes fp32,fp32_jit] [--no-jemalloc]
-                                 [--no-torchserve]
+    python benchmarks/serving.py [--seconds 12] [--modes fp32,fp32_jit,openvino,int8]
+                                 [--layouts 2x1,1x2] [--no-jemalloc] [--no-torchserve]
+
+``--layouts``: serving replicas x CPUs (torch or OpenVINO threads) each. The version is
+published with its OpenVINO graphs (``openvino``, ``int8``) made the way the training job
+makes them (``training.openvino_ir.export_in_child``, INT8 calibrated on 256 crops), and
+agreement is checked again on 244 held-out crops.
 
 TorchServe 0.12 (``benchmarks/torchserve/``: its own venv, Java from Debian) serves the same
 weights as TorchScript with the same preprocessing, measured first with the same JPEGs and
@@ -22,6 +27,7 @@ below 99 % or slower than fp32 on this CPU) shows ``served_mode`` fp32.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -37,9 +43,10 @@ IMAGENET = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
 SCRAPE_TOKEN = "bench-scrape"
 
 
-def build_model(threads: int) -> tuple[Any, Any, Any, Any]:
+def build_model(threads: int, epochs: int = 4) -> tuple[Any, Any, Any, list[bytes]]:
     """resnet18 trunk (random) + linear head trained on digit features at 224 px. Returns
-    the model, preprocessing, uint8 calibration crops and the held-out crops."""
+    the model, preprocessing, the 500 crops it did not train on (uint8) and their JPEGs
+    (what an import sends as calibration images: 256 calibrate, 244 are held out)."""
     import torch
 
     from service.dataplane.images import decode_request_images
@@ -50,16 +57,36 @@ def build_model(threads: int) -> tuple[Any, Any, Any, Any]:
     torch.set_num_threads(threads)
     pre = Preprocessing(resize_size=256, crop_size=224, **IMAGENET)
     model = build_backbone("resnet18", num_classes=10).eval()
-    jpegs, labels = digit_jpegs(600)
+    jpegs, labels = digit_jpegs(800)
     crops = decode_request_images(
         jpegs, max_image_bytes=1 << 24, max_pixels=1 << 26, preprocessing=pre
     )
     x = normalize(pre, crops)
+    # a short fine-tune of the whole network first (the trunk too): a trained model's
+    # answers have margins that a random trunk's do not, and int8 rounding is measured
+    # against those (a random trunk with a fitted head flips under any rounding)
+    y_all = torch.tensor(labels[:300])
+    opt_all = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model.train()
+    started = time.perf_counter()
+    for epoch in range(epochs):
+        order = torch.randperm(300)
+        for i in range(0, 300, 30):
+            idx = order[i : i + 30]
+            opt_all.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[idx]), y_all[idx]).backward()
+            opt_all.step()
+        print(
+            f"[bench] model: epoch {epoch + 1}/{epochs}, {time.perf_counter() - started:.0f} s",
+            file=sys.stderr,
+            flush=True,
+        )
+    model.eval()
     body = trunk(model, "resnet18")
     with torch.inference_mode():
-        feats = torch.cat([body(x[i : i + 50]).flatten(1) for i in range(0, 400, 50)])
+        feats = torch.cat([body(x[i : i + 50]).flatten(1) for i in range(0, 300, 50)])
     head = head_module(model, "resnet18")
-    y = torch.tensor(labels[:400])
+    y = torch.tensor(labels[:300])
     mu, sd = feats.mean(0), feats.std(0) + 1e-6
     opt = torch.optim.Adam(head.parameters(), lr=0.01)
     for _ in range(300):  # full-batch logistic regression on standardised features
@@ -71,25 +98,35 @@ def build_model(threads: int) -> tuple[Any, Any, Any, Any]:
         w = head.weight / sd
         head.bias -= (w * mu).sum(1)
         head.weight.copy_(w)
-    return model, pre, crops[400:432], crops[432:]
+    return model, pre, crops[300:], jpegs[300:]
 
 
-def _prepared(model: Any, mode: str, x: Any) -> Any:
+GRAPHS: dict[str, Any] = {}
+"""The version's OpenVINO graphs by mode, exported once per run."""
+
+
+def _prepared(model: Any, mode: str, x: Any, threads: int) -> Any:
     """A copy of ``model`` made ready for ``mode`` exactly as the service does it."""
     import copy
 
-    from service.dataplane.served_model import prepare
+    from service.dataplane.served_model import GRAPH_MODES, prepare
+    from training.openvino_ir import compile_graph
 
+    if mode in GRAPH_MODES:
+        g = GRAPHS[mode]
+        return compile_graph(g.xml, g.weights, threads=threads)
     return prepare(copy.deepcopy(model), mode, x[:8])
 
 
-def raw_forward(model: Any, x: Any, mode: str, seconds: float, batch: int = 16) -> float:
+def raw_forward(
+    model: Any, x: Any, mode: str, seconds: float, threads: int, batch: int = 16
+) -> float:
     """Images/s of a bare forward pass (no HTTP, no decode) in ``mode``."""
     import torch
 
     from service.dataplane.served_model import forward
 
-    m = _prepared(model, mode, x)
+    m = _prepared(model, mode, x, threads)
     xb = x[:batch]
     with torch.inference_mode():
         forward(m, xb, mode)
@@ -100,7 +137,59 @@ def raw_forward(model: Any, x: Any, mode: str, seconds: float, batch: int = 16) 
     return n / (time.perf_counter() - start)
 
 
-def agreement(model: Any, x: Any, mode: str) -> tuple[float, int]:
+def _graph_in_child(model: Any, x: Any, mode: str, seconds: float, threads: int) -> tuple:
+    """``raw_forward`` and ``agreement`` of a graph mode, in a child process with the system
+    allocator (OpenVINO aborts under the jemalloc this script runs with)."""
+    import json
+    import os
+    import subprocess
+
+    import torch
+    from safetensors.torch import save_file
+
+    from service.allocator import without_preloaded_allocator
+
+    g = GRAPHS[mode]
+    with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
+        work = Path(tmp)
+        ref = model(x).argmax(1)
+        save_file({"x": x.contiguous(), "ref": ref}, str(work / "x.safetensors"))
+        (work / "g.xml").write_bytes(g.xml)
+        (work / "g.bin").write_bytes(g.weights)
+        env = {**os.environ, **without_preloaded_allocator()}
+        argv = [sys.executable, __file__, "--raw-graph", tmp, mode, str(seconds), str(threads)]
+        out = subprocess.run(argv, env=env, capture_output=True, text=True, check=True)
+        got = json.loads(out.stdout.strip().splitlines()[-1])
+    return got["img_per_s"], (got["agreement"], int(ref.unique().numel()))
+
+
+def _raw_graph_main(tmp: str, mode: str, seconds: float, threads: int) -> None:
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    from service.dataplane.served_model import forward
+    from training.openvino_ir import compile_graph
+
+    work = Path(tmp)
+    data = load_file(str(work / "x.safetensors"))
+    run = compile_graph(
+        (work / "g.xml").read_bytes(), (work / "g.bin").read_bytes(), threads=threads
+    )
+    x = data["x"]
+    agree = float((forward(run, x, mode).argmax(1) == data["ref"]).float().mean())
+    xb = x[:16]
+    forward(run, xb, mode)
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        forward(run, xb, mode)
+        n += 16
+    rate = n / (time.perf_counter() - start)
+    print(json.dumps({"img_per_s": rate, "agreement": agree, "threads": torch.get_num_threads()}))
+
+
+def agreement(model: Any, x: Any, mode: str, threads: int) -> tuple[float, int]:
     """Top-1 agreement of ``mode`` with fp32 on held-out crops, and how many classes fp32
     predicts among them (a collapsed model would agree trivially)."""
     import torch
@@ -109,7 +198,7 @@ def agreement(model: Any, x: Any, mode: str) -> tuple[float, int]:
 
     with torch.inference_mode():
         ref = forward(model, x, "fp32").argmax(1)
-        got = forward(_prepared(model, mode, x), x, mode).argmax(1)
+        got = forward(_prepared(model, mode, x, threads), x, mode).argmax(1)
     return float((got == ref).float().mean()), int(ref.unique().numel())
 
 
@@ -131,126 +220,132 @@ def _scrape(url: str) -> dict[str, float]:
     return out
 
 
+def _layouts(text: str) -> list[tuple[int, float]]:
+    out = []
+    for item in text.split(","):
+        replicas, cpus = item.lower().split("x")
+        out.append((int(replicas), float(cpus)))
+    return out
+
+
+def _first_answer(predict: str, jpeg: bytes, want: str, timeout: float = 300) -> None:
+    import base64
+
+    import requests
+
+    body = {"images": [base64.b64encode(jpeg).decode()], "top_k": 1}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            r = requests.post(predict, json=body, timeout=60)
+            if r.status_code == 200 and r.json()["predictions"][0][0]["label"] == want:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError("the service gave no correct answer in time")
+
+
 def main() -> int:
     """Run the benchmark; print the table; write results/serving.json."""
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--seconds", type=float, default=12.0, help="per concurrency level")
-    p.add_argument("--modes", default="fp32,channels_last,fp32_jit,bf16,bf16_jit")
+    p.add_argument("--modes", default="fp32,fp32_jit,openvino,int8")
     p.add_argument("--concurrency", default="1,8,32")
-    p.add_argument("--classifier-cpus", type=float, default=2.0)
-    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--layouts", default="2x1,1x2", help="replicas x CPUs each")
+    p.add_argument("--max-batch-size", type=int, default=16)
     p.add_argument("--no-jemalloc", action="store_true")
     p.add_argument("--no-torchserve", action="store_true", help="skip the TorchServe peer")
     args = p.parse_args()
     malloc = reexec_with_jemalloc(not args.no_jemalloc)
 
+    import os
+
     import ray
     import torch
 
-    from service import deployments
+    from service.dataplane.images import decode_request_images
+    from service.dataplane.served_model import GRAPH_MODES
     from service.embedded_store import EmbeddedStore
-    from service.settings import RefitSettings, ServeSettings
+    from service.settings import RefitSettings
+    from training.openvino_ir import ExportedGraph
+    from training.preprocess import normalize
     from training.storage.registry import Registry
     from training.storage.s3 import ObjectStore
 
     modes = args.modes.split(",")
     levels = [int(c) for c in args.concurrency.split(",")]
-    threads = max(1, int(args.classifier_cpus))
+    layouts = _layouts(args.layouts)
+    threads = max(1, int(max(r * c for r, c in layouts)))  # the raw forward: every core
     print(f"[bench] allocator {malloc}; building the model", file=sys.stderr, flush=True)
-    model, pre, calibration, held_out = build_model(threads)
-    from training.preprocess import normalize
-
-    x_held = normalize(pre, held_out)
-    raw = {}
-    checks = {}
-    for mode in dict.fromkeys(["fp32", *modes]):  # raw fp32 eager: the common yardstick
-        raw[mode] = raw_forward(model, x_held, mode, seconds=6)
-        checks[mode] = agreement(model, x_held, mode)
-        print(f"[bench] raw {mode}: {raw[mode]:.1f} img/s", file=sys.stderr, flush=True)
+    model, pre, unseen, unseen_jpegs = build_model(threads)
+    x_held = normalize(pre, unseen[256:])
     jpegs, _ = digit_jpegs(64, offset=1000)
-    from service.dataplane.images import decode_request_images
-
     with torch.inference_mode():
         crops = decode_request_images(
             jpegs, max_image_bytes=1 << 24, max_pixels=1 << 26, preprocessing=pre
         )
         expected = [str(int(i)) for i in model(normalize(pre, crops)).argmax(1)]
-    peer: list[dict[str, Any]] = []
-    if not args.no_torchserve:
-        from torchserve_peer import torchserve_rows
-
-        peer = torchserve_rows(model, jpegs, expected, levels, args.seconds)
-    best_peer = {
-        c: max((r["req_per_s"] for r in peer if r["concurrency"] == c), default=0.0) for c in levels
-    }
 
     rows: list[dict[str, Any]] = []
+    peer: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp, EmbeddedStore(Path(tmp)) as conn:
+        base = RefitSettings(s3=conn.s3_settings())
+        reg = Registry(ObjectStore(base.s3))
+        # publish through the import endpoint, as a user brings a model trained elsewhere
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
         try:
-            base = RefitSettings(s3=conn.s3_settings())
-            reg = Registry(ObjectStore(base.s3))
-            manifest = reg.publish(
-                model.state_dict(),
-                model="bench",
-                calibration=calibration,
-                backbone="resnet18",
-                num_classes=10,
-                class_names=[str(i) for i in range(10)],
-                preprocessing=pre,
+            import_s, imported = _import_over_http(base, model, pre, unseen_jpegs, expected)
+        finally:
+            ray.shutdown()
+        manifest, _ = reg.load("bench", imported["version"])  # every sha256 verified
+        for mode, record in manifest.graphs.items():
+            xml, weights = (reg.read_file(manifest, name) for name in record.files)
+            GRAPHS[mode] = ExportedGraph(
+                mode=mode,  # type: ignore[arg-type]
+                xml=xml,
+                weights=weights,
+                calibration_agreement=record.calibration_agreement,
+                held_out_agreement=record.held_out_agreement,
+                images=record.images,
             )
-            reg.set_alias("bench", "production", manifest.version)
-            for mode in modes:
-                settings = base.model_copy(
-                    update={
-                        "serve": ServeSettings(
-                            port=free_port(),
-                            numeric_mode=mode,
-                            metrics_token=SCRAPE_TOKEN,
-                            classifier_cpus=args.classifier_cpus,
-                            max_batch_size=args.max_batch_size,
-                            max_ongoing_requests=128,
-                        )
-                    }
-                )
-                deployments.run(settings)
-                url = f"http://127.0.0.1:{settings.serve.port}"
-                predict = f"{url}/v1/models/bench/predict"
-                run_load(predict, jpegs, concurrency=4, seconds=3)  # load the model, warm up
-                from torchserve_peer import top1_agreement
+        print(f"[bench] imported in {import_s:.1f} s: {imported['graphs']}", file=sys.stderr)
+        raw = {}
+        checks = {}
+        for mode in dict.fromkeys(["fp32", *modes]):  # raw fp32 eager: the common yardstick
+            if mode in GRAPH_MODES:
+                raw[mode], checks[mode] = _graph_in_child(model, x_held, mode, 6, threads)
+            else:
+                raw[mode] = raw_forward(model, x_held, mode, seconds=6, threads=threads)
+                checks[mode] = agreement(model, x_held, mode, threads)
+            print(f"[bench] raw {mode}: {raw[mode]:.1f} img/s", file=sys.stderr, flush=True)
+        if not args.no_torchserve:
+            from torchserve_peer import torchserve_rows
 
-                agreement_http = top1_agreement(predict, jpegs[:32], expected[:32])
-                state = _scrape(url)
-                served_mode = next((k[5:] for k in state if k.startswith("mode:")), "unknown")
-                refused = next((k[8:] for k in state if k.startswith("refused:")), "")
-                replica_malloc = next((k[10:] for k in state if k.startswith("allocator:")), "?")
-                for c in levels:
-                    before = _scrape(url)
-                    res = run_load(predict, jpegs, concurrency=c, seconds=args.seconds)
-                    after = _scrape(url)
-                    batches = after["refit_batch_size_count"] - before["refit_batch_size_count"]
-                    reqs = after["refit_batch_size_sum"] - before["refit_batch_size_sum"]
-                    s = res.summary()
-                    rows.append(
-                        {
-                            "mode": mode,
-                            "served_mode": served_mode,
-                            "replica_allocator": replica_malloc,
-                            "refused_for": refused,
-                            "concurrency": c,
-                            **s,
-                            "mean_batch": reqs / max(1.0, batches),
-                            "raw_img_per_s": raw[mode],
-                            "vs_raw": s["req_per_s"] / raw[mode],
-                            "vs_raw_fp32": s["req_per_s"] / raw["fp32"],
-                            "vs_torchserve": s["req_per_s"] / best_peer[c]
-                            if best_peer[c]
-                            else None,
-                            "top1_agreement": agreement_http,
-                        }
+            peer = torchserve_rows(model, jpegs, expected, levels, args.seconds)
+        best_peer = {
+            c: max((r["req_per_s"] for r in peer if r["concurrency"] == c), default=0.0)
+            for c in levels
+        }
+        started = time.perf_counter()
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        ray_start_s = time.perf_counter() - started
+        try:
+            for mode in modes:
+                for replicas, cpus in layouts:
+                    rows += _serve_rows(
+                        base,
+                        mode,
+                        replicas,
+                        cpus,
+                        args,
+                        jpegs,
+                        expected,
+                        levels,
+                        raw,
+                        best_peer,
+                        ray_start_s,
                     )
-                    print(f"[bench] {rows[-1]}", file=sys.stderr, flush=True)
-                deployments.shutdown()
         finally:
             ray.shutdown()
     for r in peer:  # the peer's rows beside ours, in the same table
@@ -258,6 +353,7 @@ def main() -> int:
         rows.append(
             {
                 "mode": r["system"],
+                "layout": r["layout"],
                 "served_mode": "torchscript fp32",
                 "refused_for": "",
                 "replica_allocator": "glibc (TorchServe default)",
@@ -269,6 +365,9 @@ def main() -> int:
                 "vs_raw_fp32": r["req_per_s"] / raw["fp32"],
                 "vs_torchserve": r["req_per_s"] / best if best else None,
                 "top1_agreement": r["top1_agreement"],
+                "start_s": r["start_s"],
+                "rss_gib": r["rss_gib"],
+                "processes": r["processes"],
             }
         )
     report(
@@ -276,15 +375,166 @@ def main() -> int:
         rows,
         {
             "allocator": malloc,  # of this process and the Ray processes it started
-            "torch_threads": threads,
-            "agreement_with_fp32": {m: checks[m][0] for m in modes},
+            "raw_threads": threads,
+            "agreement_with_fp32_held_out": {m: checks[m][0] for m in modes},
             "fp32_classes_predicted": {m: checks[m][1] for m in modes},
-            "held_out_images": int(held_out.shape[0]),
+            "graphs": {
+                m: {
+                    "calibration_agreement": g.calibration_agreement,
+                    "held_out_agreement": g.held_out_agreement,
+                    "images": g.images,
+                }
+                for m, g in GRAPHS.items()
+            },
+            "import_s": import_s,
+            "held_out_images": int(x_held.shape[0]),
+            "ray_start_s": ray_start_s,
+            "torchserve_c1_p50_ms": next(
+                (r["p50_ms"] for r in peer if r["concurrency"] == 1), None
+            ),
             "torch": torch.__version__,
+            "cpus": os.cpu_count(),
         },
     )
     return 0
 
 
+ADMIN_TOKEN = "bench-admin"
+
+
+def _import_over_http(
+    base: Any, model: Any, pre: Any, calibration: list[bytes], expected: list[str]
+) -> tuple[float, dict[str, Any]]:
+    """Serve, then publish the model through ``POST /v1/models/bench/versions`` (what
+    ``refit import`` sends): weights as safetensors, 500 calibration JPEGs, promoted.
+    Returns the seconds it took (the graphs are made in the replica) and the answer."""
+    import requests
+    from safetensors.torch import save
+
+    from service import deployments
+    from service.settings import ServeSettings
+
+    settings = base.model_copy(
+        update={"serve": ServeSettings(port=free_port(), admin_token=ADMIN_TOKEN)}
+    )
+    deployments.run(settings)
+    try:
+        url = f"http://127.0.0.1:{settings.serve.port}/v1/models/bench/versions"
+        meta = {
+            "backbone": "resnet18",
+            "class_names": [str(i) for i in range(10)],
+            "preprocessing": pre.model_dump(mode="json"),
+            "promote": "production",
+            "source": "benchmarks/serving.py",
+        }
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        files = [("weights", ("bench.safetensors", save(state)))]
+        files += [("calibration", (f"{i}.jpg", j)) for i, j in enumerate(calibration)]
+        started = time.perf_counter()
+        r = requests.post(
+            url,
+            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+            data={"metadata": json.dumps(meta)},
+            files=files,
+            timeout=1800,
+        )
+        took = time.perf_counter() - started
+        r.raise_for_status()
+        return took, r.json()
+    finally:
+        deployments.shutdown()
+
+
+def _serve_rows(
+    base: Any,
+    mode: str,
+    replicas: int,
+    cpus: float,
+    args: Any,
+    jpegs: list[bytes],
+    expected: list[str],
+    levels: list[int],
+    raw: dict[str, float],
+    best_peer: dict[int, float],
+    ray_start_s: float,
+) -> list[dict[str, Any]]:
+    """One row per concurrency for one mode and layout, served through Ray Serve."""
+    import os
+
+    from load import tree_rss_bytes
+    from torchserve_peer import top1_agreement
+
+    from service import deployments
+    from service.settings import ServeSettings
+
+    settings = base.model_copy(
+        update={
+            "serve": ServeSettings(
+                port=free_port(),
+                numeric_mode=mode,
+                metrics_token=SCRAPE_TOKEN,
+                classifier_replicas=replicas,
+                classifier_cpus=cpus,
+                max_batch_size=args.max_batch_size,
+                max_ongoing_requests=128,
+            )
+        }
+    )
+    started = time.perf_counter()
+    deployments.run(settings)
+    url = f"http://127.0.0.1:{settings.serve.port}"
+    predict = f"{url}/v1/models/bench/predict"
+    _first_answer(predict, jpegs[0], expected[0])
+    start_s = ray_start_s + time.perf_counter() - started
+    rows = []
+    try:
+        run_load(predict, jpegs, concurrency=4, seconds=3)  # every replica loads, warms up
+        agreement_http = top1_agreement(predict, jpegs[:32], expected[:32])
+        state = _scrape(url)
+        served_mode = next((k[5:] for k in state if k.startswith("mode:")), "unknown")
+        refused = next((k[8:] for k in state if k.startswith("refused:")), "")
+        replica_malloc = next((k[10:] for k in state if k.startswith("allocator:")), "?")
+        for c in levels:
+            before = _scrape(url)
+            res = run_load(predict, jpegs, concurrency=c, seconds=args.seconds)
+            after = _scrape(url)
+            s = res.summary()
+            # /metrics answers from one replica: its batch sizes speak for it alone
+            batches = after["refit_batch_size_count"] - before["refit_batch_size_count"]
+            reqs = after["refit_batch_size_sum"] - before["refit_batch_size_sum"]
+            # every process of the Ray session this script started (the store excluded)
+            per_process: dict[str, int] = {}
+            rss, procs = tree_rss_bytes(os.getpid(), skip=("weed",), into=per_process)
+            if c == levels[-1]:
+                print(f"[bench] RSS by process: {per_process}", file=sys.stderr, flush=True)
+            rows.append(
+                {
+                    "mode": mode,
+                    "layout": f"{replicas}x{cpus:g}",
+                    "served_mode": served_mode,
+                    "replica_allocator": replica_malloc,
+                    "refused_for": refused,
+                    "concurrency": c,
+                    **s,
+                    "mean_batch": reqs / max(1.0, batches) if replicas == 1 else None,
+                    "raw_img_per_s": raw[mode],
+                    "vs_raw": s["req_per_s"] / raw[mode],
+                    "vs_raw_fp32": s["req_per_s"] / raw["fp32"],
+                    "vs_torchserve": s["req_per_s"] / best_peer[c] if best_peer[c] else None,
+                    "top1_agreement": agreement_http,
+                    "start_s": start_s,
+                    "rss_gib": rss / 2**30,
+                    "processes": procs,
+                }
+            )
+            print(f"[bench] {rows[-1]}", file=sys.stderr, flush=True)
+    finally:
+        deployments.shutdown()
+    return rows
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--raw-graph"]:  # the child of _graph_in_child
+        _raw_graph_main(sys.argv[2], sys.argv[3], float(sys.argv[4]), int(sys.argv[5]))
+        sys.exit(0)
     sys.exit(main())

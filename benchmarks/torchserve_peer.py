@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import requests
-from load import free_port, run_load
+from load import free_port, run_load, tree_rss_bytes
 
 HERE = Path(__file__).resolve().parent / "torchserve"
 CONFIGS = (
@@ -113,6 +113,11 @@ def _start(venv: Path, store: Path, work: Path, config: dict[str, Any]) -> tuple
     return proc, port
 
 
+def _rss(pid: int) -> int:
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def _group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
@@ -168,20 +173,28 @@ def torchserve_rows(
         work = Path(tmp)
         store = _archive(model, venv, work)
         for config in CONFIGS:
+            started = time.monotonic()
             proc, port = _start(venv, store, work, config)
             url = f"http://127.0.0.1:{port}/predictions/bench"
             try:
                 _wait_ready(url, {"images": [base64.b64encode(jpegs[0]).decode()]}, proc)
+                start_s = time.monotonic() - started
                 agreement = top1_agreement(url, jpegs[:32], expected[:32])
                 run_load(url, jpegs, concurrency=4, seconds=3)  # warm up
                 for c in levels:
                     s = run_load(url, jpegs, concurrency=c, seconds=seconds).summary()
+                    # the launcher's whole tree: the Java frontend and its Python workers
+                    rss, procs = tree_rss_bytes(proc.pid)
                     rows.append(
                         {
                             "system": config["name"],
+                            "layout": f"{config['workers']}x{config['threads']}",
                             "concurrency": c,
                             **s,
                             "top1_agreement": agreement,
+                            "start_s": start_s,
+                            "rss_gib": (rss + _rss(proc.pid)) / 2**30,
+                            "processes": procs + 1,
                         }
                     )
                     _log(f"{rows[-1]}")

@@ -27,6 +27,18 @@ def current_allocator() -> str:
     return "jemalloc" if "jemalloc" in os.environ.get("LD_PRELOAD", "") else "glibc"
 
 
+def without_preloaded_allocator() -> dict[str, str]:
+    """Environment for a process that must run with the system allocator: this process's
+    ``LD_PRELOAD`` less any preloaded malloc. OpenVINO aborts ("double free or corruption")
+    under a preloaded jemalloc, or TBB's malloc proxy (measured with OpenVINO 2026.4)."""
+    kept = [
+        p
+        for p in os.environ.get("LD_PRELOAD", "").split()
+        if "jemalloc" not in p and "tbbmalloc" not in p
+    ]
+    return {"LD_PRELOAD": " ".join(kept)}
+
+
 def reexec_with_jemalloc(argv: Sequence[str], *, enabled: bool = True) -> str:
     """Restart this process as ``python *argv`` with jemalloc preloaded, once (the preload
     must be there before the process starts). Returns the allocator in use when it does not
@@ -43,4 +55,9 @@ def reexec_with_jemalloc(argv: Sequence[str], *, enabled: bool = True) -> str:
     raise AssertionError("unreachable")  # execve does not return
 
 
-__all__ = ["current_allocator", "jemalloc_library", "reexec_with_jemalloc"]
+__all__ = [
+    "current_allocator",
+    "jemalloc_library",
+    "reexec_with_jemalloc",
+    "without_preloaded_allocator",
+]

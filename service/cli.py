@@ -123,6 +123,39 @@ def cmd_predict(args: argparse.Namespace, settings: RefitSettings) -> int:
     return 0
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+
+
+def cmd_import(args: argparse.Namespace, settings: RefitSettings) -> int:
+    """Publish weights trained elsewhere as a verified version (bring your own model)."""
+    client = Client.configured(settings, args.data_dir)
+    client.timeout_s = args.timeout
+    classes = (
+        Path(args.classes_file).read_text().split()
+        if args.classes_file
+        else [c for c in (args.classes or "").split(",") if c]
+    )
+    calibration: list[Path] = []
+    for item in args.calibration:
+        path = Path(item)
+        found = sorted(path.rglob("*")) if path.is_dir() else [path]
+        calibration += [p for p in found if p.suffix.lower() in IMAGE_SUFFIXES]
+    metadata: dict[str, Any] = {
+        "backbone": args.backbone,
+        "class_names": classes,
+        "preprocessing": json.loads(args.preprocessing),
+        "source": args.source,
+    }
+    if args.graphs is not None:
+        metadata["graphs"] = [g for g in args.graphs.split(",") if g]
+    if args.promote:
+        metadata["promote"] = args.promote
+    _log(f"uploading {args.weights} and {len(calibration)} calibration images")
+    result = client.import_weights(args.model, Path(args.weights), metadata, calibration)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def _bootstrap_demo(
     settings: RefitSettings, *, few: int, base_epochs: int, workers: int, always: bool
 ) -> dict[str, Any]:
@@ -334,6 +367,28 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--data-dir", default=None)
     pr.add_argument("images", nargs="+")
     pr.set_defaults(func=cmd_predict)
+
+    im = sub.add_parser("import", help="publish weights trained elsewhere (safetensors)")
+    im.add_argument("--model", required=True)
+    im.add_argument("--weights", required=True, help="the state dict as .safetensors")
+    im.add_argument("--backbone", required=True, help="a torchvision architecture, e.g. resnet18")
+    names = im.add_mutually_exclusive_group(required=True)
+    names.add_argument("--classes", help="class names, comma-separated, in head order")
+    names.add_argument("--classes-file", help="class names, one per line, in head order")
+    im.add_argument(
+        "--preprocessing",
+        default='{"resize_size": 256, "crop_size": 224}',
+        help="Preprocessing as JSON (mean and std default to ImageNet's)",
+    )
+    im.add_argument(
+        "--calibration", nargs="*", default=[], help="images or folders of images (>= 200)"
+    )
+    im.add_argument("--graphs", default=None, help="openvino,int8 (default: the service's)")
+    im.add_argument("--promote", default=None, help="point this alias at the new version")
+    im.add_argument("--source", default=None, help="a provenance note kept in the manifest")
+    im.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait")
+    im.add_argument("--data-dir", default=None)
+    im.set_defaults(func=cmd_import)
 
     upp = sub.add_parser("up", help="store + Ray + the service + the demo model (foreground)")
     upp.add_argument("--data-dir", default=".refit")

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from urllib3 import encode_multipart_formdata
+
 from service.settings import RefitSettings
 
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -61,13 +63,18 @@ class Client:
         body: Any = None,
         *,
         headers: dict[str, str] | None = None,
+        form: list[tuple[str, Any]] | None = None,
     ) -> Any:
-        """One request; the parsed JSON answer; ClientError on >= 400."""
+        """One request; the parsed JSON answer; ClientError on >= 400. ``form``: a
+        multipart body instead of JSON (``(name, value)`` or ``(name, (filename, bytes))``)."""
         data = json.dumps(body).encode() if body is not None else None
+        content_type = "application/json"
+        if form is not None:
+            data, content_type = encode_multipart_formdata(form)
         # the scheme is checked in __post_init__: only http(s), never file: or custom ones
         req = urllib.request.Request(self.url + path, data=data, method=method)  # noqa: S310
         if data is not None:
-            req.add_header("Content-Type", "application/json")
+            req.add_header("Content-Type", content_type)
         if self.token:
             req.add_header("Authorization", f"Bearer {self.token}")
         for k, v in (headers or {}).items():
@@ -91,6 +98,17 @@ class Client:
         """Classify image files."""
         encoded = [base64.b64encode(p.read_bytes()).decode() for p in images]
         return self.call("POST", f"/v1/models/{model}/predict", {"images": encoded, "top_k": top_k})
+
+    def import_weights(
+        self, model: str, weights: Path, metadata: dict[str, Any], calibration: list[Path]
+    ) -> Any:
+        """Publish weights trained elsewhere (safetensors) as a version of ``model``."""
+        form: list[tuple[str, Any]] = [
+            ("metadata", json.dumps(metadata)),
+            ("weights", (weights.name, weights.read_bytes())),
+        ]
+        form += [("calibration", (p.name, p.read_bytes())) for p in calibration]
+        return self.call("POST", f"/v1/models/{model}/versions", form=form)
 
     def start_job(self, spec: Any, idempotency_key: str | None = None) -> Any:
         """Start a fine-tune job."""

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from ray import serve
 
+from service.allocator import without_preloaded_allocator
 from service.api import create_app
 from service.control.notices import events_actor, notify_async
 from service.control.runner_clients import RunnerScheduler
@@ -31,6 +32,7 @@ from service.dataplane.dataplane import DataPlane
 from service.dataplane.hotload import Follower
 from service.dataplane.jobs import JobsUseCases
 from service.dataplane.model_host import Item, ModelHost, Ranked
+from service.dataplane.served_model import GRAPH_MODES
 from service.dataplane.store_calls import store_call
 from service.settings import RefitSettings
 from training.storage.registry import Registry
@@ -87,7 +89,8 @@ class Classifier:
         self.settings = settings
         s = settings.serve
         torch.set_num_threads(s.torch_threads)
-        self.host = ModelHost(s, Registry(ObjectStore(settings.s3)), submit=self._submit)
+        models = Registry(ObjectStore(settings.s3))  # hot-loads and imports: large objects
+        self.host = ModelHost(s, models, submit=self._submit)
         logging.getLogger("ray.serve").addFilter(_LaneWarningFilter())
         # Serve forms the batches; the lane merges those that queue behind a running forward
         # pass. Every batch must reach the lane at once (one request is the smallest batch,
@@ -116,6 +119,7 @@ class Classifier:
             jobs=JobsUseCases(store, RunnerScheduler(settings)),
             alias=s.alias,
             notify=notify,
+            bulk=models,
         )
         try:  # start the job runner now: queued jobs resume without waiting for a request
             RunnerScheduler(settings).runner()
@@ -189,12 +193,15 @@ def application(settings: RefitSettings) -> Any:
     # its plain-text 503 never answers instead. Requests wait at the proxy only while the
     # router assigns them (bursts), never for work.
     admitted = s.max_ongoing_requests + max(0, s.max_queued_requests)
+    actor: dict[str, Any] = {"num_cpus": s.classifier_cpus}
+    if s.numeric_mode in GRAPH_MODES:  # OpenVINO aborts under a preloaded jemalloc
+        actor["runtime_env"] = {"env_vars": without_preloaded_allocator()}
     return classifier_dep.options(
         **spread,
         **scaling,
         max_ongoing_requests=admitted + ROOM_FOR_OTHER_ROUTES,
         max_queued_requests=-1 if s.max_queued_requests < 0 else max(1024, 4 * admitted),
-        ray_actor_options={"num_cpus": s.classifier_cpus},
+        ray_actor_options=actor,
     ).bind(settings)
 
 

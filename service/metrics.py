@@ -59,7 +59,8 @@ class ScrapeCollector(Collector):
         fallback = GaugeMetricFamily(
             "refit_model_mode_fallback",
             "1 where the configured numeric mode was refused and fp32 serves: it disagreed "
-            "with fp32 on the calibration images (agreement) or ran slower (speed)",
+            "with fp32 on the calibration images (agreement), ran slower (speed), or the "
+            "version has no graph for it (unavailable)",
             labels=["model", "reason"],
         )
         swaps = GaugeMetricFamily(
@@ -73,7 +74,7 @@ class ScrapeCollector(Collector):
                 loaded.add_metric([name, m["version"], m.get("mode") or "fp32"], 1)
             if m.get("agreement") is not None:
                 agreement.add_metric([name], m["agreement"])
-            if m.get("fallback_kind") in ("agreement", "speed"):  # a fixed label set
+            if m.get("fallback_kind") in ("agreement", "speed", "unavailable"):  # fixed labels
                 fallback.add_metric([name, m["fallback_kind"]], 1)
             swaps.add_metric([name], m.get("swaps", 0))
             failed.add_metric([name], m.get("failed_loads", 0))

@@ -20,7 +20,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from training.job_settings import RaySettings, TrainingSettings
 from training.storage import S3Settings
 
-NumericMode = Literal["fp32", "channels_last", "fp32_jit", "bf16", "bf16_jit"]
+NumericMode = Literal["fp32", "channels_last", "fp32_jit", "bf16", "bf16_jit", "openvino", "int8"]
 """How a classifier replica runs a model. fp32: eager, contiguous. channels_last: fp32 in
 NHWC. fp32_jit: channels_last, traced and frozen (batch norm folded into the convolutions).
 bf16 / bf16_jit: the same under bf16 autocast."""
@@ -53,6 +53,11 @@ class ServeSettings(BaseModel):
     metrics_token: SecretStr | None = None
     """Bearer token of the Prometheus scrape of ``/metrics`` (the admin token also works;
     with neither set, ``/metrics`` is disabled)."""
+    max_import_bytes: int = Field(default=1024 * 1024 * 1024, ge=1)
+    """Largest body of an import (``POST /v1/models/{model}/versions``: weights and
+    calibration images); 413 above it."""
+    max_calibration_images: int = Field(default=1024, ge=0)
+    """Most calibration images one import may carry."""
     max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1)
     """Request bodies above this get 413 before any parsing."""
     max_header_bytes: int = Field(default=16 * 1024, ge=1024)
@@ -131,8 +136,11 @@ class ServeSettings(BaseModel):
 
     numeric_mode: NumericMode = "fp32"
     """fp32, channels_last, fp32_jit (channels_last, traced and frozen), bf16 or bf16_jit
-    (autocast). A mode other than fp32 is used only where, checked at load time, it keeps
-    >= 99 % top-1 agreement with fp32 and runs faster than fp32 on this CPU."""
+    (autocast), openvino (OpenVINO runtime, fp32) or int8 (OpenVINO, NNCF post-training
+    quantization); the last two run graphs made at publish time and stored with the version.
+    A mode other than fp32 is used only where it keeps >= 99 % top-1 agreement with fp32 on
+    the version's calibration images and runs faster than fp32 on this CPU (checked at load
+    time); else fp32 serves and the reason is exported."""
 
 
 class RefitSettings(BaseSettings):

@@ -26,11 +26,11 @@ from torch import nn
 
 from training.backbones import build_backbone
 from training.checkpoints import load_checkpoint_state, load_checkpoint_weights
-from training.data import DatasetIndex, ImageDataset, Sample, index_dataset, make_loader
+from training.data import DatasetIndex, Sample, index_dataset, make_loader
 from training.gate import GateDecision, decide
 from training.job_settings import TrainingSettings
 from training.loop import Precision, evaluate
-from training.preprocess import Preprocessing, crop_transform, eval_transform
+from training.preprocess import Preprocessing, eval_transform
 from training.ray_train import fit
 from training.run_context import RunInputs
 from training.spec import FinetuneSpec
@@ -45,25 +45,10 @@ from training.storage.job_records import JobState, JobStore
 from training.storage.location import S3Settings
 from training.storage.registry import Registry
 from training.storage.s3 import ObjectStore
+from training.version_crops import calibration_crops, capped_dataset, publish_graphs
 from training.weights import ResolvedBase, resolve_base
 
 log = logging.getLogger(__name__)
-
-CALIBRATION_IMAGES = 32
-"""Validation crops kept with a version (load-time checks of the serving numeric modes)."""
-
-
-def _dataset(
-    store: ObjectStore, samples: list[Sample], transform: Any, training: TrainingSettings
-) -> ImageDataset:
-    """An ImageDataset under the configured byte and pixel caps."""
-    return ImageDataset(
-        store,
-        samples,
-        transform,
-        max_bytes=training.max_image_bytes,
-        max_pixels=training.max_image_pixels,
-    )
 
 
 def evaluate_model(
@@ -77,28 +62,12 @@ def evaluate_model(
     batch_size: int = 64,
 ) -> dict[str, Any]:
     """Metrics of a model on samples (plain torch, in this process, CPU)."""
-    ds = _dataset(store, samples, eval_transform(preprocessing), training)
+    ds = capped_dataset(store, samples, eval_transform(preprocessing), training)
     loader = make_loader(ds, batch_size=batch_size, shuffle=False)
     acc = evaluate(
         model, loader, num_classes=len(classes), precision=Precision(torch.device("cpu"))
     )
     return acc.compute(classes)
-
-
-def _calibration(
-    samples: list[Sample], store: ObjectStore, pre: Preprocessing, training: TrainingSettings
-) -> torch.Tensor:
-    """Up to 32 validation crops (uint8), spread over the classes, stored with the version."""
-    by_class: dict[int, list[Sample]] = {}
-    for s in samples:
-        by_class.setdefault(s.label, []).append(s)
-    picked: list[Sample] = []
-    while len(picked) < min(CALIBRATION_IMAGES, len(samples)):
-        for group in by_class.values():
-            if group and len(picked) < CALIBRATION_IMAGES:
-                picked.append(group.pop(0))
-    ds = _dataset(store, picked, crop_transform(pre), training)
-    return torch.stack([ds[i][0] for i in range(len(ds))])
 
 
 def run_finetune(
@@ -300,10 +269,21 @@ class _Pipeline:
     ) -> str:
         """A new immutable version (weights, calibration crops, then the manifest)."""
         spec = self.spec
+        files, graphs = publish_graphs(
+            trained.model,
+            base.backbone,
+            len(index.classes),
+            val,
+            self.store,
+            preprocessing,
+            self.training,
+        )
         manifest = self.registry.publish(
             trained.model.state_dict(),
             model=spec.model,
-            calibration=_calibration(val, self.store, preprocessing, self.training),
+            calibration=calibration_crops(val, self.store, preprocessing, self.training),
+            extra_files=files,
+            graphs=graphs,
             backbone=base.backbone,
             num_classes=len(index.classes),
             class_names=index.classes,

@@ -57,6 +57,15 @@ class TrainingSettings(BaseModel):
     """Encoded image bytes each training worker keeps in memory across epochs (0: none)."""
     loader_workers: int = Field(default=0, ge=0)
     """DataLoader worker processes per training worker (0: decode in the training process)."""
+    export_graphs: tuple[Literal["openvino", "int8"], ...] = ("openvino", "int8")
+    """Graphs made at publish time for the accelerated serving modes: OpenVINO IR (fp32) and
+    its INT8 post-training quantization (NNCF) on the calibration crops. Empty: none (those
+    modes then fall back to fp32). An export that fails is logged; the version publishes
+    without it."""
+    quantize_images: int = Field(default=256, ge=1)
+    """Validation crops that INT8 is calibrated on and both graphs' agreement with fp32 is
+    measured on (a quarter of the validation split at least stays held out, for a second
+    agreement figure)."""
     max_running_jobs: int = Field(default=2, ge=1)
     """Fine-tune jobs running at once over the cluster (one per model at most); more queue."""
     job_lease_s: float = Field(default=60.0, gt=0)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from fastapi import APIRouter, Body, File, Form, Request, UploadFile
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Json, field_validator
 
 from service.api.auth import AdminScope, PredictScope
 from service.api.error_table import error_responses
 from service.api.params import ModelName, Plane, check_id
+from service.dataplane.model_import import ImportRequest
+from service.request_errors import TooLargeError
+from training.preprocess import Preprocessing
 from training.storage.ids import ID_PATTERN
 
 Id = Annotated[str, Field(pattern=ID_PATTERN, max_length=64), AfterValidator(check_id)]
@@ -64,6 +67,51 @@ class AliasMove(BaseModel):
     previous: str | None
 
 
+ClassName = Annotated[str, Field(min_length=1, max_length=200)]
+
+
+class ImportMetadata(BaseModel):
+    """How to rebuild and feed uploaded weights (the ``metadata`` part of an import)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backbone: str = Field(max_length=64, description="A torchvision architecture Refit knows.")
+    class_names: list[ClassName] = Field(min_length=2, max_length=100_000)
+    preprocessing: Preprocessing
+    graphs: list[Literal["openvino", "int8"]] | None = Field(
+        default=None,
+        description="OpenVINO graphs to make from the calibration images (default: "
+        "REFIT_TRAINING__EXPORT_GRAPHS; [] for none).",
+    )
+    promote: Id | None = Field(default=None, description="Point this alias at the version.")
+    source: str | None = Field(default=None, max_length=500, description="Provenance note.")
+
+    @field_validator("class_names")
+    @classmethod
+    def _unique(cls, names: list[str]) -> list[str]:
+        if len(set(names)) != len(names):
+            raise ValueError("class names must be unique")
+        return names
+
+
+class GraphSummary(BaseModel):
+    """One graph of the version and how closely it follows fp32."""
+
+    files: list[str]
+    calibration_agreement: float
+    held_out_agreement: float | None
+    images: int
+
+
+class ImportedVersion(BaseModel):
+    """The version an import published, and the alias move if it was promoted."""
+
+    model: str
+    version: str
+    graphs: dict[str, GraphSummary]
+    promoted: AliasMove | None
+
+
 reads = APIRouter(tags=["models"], dependencies=[PredictScope])
 admin = APIRouter(tags=["models"], dependencies=[AdminScope])
 
@@ -104,3 +152,44 @@ async def rollback(
 ) -> dict[str, Any]:
     """Move the alias back one step (the body is optional: ``production`` by default)."""
     return await plane.rollback(model, (body or RollbackRequest()).alias)
+
+
+@admin.post(
+    "/v1/models/{model}/versions",
+    response_model=ImportedVersion,
+    status_code=201,
+    responses=error_responses(400, 401, 403, 404, 409, 413, 415, 422, 503),
+)
+async def import_weights(
+    model: ModelName,
+    plane: Plane,
+    request: Request,
+    weights: Annotated[UploadFile, File(description="The state dict as safetensors.")],
+    metadata: Annotated[Json[ImportMetadata], Form(description="ImportMetadata as JSON.")],
+    calibration: Annotated[
+        list[UploadFile] | None,
+        File(description="Images (JPEG, PNG, WebP) the graphs are calibrated and checked on."),
+    ] = None,
+) -> dict[str, Any]:
+    """Publish weights trained elsewhere as a verified version (bring your own model): the
+    same loadability checks as promote (422 naming what is wrong, nothing published)."""
+    serve = request.app.state.settings
+    images = calibration or []
+    if len(images) > serve.max_calibration_images:
+        raise TooLargeError(
+            f"{len(images)} calibration images; at most {serve.max_calibration_images}",
+            field="calibration",
+        )
+    training = request.app.state.training
+    req = ImportRequest(
+        model=model,
+        weights=await weights.read(),
+        backbone=metadata.backbone,
+        class_names=metadata.class_names,
+        preprocessing=metadata.preprocessing,
+        calibration=[await f.read() for f in images],
+        graphs=tuple(training.export_graphs if metadata.graphs is None else metadata.graphs),
+        quantize_images=training.quantize_images,
+        source=metadata.source,
+    )
+    return await plane.import_version(req, serve, metadata.promote)

@@ -90,7 +90,10 @@ def create_app(settings: RefitSettings, dataplane: DataPlane) -> FastAPI:
     app.add_middleware(
         BodyLimit,
         default=ADMIN_BODY_BYTES,
-        limits=[(predict_paths, settings.serve.max_body_bytes)],
+        limits=[
+            (predict_paths, settings.serve.max_body_bytes),
+            (r"/v1/models/[^/]+/versions", settings.serve.max_import_bytes),
+        ],
     )
     app.add_middleware(
         HeaderLimit,

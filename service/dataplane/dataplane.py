@@ -8,6 +8,7 @@ calls run in threads (``asyncio.to_thread``), never on the event loop.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -15,10 +16,11 @@ import torch
 
 from service.dataplane.jobs import JobsUseCases, Scheduler
 from service.dataplane.model_host import ModelHost
+from service.dataplane.model_import import ImportRequest, import_version
 from service.dataplane.served_model import check_loadable
 from service.dataplane.store_calls import store_call
 from service.request_errors import NoVersionError
-from service.settings import RefitSettings
+from service.settings import RefitSettings, ServeSettings
 from training.storage.errors import NotFoundError, RefitError
 from training.storage.registry import AliasRecord, Manifest, Registry
 from training.storage.s3 import ObjectStore
@@ -85,9 +87,13 @@ class DataPlane:
         jobs: JobsUseCases,
         alias: str,
         notify: Notifier = _no_notice,
+        bulk: Registry | None = None,
     ) -> None:
+        """``bulk``: the registry for large writes (imports), on a store without the short
+        request-path timeouts; ``registry`` by default."""
         self.registry, self.predictor, self.jobs = registry, predictor, jobs
         self.alias, self.notify = alias, notify
+        self.bulk = bulk or registry
 
     # --- predictions -----------------------------------------------------------------------
     async def predict(self, model: str, images: list[bytes], top_k: int) -> dict[str, Any]:
@@ -160,6 +166,18 @@ class DataPlane:
             raise NoVersionError(f"model {model!r} has no {self.alias} version yet", field="model")
         return record
 
+    async def import_version(
+        self, req: ImportRequest, serve: ServeSettings, promote: str | None
+    ) -> dict[str, Any]:
+        """Publish uploaded weights as a verified version (checks first, nothing written
+        when they fail), then point ``promote`` at it if given. Runs in a worker thread:
+        parsing, decoding and the OpenVINO export take seconds."""
+        out = await asyncio.to_thread(import_version, self.bulk, req, serve)
+        out["promoted"] = (
+            await self.promote(req.model, out["version"], promote) if promote else None
+        )
+        return out
+
     async def promote(self, model: str, version: str, alias: str) -> dict[str, Any]:
         """Point ``alias`` at ``version`` (verified first; compare-and-swap); replicas
         follow at once."""
@@ -205,4 +223,5 @@ def in_process_dataplane(
         jobs=JobsUseCases(store, scheduler),
         alias=settings.serve.alias,
         notify=notify,
+        bulk=models,
     )

@@ -17,17 +17,18 @@ def decode_request_images(
     preprocessing: Preprocessing,
     max_side: int | None = None,
     max_aspect: float | None = None,
+    field: str = "images",
 ) -> torch.Tensor:
     """Encoded images -> uint8 ``[N, 3, crop, crop]``. The byte cap is checked before
     decoding, the pixel, side and aspect caps before decoding the pixels (a large JPEG is
     decoded at the smallest scale that still covers the resize); the error names
-    ``images[i]``."""
+    ``images[i]`` (``field``: another list's name)."""
     crop = crop_transform(preprocessing)
     out = []
     for i, data in enumerate(items):
-        field = f"images[{i}]"
+        item = f"{field}[{i}]"
         if len(data) > max_image_bytes:
-            raise TooLargeError(f"{len(data)} bytes exceeds {max_image_bytes}", field=field)
+            raise TooLargeError(f"{len(data)} bytes exceeds {max_image_bytes}", field=item)
         try:
             img = decode_image(
                 data,
@@ -40,6 +41,9 @@ def decode_request_images(
             cls = {"format": UnsupportedImageError, "pixels": TooLargeError}.get(
                 exc.reason, InvalidImageError
             )
-            raise cls(str(exc), field=field) from None
+            raise cls(str(exc), field=item) from None
         out.append(crop(img))
+    if not out:
+        size = preprocessing.crop_size
+        return torch.empty((0, 3, size, size), dtype=torch.uint8)
     return torch.stack(out)

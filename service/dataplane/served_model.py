@@ -18,12 +18,17 @@ from torch import nn
 
 from service.settings import NumericMode
 from training.backbones import build_backbone
+from training.openvino_ir import compile_graph
 from training.preprocess import Preprocessing, normalize
 from training.storage.errors import IntegrityError
 from training.storage.registry import Manifest, Registry
 
 _JIT_MODES = ("fp32_jit", "bf16_jit")
 _BF16_MODES = ("bf16", "bf16_jit")
+GRAPH_MODES = ("openvino", "int8")
+"""Modes that run a graph made at publish time (``training.openvino_ir``)."""
+
+FallbackKind = Literal["agreement", "speed", "unavailable"]
 
 # (backbone, crop, mode) -> None when the mode is faster than fp32 here, else the reason it
 # is not. Speed depends on the architecture, input size and CPU, not on the weights: time it
@@ -43,8 +48,9 @@ class ServedModel:
     """Top-1 agreement of ``mode`` with fp32 on the calibration images (None: not checked)."""
     fallback: str | None = None
     """Why the configured mode was refused and fp32 serves instead (None: it was not)."""
-    fallback_kind: Literal["agreement", "speed"] | None = None
-    """The reason as a fixed label: the mode disagreed with fp32, or was slower."""
+    fallback_kind: FallbackKind | None = None
+    """The reason as a fixed label: the mode disagreed with fp32, was slower, or the version
+    has no graph for it."""
     loaded_at: float = field(default_factory=time.time)
 
     @property
@@ -93,7 +99,10 @@ class ServedModel:
 
 def forward(module: Any, x: torch.Tensor, mode: NumericMode) -> torch.Tensor:
     """Logits of normalised ``x`` in a numeric mode (the module already prepared for it by
-    :func:`prepare`)."""
+    :func:`prepare`, or a compiled graph in the graph modes)."""
+    if mode in GRAPH_MODES:
+        logits: torch.Tensor = module(x.contiguous())
+        return logits
     if mode != "fp32":
         x = x.contiguous(memory_format=torch.channels_last)
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if mode in _BF16_MODES else nullcontext()
@@ -117,6 +126,48 @@ def prepare(module: nn.Module, mode: NumericMode, example: torch.Tensor) -> Any:
     with torch.inference_mode(), ctx:
         traced = torch.jit.trace(module, x, check_trace=False)
     return torch.jit.freeze(traced.eval())
+
+
+def _graph_mode(
+    registry: Registry,
+    manifest: Manifest,
+    module: nn.Module,
+    x: torch.Tensor,
+    mode: NumericMode,
+    min_agreement: float,
+    check_speed: bool,
+) -> tuple[Any, float | None, str | None, FallbackKind | None]:
+    """The version's stored graph for ``mode``, compiled here, or why fp32 serves instead:
+    ``(graph, agreement, fallback, kind)``. The gate is the agreement the training job
+    measured on all its calibration crops (>= 200 where the data has them; recorded in the
+    manifest that the alias' hash vouches for). Here the graph runs the version's stored
+    calibration sample, and may differ from fp32 on at most one image more than the job
+    measured (another CPU's kernels round differently; a bigger gap means a wrong graph)."""
+    record = manifest.graphs.get(mode)
+    if record is None:
+        return None, None, f"version {manifest.version} has no {mode} graph", "unavailable"
+    if record.calibration_agreement < min_agreement:
+        return (
+            None,
+            record.calibration_agreement,
+            f"top-1 agreement with fp32 {record.calibration_agreement:.3f} < {min_agreement} "
+            f"on {record.images} calibration images",
+            "agreement",
+        )
+    xml, weights = (registry.read_file(manifest, name) for name in record.files)
+    graph = compile_graph(xml, weights, threads=torch.get_num_threads())
+    reference = forward(module, x, "fp32").argmax(dim=1)
+    here = float((forward(graph, x, mode).argmax(dim=1) == reference).float().mean())
+    if here < record.calibration_agreement - 1.0 / len(x) - 1e-9:
+        return (
+            None,
+            here,
+            f"{mode} graph agrees with fp32 on {here:.3f} of the stored sample here, "
+            f"the job measured {record.calibration_agreement:.3f}",
+            "agreement",
+        )
+    fallback = speed_verdict(manifest.backbone, module, graph, x[:8], mode) if check_speed else None
+    return graph, record.calibration_agreement, fallback, "speed" if fallback else None
 
 
 def _seconds_per_forward(module: Any, x: torch.Tensor, mode: NumericMode) -> float:
@@ -166,17 +217,16 @@ def _reference_state(backbone: str, num_classes: int) -> dict[str, torch.Tensor]
         return build_backbone(backbone, num_classes=num_classes).state_dict()
 
 
-def check_loadable(manifest: Manifest, state: dict[str, torch.Tensor]) -> None:
-    """IntegrityError naming what is wrong unless ``state`` is exactly the weights of the
-    manifest's backbone and head: the same key set, shapes and dtypes. Hashes alone do not
-    say so (a version can hash correctly and still not load)."""
+def architecture_problems(
+    backbone: str, num_classes: int, state: dict[str, torch.Tensor]
+) -> list[str]:
+    """What keeps ``state`` from being exactly the weights of ``backbone`` with a
+    ``num_classes`` head: missing or unexpected tensors, the first wrong shape or dtype.
+    Empty when it loads. ValueError when the architecture cannot be built."""
     try:
-        expected = _reference_state(manifest.backbone, manifest.num_classes)
+        expected = _reference_state(backbone, num_classes)
     except Exception as exc:  # an unknown backbone, or too few classes
-        raise IntegrityError(
-            f"{manifest.model}@{manifest.version}: cannot build {manifest.backbone}: {exc}",
-            field="version",
-        ) from None
+        raise ValueError(f"cannot build {backbone}: {exc}") from None
     problems = []
     missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing:
@@ -190,9 +240,21 @@ def check_loadable(manifest: Manifest, state: dict[str, torch.Tensor]) -> None:
                 f"{key} is {got.dtype} {list(got.shape)}, needs {want.dtype} {list(want.shape)}"
             )
             break
+    return problems
+
+
+def check_loadable(manifest: Manifest, state: dict[str, torch.Tensor]) -> None:
+    """IntegrityError naming what is wrong unless ``state`` is exactly the weights of the
+    manifest's backbone and head: the same key set, shapes and dtypes. Hashes alone do not
+    say so (a version can hash correctly and still not load)."""
+    what = f"{manifest.model}@{manifest.version}"
+    try:
+        problems = architecture_problems(manifest.backbone, manifest.num_classes, state)
+    except ValueError as exc:
+        raise IntegrityError(f"{what}: {exc}", field="version") from None
     if problems:
         raise IntegrityError(
-            f"{manifest.model}@{manifest.version} does not load into {manifest.backbone} "
+            f"{what} does not load into {manifest.backbone} "
             f"with {manifest.num_classes} classes: {'; '.join(problems)}",
             field="version",
         )
@@ -244,9 +306,15 @@ def load_served_model(
         calibration = torch.randint(0, 256, (8, 3, size, size), dtype=torch.uint8)
     x = normalize(manifest.preprocessing, calibration)
     agreement, fallback, served = None, None, module
-    kind: Literal["agreement", "speed"] | None = None
+    kind: FallbackKind | None = None
     with torch.inference_mode():
-        if mode != "fp32":
+        if mode in GRAPH_MODES:
+            served, agreement, fallback, kind = _graph_mode(
+                registry, manifest, module, x, mode, min_agreement, check_speed
+            )
+            if fallback is not None:
+                served, mode = module, "fp32"
+        elif mode != "fp32":
             reference = forward(module, x, "fp32").argmax(dim=1)
             served = prepare(module, mode, x[:8])
             candidate = forward(served, x, mode).argmax(dim=1)

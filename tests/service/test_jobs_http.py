@@ -296,3 +296,40 @@ def test_cli_talks_to_the_service(app: dict[str, Any], tmp_path: Path, capsys) -
     assert json.loads(captured.out.splitlines()[-1])["state"] == "succeeded"
     assert cli.main(["jobs", "job-20990101-000000000-abcdef", *where]) == 2  # 404 -> exit 2
     assert json.loads(capsys.readouterr().err)["error"]["field"] == "job_id"
+
+
+def test_cli_imports_weights_trained_elsewhere(app: dict[str, Any], tmp_path: Path, capsys) -> None:
+    """refit import: safetensors + backbone + classes + calibration images become a served
+    version through the admin endpoint (graphs made by the replica's export child)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from service import cli
+    from training.backbones import build_backbone
+
+    (tmp_path / "connection.json").write_text(json.dumps({"url": app["url"], "admin_token": ADMIN}))
+    weights = tmp_path / "byo.safetensors"
+    save_file(build_backbone("resnet18", num_classes=2).state_dict(), str(weights))
+    images = tmp_path / "calibration"
+    images.mkdir()
+    for i in range(8):
+        (images / f"{i}.png").write_bytes(png_bytes(i % 2, seed=i))
+    pre = '{"resize_size": 32, "crop_size": 32}'
+    argv = ["import", "--model", "byo", "--weights", str(weights), "--backbone", "resnet18"]
+    argv += ["--classes", "cat,dog", "--preprocessing", pre, "--calibration", str(images)]
+    argv += ["--promote", "production", "--data-dir", str(tmp_path)]
+    assert cli.main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["promoted"]["version"] == out["version"]
+    assert set(out["graphs"]) == {"openvino", "int8"}
+    r = _call(
+        app,
+        "POST",
+        "/v1/models/byo/predict",
+        token=PREDICT,
+        json={"images": [base64.b64encode(png_bytes(1)).decode()]},
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["model_version"] == out["version"]
+    assert r.json()["predictions"][0][0]["label"] in {"cat", "dog"}

@@ -56,6 +56,13 @@ def test_two_worker_ddp_publishes_then_finetunes_from_it(
     calibration = reg.load_calibration(manifest)  # verified validation crops for serving
     assert calibration.dtype == torch.uint8
     assert tuple(calibration.shape) == (18, 3, 32, 32)
+    # OpenVINO graphs made at publish time: calibrated on 14 of the 18 validation crops,
+    # measured again on the 4 held out, stored as verified files of the version
+    assert set(manifest.graphs) == {"openvino", "int8"}
+    for graph in manifest.graphs.values():
+        assert (graph.images, graph.held_out_agreement is not None) == (14, True)
+        assert set(graph.files) <= set(manifest.files)
+        reg.read_file(manifest, graph.files[1])  # sha256-checked
     assert manifest.dataset["fingerprint"]
     assert manifest.job_id == first["job_id"]
     assert store.exists(f"jobs/{first['job_id']}/progress.json")

@@ -74,6 +74,24 @@ class Manifest(BaseModel):
     job_id: str | None = None
     created_at: str
     files: dict[str, FileEntry]
+    graphs: dict[str, GraphRecord] = Field(default_factory=dict)
+    """Graphs for accelerated numeric modes, by mode (``openvino``, ``int8``)."""
+
+
+class GraphRecord(BaseModel):
+    """A compiled-runtime graph of the version (an OpenVINO IR made at publish time) and how
+    closely it follows fp32."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    files: list[str]
+    """Its files in ``Manifest.files`` (graph, weights), verified like the weights."""
+    calibration_agreement: float
+    """Top-1 agreement with fp32 on the calibration crops."""
+    held_out_agreement: float | None = None
+    """Top-1 agreement with fp32 on validation crops not used for calibration."""
+    images: int
+    """Calibration crops it was measured (and, for INT8, calibrated) on."""
 
 
 class AliasRecord(BaseModel):
@@ -112,12 +130,15 @@ class Registry:
         *,
         model: str,
         calibration: torch.Tensor | None = None,
+        extra_files: dict[str, bytes] | None = None,
         **manifest_fields: Any,
     ) -> Manifest:
         """Write a new immutable version: files first, manifest last (it makes the version
         exist). Returns the manifest. No object can overwrite an existing one.
 
         ``calibration``: uint8 images ``[N, 3, H, W]`` (validation crops) kept with the version.
+        ``extra_files``: more files of the version (the graphs that ``graphs`` describes),
+        listed with their sha256 like the weights.
         """
         _check_ids(model=model)
         version = new_version_id()
@@ -127,6 +148,10 @@ class Registry:
         if calibration is not None:
             images = calibration.to(torch.uint8).contiguous()
             files[CALIBRATION_FILE] = st_save({"images": images}, metadata=meta)
+        for name, blob in (extra_files or {}).items():
+            if name in files or name == MANIFEST_FILE or not is_id(name):
+                raise SpecError(f"{name!r} cannot be a file of a version", field="extra_files")
+            files[name] = blob
         manifest = Manifest(
             model=model,
             version=version,

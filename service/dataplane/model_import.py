@@ -1,0 +1,114 @@
+"""Bring your own weights: publish a model trained elsewhere as a verified version.
+
+The upload is checked the way promote checks a version, before anything is written: the
+safetensors parse (no pickle), the tensors are exactly the backbone's and head's (key set,
+shapes, dtypes), the class names fit the head, calibration images decode under the request
+limits. Then the version is published like a fine-tune's (weights, calibration crops, the
+OpenVINO graphs made from them, the manifest last) and optionally promoted. A refused upload
+writes nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+
+from service.dataplane.images import decode_request_images
+from service.dataplane.served_model import architecture_problems, check_loadable
+from service.settings import ServeSettings
+from training.backbones import BACKBONES
+from training.openvino_ir import IrMode
+from training.preprocess import Preprocessing, normalize
+from training.storage.errors import SpecError
+from training.storage.registry import Registry
+from training.version_crops import CALIBRATION_IMAGES, graph_files, split_for_graphs
+
+
+@dataclass(frozen=True)
+class ImportRequest:
+    """What a client uploads: weights, their architecture, and how to feed them."""
+
+    model: str
+    weights: bytes
+    backbone: str
+    class_names: list[str]
+    preprocessing: Preprocessing
+    calibration: list[bytes]
+    graphs: tuple[IrMode, ...]
+    quantize_images: int
+    source: str | None = None
+
+
+def _state(weights: bytes) -> dict[str, torch.Tensor]:
+    try:
+        return st_load(weights)
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise SpecError(f"not a safetensors file: {exc}", field="weights") from None
+
+
+def check_import(req: ImportRequest, serve: ServeSettings) -> tuple[dict[str, Any], Any]:
+    """The parsed weights and the uint8 calibration crops, or a 4xx naming what is wrong.
+    Blocking (parses and decodes): call it off the event loop."""
+    if req.backbone not in BACKBONES:
+        known = ", ".join(sorted(BACKBONES))
+        raise SpecError(f"unknown backbone {req.backbone!r}; known: {known}", field="backbone")
+    state = _state(req.weights)
+    try:
+        problems = architecture_problems(req.backbone, len(req.class_names), state)
+    except ValueError as exc:
+        raise SpecError(str(exc), field="class_names") from None
+    if problems:
+        raise SpecError(
+            f"the weights do not load into {req.backbone} with {len(req.class_names)} "
+            f"classes: {'; '.join(problems)}",
+            field="weights",
+        )
+    crops = decode_request_images(
+        req.calibration,
+        max_image_bytes=serve.max_image_bytes,
+        max_pixels=serve.max_image_pixels,
+        preprocessing=req.preprocessing,
+        max_side=serve.max_image_side,
+        max_aspect=serve.max_aspect_ratio,
+        field="calibration",
+    )
+    return state, crops
+
+
+def import_version(registry: Registry, req: ImportRequest, serve: ServeSettings) -> dict[str, Any]:
+    """Check, then publish the upload as a new version (not promoted). Returns the version
+    and each graph's measured agreement with fp32. Blocking: call it off the event loop."""
+    state, crops = check_import(req, serve)
+    files: dict[str, bytes] = {}
+    graphs: dict[str, Any] = {}
+    if req.graphs and len(crops):
+        n_cal, n_held = split_for_graphs(len(crops), req.quantize_images)
+        x = normalize(req.preprocessing, crops)
+        held = x[n_cal : n_cal + n_held] if n_held else None
+        files, graphs = graph_files(
+            state, req.backbone, len(req.class_names), x[:n_cal], held, req.graphs
+        )
+    manifest = registry.publish(
+        state,
+        model=req.model,
+        calibration=crops[:CALIBRATION_IMAGES] if len(crops) else None,
+        extra_files=files,
+        graphs=graphs,
+        backbone=req.backbone,
+        num_classes=len(req.class_names),
+        class_names=req.class_names,
+        preprocessing=req.preprocessing,
+        dataset={"imported": True, "source": req.source, "calibration_images": len(crops)},
+    )
+    # the same check promote runs, on what was stored: a version that cannot load is never
+    # offered for promotion
+    check_loadable(manifest, registry.load_version(req.model, manifest.version)[1])
+    return {
+        "model": req.model,
+        "version": manifest.version,
+        "graphs": {m: g.model_dump() for m, g in manifest.graphs.items()},
+    }

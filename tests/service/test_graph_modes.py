@@ -1,0 +1,153 @@
+"""The OpenVINO numeric modes (``openvino``, ``int8``): graphs made at publish time in a
+child process, stored as verified files of the version, gated on their recorded agreement,
+and refused (fp32 serves, the reason exported) when missing, disagreeing or tampered with.
+Real SeaweedFS, real OpenVINO and NNCF."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import png_bytes
+from service.dataplane.images import decode_request_images
+from service.dataplane.served_model import load_served_model
+from training.backbones import build_backbone
+from training.openvino_ir import export_in_child, ir_files
+from training.preprocess import Preprocessing, normalize
+from training.storage.errors import IntegrityError
+from training.storage.registry import Manifest, Registry
+from training.storage.s3 import ObjectStore
+
+PRE = Preprocessing(resize_size=32, crop_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
+
+
+def _crops(n: int, offset: int = 0) -> torch.Tensor:
+    return decode_request_images(
+        [png_bytes(i % 3, seed=offset + i) for i in range(n)],
+        max_image_bytes=10**6,
+        max_pixels=10**6,
+        preprocessing=PRE,
+    )
+
+
+def _separating(net: torch.nn.Module) -> torch.nn.Module:
+    """A random trunk whose head is fitted to tell the three test images apart: answers
+    with clear margins, as a trained model gives (a random head's near-ties flip under any
+    rounding, and agreement would measure nothing)."""
+    x = normalize(PRE, _crops(24))
+    y = torch.tensor([i % 3 for i in range(24)])
+    head = net.fc
+    net.fc = torch.nn.Identity()
+    with torch.no_grad():
+        feats = net(x)
+    net.fc = head
+    opt = torch.optim.Adam(head.parameters(), lr=0.05)
+    for _ in range(200):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(head(feats), y).backward()
+        opt.step()
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def exported() -> tuple[torch.nn.Module, list]:
+    torch.manual_seed(0)
+    net = _separating(build_backbone("resnet18", num_classes=3).eval())
+    graphs = export_in_child(
+        net.state_dict(),
+        backbone="resnet18",
+        num_classes=3,
+        calibration=normalize(PRE, _crops(24)),
+        held_out=normalize(PRE, _crops(8, offset=100)),
+    )
+    return net, graphs
+
+
+def _publish(reg: Registry, net: torch.nn.Module, graphs: list, **override: float) -> Manifest:
+    files, records = {}, {}
+    for g in graphs:
+        xml, weights = ir_files(g.mode)
+        files[xml], files[weights] = g.xml, g.weights
+        records[g.mode] = {
+            "files": [xml, weights],
+            "calibration_agreement": override.get(g.mode, g.calibration_agreement),
+            "held_out_agreement": g.held_out_agreement,
+            "images": g.images,
+        }
+    return reg.publish(
+        net.state_dict(),
+        model="ov",
+        backbone="resnet18",
+        num_classes=3,
+        class_names=["a", "b", "c"],
+        preprocessing=PRE,
+        calibration=_crops(8, offset=200),
+        extra_files=files,
+        graphs=records,
+    )
+
+
+def test_export_measures_agreement_on_calibration_and_held_out(exported) -> None:
+    _, graphs = exported
+    assert [g.mode for g in graphs] == ["openvino", "int8"]
+    for g in graphs:
+        assert g.images == 24
+        assert 0.0 <= g.calibration_agreement <= 1.0
+        assert g.held_out_agreement is not None
+        assert g.xml.startswith(b"<?xml")
+    fp32, int8 = graphs
+    assert fp32.calibration_agreement == 1.0  # the same arithmetic, another runtime
+    assert len(int8.weights) < len(fp32.weights) / 3  # int8 weights
+
+
+@pytest.mark.parametrize("mode", ["openvino", "int8"])
+def test_graph_mode_serves_the_stored_graph(store: ObjectStore, exported, mode: str) -> None:
+    net, graphs = exported
+    reg = Registry(store)
+    manifest = _publish(reg, net, graphs)
+    assert set(manifest.graphs) == {"openvino", "int8"}
+    for name in manifest.graphs[mode].files:
+        assert name in manifest.files  # listed with its sha256, verified on read
+    served = load_served_model(reg, "ov", manifest.version, mode=mode, check_speed=False)
+    assert (served.mode, served.fallback) == (mode, None)
+    assert served.agreement == manifest.graphs[mode].calibration_agreement
+    x = _crops(6, offset=300)
+    with torch.no_grad():
+        expected = net(normalize(PRE, x))
+    got = served.logits(x)
+    assert got.shape == expected.shape
+    tolerance = 1e-3 if mode == "openvino" else 0.5  # int8 rounds
+    assert torch.allclose(got, expected, atol=tolerance), (got - expected).abs().max()
+
+
+def test_missing_or_disagreeing_graphs_fall_back_to_fp32(store: ObjectStore, exported) -> None:
+    net, graphs = exported
+    reg = Registry(store)
+    plain = reg.publish(
+        net.state_dict(),
+        model="ov",
+        backbone="resnet18",
+        num_classes=3,
+        class_names=["a", "b", "c"],
+        preprocessing=PRE,
+        calibration=_crops(8),
+    )
+    served = load_served_model(reg, "ov", plain.version, mode="int8", check_speed=False)
+    assert (served.mode, served.fallback_kind) == ("fp32", "unavailable")
+    assert "no int8 graph" in (served.fallback or "")
+    low = _publish(reg, net, graphs, int8=0.95)  # the job measured 95 % agreement
+    served = load_served_model(reg, "ov", low.version, mode="int8", check_speed=False)
+    assert (served.mode, served.fallback_kind) == ("fp32", "agreement")
+    assert "0.950 < 0.99 on 24 calibration images" in (served.fallback or "")
+    assert served.logits(_crops(2)).shape == (2, 3)  # fp32 serves
+
+
+def test_a_tampered_graph_never_loads(store: ObjectStore, exported) -> None:
+    net, graphs = exported
+    reg = Registry(store)
+    manifest = _publish(reg, net, graphs)
+    xml_name = manifest.graphs["int8"].files[0]
+    key = f"models/ov/versions/{manifest.version}/{xml_name}"
+    store.put_bytes(key, store.get_bytes(key) + b"<!-- a forged layer -->")
+    with pytest.raises(IntegrityError, match="sha256"):
+        load_served_model(reg, "ov", manifest.version, mode="int8", check_speed=False)

@@ -1,0 +1,260 @@
+"""OpenVINO graphs of a version: the only module that touches ``openvino`` and ``nncf``.
+
+Converting a model to OpenVINO IR takes seconds and quantizing it far longer, too long for a
+hot-load (<= 2 s), so both happen at publish time, in the training job: the verified module
+is converted to IR (fp32, dynamic batch) and quantized to INT8 by NNCF's post-training
+quantization on the version's calibration crops. Both graphs are stored as files of the
+version, listed with their sha256 in the manifest, with their top-1 agreement with fp32 on the
+calibration crops and on held-out crops. A replica compiles only IR that it read through the
+registry (verified like the weights). An IR is XML and raw tensor bytes, never a pickle.
+
+OpenVINO aborts ("double free or corruption") in a process with jemalloc or TBB's malloc
+preloaded, as ``refit up`` runs its processes: the export runs in a child process with the
+system allocator (:func:`export_in_child`), and replicas serving these modes are started
+without the preload (``service.allocator``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+IrMode = Literal["openvino", "int8"]
+IR_MODES: tuple[IrMode, ...] = ("openvino", "int8")
+
+
+def ir_files(mode: IrMode) -> tuple[str, str]:
+    """The version's file names of ``mode``'s graph: its XML and its weights."""
+    return f"{mode}.xml", f"{mode}.bin"
+
+
+@dataclass(frozen=True)
+class ExportedGraph:
+    """One graph made at publish time, with how closely it follows fp32."""
+
+    mode: IrMode
+    xml: bytes
+    weights: bytes
+    calibration_agreement: float
+    """Top-1 agreement with fp32 on the calibration crops (those INT8 was calibrated on)."""
+    held_out_agreement: float | None
+    """Top-1 agreement with fp32 on validation crops not used for calibration (None: none)."""
+    images: int
+    """Calibration crops used."""
+
+
+@lru_cache(maxsize=1)
+def _core() -> Any:
+    import openvino as ov
+
+    return ov.Core()
+
+
+def available() -> bool:
+    """Whether the OpenVINO runtime imports here."""
+    try:
+        _core()
+    except Exception:
+        return False
+    return True
+
+
+def _convert(module: nn.Module, example: torch.Tensor) -> Any:
+    import openvino as ov
+
+    size = tuple(example.shape[1:])
+    with torch.no_grad():
+        return ov.convert_model(module.eval(), example_input=example, input=[(-1, *size)])
+
+
+def _classifier_layer(graph: Any) -> list[str]:
+    """The last MatMul of the graph: the classifier head that turns features into logits."""
+    matmuls = [op for op in graph.get_ordered_ops() if op.get_type_name() == "MatMul"]
+    return [matmuls[-1].get_friendly_name()] if matmuls else []
+
+
+def _quantize(graph: Any, calibration: torch.Tensor) -> Any:
+    import nncf
+
+    items = [calibration[i : i + 1].numpy() for i in range(calibration.shape[0])]
+    # The head stays in fp32 (the usual recipe: it is tiny, and rounding logits is what
+    # flips top-1 answers); every convolution of the trunk runs in int8.
+    return nncf.quantize(
+        graph,
+        nncf.Dataset(items),
+        subset_size=len(items),
+        ignored_scope=nncf.IgnoredScope(names=_classifier_layer(graph), validate=False),
+    )
+
+
+def _serialize(graph: Any) -> tuple[bytes, bytes]:
+    import openvino as ov
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.xml"
+        ov.save_model(graph, str(path), compress_to_fp16=False)
+        return path.read_bytes(), path.with_suffix(".bin").read_bytes()
+
+
+def _top1(run: Any, x: torch.Tensor, batch: int = 32) -> torch.Tensor:
+    return torch.cat([run(x[i : i + batch]).argmax(1) for i in range(0, x.shape[0], batch)])
+
+
+def export_graphs(
+    module: nn.Module,
+    calibration: torch.Tensor,
+    held_out: torch.Tensor | None,
+    modes: tuple[IrMode, ...] = IR_MODES,
+) -> list[ExportedGraph]:
+    """``module``'s OpenVINO graphs for ``modes``, each with its agreement with fp32.
+    ``calibration`` and ``held_out``: normalised float32 crops ``[N, 3, H, W]``."""
+    module = module.eval()
+    with torch.inference_mode():
+        ref_cal = _top1(module, calibration)
+        ref_held = None if held_out is None or not len(held_out) else _top1(module, held_out)
+    fp32 = _convert(module, calibration[:1])
+    out = []
+    for mode in modes:
+        graph = fp32 if mode == "openvino" else _quantize(fp32, calibration)
+        xml, weights = _serialize(graph)
+        run = compile_graph(xml, weights, threads=0)
+        cal = float((_top1(run, calibration) == ref_cal).float().mean())
+        held = (
+            None
+            if ref_held is None or held_out is None
+            else float((_top1(run, held_out) == ref_held).float().mean())
+        )
+        out.append(ExportedGraph(mode, xml, weights, cal, held, int(calibration.shape[0])))
+    return out
+
+
+class CompiledGraph:
+    """A compiled OpenVINO graph called like a module: normalised float32 ``[N, 3, H, W]``
+    in, float32 logits out."""
+
+    def __init__(self, compiled: Any) -> None:
+        self._compiled = compiled
+        self._lock = threading.Lock()  # one infer request: calls take turns
+        self._request = compiled.create_infer_request()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        batch = np.ascontiguousarray(x.detach().float().numpy())
+        with self._lock:
+            result = self._request.infer({0: batch})
+            logits = np.array(result[self._compiled.output(0)], dtype=np.float32, copy=True)
+        return torch.from_numpy(logits)
+
+
+def export_in_child(
+    state: dict[str, torch.Tensor],
+    *,
+    backbone: str,
+    num_classes: int,
+    calibration: torch.Tensor,
+    held_out: torch.Tensor | None,
+    modes: tuple[IrMode, ...] = IR_MODES,
+    timeout_s: float = 1800.0,
+) -> list[ExportedGraph]:
+    """:func:`export_graphs` of the ``backbone`` with ``state``, run in a child process
+    with the system allocator. Tensors go through safetensors files, results come back as
+    IR files and JSON: nothing is pickled either way."""
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory(prefix="refit-export-") as tmp:
+        work = Path(tmp)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(work / "state.safetensors"))
+        crops = {"calibration": calibration.contiguous()}
+        if held_out is not None and len(held_out):
+            crops["held_out"] = held_out.contiguous()
+        save_file(crops, str(work / "crops.safetensors"))
+        job = {"backbone": backbone, "num_classes": num_classes, "modes": list(modes)}
+        (work / "job.json").write_text(json.dumps(job))
+        env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+        # the child imports this package from where this process found it (a Ray worker's
+        # working directory need not be the checkout)
+        root = str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        done = subprocess.run(
+            [sys.executable, "-m", "training.openvino_ir", str(work)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
+        )
+        if done.returncode != 0:
+            tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+            raise RuntimeError(f"OpenVINO export failed ({done.returncode}): {' | '.join(tail)}")
+        records = json.loads((work / "graphs.json").read_text())
+        return [
+            ExportedGraph(
+                mode=r["mode"],
+                xml=(work / f"{r['mode']}.xml").read_bytes(),
+                weights=(work / f"{r['mode']}.bin").read_bytes(),
+                calibration_agreement=r["calibration_agreement"],
+                held_out_agreement=r["held_out_agreement"],
+                images=r["images"],
+            )
+            for r in records
+        ]
+
+
+def _export_main(work: Path) -> None:
+    """The child of :func:`export_in_child`: read the job, export, write the results."""
+    from safetensors.torch import load_file
+
+    from training.backbones import build_backbone
+
+    job = json.loads((work / "job.json").read_text())
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    module = build_backbone(job["backbone"], num_classes=job["num_classes"])
+    module.load_state_dict(load_file(str(work / "state.safetensors")), strict=True)
+    crops = load_file(str(work / "crops.safetensors"))
+    graphs = export_graphs(module, crops["calibration"], crops.get("held_out"), tuple(job["modes"]))
+    for g in graphs:
+        (work / f"{g.mode}.xml").write_bytes(g.xml)
+        (work / f"{g.mode}.bin").write_bytes(g.weights)
+    records = [
+        {
+            "mode": g.mode,
+            "calibration_agreement": g.calibration_agreement,
+            "held_out_agreement": g.held_out_agreement,
+            "images": g.images,
+        }
+        for g in graphs
+    ]
+    (work / "graphs.json").write_text(json.dumps(records))
+
+
+def compile_graph(xml: bytes, weights: bytes, *, threads: int) -> CompiledGraph:
+    """Compile a stored IR for this CPU: ``threads`` inference threads (0: OpenVINO's
+    choice), latency-oriented, and fp32 precision wherever a layer is not quantized (on CPUs
+    with bf16 OpenVINO would otherwise run fp32 graphs in bf16, which the agreement of the
+    ``openvino`` mode was not measured with)."""
+    import openvino as ov
+
+    core = _core()
+    graph = core.read_model(model=xml.decode(), weights=ov.Tensor(np.frombuffer(weights, np.uint8)))
+    config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+    if threads > 0:
+        config["INFERENCE_NUM_THREADS"] = threads
+    return CompiledGraph(core.compile_model(graph, "CPU", config))
+
+
+if __name__ == "__main__":
+    import logging
+
+    logging.getLogger("nncf").setLevel(logging.WARNING)
+    _export_main(Path(sys.argv[1]))

@@ -1,0 +1,132 @@
+"""The validation crops a version is published with: the few it keeps for the replicas'
+load-time checks, and the many that its OpenVINO graphs are calibrated and measured on.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from training.data import ImageDataset, Sample
+from training.job_settings import TrainingSettings
+from training.openvino_ir import IrMode, export_in_child, ir_files
+from training.preprocess import Preprocessing, crop_transform, normalize
+from training.storage.s3 import ObjectStore
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_IMAGES = 32
+"""Validation crops kept with a version (load-time checks of the serving numeric modes)."""
+
+
+def capped_dataset(
+    store: ObjectStore, samples: list[Sample], transform: Any, training: TrainingSettings
+) -> ImageDataset:
+    """An ImageDataset under the configured byte and pixel caps."""
+    return ImageDataset(
+        store,
+        samples,
+        transform,
+        max_bytes=training.max_image_bytes,
+        max_pixels=training.max_image_pixels,
+    )
+
+
+def _spread(samples: list[Sample], n: int) -> list[Sample]:
+    """Up to ``n`` samples taken round-robin over the classes."""
+    by_class: dict[int, list[Sample]] = {}
+    for s in samples:
+        by_class.setdefault(s.label, []).append(s)
+    picked: list[Sample] = []
+    while len(picked) < min(n, len(samples)):
+        for group in by_class.values():
+            if group and len(picked) < n:
+                picked.append(group.pop(0))
+    return picked
+
+
+def _crops(
+    samples: list[Sample], store: ObjectStore, pre: Preprocessing, training: TrainingSettings
+) -> torch.Tensor:
+    ds = capped_dataset(store, samples, crop_transform(pre), training)
+    return torch.stack([ds[i][0] for i in range(len(ds))])
+
+
+def calibration_crops(
+    samples: list[Sample], store: ObjectStore, pre: Preprocessing, training: TrainingSettings
+) -> torch.Tensor:
+    """Up to 32 validation crops (uint8), spread over the classes, stored with the version
+    (the replicas' load-time checks run on them)."""
+    return _crops(_spread(samples, CALIBRATION_IMAGES), store, pre, training)
+
+
+def split_for_graphs(n: int, quantize_images: int) -> tuple[int, int]:
+    """How many of ``n`` crops calibrate (up to ``quantize_images``, leaving a quarter at
+    least held out) and how many are held out after them (up to ``quantize_images``)."""
+    n_cal = min(quantize_images, n - n // 4)
+    return n_cal, min(n - n_cal, quantize_images)
+
+
+def graph_files(
+    state: dict[str, torch.Tensor],
+    backbone: str,
+    num_classes: int,
+    calibration: torch.Tensor,
+    held_out: torch.Tensor | None,
+    modes: tuple[IrMode, ...],
+) -> tuple[dict[str, bytes], dict[str, Any]]:
+    """OpenVINO graphs for ``modes`` (normalised crops in) as a version's files and its
+    manifest's ``graphs`` records. A failed export is logged and yields none: the graphs are
+    an optimisation, fp32 still serves."""
+    if not modes or not len(calibration):
+        return {}, {}
+    try:
+        exported = export_in_child(
+            state,
+            backbone=backbone,
+            num_classes=num_classes,
+            calibration=calibration,
+            held_out=held_out,
+            modes=modes,
+        )
+    except Exception as exc:
+        log.warning("OpenVINO export failed; publishing without graphs: %s", exc)
+        return {}, {}
+    files: dict[str, bytes] = {}
+    records: dict[str, Any] = {}
+    for g in exported:
+        xml, weights = ir_files(g.mode)
+        files[xml], files[weights] = g.xml, g.weights
+        records[g.mode] = {
+            "files": [xml, weights],
+            "calibration_agreement": g.calibration_agreement,
+            "held_out_agreement": g.held_out_agreement,
+            "images": g.images,
+        }
+    return files, records
+
+
+def publish_graphs(
+    model: nn.Module,
+    backbone: str,
+    num_classes: int,
+    val: list[Sample],
+    store: ObjectStore,
+    pre: Preprocessing,
+    training: TrainingSettings,
+) -> tuple[dict[str, bytes], dict[str, Any]]:
+    """The version's OpenVINO graphs (``training.export_graphs``) as files and manifest
+    records: INT8 calibrated, and both measured, on up to ``quantize_images`` validation
+    crops; agreement measured again on the rest (held out)."""
+    modes = tuple(dict.fromkeys(training.export_graphs))
+    if not modes or not val:
+        return {}, {}
+    ordered = _spread(list(val), len(val))
+    n_cal, n_held = split_for_graphs(len(ordered), training.quantize_images)
+    cal_samples, held_samples = ordered[:n_cal], ordered[n_cal : n_cal + n_held]
+    calibration = normalize(pre, _crops(cal_samples, store, pre, training))
+    held = normalize(pre, _crops(held_samples, store, pre, training)) if held_samples else None
+    return graph_files(model.state_dict(), backbone, num_classes, calibration, held, modes)
