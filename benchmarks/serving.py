@@ -477,6 +477,7 @@ def _serve_rows(
                 classifier_cpus=cpus,
                 max_batch_size=args.max_batch_size,
                 max_ongoing_requests=128,
+                start_job_runner=False,  # a serving-only run: no job runner
             )
         }
     )

@@ -121,10 +121,11 @@ class Classifier:
             notify=notify,
             bulk=models,
         )
-        try:  # start the job runner now: queued jobs resume without waiting for a request
-            RunnerScheduler(settings).runner()
-        except Exception as exc:
-            log.warning("job runner not started yet: %s", exc)
+        if s.start_job_runner:  # now: queued jobs resume without waiting for a request
+            try:
+                RunnerScheduler(settings).runner()
+            except Exception as exc:
+                log.warning("job runner not started yet: %s", exc)
 
     def __serve_build_asgi_app__(self) -> Any:
         # Late-bound app: built in the replica after __init__, so it gets this replica's

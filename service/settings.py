@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from training.job_settings import RaySettings, TrainingSettings
-from training.storage import S3Settings
+from training.storage.location import S3Settings
 
 NumericMode = Literal["fp32", "channels_last", "fp32_jit", "bf16", "bf16_jit", "openvino", "int8"]
 """How a classifier replica runs a model. fp32: eager, contiguous. channels_last: fp32 in
@@ -97,6 +97,10 @@ class ServeSettings(BaseModel):
     """Autoscaling: how long load stays below target before a replica is removed."""
     classifier_cpus: float = Field(default=1.0, gt=0)
     """CPUs each serving replica reserves (torch uses as many threads, at least one)."""
+    start_job_runner: bool = True
+    """Replicas start the job runner actor when they start, so queued jobs resume without
+    waiting for a request. ``false`` for serving-only runs: the runner (about 0.5 GiB: it
+    imports torch to validate specs) then starts with the first job request."""
     jemalloc: bool = True
     """``refit up`` restarts itself with jemalloc preloaded where it is installed (Debian
     ``libjemalloc2``; ``make setup`` installs it as root): every Ray process it starts

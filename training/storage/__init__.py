@@ -17,58 +17,46 @@ Inside ``training`` import the submodules; this package's namespace is the surfa
 ``service``.
 """
 
-from training.storage.errors import (
-    ConflictError,
-    DataError,
-    IntegrityError,
-    NotFoundError,
-    RefitError,
-    ResourceError,
-    SpecError,
-    StorageError,
-    TooManyJobsError,
-    TrainingError,
-    WeightsUnavailableError,
-)
-from training.storage.ids import ID_PATTERN, is_id, new_job_id, new_version_id
-from training.storage.job_records import (
-    STATES,
-    TERMINAL,
-    JobRecord,
-    JobState,
-    JobStore,
-    progress_view,
-)
-from training.storage.location import S3Settings
-from training.storage.registry import AliasRecord, Manifest, Registry
-from training.storage.s3 import ObjectInfo, ObjectStore
+from __future__ import annotations
 
-__all__ = [
-    "ID_PATTERN",
-    "STATES",
-    "TERMINAL",
-    "AliasRecord",
-    "ConflictError",
-    "DataError",
-    "IntegrityError",
-    "JobRecord",
-    "JobState",
-    "JobStore",
-    "Manifest",
-    "NotFoundError",
-    "ObjectInfo",
-    "ObjectStore",
-    "RefitError",
-    "Registry",
-    "ResourceError",
-    "S3Settings",
-    "SpecError",
-    "StorageError",
-    "TooManyJobsError",
-    "TrainingError",
-    "WeightsUnavailableError",
-    "is_id",
-    "new_job_id",
-    "new_version_id",
-    "progress_view",
-]
+import importlib
+from typing import Any
+
+# The names load their module on first use: a process that needs only settings, ids or job
+# records (the registry-notice actor, the job runner) never imports torch with the registry.
+_PUBLIC = {
+    **dict.fromkeys(
+        (
+            "ConflictError",
+            "DataError",
+            "IntegrityError",
+            "NotFoundError",
+            "RefitError",
+            "ResourceError",
+            "SpecError",
+            "StorageError",
+            "TooManyJobsError",
+            "TrainingError",
+            "WeightsUnavailableError",
+        ),
+        "training.storage.errors",
+    ),
+    **dict.fromkeys(
+        ("ID_PATTERN", "is_id", "new_job_id", "new_version_id"), "training.storage.ids"
+    ),
+    **dict.fromkeys(
+        ("STATES", "TERMINAL", "JobRecord", "JobState", "JobStore", "progress_view"),
+        "training.storage.job_records",
+    ),
+    "S3Settings": "training.storage.location",
+    **dict.fromkeys(("AliasRecord", "Manifest", "Registry"), "training.storage.registry"),
+    **dict.fromkeys(("ObjectInfo", "ObjectStore"), "training.storage.s3"),
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'training.storage' has no attribute {name!r}")
+    return getattr(importlib.import_module(_PUBLIC[name]), name)
