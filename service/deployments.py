@@ -88,6 +88,7 @@ class Classifier:
     def __init__(self, settings: RefitSettings) -> None:
         self.settings = settings
         s = settings.serve
+        # application() resolved classifier_cpus: as many threads as this replica reserved
         torch.set_num_threads(s.torch_threads)
         models = Registry(ObjectStore(settings.s3))  # hot-loads and imports: large objects
         self.host = ModelHost(s, models, submit=self._submit)
@@ -168,7 +169,10 @@ class Classifier:
 def application(settings: RefitSettings) -> Any:
     """The Serve application (one deployment, the API and the model) with options from
     settings."""
-    s = settings.serve
+    # resolve the replicas' CPUs here, where the app is built: every replica then runs as
+    # many threads as it reserved, wherever it lands
+    s = settings.serve.model_copy(update={"classifier_cpus": settings.serve.replica_cpus})
+    settings = settings.model_copy(update={"serve": s})
     # @serve.deployment turns the class into a Deployment; the stubs still see a class.
     classifier_dep: Any = Classifier
     spread = (
@@ -176,7 +180,7 @@ def application(settings: RefitSettings) -> Any:
         if s.max_replicas_per_node is None
         else {"max_replicas_per_node": s.max_replicas_per_node}
     )
-    replicas = s.replicas
+    replicas = s.classifier_replicas
     scaling: dict[str, Any] = {"num_replicas": replicas}
     if s.classifier_max_replicas is not None:  # Serve scales on ongoing requests
         scaling = {
@@ -194,7 +198,7 @@ def application(settings: RefitSettings) -> Any:
     # its plain-text 503 never answers instead. Requests wait at the proxy only while the
     # router assigns them (bursts), never for work.
     admitted = s.max_ongoing_requests + max(0, s.max_queued_requests)
-    actor: dict[str, Any] = {"num_cpus": s.classifier_cpus}
+    actor: dict[str, Any] = {"num_cpus": s.replica_cpus}
     if s.numeric_mode in GRAPH_MODES:  # OpenVINO aborts under a preloaded jemalloc
         actor["runtime_env"] = {"env_vars": without_preloaded_allocator()}
     return classifier_dep.options(

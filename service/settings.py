@@ -82,10 +82,10 @@ class ServeSettings(BaseModel):
     batch_wait_timeout_s: float = Field(default=0.0, ge=0)
     """Dynamic batching: longest wait for a batch to fill. Requests that arrive while a
     forward pass runs merge into the next one anyway, so a wait only delays lone requests."""
-    classifier_replicas: int | None = Field(default=None, ge=1)
-    """Replicas of the serving deployment (with autoscaling: the fewest). Unset: one per CPU
-    core of the machine that deploys the app, at most 4 - single-thread replicas side by
-    side measured fastest on CPU (see the README's serving figures)."""
+    classifier_replicas: int = Field(default=1, ge=1)
+    """Replicas of the serving deployment (with autoscaling: the fewest). One replica with
+    every core measured fastest on one machine, in every numeric mode, and smallest (see the
+    README's serving figures); more replicas spread over nodes."""
     classifier_max_replicas: int | None = Field(default=None, ge=1)
     """Serve autoscaling of the classifier, on ongoing requests: from ``classifier_replicas``
     up to this many replicas. Unset: a fixed ``classifier_replicas``."""
@@ -95,8 +95,9 @@ class ServeSettings(BaseModel):
     """Autoscaling: how long load stays above target before a replica is added."""
     downscale_delay_s: float = Field(default=60.0, ge=0)
     """Autoscaling: how long load stays below target before a replica is removed."""
-    classifier_cpus: float = Field(default=1.0, gt=0)
-    """CPUs each serving replica reserves (torch uses as many threads, at least one)."""
+    classifier_cpus: float | None = Field(default=None, gt=0)
+    """CPUs each serving replica reserves (torch or OpenVINO uses as many threads, at least
+    one). Unset: the cores of the machine that builds the app (at most 8)."""
     start_job_runner: bool = True
     """Replicas start the job runner actor when they start, so queued jobs resume without
     waiting for a request. ``false`` for serving-only runs: the runner (about 0.5 GiB: it
@@ -126,17 +127,17 @@ class ServeSettings(BaseModel):
     """The alias replicas serve and follow."""
 
     @property
-    def replicas(self) -> int:
-        """Serving replicas to start: ``classifier_replicas``, or one per core (at most 4).
-        Read when the app is built, on the machine that builds it."""
-        if self.classifier_replicas is not None:
-            return self.classifier_replicas
-        return max(1, min(os.cpu_count() or 1, 4))
+    def replica_cpus(self) -> float:
+        """CPUs a serving replica reserves: ``classifier_cpus``, or this machine's cores
+        (its CPU affinity, at most 8). Read when the app is built."""
+        if self.classifier_cpus is not None:
+            return self.classifier_cpus
+        return float(max(1, min(len(os.sched_getaffinity(0)), 8)))
 
     @property
     def torch_threads(self) -> int:
         """Torch threads per serving replica: its whole reserved CPUs, at least one."""
-        return max(1, int(self.classifier_cpus))
+        return max(1, int(self.replica_cpus))
 
     numeric_mode: NumericMode = "fp32"
     """fp32, channels_last, fp32_jit (channels_last, traced and frozen), bf16 or bf16_jit

@@ -239,9 +239,9 @@ def test_every_overlay_serves_through_two_proxies() -> None:
         (app,) = config["applications"]
         serve = settings_with(AppArgs.model_validate(app.get("args", {})), base).serve
         assert serve.max_replicas_per_node == 1, at
-        assert serve.replicas >= 2, at
+        assert serve.classifier_replicas >= 2, at
         cpus = float(group["rayStartParams"]["num-cpus"])
-        assert serve.classifier_cpus <= cpus, f"{at}: a replica does not fit"
+        assert serve.replica_cpus <= cpus, f"{at}: a replica does not fit"
         pdb = next(d for d in render(path) if d["kind"] == "PodDisruptionBudget")
         assert 1 <= pdb["spec"]["minAvailable"] < group["minReplicas"], where(path, pdb)
         spread = group["template"]["spec"]["topologySpreadConstraints"]
