@@ -50,11 +50,11 @@ def digit_jpegs(n: int, size: int = 224, offset: int = 0) -> tuple[list[bytes], 
 
 
 def tree_rss_bytes(
-    root: int, *, skip: tuple[str, ...] = (), into: dict[str, int] | None = None
+    root: int, *, skip: tuple[int, ...] = (), into: dict[str, int] | None = None
 ) -> tuple[int, int]:
     """Resident memory of ``root``'s descendants (not ``root`` itself) and their count,
-    leaving out processes whose command line contains one of ``skip`` (and theirs).
-    ``into``: also each process's RSS by its command line (shortened)."""
+    leaving out the processes ``skip`` (pids this script started, and their children).
+    ``into``: also each process's RSS, labelled with its pid and command line."""
     import os
 
     parents: dict[int, int] = {}
@@ -69,20 +69,20 @@ def tree_rss_bytes(
     while todo:
         pid = todo.pop()
         for child, parent in parents.items():
-            if parent != pid:
+            if parent != pid or child in skip:
                 continue
             try:
-                with open(f"/proc/{child}/cmdline", "rb") as f:
-                    cmd = f.read().decode(errors="replace")
                 with open(f"/proc/{child}/statm") as f:
                     rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+                label = ""
+                if into is not None:  # a label for the report only, never a selector
+                    with open(f"/proc/{child}/cmdline", "rb") as f:
+                        label = f.read().decode(errors="replace").replace(chr(0), " ")[:60]
             except OSError:
-                continue
-            if any(s in cmd for s in skip):
                 continue
             total, count = total + rss, count + 1
             if into is not None:
-                into[f"{child} {cmd.replace(chr(0), ' ')[:60]}"] = rss
+                into[f"{child} {label}"] = rss
             todo.append(child)
     return total, count
 

@@ -27,6 +27,7 @@ below 99 % or slower than fp32 on this CPU) shows ``served_mode`` fp32.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -109,12 +110,9 @@ def _prepared(model: Any, mode: str, x: Any, threads: int) -> Any:
     """A copy of ``model`` made ready for ``mode`` exactly as the service does it."""
     import copy
 
-    from service.dataplane.served_model import GRAPH_MODES, prepare
-    from training.openvino_ir import compile_graph
+    from service.dataplane.served_model import prepare
 
-    if mode in GRAPH_MODES:
-        g = GRAPHS[mode]
-        return compile_graph(g.xml, g.weights, threads=threads)
+    # the graph modes are measured in a child process (_graph_in_child), never here
     return prepare(copy.deepcopy(model), mode, x[:8])
 
 
@@ -289,7 +287,11 @@ def main() -> int:
 
     rows: list[dict[str, Any]] = []
     peer: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory() as tmp, EmbeddedStore(Path(tmp)) as conn:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        embedded = EmbeddedStore(Path(tmp))
+        conn = stack.enter_context(embedded)
+        # the store is not part of the serving stack (TorchServe reads a local directory)
+        store_pids = (embedded.process.pid,) if embedded.process else ()
         base = RefitSettings(s3=conn.s3_settings())
         reg = Registry(ObjectStore(base.s3))
         # publish through the import endpoint, as a user brings a model trained elsewhere
@@ -345,6 +347,7 @@ def main() -> int:
                         raw,
                         best_peer,
                         ray_start_s,
+                        store_pids,
                     )
         finally:
             ray.shutdown()
@@ -457,6 +460,7 @@ def _serve_rows(
     raw: dict[str, float],
     best_peer: dict[int, float],
     ray_start_s: float,
+    store_pids: tuple[int, ...],
 ) -> list[dict[str, Any]]:
     """One row per concurrency for one mode and layout, served through Ray Serve."""
     import os
@@ -505,7 +509,7 @@ def _serve_rows(
             reqs = after["refit_batch_size_sum"] - before["refit_batch_size_sum"]
             # every process of the Ray session this script started (the store excluded)
             per_process: dict[str, int] = {}
-            rss, procs = tree_rss_bytes(os.getpid(), skip=("weed",), into=per_process)
+            rss, procs = tree_rss_bytes(os.getpid(), skip=store_pids, into=per_process)
             if c == levels[-1]:
                 print(f"[bench] RSS by process: {per_process}", file=sys.stderr, flush=True)
             rows.append(

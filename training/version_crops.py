@@ -100,12 +100,7 @@ def graph_files(
     for g in exported:
         xml, weights = ir_files(g.mode)
         files[xml], files[weights] = g.xml, g.weights
-        records[g.mode] = {
-            "files": [xml, weights],
-            "calibration_agreement": g.calibration_agreement,
-            "held_out_agreement": g.held_out_agreement,
-            "images": g.images,
-        }
+        records[g.mode] = {"files": [xml, weights], **g.measured()}
     return files, records
 
 

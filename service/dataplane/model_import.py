@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 
 from service.dataplane.images import decode_request_images
-from service.dataplane.served_model import architecture_problems, check_loadable
+from service.dataplane.served_model import architecture_problems
 from service.settings import ServeSettings
 from training.backbones import BACKBONES
 from training.openvino_ir import IrMode
@@ -104,9 +104,6 @@ def import_version(registry: Registry, req: ImportRequest, serve: ServeSettings)
         preprocessing=req.preprocessing,
         dataset={"imported": True, "source": req.source, "calibration_images": len(crops)},
     )
-    # the same check promote runs, on what was stored: a version that cannot load is never
-    # offered for promotion
-    check_loadable(manifest, registry.load_version(req.model, manifest.version)[1])
     return {
         "model": req.model,
         "version": manifest.version,

@@ -68,12 +68,9 @@ def _publish(reg: Registry, net: torch.nn.Module, graphs: list, **override: floa
     for g in graphs:
         xml, weights = ir_files(g.mode)
         files[xml], files[weights] = g.xml, g.weights
-        records[g.mode] = {
-            "files": [xml, weights],
-            "calibration_agreement": override.get(g.mode, g.calibration_agreement),
-            "held_out_agreement": g.held_out_agreement,
-            "images": g.images,
-        }
+        records[g.mode] = {"files": [xml, weights], **g.measured()}
+        if g.mode in override:  # what a job that measured less would have recorded
+            records[g.mode]["calibration_agreement"] = override[g.mode]
     return reg.publish(
         net.state_dict(),
         model="ov",
