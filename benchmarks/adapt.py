@@ -29,12 +29,16 @@ from load import digit_jpegs, free_port, reexec_with_jemalloc, run_load
 ADMIN = "bench-admin"
 
 
-def _split_batches(url: str) -> float:
+def _scrape(url: str) -> tuple[float, str]:
+    """Batches split by version so far, and the numeric mode(s) the loaded versions run."""
     scrape = {"Authorization": f"Bearer {ADMIN}"}  # /metrics takes the admin token too
+    split, modes = 0.0, set()
     for line in requests.get(url + "/metrics", headers=scrape, timeout=30).text.splitlines():
         if line.startswith("refit_batches_split_by_version_total"):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+            split = float(line.rsplit(" ", 1)[1])
+        if line.startswith("refit_model_loaded_info{") and line.endswith(" 1.0"):
+            modes.add(line.split('mode="')[1].split('"')[0])
+    return split, ",".join(sorted(modes))
 
 
 def _log(msg: str) -> None:
@@ -52,16 +56,23 @@ def hot_swaps(url: str, reg: Any, model: str, images: list[bytes], args: Any) ->
             **dict.fromkeys(
                 ("first_new_s", "last_old_s", "backwards", "old_after_new", "split_batches"), None
             ),
+            "served_mode": _scrape(url)[1],
             "ended_on_new": None,
         }
     ]
     manifest, state = reg.load(model, "production")
     calibration = reg.load_calibration(manifest)
     fields = manifest.model_dump(
-        include={"backbone", "num_classes", "class_names", "preprocessing", "metrics"}
+        include={"backbone", "num_classes", "class_names", "preprocessing", "metrics", "graphs"}
     )
+    # the same graphs (int8 and openvino) as the base, so every swap loads the fastest mode
+    graphs = {
+        name: reg.read_file(manifest, name)
+        for record in manifest.graphs.values()
+        for name in record.files
+    }
     for i in range(args.swaps):
-        new = reg.publish(state, model=model, calibration=calibration, **fields)
+        new = reg.publish(state, model=model, calibration=calibration, extra_files=graphs, **fields)
         rows.append(
             {"run": f"swap {i + 1}", **_one_swap(url, reg, model, new.version, images, args)}
         )
@@ -93,7 +104,7 @@ def _one_swap(
         )
         r.raise_for_status()
 
-    split_before = _split_batches(url)
+    split_before, _ = _scrape(url)
     thread = threading.Thread(target=promote)
     thread.start()
     res = run_load(
@@ -104,6 +115,7 @@ def _one_swap(
         on_response=on_response,
     )
     thread.join()
+    split_after, mode_after = _scrape(url)
     t0 = promote_at[0]
     seen.sort()
     first_new = next((t for t, v in seen if v == new_version), None)
@@ -123,7 +135,8 @@ def _one_swap(
         "old_after_new": sum(
             1 for t, v in seen if first_new and t > first_new and v == old_version
         ),
-        "split_batches": _split_batches(url) - split_before,
+        "split_batches": split_after - split_before,
+        "served_mode": mode_after,
         "ended_on_new": bool(seen) and seen[-1][1] == new_version,
     }
 
@@ -182,6 +195,7 @@ def main() -> int:
     p.add_argument("--window", type=float, default=9.0, help="seconds of load per swap")
     p.add_argument("--base-epochs", type=int, default=3)
     p.add_argument("--no-jemalloc", action="store_true")
+    p.add_argument("--mode", default="int8", help="numeric mode served (the fastest: int8)")
     args = p.parse_args()
     malloc = reexec_with_jemalloc(not args.no_jemalloc)
 
@@ -201,7 +215,12 @@ def main() -> int:
         try:
             settings = RefitSettings(
                 s3=conn.s3_settings(),
-                serve=ServeSettings(port=free_port(), admin_token=ADMIN, poll_interval_s=2.0),
+                serve=ServeSettings(
+                    port=free_port(),
+                    admin_token=ADMIN,
+                    poll_interval_s=2.0,
+                    numeric_mode=args.mode,
+                ),
             )
             store = ObjectStore(settings.s3)
             reg = Registry(store)

@@ -92,15 +92,19 @@ def _round(
     from training.storage.registry import Registry
     from training.storage.s3 import ObjectStore
 
-    serve = ServeSettings(port=free_port(), classifier_cpus=1)
-    if period is not None:
-        serve = serve.model_copy(update={"proxy_health_check_period_s": period})
+    # Serve's Python proxies are what this measures (the HAProxy ingress has none to kill);
+    # no period: Ray's own default
+    serve = ServeSettings(
+        port=free_port(),
+        classifier_cpus=1,
+        ingress="proxy",
+        proxy_health_check_period_s=period if period is not None else 10.0,
+    )
     conn, weed = embedded.connection, embedded.process
     assert conn is not None
     assert weed is not None
     settings = RefitSettings(s3=conn.s3_settings(), serve=serve)
-    env = deployments.controller_env(settings) if period is not None else None
-    ensure_ray(RaySettings(num_cpus=4), env=env)
+    ensure_ray(RaySettings(num_cpus=4))
     try:
         reg = Registry(ObjectStore(settings.s3))
         if reg.get_alias("bench", "production")[0] is None:

@@ -42,6 +42,8 @@ IMAGENET = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
 
 
 SCRAPE_TOKEN = "bench-scrape"
+CACHE = Path(__file__).with_name(".cache")
+"""The trained benchmark model, kept between runs (delete it to train afresh)."""
 
 
 def build_model(threads: int, epochs: int = 4) -> tuple[Any, Any, Any, list[bytes]]:
@@ -63,6 +65,13 @@ def build_model(threads: int, epochs: int = 4) -> tuple[Any, Any, Any, list[byte
         jpegs, max_image_bytes=1 << 24, max_pixels=1 << 26, preprocessing=pre
     )
     x = normalize(pre, crops)
+    cached = CACHE / f"serving-resnet18-{epochs}-epochs.safetensors"
+    if cached.exists():  # the same seed, data and steps: the model a previous run trained
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(cached))
+        print(f"[bench] model: trained earlier, {cached}", file=sys.stderr, flush=True)
+        return model.eval(), pre, crops[300:], jpegs[300:]
     # a short fine-tune of the whole network first (the trunk too): a trained model's
     # answers have margins that a random trunk's do not, and int8 rounding is measured
     # against those (a random trunk with a fitted head flips under any rounding)
@@ -99,6 +108,10 @@ def build_model(threads: int, epochs: int = 4) -> tuple[Any, Any, Any, list[byte
         w = head.weight / sd
         head.bias -= (w * mu).sum(1)
         head.weight.copy_(w)
+    from safetensors.torch import save_file
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, cached)
     return model, pre, crops[300:], jpegs[300:]
 
 
@@ -254,6 +267,18 @@ def main() -> int:
     p.add_argument("--max-batch-size", type=int, default=16)
     p.add_argument("--no-jemalloc", action="store_true")
     p.add_argument("--no-torchserve", action="store_true", help="skip the TorchServe peer")
+    p.add_argument(
+        "--ingress",
+        default="haproxy",
+        help="comma-separated: haproxy (the default: Serve's HAProxy ingress), proxy (Serve's "
+        "Python HTTP proxy); each runs every mode and layout on its own Ray",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="after each mode's levels, one more run at the top concurrency under py-spy, "
+        "with CPU ms per request of every process (not counted in the table)",
+    )
     args = p.parse_args()
     malloc = reexec_with_jemalloc(not args.no_jemalloc)
 
@@ -265,7 +290,7 @@ def main() -> int:
     from service.dataplane.images import decode_request_images
     from service.dataplane.served_model import GRAPH_MODES
     from service.embedded_store import EmbeddedStore
-    from service.settings import RefitSettings
+    from service.settings import RefitSettings, ServeSettings
     from training.openvino_ir import ExportedGraph
     from training.preprocess import normalize
     from training.storage.registry import Registry
@@ -333,22 +358,25 @@ def main() -> int:
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
         ray_start_s = time.perf_counter() - started
         try:
-            for mode in modes:
-                for replicas, cpus in layouts:
-                    rows += _serve_rows(
-                        base,
-                        mode,
-                        replicas,
-                        cpus,
-                        args,
-                        jpegs,
-                        expected,
-                        levels,
-                        raw,
-                        best_peer,
-                        ray_start_s,
-                        store_pids,
-                    )
+            for ingress in args.ingress.split(","):
+                # each layout starts its own Serve, whose controller takes the ingress
+                base = base.model_copy(update={"serve": ServeSettings(ingress=ingress)})
+                for mode in modes:
+                    for replicas, cpus in layouts:
+                        rows += _serve_rows(
+                            base,
+                            mode,
+                            replicas,
+                            cpus,
+                            args,
+                            jpegs,
+                            expected,
+                            levels,
+                            raw,
+                            best_peer,
+                            ray_start_s,
+                            store_pids,
+                        )
         finally:
             ray.shutdown()
     for r in peer:  # the peer's rows beside ours, in the same table
@@ -390,6 +418,7 @@ def main() -> int:
                 for m, g in GRAPHS.items()
             },
             "import_s": import_s,
+            "profiles": PROFILES,
             "held_out_images": int(x_held.shape[0]),
             "ray_start_s": ray_start_s,
             "torchserve_c1_p50_ms": next(
@@ -475,6 +504,7 @@ def _serve_rows(
         update={
             "serve": ServeSettings(
                 port=free_port(),
+                ingress=base.serve.ingress,
                 numeric_mode=mode,
                 metrics_token=SCRAPE_TOKEN,
                 classifier_replicas=replicas,
@@ -516,6 +546,7 @@ def _serve_rows(
                 {
                     "mode": mode,
                     "layout": f"{replicas}x{cpus:g}",
+                    "ingress": settings.serve.ingress,
                     "served_mode": served_mode,
                     "replica_allocator": replica_malloc,
                     "refused_for": refused,
@@ -533,9 +564,56 @@ def _serve_rows(
                 }
             )
             print(f"[bench] {rows[-1]}", file=sys.stderr, flush=True)
+        if args.profile:
+            PROFILES[f"{mode} {replicas}x{cpus:g} {settings.serve.ingress}"] = _profile(
+                predict, jpegs, levels[-1], args.seconds, store_pids
+            )
     finally:
         deployments.shutdown()
     return rows
+
+
+PROFILES: dict[str, dict[str, Any]] = {}
+
+
+def _profile(
+    predict: str, jpegs: list[bytes], concurrency: int, seconds: float, skip: tuple[int, ...]
+) -> dict[str, Any]:
+    """One more load run, with py-spy on every classifier replica and CPU per process."""
+    import os
+
+    from profiling import PySpy, cpu_per_request, cpu_seconds
+    from ray._private.state import actors  # the GCS table: no dashboard needed
+
+    replicas = [
+        int(a["Pid"])
+        for a in actors(actor_state_name="ALIVE").values()
+        if a["ActorClassName"].endswith(":Classifier")  # our app's replicas, in our own Ray
+    ]
+    spies = {
+        pid: PySpy(pid, seconds, Path(tempfile.gettempdir()) / f"refit-spy-{pid}.txt")
+        for pid in replicas
+    }
+    before = cpu_seconds(os.getpid(), skip)
+    res = run_load(predict, jpegs, concurrency=concurrency, seconds=seconds)
+    after = cpu_seconds(os.getpid(), skip)
+    requests = len(res.latencies)
+    out = {
+        "concurrency": concurrency,
+        "req_per_s_under_profiler": res.summary()["req_per_s"],
+        "cpu_ms_per_request": cpu_per_request(before, after, requests),
+        "replicas": {str(pid): spy.result() for pid, spy in spies.items()},
+    }
+    total = sum(r["cpu_ms_per_request"] for r in out["cpu_ms_per_request"])
+    print(f"[bench] CPU per request at c={concurrency}: {total:.1f} ms", file=sys.stderr)
+    for r in out["cpu_ms_per_request"][:8]:
+        print(f"    {r['cpu_ms_per_request']:7.2f} ms  {r['process']}", file=sys.stderr)
+    for pid, summary in out["replicas"].items():
+        print(f"[bench] py-spy replica {pid}: {summary.get('by_stage', summary)}", file=sys.stderr)
+        for leaf, share in list(summary.get("top_leaves", {}).items())[:10]:
+            print(f"    {share:6.1%}  {leaf}", file=sys.stderr)
+    sys.stderr.flush()
+    return out
 
 
 if __name__ == "__main__":

@@ -272,7 +272,7 @@ def cmd_up(args: argparse.Namespace, settings: RefitSettings) -> int:
         settings = _local_ray(settings).model_copy(
             update={"s3": conn.s3_settings(settings.s3.prefix), "serve": serve_conf}
         )
-        ensure_ray(settings.ray, env=deployments.controller_env(settings))
+        ensure_ray(settings.ray)
         _stop_on_sigterm()
         deployed = True
         deployments.run(settings)

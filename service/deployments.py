@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from typing import Any
 
 import torch
@@ -198,9 +199,12 @@ def application(settings: RefitSettings) -> Any:
     # its plain-text 503 never answers instead. Requests wait at the proxy only while the
     # router assigns them (bursts), never for work.
     admitted = s.max_ongoing_requests + max(0, s.max_queued_requests)
-    actor: dict[str, Any] = {"num_cpus": s.replica_cpus}
+    env = serve_env(settings)
     if s.numeric_mode in GRAPH_MODES:  # OpenVINO aborts under a preloaded jemalloc
-        actor["runtime_env"] = {"env_vars": without_preloaded_allocator()}
+        env |= without_preloaded_allocator()
+    actor: dict[str, Any] = {"num_cpus": s.replica_cpus}
+    if env:
+        actor["runtime_env"] = {"env_vars": env}
     return classifier_dep.options(
         **spread,
         **scaling,
@@ -210,18 +214,57 @@ def application(settings: RefitSettings) -> Any:
     ).bind(settings)
 
 
-def controller_env(settings: RefitSettings) -> dict[str, str]:
-    """Environment of the Serve controller (Ray reads it there at start): how soon a dead
-    HTTP proxy is noticed and replaced."""
+def serve_env(settings: RefitSettings) -> dict[str, str]:
+    """Ray Serve's switches that every Serve process reads at its start (the controller and
+    the replicas): which ingress answers HTTP (``serve.ingress``)."""
+    s = settings.serve
+    if s.ingress != "haproxy":
+        return {}
     return {
-        "RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S": f"{settings.serve.proxy_health_check_period_s:g}"
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": f"{s.ingress_drain_s:g}",
     }
 
 
-def run(settings: RefitSettings, *, name: str = "refit") -> None:
-    """Deploy on the connected Ray: HTTP on ``settings.serve.host:port``, app at ``/``."""
-    serve.start(http_options={"host": settings.serve.host, "port": settings.serve.port})
+def controller_env(settings: RefitSettings) -> dict[str, str]:
+    """Environment of the Serve controller (and of the proxies it starts): how soon a dead
+    HTTP proxy is noticed and replaced, and the ingress (:func:`serve_env`).
+
+    With HAProxy, its side ports (a read-only stats page and a Prometheus exporter, both on
+    every interface; Serve's fallback proxy on ``host``) are chosen free here: Ray's fixed
+    defaults (8404, 9101, 8500) collide when two clusters share a host. HAProxy's files are
+    already per Ray node (``/tmp/haproxy-serve/{node_id}``)."""
+    s = settings.serve
+    env = {"RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S": f"{s.proxy_health_check_period_s:g}"}
+    env |= serve_env(settings)
+    if s.ingress == "haproxy":
+        env |= {
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
+            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(_free_port()),
+        }
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def run(settings: RefitSettings, *, name: str = "refit") -> dict[str, str]:
+    """Deploy on the connected Ray: HTTP on ``settings.serve.host:port``, app at ``/``.
+    Returns the Serve controller's environment (:func:`controller_env`)."""
+    # the controller's environment is set when it is created (here, or never: an already
+    # running controller keeps its own); the replicas get theirs from the deployment
+    env = controller_env(settings)
+    serve.start(
+        http_options={"host": settings.serve.host, "port": settings.serve.port},
+        controller_options={"runtime_env": {"env_vars": env}},
+    )
     serve.run(application(settings), name=name, route_prefix="/")
+    return env
 
 
 def shutdown() -> None:

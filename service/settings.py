@@ -106,6 +106,18 @@ class ServeSettings(BaseModel):
     """``refit up`` restarts itself with jemalloc preloaded where it is installed (Debian
     ``libjemalloc2``; ``make setup`` installs it as root): every Ray process it starts
     inherits it, and glibc malloc costs about a fifth of CPU inference throughput."""
+    ingress: Literal["haproxy", "proxy"] = "haproxy"
+    """What answers HTTP on ``host:port``. ``haproxy``: Ray Serve's high-throughput ingress
+    (Ray's ``RAY_SERVE_ENABLE_HA_PROXY`` and ``RAY_SERVE_THROUGHPUT_OPTIMIZED``): HAProxy
+    hands each request to a classifier replica's own HTTP server (ports from 30000 up), so no
+    Python proxy and no Ray call sit in a prediction's path (1.2-1.3x the throughput of
+    ``proxy`` here, benchmarks/serving.py). ``proxy``: Serve's Python HTTP proxy, which hands
+    requests to replicas by Ray calls. Set on the Serve that Refit starts; on KubeRay the pods
+    set Ray's variables too."""
+    ingress_drain_s: float = Field(default=2.0, ge=0)
+    """With the ``haproxy`` ingress: how long a stopping replica keeps answering after HAProxy
+    stops sending it requests (Ray's ``RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S``: 30 s
+    by default, sized for remote load balancers; HAProxy is told at once)."""
     proxy_health_check_period_s: float = Field(default=2.0, gt=0)
     """How often Serve's controller checks each HTTP proxy (Ray's
     ``RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S``, 10 s by default); a proxy is replaced after 3

@@ -51,10 +51,10 @@ def app(seaweed: Connection) -> Iterator[dict[str, Any]]:
     reg = Registry(ObjectStore(settings.s3))
     v1 = publish(reg, "digits")
     publish(reg, "unpromoted", promote=False)
-    deployments.run(settings)
+    env = deployments.run(settings)
     url = f"http://127.0.0.1:{settings.serve.port}"
     try:
-        yield {"url": url, "reg": reg, "v1": v1}
+        yield {"url": url, "reg": reg, "v1": v1, "env": env}
     finally:
         deployments.shutdown()
 
@@ -175,6 +175,34 @@ def test_a_prediction_crosses_one_replica(app: dict[str, Any]) -> None:
     route = 'refit_http_requests_total{route="/v1/models/{model}/predict",status="200"}'
     assert _metric(text, route) >= 1
     assert 'refit_model_loaded_info{mode="fp32",model="digits"' in text
+
+
+def _haproxy_servers(env: dict[str, str]) -> dict[str, int]:
+    """Requests each HAProxy server (a replica, or Serve's fallback proxy) has been sent, from
+    HAProxy's own stats page (this Serve's port)."""
+    port = env["RAY_SERVE_HAPROXY_STATS_PORT"]
+    csv = requests.get(f"http://127.0.0.1:{port}/stats;csv", timeout=10).text
+    header, *rows = (line.split(",") for line in csv.splitlines() if line)
+    col = {name.lstrip("# "): i for i, name in enumerate(header)}
+    return {
+        r[col["svname"]]: int(r[col["stot"]] or 0)
+        for r in rows
+        if r[col["svname"]] not in ("FRONTEND", "BACKEND")
+    }
+
+
+def test_the_default_ingress_is_haproxy_straight_to_the_replica(app: dict[str, Any]) -> None:
+    """With the default ingress, HAProxy hands every prediction to the replica's own HTTP
+    server: Serve's Python proxy (HAProxy's fallback) is sent none of them."""
+    before = _haproxy_servers(app["env"])
+    for _ in range(5):
+        assert _post(app, "digits", json={"images": _b64(png_bytes(0))}).status_code == 200
+    after = _haproxy_servers(app["env"])
+    sent = {name: n - before.get(name, 0) for name, n in after.items()}
+    replicas = {k: v for k, v in sent.items() if k.startswith("SERVE_REPLICA")}
+    fallback = {k: v for k, v in sent.items() if "PROXY" in k}
+    assert sum(replicas.values()) == 5, sent
+    assert fallback and sum(fallback.values()) == 0, sent
 
 
 def test_hot_swap_under_load(app: dict[str, Any]) -> None:
