@@ -29,7 +29,8 @@ from service.allocator import without_preloaded_allocator
 from service.api import create_app
 from service.control.notices import events_actor, notify_async
 from service.control.runner_clients import RunnerScheduler
-from service.dataplane.dataplane import DataPlane
+from service.dataplane.dataplane import DataPlane, capture_tap, capture_use_cases
+from service.dataplane.feedback import FeedbackUseCases
 from service.dataplane.hotload import Follower
 from service.dataplane.jobs import JobsUseCases
 from service.dataplane.model_host import Item, ModelHost, Ranked
@@ -92,7 +93,9 @@ class Classifier:
         # application() resolved classifier_cpus: as many threads as this replica reserved
         torch.set_num_threads(s.torch_threads)
         models = Registry(ObjectStore(settings.s3))  # hot-loads and imports: large objects
-        self.host = ModelHost(s, models, submit=self._submit)
+        self.host = ModelHost(
+            s, models, submit=self._submit, capture=capture_tap(settings, models.store)
+        )
         logging.getLogger("ray.serve").addFilter(_LaneWarningFilter())
         # Serve forms the batches; the lane merges those that queue behind a running forward
         # pass. Every batch must reach the lane at once (one request is the smallest batch,
@@ -122,6 +125,8 @@ class Classifier:
             alias=s.alias,
             notify=notify,
             bulk=models,
+            captures=capture_use_cases(settings, Registry(store)),
+            feedback=FeedbackUseCases(Registry(store), settings),
         )
         if s.start_job_runner:  # now: queued jobs resume without waiting for a request
             try:

@@ -107,6 +107,16 @@ class ScrapeCollector(Collector):
             "its own forward pass (a forward pass never mixes versions)",
             value=c.get("split_batches", 0),
         )
+        captures = CounterMetricFamily(
+            "refit_captures",
+            "Predictions captured for labelling: stored, dropped (the replica's capture queue "
+            "was full) or failed (the store refused)",
+            labels=["model", "outcome"],
+        )
+        for key, n in c.get("captures", {}).items():
+            model, outcome = key.split(" ", 1)
+            captures.add_metric([model, outcome], n)
+        yield captures
         buckets, total = batch_histogram(c.get("batch_sizes", {}))
         yield HistogramMetricFamily(
             "refit_batch_size",

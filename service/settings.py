@@ -18,12 +18,33 @@ from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from training.job_settings import RaySettings, TrainingSettings
+from training.storage.captures import CapturePolicy
 from training.storage.location import S3Settings
 
 NumericMode = Literal["fp32", "channels_last", "fp32_jit", "bf16", "bf16_jit", "openvino", "int8"]
 """How a classifier replica runs a model. fp32: eager, contiguous. channels_last: fp32 in
 NHWC. fp32_jit: channels_last, traced and frozen (batch norm folded into the convolutions).
 bf16 / bf16_jit: the same under bf16 autocast."""
+
+
+class CaptureSettings(CapturePolicy):
+    """Capture of served predictions for labelling: the default policy of every model that
+    has none stored (all off: nothing captured), and the writer's bounds."""
+
+    queue_size: int = Field(default=256, ge=1)
+    """Captures waiting to be stored, per replica; past it a capture is dropped and counted
+    (``refit_captures_total{outcome="dropped"}``), never the prediction slowed."""
+    refresh_s: float = Field(default=10.0, gt=0)
+    """How often a replica re-reads a model's stored capture policy."""
+    feedback_val_fraction: float = Field(default=0.2, gt=0, lt=1)
+    """Share of labelled images in the feedback dataset's val split (by content hash: an
+    image's split never changes)."""
+
+    def policy(self) -> CapturePolicy:
+        """The default policy alone (without the writer's bounds)."""
+        return CapturePolicy.model_validate(
+            self.model_dump(include=set(CapturePolicy.model_fields))
+        )
 
 
 class StoreSettings(BaseModel):
@@ -50,6 +71,9 @@ class ServeSettings(BaseModel):
     """Bearer token for admin endpoints (jobs, promote, rollback); unset disables them."""
     predict_token: SecretStr | None = None
     """Bearer token for predict endpoints; unset leaves them open (admin token also works)."""
+    label_token: SecretStr | None = None
+    """Bearer token of labelling clients: ``POST /v1/models/{model}/feedback`` and nothing
+    else (the admin token also works); unset leaves feedback to the admin token."""
     metrics_token: SecretStr | None = None
     """Bearer token of the Prometheus scrape of ``/metrics`` (the admin token also works;
     with neither set, ``/metrics`` is disabled)."""
@@ -177,6 +201,8 @@ class RefitSettings(BaseSettings):
     """Fine-tune limits and defaults."""
     serve: ServeSettings = ServeSettings()
     """The HTTP service."""
+    capture: CaptureSettings = CaptureSettings()
+    """Capture of served predictions (default policy: off)."""
     url: str | None = None
     """CLI client: the service's URL (else ``url`` in ``connection.json`` of ``--data-dir``)."""
     token: SecretStr | None = None

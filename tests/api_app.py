@@ -19,6 +19,7 @@ from training.storage.registry import Registry
 from training.storage.s3 import ObjectStore
 
 ADMIN, PREDICT, METRICS = "admin-secret", "predict-secret", "metrics-secret"
+LABEL = "label-secret"
 
 
 class RecordingLauncher:
@@ -47,6 +48,7 @@ def build_inprocess_app(
         admin_token=SecretStr(ADMIN),
         predict_token=SecretStr(PREDICT),
         metrics_token=SecretStr(METRICS),
+        label_token=SecretStr(LABEL),
         max_body_bytes=300_000,
         poll_interval_s=30,
     )

@@ -3,6 +3,8 @@ scope shows in its signature and in ``/openapi.json``.
 
 * predict scope: open unless ``REFIT_SERVE__PREDICT_TOKEN`` is set; the admin token works too;
 * admin scope: always needs ``REFIT_SERVE__ADMIN_TOKEN`` (disabled when none is set);
+* label scope (``POST /v1/models/{model}/feedback``): ``REFIT_SERVE__LABEL_TOKEN`` (a
+  labelling client's, which opens nothing else) or the admin token; disabled when neither is set;
 * metrics scope (``/metrics``: model names, versions, job counts): ``REFIT_SERVE__METRICS_TOKEN``
   (the scraper's, which opens nothing else) or the admin token; disabled when neither is set.
 
@@ -29,6 +31,12 @@ predict_bearer = HTTPBearer(
 )
 admin_bearer = HTTPBearer(
     scheme_name="adminToken", description="REFIT_SERVE__ADMIN_TOKEN", auto_error=False
+)
+
+label_bearer = HTTPBearer(
+    scheme_name="labelToken",
+    description="REFIT_SERVE__LABEL_TOKEN (or the admin token)",
+    auto_error=False,
 )
 
 metrics_bearer = HTTPBearer(
@@ -79,8 +87,8 @@ def require_admin(
     if settings.admin_token is None:
         raise ForbiddenError("admin endpoints are disabled: no REFIT_SERVE__ADMIN_TOKEN is set")
     token = _token(credentials)
-    if _matches(token, settings.predict_token):
-        raise ForbiddenError("the predict token is not valid for admin endpoints")
+    if _matches(token, settings.predict_token) or _matches(token, settings.label_token):
+        raise ForbiddenError("only the admin token is valid for admin endpoints")
     if not _matches(token, settings.admin_token):
         raise InvalidTokenError("not a valid token")
 
@@ -100,6 +108,22 @@ def require_metrics(
         raise InvalidTokenError("not a valid token")
 
 
+def require_label(
+    settings: Settings, credentials: Annotated[Credentials, Security(label_bearer)]
+) -> None:
+    """Label scope: a labelling client sends labels back, and can do nothing else."""
+    if settings.label_token is None and settings.admin_token is None:
+        raise ForbiddenError(
+            "feedback is disabled: set REFIT_SERVE__LABEL_TOKEN (or an admin token)"
+        )
+    token = _token(credentials)
+    if _matches(token, settings.predict_token) or _matches(token, settings.metrics_token):
+        raise ForbiddenError("only the label or admin token is valid for feedback")
+    if not (_matches(token, settings.label_token) or _matches(token, settings.admin_token)):
+        raise InvalidTokenError("not a valid token")
+
+
 PredictScope = Depends(require_predict)
+LabelScope = Depends(require_label)
 MetricsScope = Depends(require_metrics)
 AdminScope = Depends(require_admin)

@@ -69,10 +69,13 @@ class Label(BaseModel):
 
 
 class PredictResponse(BaseModel):
-    """Top-k labels per image, and the version that answered (also ``X-Model-Version``)."""
+    """Top-k labels per image, the version that answered (also ``X-Model-Version``) and the
+    prediction's id (also ``X-Prediction-Id``): a label sent back to
+    ``POST /v1/models/{model}/feedback`` names it, and the image's index."""
 
     model: str
     model_version: str
+    prediction_id: str
     predictions: list[list[Label]]
 
 
@@ -154,4 +157,5 @@ async def predict(
     images, top_k = await predict_inputs(request, settings)
     result = await plane.predict(model, images, top_k)
     response.headers["X-Model-Version"] = result["model_version"]
+    response.headers["X-Prediction-Id"] = result["prediction_id"]
     return result

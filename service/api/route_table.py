@@ -14,7 +14,15 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from service.api import finetune_jobs, inference_v2, model_admin, ops, predict_v1
+from service.api import (
+    captures,
+    feedback,
+    finetune_jobs,
+    inference_v2,
+    model_admin,
+    ops,
+    predict_v1,
+)
 from service.api.error_table import EXCEPTION_HANDLERS
 from service.api.middleware import BodyLimit, HeaderLimit, ObserveRequests
 from service.dataplane.dataplane import DataPlane
@@ -65,6 +73,9 @@ def create_app(settings: RefitSettings, dataplane: DataPlane) -> FastAPI:
         inference_v2.health,
         model_admin.reads,
         model_admin.admin,
+        captures.router,
+        feedback.labels,
+        feedback.admin,
         finetune_jobs.router,
         ops.router,
     ):
@@ -92,6 +103,7 @@ def create_app(settings: RefitSettings, dataplane: DataPlane) -> FastAPI:
         default=ADMIN_BODY_BYTES,
         limits=[
             (predict_paths, settings.serve.max_body_bytes),
+            (r"/v1/models/[^/]+/feedback", settings.serve.max_body_bytes),
             (r"/v1/models/[^/]+/versions", settings.serve.max_import_bytes),
         ],
     )

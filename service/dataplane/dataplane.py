@@ -14,6 +14,9 @@ from typing import Any, Protocol
 
 import torch
 
+from service.dataplane.capture import CaptureTap
+from service.dataplane.captures import CaptureUseCases
+from service.dataplane.feedback import FeedbackUseCases
 from service.dataplane.jobs import JobsUseCases, Scheduler
 from service.dataplane.model_host import ModelHost
 from service.dataplane.model_import import ImportRequest, import_version
@@ -21,6 +24,7 @@ from service.dataplane.served_model import check_loadable
 from service.dataplane.store_calls import store_call
 from service.request_errors import NoVersionError
 from service.settings import RefitSettings, ServeSettings
+from training.storage.captures import Captures
 from training.storage.errors import NotFoundError, RefitError
 from training.storage.registry import AliasRecord, Manifest, Registry
 from training.storage.s3 import ObjectStore
@@ -88,10 +92,14 @@ class DataPlane:
         alias: str,
         notify: Notifier = _no_notice,
         bulk: Registry | None = None,
+        captures: CaptureUseCases | None = None,
+        feedback: FeedbackUseCases | None = None,
     ) -> None:
         """``bulk``: the registry for large writes (imports), on a store without the short
-        request-path timeouts; ``registry`` by default."""
+        request-path timeouts; ``registry`` by default. ``captures``: capture policies and
+        captured predictions, ``feedback``: labels sent back (none: those routes answer 400)."""
         self.registry, self.predictor, self.jobs = registry, predictor, jobs
+        self.captures, self.feedback = captures, feedback
         self.alias, self.notify = alias, notify
         self.bulk = bulk or registry
 
@@ -217,11 +225,31 @@ def in_process_dataplane(
     queued on ``scheduler``: for tests and tools that need the API without Ray Serve."""
     store = ObjectStore(settings.s3, request_path=True)  # what HTTP requests wait on
     models = Registry(ObjectStore(settings.s3))  # hot-loads: large reads, in the background
+    host = ModelHost(settings.serve, models, capture=capture_tap(settings, models.store))
     return DataPlane(
         registry=Registry(store),
-        predictor=InProcessPredictor(ModelHost(settings.serve, models)),
+        predictor=InProcessPredictor(host),
         jobs=JobsUseCases(store, scheduler),
         alias=settings.serve.alias,
         notify=notify,
         bulk=models,
+        captures=capture_use_cases(settings, Registry(store)),
+        feedback=FeedbackUseCases(Registry(store), settings),
+    )
+
+
+def capture_tap(settings: RefitSettings, store: ObjectStore) -> CaptureTap:
+    """The capture writer of one serving process (``store``: one without the request-path
+    timeouts: its writes run on the tap's own thread)."""
+    c = settings.capture
+    return CaptureTap(Captures(store), c.policy(), queue_size=c.queue_size, refresh_s=c.refresh_s)
+
+
+def capture_use_cases(settings: RefitSettings, registry: Registry) -> CaptureUseCases:
+    """The capture routes' use cases over ``registry`` (the request-path store)."""
+    return CaptureUseCases(
+        registry,
+        settings.capture.policy(),
+        alias=settings.serve.alias,
+        max_image_bytes=settings.serve.max_image_bytes,
     )

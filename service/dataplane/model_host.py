@@ -26,6 +26,7 @@ import torch
 
 from service.allocator import current_allocator
 from service.dataplane.batching import ForwardLane
+from service.dataplane.capture import CaptureTap
 from service.dataplane.hotload import Follower
 from service.dataplane.images import decode_request_images
 from service.dataplane.served_model import ServedModel
@@ -33,6 +34,7 @@ from service.request_errors import BadRequestError, OverloadedError
 from service.settings import ServeSettings
 from training.preprocess import normalize
 from training.storage.errors import IntegrityError, RefitError
+from training.storage.ids import new_prediction_id
 from training.storage.registry import Registry
 from training.storage.s3 import ObjectStore
 
@@ -61,10 +63,12 @@ class ModelHost:
         registry: Registry,
         *,
         submit: Callable[[Item], Awaitable[Ranked]] | None = None,
+        capture: CaptureTap | None = None,
     ) -> None:
         """``submit`` queues one request for a forward pass (the Serve edge wraps the lane
-        in ``@serve.batch``); by default requests go to the lane directly."""
-        self.settings, self.registry = settings, registry
+        in ``@serve.batch``); by default requests go to the lane directly. ``capture`` keeps
+        sampled predictions for labelling (none: nothing is captured)."""
+        self.settings, self.registry, self.capture = settings, registry, capture
         self.lane: ForwardLane[Item, Ranked] = ForwardLane(self._forward, settings.max_batch_size)
         self._submit = submit or self._submit_one
         self._lru: collections.OrderedDict[str, Follower] = collections.OrderedDict()
@@ -171,7 +175,16 @@ class ModelHost:
             max_side=s.max_image_side,
             max_aspect=s.max_aspect_ratio,
         )
-        return await self._answer(served, normalize(served.preprocessing, crops), top_k)
+        result = await self._answer(served, normalize(served.preprocessing, crops), top_k)
+        if self.capture is not None:
+            self.capture.observe(
+                served.name,
+                served.version,
+                result["prediction_id"],
+                images,
+                result["predictions"],
+            )
+        return result
 
     async def predict_tensor(
         self, follower: Follower, x: torch.Tensor, top_k: int
@@ -193,7 +206,12 @@ class ModelHost:
             predictions = await self._submit((served, x, top_k))
         finally:
             self._pending -= 1
-        return {"model": served.name, "model_version": served.version, "predictions": predictions}
+        return {
+            "model": served.name,
+            "model_version": served.version,
+            "prediction_id": new_prediction_id(),
+            "predictions": predictions,
+        }
 
     async def _forward(self, items: list[Item]) -> list[Ranked]:
         """One forward pass per loaded version over the lane's merged requests."""
@@ -251,4 +269,7 @@ class ModelHost:
             "queue_depth": self._pending,
             "batch_sizes": dict(self._batch_sizes),
             "split_batches": self._split_batches,
+            "captures": {f"{m} {o}": n for (m, o), n in self.capture.counts.items()}
+            if self.capture
+            else {},
         }

@@ -78,6 +78,10 @@ class InferenceResponse(BaseModel):
     model_name: str
     model_version: str
     id: str | None = None
+    parameters: dict[str, Any] | None = Field(
+        default=None,
+        description="``prediction_id``: what a label sent back to the feedback route names",
+    )
     outputs: list[ResponseOutput]
 
 
@@ -251,12 +255,16 @@ def build_response(result: dict[str, Any], req: InferRequest) -> tuple[bytes, di
     header: dict[str, Any] = {
         "model_name": result["model"],
         "model_version": result["model_version"],
+        "parameters": {"prediction_id": result["prediction_id"]},
         "outputs": outputs,
     }
     if req.id is not None:
         header["id"] = req.id
     head = json.dumps(header).encode()
-    headers = {"X-Model-Version": result["model_version"]}
+    headers = {
+        "X-Model-Version": result["model_version"],
+        "X-Prediction-Id": result["prediction_id"],
+    }
     if not blobs:
         return head, headers, "application/json"
     headers["Inference-Header-Content-Length"] = str(len(head))

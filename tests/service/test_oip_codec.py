@@ -106,6 +106,7 @@ def test_binary_response_layout() -> None:
     result = {
         "model": "m",
         "model_version": "v1",
+        "prediction_id": "20261203-061500123-0123456789ab",
         "predictions": [[{"label": "a", "score": 0.75}, {"label": "bb", "score": 0.25}]],
     }
     req = InferRequest(id="7", images=None, tensor=None, top_k=2, binary_outputs={"scores"})
@@ -114,5 +115,7 @@ def test_binary_response_layout() -> None:
     head = json.loads(body[:n])
     assert media == "application/octet-stream"
     assert head["id"] == "7"
+    assert head["parameters"]["prediction_id"] == result["prediction_id"]
+    assert headers["X-Prediction-Id"] == result["prediction_id"]
     assert head["outputs"][0]["data"] == ["a", "bb"]
     assert np.frombuffer(body[n:], dtype="<f4").tolist() == [0.75, 0.25]

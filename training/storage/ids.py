@@ -8,12 +8,19 @@ from datetime import UTC, datetime
 
 ID_PATTERN = r"^[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?$"
 _ID = re.compile(ID_PATTERN)
+PREDICTION_ID_PATTERN = r"^[0-9]{8}-[0-9]{9}-[0-9a-f]{12}$"
+_PREDICTION_ID = re.compile(PREDICTION_ID_PATTERN)
 
 
 def is_id(value: object) -> bool:
     """Whether a value is a valid id (lowercase letters, digits, ``._-``, 1-64 chars)."""
     # fullmatch: ``$`` alone also matches before a trailing newline ("production\n")
     return isinstance(value, str) and bool(_ID.fullmatch(value)) and ".." not in value
+
+
+def is_prediction_id(value: object) -> bool:
+    """Whether a value is a prediction id (:func:`new_prediction_id`'s form)."""
+    return isinstance(value, str) and bool(_PREDICTION_ID.fullmatch(value))
 
 
 def new_version_id(now: datetime | None = None) -> str:
@@ -27,3 +34,10 @@ def new_job_id(now: datetime | None = None) -> str:
     ``job-20261122-113000123-1a2b3c``."""
     now = now or datetime.now(UTC)
     return f"job-{now:%Y%m%d-%H%M%S}{now.microsecond // 1000:03d}-{secrets.token_hex(3)}"
+
+
+def new_prediction_id(now: datetime | None = None) -> str:
+    """A new prediction id that sorts by time (to the millisecond) and cannot be guessed:
+    ``20261122-113000123-1a2b3c4d5e6f``."""
+    now = now or datetime.now(UTC)
+    return f"{now:%Y%m%d-%H%M%S}{now.microsecond // 1000:03d}-{secrets.token_hex(6)}"

@@ -185,13 +185,15 @@ class ObjectStore:
         """Whether an object exists."""
         return self.head(key) is not None
 
-    def list(self, prefix: str) -> Iterator[ObjectInfo]:
-        """Objects under a relative prefix, in key order (paginated, streaming)."""
+    def list(self, prefix: str, *, start_after: str | None = None) -> Iterator[ObjectInfo]:
+        """Objects under a relative prefix, in key order (paginated, streaming); with
+        ``start_after`` (a relative key), only those after it."""
         full = self.full_key(prefix)
         strip = len(self.full_key(""))
+        extra = {"StartAfter": self.full_key(start_after)} if start_after else {}
         try:
             pages = self.client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=full
+                Bucket=self.bucket, Prefix=full, **extra
             )
             for page in pages:
                 for obj in page.get("Contents", []):

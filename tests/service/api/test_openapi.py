@@ -26,6 +26,8 @@ BODIES = {
     ("post", "/v1/models/{model}/promote"): {"application/json"},
     ("post", "/v1/models/{model}/rollback"): {"application/json"},
     ("post", "/v1/finetune-jobs"): {"application/json"},
+    ("put", "/v1/models/{model}/capture"): {"application/json"},
+    ("post", "/v1/models/{model}/feedback"): {"application/json"},
 }
 
 
@@ -43,10 +45,11 @@ def test_every_body_and_scope_is_declared(openapi: dict[str, Any]) -> None:
         assert set(body["content"]) == types, path
     for path, ops in paths.items():
         for method, op in ops.items():
-            if method == "post" and not path.endswith("/cancel"):
+            # actions without parameters: cancel a job, snapshot a dataset
+            if method == "post" and not path.endswith(("/cancel", "/feedback/dataset")):
                 assert "requestBody" in op, f"{method} {path} declares no body"
     schemes = openapi["components"]["securitySchemes"]
-    assert set(schemes) == {"adminToken", "metricsToken", "predictToken"}
+    assert set(schemes) == {"adminToken", "labelToken", "metricsToken", "predictToken"}
     assert all(s == {"type": "http", "scheme": "bearer", **s} for s in schemes.values())
     scope = {
         ("get", "/v1/finetune-jobs"): "adminToken",
@@ -54,6 +57,10 @@ def test_every_body_and_scope_is_declared(openapi: dict[str, Any]) -> None:
         ("post", "/v1/models/{model}/predict"): "predictToken",
         ("post", "/v2/models/{model}/infer"): "predictToken",
         ("get", "/metrics"): "metricsToken",
+        ("post", "/v1/models/{model}/feedback"): "labelToken",
+        ("get", "/v1/models/{model}/feedback"): "adminToken",
+        ("put", "/v1/models/{model}/capture"): "adminToken",
+        ("get", "/v1/models/{model}/captures/{prediction_id}/{index}/image"): "adminToken",
     }
     for (method, path), name in scope.items():
         assert paths[path][method]["security"] == [{name: []}], path
@@ -135,4 +142,4 @@ def test_generated_requests_get_no_server_error(settings: RefitSettings) -> None
     print("\noperation | cases | 2xx share | 4xx")
     for label, total, share, client in table:
         print(f"{label} | {total} | {share:.2f} | {client}")
-    assert len(table) == 20
+    assert len(table) == 28

@@ -1,0 +1,158 @@
+"""Feedback: true labels for captured predictions (or for uploaded images), kept as a
+deduplicated dataset with a stable train/val split. Every store call and decode runs off the
+event loop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from service.dataplane.capture import image_kind
+from service.dataplane.images import decode_request_images
+from service.dataplane.store_calls import store_call
+from service.request_errors import BadRequestError, TooLargeError, UnsupportedImageError
+from service.settings import RefitSettings
+from training.storage.captures import Captures
+from training.storage.errors import NotFoundError, RefitError
+from training.storage.feedback import (
+    Feedback,
+    FeedbackItem,
+    content_hash,
+    dataset_key,
+    split_of,
+    summary,
+)
+from training.storage.registry import Manifest, Registry
+
+
+@dataclass(frozen=True)
+class Label:
+    """One label sent back: for a captured prediction (its id and image index) or for an
+    uploaded image."""
+
+    label: str
+    new_class: bool = False
+    prediction_id: str | None = None
+    index: int = 0
+    image: bytes | None = None
+
+
+class FeedbackUseCases:
+    """Take labels back; summarise them; snapshot them as a dataset."""
+
+    def __init__(self, registry: Registry, settings: RefitSettings) -> None:
+        self.registry, self.settings = registry, settings
+        self.feedback = Feedback(registry.store)
+        self.captures = Captures(registry.store)
+
+    def _serving(self, model: str) -> Manifest:
+        alias = self.settings.serve.alias
+        record, _ = self.registry.get_alias(model, alias)
+        if record is None:
+            raise NotFoundError(f"model {model!r} has no {alias} version", field="model")
+        manifest, _ = self.registry.read_manifest(
+            model, record.version, expect_sha256=record.sha256
+        )
+        return manifest
+
+    async def label(self, model: str, label: Label) -> dict[str, Any]:
+        """Store a label; the label must be a class of the serving version unless
+        ``new_class`` says it is a new one."""
+        return await store_call(self._label, model, label)
+
+    def _label(self, model: str, req: Label) -> dict[str, Any]:
+        s = self.settings.serve
+        manifest = self._serving(model)
+        if req.label not in manifest.class_names and not req.new_class:
+            names = manifest.class_names
+            shown = ", ".join(names[:20]) + (", …" if len(names) > 20 else "")
+            raise BadRequestError(
+                f"{req.label!r} is not a class of {model} {manifest.version} ({shown}); "
+                "send new_class: true to add one",
+                field="label",
+            )
+        predicted = version = None
+        if req.prediction_id is not None:
+            record = self.captures.get(model, req.prediction_id, req.index)
+            data = self.captures.image(record, max_bytes=s.max_image_bytes)
+            predicted = record.predictions[0].label if record.predictions else None
+            version = record.version
+        else:
+            assert req.image is not None
+            data = req.image
+            if len(data) > s.max_image_bytes:
+                raise TooLargeError(f"{len(data)} bytes exceeds {s.max_image_bytes}", field="image")
+            # the caps every request image has: bytes, pixels, sides, aspect, format
+            try:
+                decode_request_images(
+                    [data],
+                    max_image_bytes=s.max_image_bytes,
+                    max_pixels=s.max_image_pixels,
+                    preprocessing=manifest.preprocessing,
+                    max_side=s.max_image_side,
+                    max_aspect=s.max_aspect_ratio,
+                )
+            except RefitError as exc:
+                exc.field = "image"  # the one image of this body, not images[0]
+                raise
+        kind = image_kind(data)
+        if kind is None:
+            raise UnsupportedImageError("JPEG, PNG or WebP only", field="image")
+        sha = content_hash(data)
+        item = FeedbackItem(
+            model=model,
+            sha256=sha,
+            image=kind,
+            label=req.label,
+            split=split_of(sha, self.settings.capture.feedback_val_fraction),
+            labelled_at=datetime.now(UTC),
+            new_class=req.label not in manifest.class_names,
+            prediction_id=req.prediction_id,
+            index=req.index if req.prediction_id is not None else None,
+            predicted=predicted,
+            version=version,
+        )
+        previous = self.feedback.put(item, data)
+        return {
+            "model": model,
+            "sha256": sha,
+            "label": item.label,
+            "split": item.split,
+            "new_class": item.new_class,
+            "predicted": predicted,
+            "previous_label": previous.label if previous else None,
+        }
+
+    async def overview(self, model: str) -> dict[str, Any]:
+        """Labels per class and split, and where the dataset snapshot is written."""
+
+        def read() -> dict[str, Any]:
+            self._serving(model)
+            items = self.feedback.items(model)
+            return {
+                "model": model,
+                "labels": len(items),
+                "per_split": summary(items),
+                "dataset": self.registry.store.uri(dataset_key(model)),
+                "classes_left_out": [],
+            }
+
+        return await store_call(read)
+
+    async def write_dataset(self, model: str) -> dict[str, Any]:
+        """Snapshot every label as the model's feedback dataset (a JSONL manifest that a
+        fine-tune spec names as its ``dataset``)."""
+
+        def write() -> dict[str, Any]:
+            self._serving(model)
+            uri, items, skipped = self.feedback.write_dataset(model)
+            return {
+                "model": model,
+                "labels": len(items),
+                "per_split": summary(items),
+                "dataset": uri,
+                "classes_left_out": skipped,
+            }
+
+        return await store_call(write)

@@ -1,0 +1,144 @@
+"""Feedback over HTTP, in process (a real SeaweedFS, a real tiny model): labels for captured
+predictions or uploaded images, the label scope, bad input named, content-hash dedup, a
+stable split, and the dataset a fine-tune spec names (read back by the data loader)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image
+
+from api_app import ADMIN, LABEL, METRICS, PREDICT, build_inprocess_app
+from conftest import png_bytes
+from service.settings import RefitSettings
+from training.data import index_dataset
+from training.storage.feedback import split_of
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def app_and_parts(settings: RefitSettings) -> Iterator[tuple[Any, dict[str, Any]]]:
+    app, parts = build_inprocess_app(settings, publish=True)
+    yield app, parts
+    parts["runner"].close()
+
+
+@pytest.fixture
+async def client(app_and_parts: tuple[Any, dict[str, Any]]) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=app_and_parts[0])
+    async with httpx.AsyncClient(transport=transport, base_url="http://refit") as c:
+        yield c
+
+
+def _auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+async def _label(client: httpx.AsyncClient, token: str = LABEL, **body: Any) -> httpx.Response:
+    return await client.post("/v1/models/digits/feedback", json=body, headers=_auth(token))
+
+
+async def test_a_label_for_a_captured_prediction(
+    client: httpx.AsyncClient, app_and_parts: tuple[Any, dict[str, Any]]
+) -> None:
+    parts = app_and_parts[1]
+    policy = {"rate": 1.0, "max_per_class_per_hour": None}
+    assert (
+        await client.put("/v1/models/digits/capture", json=policy, headers=_auth(ADMIN))
+    ).status_code == 200
+    tap = parts["plane"].predictor.host.capture
+    tap.policy("digits")
+    assert await asyncio.to_thread(tap.flush)
+    body = {"images": [_b64(png_bytes(0)), _b64(png_bytes(2, seed=5))]}
+    pred = await client.post("/v1/models/digits/predict", json=body, headers=_auth(PREDICT))
+    pid = pred.json()["prediction_id"]
+    assert await asyncio.to_thread(tap.flush)
+    r = await _label(client, prediction_id=pid, index=1, label="c")
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["predicted"] == pred.json()["predictions"][1][0]["label"]
+    assert out["split"] == split_of(out["sha256"], 0.2)
+    assert out["previous_label"] is None
+    again = await _label(client, prediction_id=pid, index=1, label="b")
+    assert again.json()["previous_label"] == "c"  # the same content: one item, relabelled
+    unknown = await _label(client, prediction_id="20261203-061500123-0123456789ab", label="a")
+    assert unknown.status_code == 404
+    assert unknown.json()["error"]["field"] == "prediction_id"
+    overview = await client.get("/v1/models/digits/feedback", headers=_auth(ADMIN))
+    assert overview.json()["labels"] == 1
+
+
+async def test_uploaded_images_dedup_and_become_a_dataset(
+    client: httpx.AsyncClient, app_and_parts: tuple[Any, dict[str, Any]]
+) -> None:
+    store = app_and_parts[1]["store"]
+    images = {f"{c}{i}": png_bytes(k, seed=i) for k, c in enumerate("abc") for i in range(6)}
+    for name, data in images.items():
+        r = await _label(client, image=_b64(data), label=name[0])
+        assert r.status_code == 200, r.text
+    dup = await _label(client, image=_b64(images["a0"]), label="a")
+    assert dup.json()["previous_label"] == "a"
+    new = await _label(client, image=_b64(png_bytes(4, seed=99)), label="d", new_class=True)
+    assert new.json()["new_class"] is True
+    r = await client.post("/v1/models/digits/feedback/dataset", headers=_auth(ADMIN))
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["labels"] == len(images)
+    assert out["classes_left_out"] == ["d"]  # one image: cannot be in both splits
+    assert out["dataset"].endswith("/datasets/feedback-digits.jsonl")
+    index = await asyncio.to_thread(index_dataset, store, out["dataset"])
+    assert index.layout == "jsonl"
+    assert index.split == "given"  # the stored splits, not a new random one
+    assert len(index.train) + len(index.val) == len(images)
+    assert set(index.classes) == {"a", "b", "c"}
+    again = (await client.post("/v1/models/digits/feedback/dataset", headers=_auth(ADMIN))).json()
+    assert again["per_split"] == out["per_split"]  # stable
+
+
+async def test_feedback_mistakes_and_scopes(client: httpx.AsyncClient) -> None:
+    img = _b64(png_bytes(0))
+    not_a_class = await _label(client, image=img, label="zebra")
+    assert not_a_class.status_code == 400
+    assert not_a_class.json()["error"]["field"] == "label"
+    both = await _label(
+        client, image=img, prediction_id="20261203-061500123-0123456789ab", label="a"
+    )
+    assert both.status_code == 400
+    neither = await _label(client, label="a")
+    assert neither.status_code == 400
+    broken = await _label(client, image=_b64(b"\x89PNG not really"), label="a")
+    assert broken.status_code == 422
+    assert broken.json()["error"]["field"] == "image"
+    gif = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(gif, "GIF")
+    assert (await _label(client, image=_b64(gif.getvalue()), label="a")).status_code == 415
+    huge = io.BytesIO()
+    Image.new("RGB", (9000, 9000)).save(huge, "PNG")
+    too_big = await _label(client, image=_b64(huge.getvalue()), label="a")
+    assert too_big.status_code == 413
+    unknown = await client.post(
+        "/v1/models/nosuch/feedback", json={"image": img, "label": "a"}, headers=_auth(LABEL)
+    )
+    assert unknown.status_code == 404
+    assert (await _label(client, token=PREDICT, image=img, label="a")).status_code == 403
+    assert (await _label(client, token=METRICS, image=img, label="a")).status_code == 403
+    assert (await _label(client, token="wrong", image=img, label="a")).status_code == 401
+    assert (await _label(client, token=ADMIN, image=img, label="a")).status_code == 200
+    for path in ("/v1/models/digits/feedback", "/v1/models/digits/capture"):
+        assert (await client.get(path, headers=_auth(LABEL))).status_code == 403, path
