@@ -26,6 +26,7 @@ from typing import Any
 
 from pydantic import SecretStr
 
+from service.cli_loop import add_loop_commands
 from service.client import Client, ClientError, progress_line
 from service.embedded_store import Connection, EmbeddedStore
 from service.settings import RefitSettings, get_settings
@@ -408,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--base-epochs", type=int, default=6)
     dm.add_argument("--workers", type=int, default=2)
     dm.set_defaults(func=cmd_demo)
+    add_loop_commands(sub)
     return p
 
 

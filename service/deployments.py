@@ -34,6 +34,7 @@ from service.dataplane.feedback import FeedbackUseCases
 from service.dataplane.hotload import Follower
 from service.dataplane.jobs import JobsUseCases
 from service.dataplane.model_host import Item, ModelHost, Ranked
+from service.dataplane.quality import QualityUseCases
 from service.dataplane.served_model import GRAPH_MODES
 from service.dataplane.store_calls import store_call
 from service.settings import RefitSettings
@@ -127,6 +128,7 @@ class Classifier:
             bulk=models,
             captures=capture_use_cases(settings, Registry(store)),
             feedback=FeedbackUseCases(Registry(store), settings),
+            quality=QualityUseCases(Registry(store), alias=s.alias),
         )
         if s.start_job_runner:  # now: queued jobs resume without waiting for a request
             try:

@@ -117,6 +117,26 @@ class ScrapeCollector(Collector):
             model, outcome = key.split(" ", 1)
             captures.add_metric([model, outcome], n)
         yield captures
+        feedback = CounterMetricFamily(
+            "refit_feedback_labels",
+            "Labels taken: correct or wrong (a captured prediction's top-1 against its label), "
+            "upload (an image sent with its label)",
+            labels=["model", "outcome"],
+        )
+        for key, n in c.get("feedback", {}).items():
+            model, outcome = key.split(" ", 1)
+            feedback.add_metric([model, outcome], n)
+        yield feedback
+        confidence = CounterMetricFamily(
+            "refit_predictions",
+            "Images classified, by confidence: low where the top-1 score is below "
+            "REFIT_CAPTURE__LOW_CONFIDENCE_METRIC_BELOW",
+            labels=["model", "confidence"],
+        )
+        for key, n in c.get("confidence", {}).items():
+            model, level = key.split(" ", 1)
+            confidence.add_metric([model, level], n)
+        yield confidence
         buckets, total = batch_histogram(c.get("batch_sizes", {}))
         yield HistogramMetricFamily(
             "refit_batch_size",

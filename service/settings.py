@@ -36,6 +36,9 @@ class CaptureSettings(CapturePolicy):
     (``refit_captures_total{outcome="dropped"}``), never the prediction slowed."""
     refresh_s: float = Field(default=10.0, gt=0)
     """How often a replica re-reads a model's stored capture policy."""
+    low_confidence_metric_below: float = Field(default=0.5, gt=0, le=1)
+    """Top-1 score under which a served image counts as low-confidence in
+    ``refit_predictions_total{confidence="low"}`` (the live low-confidence rate)."""
     feedback_val_fraction: float = Field(default=0.2, gt=0, lt=1)
     """Share of labelled images in the feedback dataset's val split (by content hash: an
     image's split never changes)."""

@@ -22,6 +22,7 @@ from service.api import (
     model_admin,
     ops,
     predict_v1,
+    quality,
 )
 from service.api.error_table import EXCEPTION_HANDLERS
 from service.api.middleware import BodyLimit, HeaderLimit, ObserveRequests
@@ -76,6 +77,7 @@ def create_app(settings: RefitSettings, dataplane: DataPlane) -> FastAPI:
         captures.router,
         feedback.labels,
         feedback.admin,
+        quality.router,
         finetune_jobs.router,
         ops.router,
     ):

@@ -103,6 +103,7 @@ class CaptureTap:
         *,
         queue_size: int,
         refresh_s: float,
+        low_confidence_below: float = 0.5,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.captures, self.default, self.refresh_s, self.clock = (
@@ -117,6 +118,9 @@ class CaptureTap:
         self._samplers: dict[str, Sampler] = collections.defaultdict(Sampler)
         self.counts: collections.Counter[tuple[str, str]] = collections.Counter()
         """(model, outcome) -> captures: ``stored``, ``dropped`` (queue full), ``failed``."""
+        self.low_confidence_below = low_confidence_below
+        self.confidence: collections.Counter[tuple[str, str]] = collections.Counter()
+        """(model, ``low`` or ``ok``) -> images served (every one, captured or not)."""
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
@@ -137,7 +141,9 @@ class CaptureTap:
         images: list[bytes],
         predictions: list[list[dict[str, Any]]],
     ) -> None:
-        """Offer the images this policy keeps (non-blocking: on the event loop)."""
+        """Count the images by confidence, and offer those this policy keeps (non-blocking:
+        on the event loop)."""
+        self.tally(model, predictions)
         policy = self.policy(model)
         if not policy.enabled:
             return
@@ -161,6 +167,12 @@ class CaptureTap:
             )
             if not self._offer(_Job(record, data)):
                 self.counts[(model, "dropped")] += 1
+
+    def tally(self, model: str, predictions: list[list[dict[str, Any]]]) -> None:
+        """Count served images as low-confidence or not (the live low-confidence rate)."""
+        for ranked in predictions:
+            low = bool(ranked) and float(ranked[0]["score"]) < self.low_confidence_below
+            self.confidence[(model, "low" if low else "ok")] += 1
 
     def _offer(self, job: _Job | str) -> bool:
         self._start()

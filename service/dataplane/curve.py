@@ -1,7 +1,6 @@
-"""The training curve of a job as a PNG (Pillow only: no plotting library in the image).
-
-Two panels over epochs: train and validation loss, and validation top-1.
-"""
+"""Charts as PNGs (Pillow only: no plotting library in the image): the training curve of a
+job (train and validation loss, validation top-1, over epochs) and a model's live accuracy
+from feedback (over hours)."""
 
 from __future__ import annotations
 
@@ -12,7 +11,13 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 _W, _H, _PAD = 640, 420, 44
-_COLORS = {"train_loss": (31, 119, 180), "val_loss": (255, 127, 14), "val_top1": (44, 160, 44)}
+_COLORS = {
+    "train_loss": (31, 119, 180),
+    "val_loss": (255, 127, 14),
+    "val_top1": (44, 160, 44),
+    "accuracy": (44, 160, 44),
+    "labels": (31, 119, 180),
+}
 
 
 def _panel(
@@ -21,6 +26,7 @@ def _panel(
     epochs: list[int],
     series: dict[str, list[float]],
     title: str,
+    x_names: Sequence[str] | None = None,
 ) -> None:
     x0, y0, x1, y1 = box
     draw.rectangle(box, outline=(160, 160, 160))
@@ -47,8 +53,9 @@ def _panel(
         draw.text((legend_x, y0 + 4), name, fill=color)
         legend_x += 8 * len(name) + 14
     draw.text((x0, y0 - 16), f"{title}  [{lo:.3g} .. {hi:.3g}]", fill=(0, 0, 0))
-    draw.text((x0, y1 + 4), f"epoch {first}", fill=(80, 80, 80))
-    draw.text((x1 - 60, y1 + 4), f"epoch {epochs[-1]}", fill=(80, 80, 80))
+    names = x_names or [f"epoch {e}" for e in epochs]
+    draw.text((x0, y1 + 4), names[0], fill=(80, 80, 80))
+    draw.text((x1 - 8 * len(names[-1]), y1 + 4), names[-1], fill=(80, 80, 80))
 
 
 def render_curve(history: Sequence[dict[str, Any]]) -> bytes:
@@ -72,4 +79,25 @@ def render_curve(history: Sequence[dict[str, Any]]) -> bytes:
     return out.getvalue()
 
 
-__all__ = ["render_curve"]
+def render_quality(hours: Sequence[dict[str, Any]]) -> bytes:
+    """PNG bytes of live accuracy (top panel) and labels received (bottom) per hour;
+    ``hours`` holds ``{"hour", "labels", "accuracy"}`` oldest first."""
+    img = Image.new("RGB", (_W, _H), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    if not hours:
+        draw.text((_PAD, _H // 2), "no labelled predictions yet", fill=(0, 0, 0))
+    else:
+        x = list(range(len(hours)))
+        names = [str(h["hour"]) for h in hours]
+        mid = _H // 2
+        acc = {"accuracy": [float(h["accuracy"]) for h in hours]}
+        labels = {"labels": [float(h["labels"]) for h in hours]}
+        _panel(draw, (_PAD, _PAD, _W - _PAD, mid - _PAD // 2), x, acc, "live accuracy", names)
+        box = (_PAD, mid + _PAD // 2 + 8, _W - _PAD, _H - _PAD)
+        _panel(draw, box, x, labels, "labels per hour", names)
+    out = io.BytesIO()
+    img.save(out, format="PNG")
+    return out.getvalue()
+
+
+__all__ = ["render_curve", "render_quality"]

@@ -20,6 +20,7 @@ from service.dataplane.feedback import FeedbackUseCases
 from service.dataplane.jobs import JobsUseCases, Scheduler
 from service.dataplane.model_host import ModelHost
 from service.dataplane.model_import import ImportRequest, import_version
+from service.dataplane.quality import QualityUseCases
 from service.dataplane.served_model import check_loadable
 from service.dataplane.store_calls import store_call
 from service.request_errors import NoVersionError
@@ -94,12 +95,14 @@ class DataPlane:
         bulk: Registry | None = None,
         captures: CaptureUseCases | None = None,
         feedback: FeedbackUseCases | None = None,
+        quality: QualityUseCases | None = None,
     ) -> None:
         """``bulk``: the registry for large writes (imports), on a store without the short
         request-path timeouts; ``registry`` by default. ``captures``: capture policies and
-        captured predictions, ``feedback``: labels sent back (none: those routes answer 400)."""
+        captured predictions, ``feedback``: labels sent back, ``quality``: accuracy from them
+        (none: those routes answer 400)."""
         self.registry, self.predictor, self.jobs = registry, predictor, jobs
-        self.captures, self.feedback = captures, feedback
+        self.captures, self.feedback, self.quality = captures, feedback, quality
         self.alias, self.notify = alias, notify
         self.bulk = bulk or registry
 
@@ -120,8 +123,11 @@ class DataPlane:
             return False
 
     async def stats(self) -> dict[str, Any]:
-        """The predictor's statistics (for /metrics)."""
-        return await self.predictor.stats()
+        """The predictor's statistics and the labels this process took (for /metrics)."""
+        out = await self.predictor.stats()
+        if self.feedback is not None:
+            out["feedback"] = {f"{m} {o}": n for (m, o), n in self.feedback.counts.items()}
+        return out
 
     # --- the registry ----------------------------------------------------------------------
     async def list_models(self) -> list[dict[str, Any]]:
@@ -235,6 +241,7 @@ def in_process_dataplane(
         bulk=models,
         captures=capture_use_cases(settings, Registry(store)),
         feedback=FeedbackUseCases(Registry(store), settings),
+        quality=QualityUseCases(Registry(store), alias=settings.serve.alias),
     )
 
 
@@ -242,7 +249,13 @@ def capture_tap(settings: RefitSettings, store: ObjectStore) -> CaptureTap:
     """The capture writer of one serving process (``store``: one without the request-path
     timeouts: its writes run on the tap's own thread)."""
     c = settings.capture
-    return CaptureTap(Captures(store), c.policy(), queue_size=c.queue_size, refresh_s=c.refresh_s)
+    return CaptureTap(
+        Captures(store),
+        c.policy(),
+        queue_size=c.queue_size,
+        refresh_s=c.refresh_s,
+        low_confidence_below=c.low_confidence_metric_below,
+    )
 
 
 def capture_use_cases(settings: RefitSettings, registry: Registry) -> CaptureUseCases:

@@ -4,6 +4,7 @@ event loop."""
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -45,6 +46,9 @@ class FeedbackUseCases:
         self.registry, self.settings = registry, settings
         self.feedback = Feedback(registry.store)
         self.captures = Captures(registry.store)
+        self.counts: Counter[tuple[str, str]] = Counter()
+        """(model, outcome) -> labels taken here: ``correct`` or ``wrong`` (the label of a
+        captured prediction against its top-1), ``upload`` (an image with its label)."""
 
     def _serving(self, model: str) -> Manifest:
         alias = self.settings.serve.alias
@@ -114,6 +118,10 @@ class FeedbackUseCases:
             version=version,
         )
         previous = self.feedback.put(item, data)
+        outcome = (
+            "upload" if predicted is None else "correct" if predicted == req.label else "wrong"
+        )
+        self.counts[(model, outcome)] += 1
         return {
             "model": model,
             "sha256": sha,

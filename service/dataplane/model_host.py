@@ -198,7 +198,10 @@ class ModelHost:
                 f"shape must be [N, 3, {size}, {size}] for this model", field="inputs[0].shape"
             )
         with self.admitted():
-            return await self._answer(served, x, top_k)
+            result = await self._answer(served, x, top_k)
+        if self.capture is not None:  # no encoded image to keep: counted only
+            self.capture.tally(served.name, result["predictions"])
+        return result
 
     async def _answer(self, served: ServedModel, x: torch.Tensor, top_k: int) -> dict[str, Any]:
         self._pending += 1
@@ -270,6 +273,9 @@ class ModelHost:
             "batch_sizes": dict(self._batch_sizes),
             "split_batches": self._split_batches,
             "captures": {f"{m} {o}": n for (m, o), n in self.capture.counts.items()}
+            if self.capture
+            else {},
+            "confidence": {f"{m} {c}": n for (m, c), n in self.capture.confidence.items()}
             if self.capture
             else {},
         }

@@ -119,3 +119,37 @@ def test_a_failing_store_is_counted_and_the_writer_goes_on() -> None:
 def test_policy_bounds(policy: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         CapturePolicy.model_validate(policy)
+
+
+def test_quality_report_per_version_class_and_hour() -> None:
+    from service.dataplane.quality import quality_report
+    from training.storage.feedback import FeedbackItem
+
+    def item(label: str, predicted: str | None, version: str, hours: int) -> FeedbackItem:
+        return FeedbackItem(
+            model="m",
+            sha256=f"{len(label + version) + hours:064x}",
+            image="png",
+            label=label,
+            split="train",
+            labelled_at=NOW + timedelta(hours=hours, minutes=len(label)),
+            predicted=predicted,
+            version=version if predicted else None,
+        )
+
+    items = [
+        item("a", "a", "v1", 0),
+        item("a", "b", "v1", 0),
+        item("b", "b", "v1", 1),
+        item("b", "b", "v2", 2),
+        item("a", None, "v2", 2),  # an upload: not a measurement
+    ]
+    r = quality_report(items, last=2)
+    assert r["labels"] == 4
+    assert r["last"] == {"labels": 2, "accuracy": 1.0}
+    v1 = r["versions"]["v1"]
+    assert v1["accuracy"] == pytest.approx(2 / 3)
+    assert v1["confusion"] == {"a": {"a": 1, "b": 1}, "b": {"b": 1}}
+    assert v1["per_class_accuracy"] == {"a": 0.5, "b": 1.0}
+    assert [h["labels"] for h in r["hours"]] == [2, 1, 1]
+    assert quality_report([], last=10)["last"] == {"labels": 0, "accuracy": None}

@@ -82,6 +82,23 @@ async def test_a_label_for_a_captured_prediction(
     assert unknown.json()["error"]["field"] == "prediction_id"
     overview = await client.get("/v1/models/digits/feedback", headers=_auth(ADMIN))
     assert overview.json()["labels"] == 1
+    q = await client.get("/v1/models/digits/quality", headers=_auth(ADMIN))
+    assert q.status_code == 200, q.text
+    report = q.json()
+    version = pred.json()["model_version"]
+    right = out["predicted"] == "b"  # the latest label of that image is b
+    assert report["labels"] == 1
+    assert report["last"]["accuracy"] == float(right)
+    assert report["versions"][version]["confusion"] == {"b": {out["predicted"]: 1}}
+    assert len(report["hours"]) == 1
+    png = await client.get("/v1/models/digits/quality.png", headers=_auth(ADMIN))
+    assert png.headers["content-type"] == "image/png"
+    assert png.content.startswith(b"\x89PNG")
+    assert (await client.get("/v1/models/digits/quality", headers=_auth(LABEL))).status_code == 403
+    metrics = await client.get("/metrics", headers=_auth(METRICS))
+    outcome = "correct" if right else "wrong"
+    assert f'refit_feedback_labels_total{{model="digits",outcome="{outcome}"}} 1.0' in metrics.text
+    assert 'refit_predictions_total{confidence="' in metrics.text
 
 
 async def test_uploaded_images_dedup_and_become_a_dataset(

@@ -1,0 +1,84 @@
+"""Live quality (admin): accuracy and confusion from the labels sent back for captured
+predictions, as JSON and as a chart."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Response
+from pydantic import BaseModel
+
+from service.api.auth import AdminScope
+from service.api.error_table import error_responses
+from service.api.params import ModelName, Plane
+from service.dataplane.dataplane import DataPlane
+from service.dataplane.quality import QualityUseCases
+from service.request_errors import BadRequestError
+
+
+class Window(BaseModel):
+    """Accuracy over the latest labels."""
+
+    labels: int
+    accuracy: float | None
+
+
+class VersionQuality(BaseModel):
+    """One version's labelled predictions: accuracy, per true class, and the confusion
+    (true label -> predicted label -> count)."""
+
+    labels: int
+    accuracy: float | None
+    per_class_accuracy: dict[str, float]
+    confusion: dict[str, dict[str, int]]
+
+
+class HourQuality(BaseModel):
+    """Labels received in one clock hour (UTC, ``YYYYMMDDHH``) and their accuracy."""
+
+    hour: str
+    labels: int
+    accuracy: float | None
+
+
+class QualityReport(BaseModel):
+    """A model's live quality, from feedback on its captured predictions."""
+
+    model: str
+    labels: int
+    last: Window
+    versions: dict[str, VersionQuality]
+    hours: list[HourQuality]
+
+
+router = APIRouter(tags=["quality"], dependencies=[AdminScope])
+
+
+def _quality(plane: DataPlane) -> QualityUseCases:
+    if plane.quality is None:
+        raise BadRequestError("quality is not available on this server", field="model")
+    return plane.quality
+
+
+@router.get(
+    "/v1/models/{model}/quality",
+    response_model=QualityReport,
+    responses=error_responses(400, 401, 403, 404),
+)
+async def get_quality(
+    model: ModelName,
+    plane: Plane,
+    last: Annotated[int, Query(ge=1, le=100_000, description="labels in the live window")] = 500,
+) -> dict[str, Any]:
+    """Accuracy over the latest labels, per version (with confusion) and per hour."""
+    return await _quality(plane).report(model, last=last)
+
+
+@router.get(
+    "/v1/models/{model}/quality.png",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}}, **error_responses(400, 401, 403, 404)},
+)
+async def quality_chart(model: ModelName, plane: Plane) -> Response:
+    """Live accuracy and labels received, per hour (PNG)."""
+    return Response(await _quality(plane).chart(model), media_type="image/png")

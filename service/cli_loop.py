@@ -1,0 +1,112 @@
+"""``refit capture``, ``refit feedback`` and ``refit quality``: the adaptation loop from the
+command line, over the HTTP API (``REFIT_URL`` and ``REFIT_TOKEN``, else the data dir's
+``connection.json``)."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from service.client import Client
+from service.settings import RefitSettings
+
+
+def _show(value: Any) -> None:
+    print(json.dumps(value, indent=2))
+
+
+def cmd_capture(args: argparse.Namespace, settings: RefitSettings) -> int:
+    """Show or set a model's capture policy, or list what it captured."""
+    client = Client.configured(settings, args.data_dir)
+    base = f"/v1/models/{args.model}"
+    if args.list:
+        query = f"?limit={args.limit}" + (f"&after={args.after}" if args.after else "")
+        _show(client.call("GET", f"{base}/captures{query}"))
+        return 0
+    policy: dict[str, Any] = {}
+    for name in ("rate", "low_confidence_below", "margin_below", "max_per_hour"):
+        if getattr(args, name) is not None:
+            policy[name] = getattr(args, name)
+    if args.max_per_class_per_hour is not None:
+        policy["max_per_class_per_hour"] = args.max_per_class_per_hour or None
+    if args.off:
+        policy = {"rate": 0.0}
+    if policy:
+        current = client.call("GET", f"{base}/capture")["policy"]
+        merged = {**current, **policy} if not args.off else policy
+        _show(client.call("PUT", f"{base}/capture", merged))
+    else:
+        _show(client.call("GET", f"{base}/capture"))
+    return 0
+
+
+def cmd_feedback(args: argparse.Namespace, settings: RefitSettings) -> int:
+    """Send a label (for a prediction id, or for image files), show what was labelled, or
+    snapshot it as a dataset."""
+    client = Client.configured(settings, args.data_dir)
+    base = f"/v1/models/{args.model}/feedback"
+    if args.dataset:
+        _show(client.call("POST", f"{base}/dataset"))
+        return 0
+    if args.label is None:
+        _show(client.call("GET", base))
+        return 0
+    bodies: list[dict[str, Any]] = []
+    common = {"label": args.label, "new_class": args.new_class}
+    if args.prediction_id:
+        bodies.append({**common, "prediction_id": args.prediction_id, "index": args.index})
+    for path in args.images:
+        bodies.append({**common, "image": base64.b64encode(Path(path).read_bytes()).decode()})
+    if not bodies:
+        print("give --prediction-id or image files", file=sys.stderr)
+        return 2
+    for n, body in enumerate(bodies, start=1):
+        out = client.call("POST", base, body)
+        print(f"[{n}/{len(bodies)}] {out['sha256'][:12]} {out['label']} ({out['split']})")
+    return 0
+
+
+def cmd_quality(args: argparse.Namespace, settings: RefitSettings) -> int:
+    """A model's live quality: accuracy over the last labels, per version, per hour."""
+    client = Client.configured(settings, args.data_dir)
+    report = client.call("GET", f"/v1/models/{args.model}/quality?last={args.last}")
+    _show(report)
+    return 0
+
+
+def add_loop_commands(sub: Any) -> None:
+    """Register ``capture``, ``feedback`` and ``quality`` on the ``refit`` parser."""
+    cap = sub.add_parser("capture", help="a model's capture policy, or what it captured")
+    cap.add_argument("--model", required=True)
+    cap.add_argument("--rate", type=float, default=None)
+    cap.add_argument("--low-confidence-below", type=float, default=None)
+    cap.add_argument("--margin-below", type=float, default=None)
+    cap.add_argument("--max-per-hour", type=int, default=None)
+    cap.add_argument("--max-per-class-per-hour", type=int, default=None, help="0: no cap")
+    cap.add_argument("--off", action="store_true", help="capture nothing")
+    cap.add_argument("--list", action="store_true", help="list captured predictions")
+    cap.add_argument("--after", default=None)
+    cap.add_argument("--limit", type=int, default=100)
+    cap.add_argument("--data-dir", default=None)
+    cap.set_defaults(func=cmd_capture)
+
+    fb = sub.add_parser("feedback", help="send labels back, or snapshot them as a dataset")
+    fb.add_argument("--model", required=True)
+    fb.add_argument("--label", default=None)
+    fb.add_argument("--prediction-id", default=None)
+    fb.add_argument("--index", type=int, default=0)
+    fb.add_argument("--new-class", action="store_true")
+    fb.add_argument("--dataset", action="store_true", help="write the feedback dataset")
+    fb.add_argument("--data-dir", default=None)
+    fb.add_argument("images", nargs="*")
+    fb.set_defaults(func=cmd_feedback)
+
+    q = sub.add_parser("quality", help="a model's live quality from feedback")
+    q.add_argument("--model", required=True)
+    q.add_argument("--last", type=int, default=500)
+    q.add_argument("--data-dir", default=None)
+    q.set_defaults(func=cmd_quality)
