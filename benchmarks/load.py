@@ -26,12 +26,10 @@ def reexec_with_jemalloc(enabled: bool) -> str:
 
 
 def free_port() -> int:
-    """A free TCP port on 127.0.0.1 for the Serve app under test."""
-    import socket
+    """A free TCP port on 127.0.0.1 for the app under test (``service.ports``)."""
+    from service.ports import listen_port
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return listen_port()
 
 
 def digit_jpegs(n: int, size: int = 224, offset: int = 0) -> tuple[list[bytes], list[int]]:

@@ -517,10 +517,18 @@ def _serve_rows(
     )
     started = time.perf_counter()
     deployments.run(settings)
+    deployed = time.perf_counter()
     url = f"http://127.0.0.1:{settings.serve.port}"
     predict = f"{url}/v1/models/bench/predict"
     _first_answer(predict, jpegs[0], expected[0])
     start_s = ray_start_s + time.perf_counter() - started
+    # where start-up goes: Ray, then Serve and the replica (process, imports, app), then the
+    # first answer (the model's first load: verify, build or compile, the mode gate)
+    phases = {
+        "ray_s": round(ray_start_s, 2),
+        "deploy_s": round(deployed - started, 2),
+        "first_load_s": round(time.perf_counter() - deployed, 2),
+    }
     rows = []
     try:
         run_load(predict, jpegs, concurrency=4, seconds=3)  # every replica loads, warms up
@@ -559,6 +567,7 @@ def _serve_rows(
                     "vs_torchserve": s["req_per_s"] / best_peer[c] if best_peer[c] else None,
                     "top1_agreement": agreement_http,
                     "start_s": start_s,
+                    "start_phases": phases,
                     "rss_gib": rss / 2**30,
                     "processes": procs,
                 }

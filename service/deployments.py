@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 from typing import Any
 
 import torch
@@ -37,6 +36,7 @@ from service.dataplane.model_host import Item, ModelHost, Ranked
 from service.dataplane.quality import QualityUseCases
 from service.dataplane.served_model import GRAPH_MODES
 from service.dataplane.store_calls import store_call
+from service.ports import listen_port
 from service.settings import RefitSettings
 from training.storage.registry import Registry
 from training.storage.s3 import ObjectStore
@@ -247,17 +247,11 @@ def controller_env(settings: RefitSettings) -> dict[str, str]:
     env |= serve_env(settings)
     if s.ingress == "haproxy":
         env |= {
-            "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
-            "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
-            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(_free_port()),
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(listen_port()),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(listen_port()),
+            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(listen_port()),
         }
     return env
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def run(settings: RefitSettings, *, name: str = "refit") -> dict[str, str]:

@@ -115,12 +115,10 @@ def train_worker_pids() -> list[int]:
 
 
 def free_port() -> int:
-    """A free TCP port on 127.0.0.1 (for a Serve app under test)."""
-    import socket
+    """A free TCP port on 127.0.0.1 for a server under test (``service.ports``)."""
+    from service.ports import listen_port
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return listen_port()
 
 
 def png_bytes(value: int, size: int = 32, *, seed: int = 0) -> bytes:
