@@ -32,11 +32,11 @@ def digits_store() -> Iterator[tuple[RefitSettings, ObjectStore]]:
 
 def report(name: str, rows: list[dict[str, Any]], extra: dict[str, Any]) -> Path:
     """Print rows as a table and write them (with ``extra``) to results/NAME.json."""
-    cols = list(rows[0])
-    widths = [max(len(c), *(len(_fmt(r[c])) for r in rows)) for c in cols]
+    cols = list(dict.fromkeys(c for r in rows for c in r))  # rows of a peer may differ
+    widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in cols]
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
     for r in rows:
-        print("  ".join(_fmt(r[c]).ljust(w) for c, w in zip(cols, widths, strict=True)))
+        print("  ".join(_fmt(r.get(c)).ljust(w) for c, w in zip(cols, widths, strict=True)))
     for k, v in extra.items():
         print(f"{k}: {_fmt(v)}")
     RESULTS.mkdir(exist_ok=True)

@@ -385,6 +385,7 @@ def main() -> int:
             {
                 "mode": r["system"],
                 "layout": r["layout"],
+                "ingress": "TorchServe's frontend",
                 "served_mode": "torchscript fp32",
                 "refused_for": "",
                 "replica_allocator": "glibc (TorchServe default)",
@@ -397,6 +398,7 @@ def main() -> int:
                 "vs_torchserve": r["req_per_s"] / best if best else None,
                 "top1_agreement": r["top1_agreement"],
                 "start_s": r["start_s"],
+                "start_phases": None,
                 "rss_gib": r["rss_gib"],
                 "processes": r["processes"],
             }
