@@ -33,6 +33,7 @@ from service.dataplane.feedback import FeedbackUseCases
 from service.dataplane.hotload import Follower
 from service.dataplane.jobs import JobsUseCases
 from service.dataplane.model_host import Item, ModelHost, Ranked
+from service.dataplane.policies import RetrainPolicyUseCases
 from service.dataplane.quality import QualityUseCases
 from service.dataplane.served_model import GRAPH_MODES
 from service.dataplane.store_calls import store_call
@@ -129,6 +130,7 @@ class Classifier:
             captures=capture_use_cases(settings, Registry(store)),
             feedback=FeedbackUseCases(Registry(store), settings),
             quality=QualityUseCases(Registry(store), alias=s.alias),
+            policies=RetrainPolicyUseCases(Registry(store), alias=s.alias),
         )
         if s.start_job_runner:  # now: queued jobs resume without waiting for a request
             try:

@@ -148,8 +148,8 @@ class ServeSettings(BaseModel):
     proxy_health_check_period_s: float = Field(default=2.0, gt=0)
     """How often Serve's controller checks each HTTP proxy (Ray's
     ``RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S``, 10 s by default); a proxy is replaced after 3
-    failed checks, so this sets how long a killed proxy stays dead. Applies to a Ray that
-    ``refit up`` starts; on KubeRay the pods set the variable."""
+    failed checks, so this sets how long a killed proxy stays dead. Set on the Serve that
+    Refit starts; on KubeRay the pods set the variable."""
     max_replicas_per_node: int | None = Field(default=None, ge=1)
     """Most replicas of one deployment on one Ray node (unset: no limit). 1 with 2+ replicas
     spreads them over nodes, so every serving node runs a Serve proxy and one node's loss (or

@@ -23,6 +23,7 @@ from service.api import (
     ops,
     predict_v1,
     quality,
+    retrain_policy,
 )
 from service.api.error_table import EXCEPTION_HANDLERS
 from service.api.middleware import BodyLimit, HeaderLimit, ObserveRequests
@@ -78,6 +79,7 @@ def create_app(settings: RefitSettings, dataplane: DataPlane) -> FastAPI:
         feedback.labels,
         feedback.admin,
         quality.router,
+        retrain_policy.router,
         finetune_jobs.router,
         ops.router,
     ):

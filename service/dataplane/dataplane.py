@@ -20,6 +20,7 @@ from service.dataplane.feedback import FeedbackUseCases
 from service.dataplane.jobs import JobsUseCases, Scheduler
 from service.dataplane.model_host import ModelHost
 from service.dataplane.model_import import ImportRequest, import_version
+from service.dataplane.policies import RetrainPolicyUseCases
 from service.dataplane.quality import QualityUseCases
 from service.dataplane.served_model import check_loadable
 from service.dataplane.store_calls import store_call
@@ -96,13 +97,15 @@ class DataPlane:
         captures: CaptureUseCases | None = None,
         feedback: FeedbackUseCases | None = None,
         quality: QualityUseCases | None = None,
+        policies: RetrainPolicyUseCases | None = None,
     ) -> None:
         """``bulk``: the registry for large writes (imports), on a store without the short
         request-path timeouts; ``registry`` by default. ``captures``: capture policies and
-        captured predictions, ``feedback``: labels sent back, ``quality``: accuracy from them
-        (none: those routes answer 400)."""
+        captured predictions, ``feedback``: labels sent back, ``quality``: accuracy from them,
+        ``policies``: retrain policies (none: those routes answer 400)."""
         self.registry, self.predictor, self.jobs = registry, predictor, jobs
         self.captures, self.feedback, self.quality = captures, feedback, quality
+        self.policies = policies
         self.alias, self.notify = alias, notify
         self.bulk = bulk or registry
 
@@ -242,6 +245,7 @@ def in_process_dataplane(
         captures=capture_use_cases(settings, Registry(store)),
         feedback=FeedbackUseCases(Registry(store), settings),
         quality=QualityUseCases(Registry(store), alias=settings.serve.alias),
+        policies=RetrainPolicyUseCases(Registry(store), alias=settings.serve.alias),
     )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import io
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -96,8 +97,13 @@ async def test_a_label_for_a_captured_prediction(
     assert png.content.startswith(b"\x89PNG")
     assert (await client.get("/v1/models/digits/quality", headers=_auth(LABEL))).status_code == 403
     metrics = await client.get("/metrics", headers=_auth(METRICS))
-    outcome = "correct" if right else "wrong"
-    assert f'refit_feedback_labels_total{{model="digits",outcome="{outcome}"}} 1.0' in metrics.text
+    # two labels were sent for that image (c, then b): each is counted against the prediction
+    outcomes = collections.Counter(
+        "correct" if out["predicted"] == label else "wrong" for label in ("c", "b")
+    )
+    for outcome, n in outcomes.items():
+        line = f'refit_feedback_labels_total{{model="digits",outcome="{outcome}"}} {float(n)}'
+        assert line in metrics.text
     assert 'refit_predictions_total{confidence="' in metrics.text
 
 

@@ -1,0 +1,96 @@
+"""Retrain policies on the object store: ``policies/{model}/retrain.json``.
+
+A policy says when a model is fine-tuned again from its serving version, on its base dataset
+plus its feedback dataset: every N new labels, when live accuracy over the last M labels falls
+below a threshold, or on a schedule; never sooner than a cooldown after the last run it
+started, with at most a few runs at once. The validation refuses a policy that could retrain in
+a loop (no cooldown, or a schedule shorter than it).
+"""
+
+from __future__ import annotations
+
+from typing import Self
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from training.storage.errors import IntegrityError, NotFoundError, SpecError
+from training.storage.ids import is_id
+from training.storage.s3 import ObjectStore
+
+MAX_RECORD_BYTES = 64 * 1024
+MIN_COOLDOWN_S = 300.0
+"""Shortest cooldown: a retrain whose trigger still holds after it (accuracy the new version
+cannot lift) would otherwise start again at once, for ever."""
+
+
+class RetrainPolicy(BaseModel):
+    """When to fine-tune a model again, and how (the job's settings; model, base version and
+    datasets are filled in when it fires)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    every_n_labels: int | None = Field(default=None, ge=10, le=1_000_000)
+    """Fire once this many labels arrived since the last run this policy started."""
+    accuracy_below: float | None = Field(default=None, gt=0, lt=1)
+    """Fire when live accuracy over the last ``window_labels`` labels is below this."""
+    window_labels: int = Field(default=200, ge=20, le=100_000)
+    """Labels the accuracy trigger looks at (it waits until it has this many)."""
+    every_s: float | None = Field(default=None, ge=3600)
+    """Fire on a schedule: this long after the last run this policy started."""
+    cooldown_s: float = Field(default=3600.0, ge=MIN_COOLDOWN_S)
+    """Never fire sooner than this after the last run this policy started."""
+    max_concurrent: int = Field(default=1, ge=1, le=4)
+    """Runs of this policy at once (the job runner's own limits apply as well)."""
+    base_dataset: str | None = Field(default=None, max_length=1024)
+    """The dataset of the original fine-tune (``s3://`` under the bucket and prefix); the
+    feedback dataset is trained on together with it, so old classes are not forgotten."""
+    epochs: int = Field(default=5, ge=1, le=1000)
+    lr: float = Field(default=1e-3, gt=0, le=10)
+    batch_size: int = Field(default=32, ge=1, le=4096)
+
+    @model_validator(mode="after")
+    def _a_trigger_that_cannot_loop(self) -> Self:
+        if self.enabled and not (self.every_n_labels or self.accuracy_below or self.every_s):
+            raise ValueError("set at least one trigger: every_n_labels, accuracy_below, every_s")
+        if self.every_s is not None and self.every_s < self.cooldown_s:
+            raise ValueError(
+                f"every_s ({self.every_s:g}) is shorter than cooldown_s ({self.cooldown_s:g})"
+            )
+        return self
+
+
+class RetrainPolicies:
+    """Every model's retrain policy, on one store."""
+
+    def __init__(self, store: ObjectStore) -> None:
+        self.store = store
+
+    @staticmethod
+    def _key(model: str) -> str:
+        if not is_id(model):
+            raise SpecError(f"{model!r} is not a valid id", field="model")
+        return f"policies/{model}/retrain.json"
+
+    def get(self, model: str) -> RetrainPolicy | None:
+        """The model's policy, or None; a damaged object is an IntegrityError."""
+        key = self._key(model)
+        try:
+            raw = self.store.get_bytes(key, max_bytes=MAX_RECORD_BYTES)
+        except NotFoundError:
+            return None
+        except ValueError as exc:
+            raise IntegrityError(f"retrain policy {key}: {exc}") from None
+        try:
+            return RetrainPolicy.model_validate_json(raw)
+        except ValidationError as exc:
+            raise IntegrityError(f"retrain policy {key} is damaged: {exc}") from None
+
+    def set(self, model: str, policy: RetrainPolicy) -> RetrainPolicy:
+        """Store the model's policy (replacing the previous one)."""
+        self.store.put_json(self._key(model), policy.model_dump(mode="json"))
+        return policy
+
+    def delete(self, model: str) -> None:
+        """Remove the model's policy (nothing fires for it any more)."""
+        self.store.delete(self._key(model))
