@@ -1,6 +1,6 @@
-"""``refit capture``, ``refit feedback`` and ``refit quality``: the adaptation loop from the
-command line, over the HTTP API (``REFIT_URL`` and ``REFIT_TOKEN``, else the data dir's
-``connection.json``)."""
+"""``refit capture``, ``refit feedback``, ``refit quality`` and ``refit policy``: the
+adaptation loop from the command line, over the HTTP API (``REFIT_URL`` and ``REFIT_TOKEN``,
+else the data dir's ``connection.json``)."""
 
 from __future__ import annotations
 
@@ -78,8 +78,37 @@ def cmd_quality(args: argparse.Namespace, settings: RefitSettings) -> int:
     return 0
 
 
+_POLICY_FIELDS = (
+    "every_n_labels",
+    "accuracy_below",
+    "window_labels",
+    "every_s",
+    "cooldown_s",
+    "max_concurrent",
+    "base_dataset",
+    "epochs",
+)
+
+
+def cmd_policy(args: argparse.Namespace, settings: RefitSettings) -> int:
+    """Show, set (fields given on the command line, over the stored ones) or remove a model's
+    retrain policy."""
+    client = Client.configured(settings, args.data_dir)
+    path = f"/v1/models/{args.model}/retrain-policy"
+    if args.delete:
+        _show(client.call("DELETE", path))
+        return 0
+    given = {f: getattr(args, f) for f in _POLICY_FIELDS if getattr(args, f) is not None}
+    if not given:
+        _show(client.call("GET", path))
+        return 0
+    current = client.call("GET", path)["policy"] or {}
+    _show(client.call("PUT", path, {**current, **given}))
+    return 0
+
+
 def add_loop_commands(sub: Any) -> None:
-    """Register ``capture``, ``feedback`` and ``quality`` on the ``refit`` parser."""
+    """Register ``capture``, ``feedback``, ``quality`` and ``policy`` on the ``refit`` parser."""
     cap = sub.add_parser("capture", help="a model's capture policy, or what it captured")
     cap.add_argument("--model", required=True)
     cap.add_argument("--rate", type=float, default=None)
@@ -110,3 +139,17 @@ def add_loop_commands(sub: Any) -> None:
     q.add_argument("--last", type=int, default=500)
     q.add_argument("--data-dir", default=None)
     q.set_defaults(func=cmd_quality)
+
+    pol = sub.add_parser("policy", help="a model's retrain policy: show, set or remove")
+    pol.add_argument("--model", required=True)
+    pol.add_argument("--every-n-labels", type=int, default=None)
+    pol.add_argument("--accuracy-below", type=float, default=None)
+    pol.add_argument("--window-labels", type=int, default=None)
+    pol.add_argument("--every-s", type=float, default=None)
+    pol.add_argument("--cooldown-s", type=float, default=None)
+    pol.add_argument("--max-concurrent", type=int, default=None)
+    pol.add_argument("--base-dataset", default=None)
+    pol.add_argument("--epochs", type=int, default=None)
+    pol.add_argument("--delete", action="store_true")
+    pol.add_argument("--data-dir", default=None)
+    pol.set_defaults(func=cmd_policy)

@@ -18,6 +18,7 @@ from pydantic import SecretStr
 from api_app import ADMIN, PREDICT, build_inprocess_app
 from conftest import free_port, png_bytes
 from service.cli import build_parser
+from service.client import ClientError
 from service.settings import RefitSettings
 
 
@@ -81,3 +82,13 @@ def test_the_loop_from_the_command_line(
     assert json.loads(capsys.readouterr().out)["labels"] == 1
     assert _run(url, "capture", "--model", "digits", "--off") == 0
     assert json.loads(capsys.readouterr().out)["enabled"] is False
+    assert _run(url, "policy", "--model", "digits", "--every-n-labels", "50") == 0
+    assert json.loads(capsys.readouterr().out)["policy"]["every_n_labels"] == 50
+    assert _run(url, "policy", "--model", "digits", "--cooldown-s", "900") == 0
+    policy = json.loads(capsys.readouterr().out)["policy"]
+    assert (policy["every_n_labels"], policy["cooldown_s"]) == (50, 900)  # merged
+    with pytest.raises(ClientError) as refused:  # a cooldown that could retrain in a loop
+        _run(url, "policy", "--model", "digits", "--cooldown-s", "5")
+    assert refused.value.status == 400
+    assert _run(url, "policy", "--model", "digits", "--delete") == 0
+    assert json.loads(capsys.readouterr().out)["policy"] is None
