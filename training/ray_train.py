@@ -31,20 +31,17 @@ from training.worker import run_worker
 log = logging.getLogger(__name__)
 
 
-def ensure_ray(settings: RaySettings, env: dict[str, str] | None = None) -> bool:
+def ensure_ray(settings: RaySettings) -> bool:
     """Join the configured Ray cluster or start a local one. Returns True if we started it.
 
     Unset, a new local cluster starts even when ``RAY_ADDRESS`` names another one (another
     cluster may run on this host). Once connected, ``RAY_ADDRESS`` names this cluster, so what
     this process starts reaches it by address, never by discovery. The dashboard stays off:
-    its port must never be exposed (CVE-2023-48022). ``env``: environment variables of every
-    process this driver starts on Ray (its job's runtime env).
+    its port must never be exposed (CVE-2023-48022).
     """
     if ray.is_initialized():
         return False
     kwargs: dict[str, Any] = {"include_dashboard": settings.include_dashboard}
-    if env:
-        kwargs["runtime_env"] = {"env_vars": env}
     if settings.address:
         ray.init(address=settings.address, **kwargs)
         started = False

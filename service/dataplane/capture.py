@@ -214,7 +214,3 @@ class CaptureTap:
         while self._queue.unfinished_tasks and time.monotonic() < deadline:
             time.sleep(0.01)
         return not self._queue.unfinished_tasks
-
-    def queued(self) -> int:
-        """Captures and policy reads waiting for the writer thread."""
-        return self._queue.qsize()
