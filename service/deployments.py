@@ -28,13 +28,10 @@ from service.allocator import without_preloaded_allocator
 from service.api import create_app
 from service.control.notices import events_actor, notify_async
 from service.control.runner_clients import RunnerScheduler
-from service.dataplane.dataplane import DataPlane, capture_tap, capture_use_cases
-from service.dataplane.feedback import FeedbackUseCases
+from service.dataplane.dataplane import DataPlane, capture_tap, loop_use_cases
 from service.dataplane.hotload import Follower
 from service.dataplane.jobs import JobsUseCases
 from service.dataplane.model_host import Item, ModelHost, Ranked
-from service.dataplane.policies import RetrainPolicyUseCases
-from service.dataplane.quality import QualityUseCases
 from service.dataplane.served_model import GRAPH_MODES
 from service.dataplane.store_calls import store_call
 from service.ports import listen_port
@@ -127,10 +124,7 @@ class Classifier:
             alias=s.alias,
             notify=notify,
             bulk=models,
-            captures=capture_use_cases(settings, Registry(store)),
-            feedback=FeedbackUseCases(Registry(store), settings),
-            quality=QualityUseCases(Registry(store), alias=s.alias),
-            policies=RetrainPolicyUseCases(Registry(store), alias=s.alias),
+            loop=loop_use_cases(settings, Registry(store)),
         )
         if s.start_job_runner:  # now: queued jobs resume without waiting for a request
             try:

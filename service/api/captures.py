@@ -11,8 +11,6 @@ from pydantic import BaseModel
 from service.api.auth import AdminScope
 from service.api.error_table import error_responses
 from service.api.params import ModelName, Plane
-from service.dataplane.dataplane import DataPlane
-from service.request_errors import BadRequestError
 from training.storage.captures import CapturePolicy, CaptureRecord
 from training.storage.ids import PREDICTION_ID_PATTERN
 
@@ -49,12 +47,6 @@ class CaptureList(BaseModel):
 router = APIRouter(tags=["capture"], dependencies=[AdminScope])
 
 
-def _captures(plane: DataPlane) -> Any:
-    if plane.captures is None:
-        raise BadRequestError("capture is not available on this server", field="model")
-    return plane.captures
-
-
 @router.get(
     "/v1/models/{model}/capture",
     response_model=PolicyView,
@@ -62,7 +54,7 @@ def _captures(plane: DataPlane) -> Any:
 )
 async def get_capture_policy(model: ModelName, plane: Plane) -> dict[str, Any]:
     """The capture policy in force for a model."""
-    return await _captures(plane).policy(model)
+    return await plane.captures.policy(model)
 
 
 @router.put(
@@ -75,7 +67,7 @@ async def set_capture_policy(
 ) -> dict[str, Any]:
     """Store a model's capture policy; every replica applies it within
     ``REFIT_CAPTURE__REFRESH_S``."""
-    return await _captures(plane).set_policy(model, policy)
+    return await plane.captures.set_policy(model, policy)
 
 
 @router.get(
@@ -90,7 +82,7 @@ async def list_captures(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> dict[str, Any]:
     """A model's captured predictions, oldest first, after a prediction id."""
-    return await _captures(plane).list(model, after=after, limit=limit)
+    return await plane.captures.list(model, after=after, limit=limit)
 
 
 @router.get(
@@ -103,7 +95,7 @@ async def get_capture(
 ) -> CaptureRecord:
     """One captured image's record: the version, labels and scores that answered, and why it
     was kept."""
-    record: CaptureRecord = await _captures(plane).record(model, prediction_id, index)
+    record: CaptureRecord = await plane.captures.record(model, prediction_id, index)
     return record
 
 
@@ -119,5 +111,5 @@ async def get_capture_image(
     model: ModelName, prediction_id: PredictionId, index: ImageIndex, plane: Plane
 ) -> Response:
     """One captured image, as the client sent it."""
-    data, media = await _captures(plane).image(model, prediction_id, index)
+    data, media = await plane.captures.image(model, prediction_id, index)
     return Response(data, media_type=media)

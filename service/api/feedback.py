@@ -12,9 +12,7 @@ from service.api.auth import AdminScope, LabelScope
 from service.api.error_table import error_responses
 from service.api.params import ModelName, Plane
 from service.api.predict_v1 import Base64Image
-from service.dataplane.dataplane import DataPlane
-from service.dataplane.feedback import FeedbackUseCases, Label
-from service.request_errors import BadRequestError
+from service.dataplane.feedback import Label
 from training.storage.ids import PREDICTION_ID_PATTERN
 
 
@@ -69,12 +67,6 @@ class FeedbackOverview(BaseModel):
     )
 
 
-def _feedback(plane: DataPlane) -> FeedbackUseCases:
-    if plane.feedback is None:
-        raise BadRequestError("feedback is not available on this server", field="model")
-    return plane.feedback
-
-
 labels = APIRouter(tags=["feedback"], dependencies=[LabelScope])
 admin = APIRouter(tags=["feedback"], dependencies=[AdminScope])
 
@@ -94,7 +86,7 @@ async def send_feedback(model: ModelName, body: FeedbackRequest, plane: Plane) -
         index=body.index,
         image=body.image,
     )
-    return await _feedback(plane).label(model, label)
+    return await plane.feedback.label(model, label)
 
 
 @admin.get(
@@ -104,7 +96,7 @@ async def send_feedback(model: ModelName, body: FeedbackRequest, plane: Plane) -
 )
 async def feedback_overview(model: ModelName, plane: Plane) -> dict[str, Any]:
     """What was labelled for a model, per split and class."""
-    return await _feedback(plane).overview(model)
+    return await plane.feedback.overview(model)
 
 
 @admin.post(
@@ -115,4 +107,4 @@ async def feedback_overview(model: ModelName, plane: Plane) -> dict[str, Any]:
 async def write_feedback_dataset(model: ModelName, plane: Plane) -> dict[str, Any]:
     """Snapshot every label as the model's feedback dataset (a JSONL manifest): its URI is
     what a fine-tune spec's ``dataset`` names."""
-    return await _feedback(plane).write_dataset(model)
+    return await plane.feedback.write_dataset(model)

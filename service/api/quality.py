@@ -11,9 +11,6 @@ from pydantic import BaseModel
 from service.api.auth import AdminScope
 from service.api.error_table import error_responses
 from service.api.params import ModelName, Plane
-from service.dataplane.dataplane import DataPlane
-from service.dataplane.quality import QualityUseCases
-from service.request_errors import BadRequestError
 
 
 class Window(BaseModel):
@@ -54,12 +51,6 @@ class QualityReport(BaseModel):
 router = APIRouter(tags=["quality"], dependencies=[AdminScope])
 
 
-def _quality(plane: DataPlane) -> QualityUseCases:
-    if plane.quality is None:
-        raise BadRequestError("quality is not available on this server", field="model")
-    return plane.quality
-
-
 @router.get(
     "/v1/models/{model}/quality",
     response_model=QualityReport,
@@ -71,7 +62,7 @@ async def get_quality(
     last: Annotated[int, Query(ge=1, le=100_000, description="labels in the live window")] = 500,
 ) -> dict[str, Any]:
     """Accuracy over the latest labels, per version (with confusion) and per hour."""
-    return await _quality(plane).report(model, last=last)
+    return await plane.quality.report(model, last=last)
 
 
 @router.get(
@@ -81,4 +72,4 @@ async def get_quality(
 )
 async def quality_chart(model: ModelName, plane: Plane) -> Response:
     """Live accuracy and labels received, per hour (PNG)."""
-    return Response(await _quality(plane).chart(model), media_type="image/png")
+    return Response(await plane.quality.chart(model), media_type="image/png")

@@ -10,9 +10,6 @@ from pydantic import BaseModel
 from service.api.auth import AdminScope
 from service.api.error_table import error_responses
 from service.api.params import ModelName, Plane
-from service.dataplane.dataplane import DataPlane
-from service.dataplane.policies import RetrainPolicyUseCases
-from service.request_errors import BadRequestError
 from training.storage.retrain_policies import RetrainPolicy
 
 
@@ -27,16 +24,10 @@ router = APIRouter(tags=["retrain policy"], dependencies=[AdminScope])
 PATH = "/v1/models/{model}/retrain-policy"
 
 
-def _policies(plane: DataPlane) -> RetrainPolicyUseCases:
-    if plane.policies is None:
-        raise BadRequestError("retrain policies are not available on this server", field="model")
-    return plane.policies
-
-
 @router.get(PATH, response_model=PolicyView, responses=error_responses(400, 401, 403, 404))
 async def get_retrain_policy(model: ModelName, plane: Plane) -> dict[str, Any]:
     """The model's retrain policy."""
-    return await _policies(plane).get(model)
+    return await plane.policies.get(model)
 
 
 @router.put(PATH, response_model=PolicyView, responses=error_responses(400, 401, 403, 404, 422))
@@ -44,10 +35,10 @@ async def set_retrain_policy(
     model: ModelName, policy: RetrainPolicy, plane: Plane
 ) -> dict[str, Any]:
     """Store the model's retrain policy (triggers, cooldown, concurrency, job settings)."""
-    return await _policies(plane).set(model, policy)
+    return await plane.policies.set(model, policy)
 
 
 @router.delete(PATH, response_model=PolicyView, responses=error_responses(400, 401, 403, 404))
 async def delete_retrain_policy(model: ModelName, plane: Plane) -> dict[str, Any]:
     """Remove the model's retrain policy."""
-    return await _policies(plane).delete(model)
+    return await plane.policies.delete(model)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -94,18 +95,14 @@ class DataPlane:
         alias: str,
         notify: Notifier = _no_notice,
         bulk: Registry | None = None,
-        captures: CaptureUseCases | None = None,
-        feedback: FeedbackUseCases | None = None,
-        quality: QualityUseCases | None = None,
-        policies: RetrainPolicyUseCases | None = None,
+        loop: LoopUseCases,
     ) -> None:
         """``bulk``: the registry for large writes (imports), on a store without the short
-        request-path timeouts; ``registry`` by default. ``captures``: capture policies and
-        captured predictions, ``feedback``: labels sent back, ``quality``: accuracy from them,
-        ``policies``: retrain policies (none: those routes answer 400)."""
+        request-path timeouts; ``registry`` by default. ``loop``: the adaptation loop's use
+        cases (:func:`loop_use_cases`)."""
         self.registry, self.predictor, self.jobs = registry, predictor, jobs
-        self.captures, self.feedback, self.quality = captures, feedback, quality
-        self.policies = policies
+        self.captures, self.feedback = loop.captures, loop.feedback
+        self.quality, self.policies = loop.quality, loop.policies
         self.alias, self.notify = alias, notify
         self.bulk = bulk or registry
 
@@ -128,8 +125,7 @@ class DataPlane:
     async def stats(self) -> dict[str, Any]:
         """The predictor's statistics and the labels this process took (for /metrics)."""
         out = await self.predictor.stats()
-        if self.feedback is not None:
-            out["feedback"] = {f"{m} {o}": n for (m, o), n in self.feedback.counts.items()}
+        out["feedback"] = {f"{m} {o}": n for (m, o), n in self.feedback.counts.items()}
         return out
 
     # --- the registry ----------------------------------------------------------------------
@@ -242,10 +238,7 @@ def in_process_dataplane(
         alias=settings.serve.alias,
         notify=notify,
         bulk=models,
-        captures=capture_use_cases(settings, Registry(store)),
-        feedback=FeedbackUseCases(Registry(store), settings),
-        quality=QualityUseCases(Registry(store), alias=settings.serve.alias),
-        policies=RetrainPolicyUseCases(Registry(store), alias=settings.serve.alias),
+        loop=loop_use_cases(settings, Registry(store)),
     )
 
 
@@ -262,11 +255,27 @@ def capture_tap(settings: RefitSettings, store: ObjectStore) -> CaptureTap:
     )
 
 
-def capture_use_cases(settings: RefitSettings, registry: Registry) -> CaptureUseCases:
-    """The capture routes' use cases over ``registry`` (the request-path store)."""
-    return CaptureUseCases(
-        registry,
-        settings.capture.policy(),
-        alias=settings.serve.alias,
-        max_image_bytes=settings.serve.max_image_bytes,
+@dataclass(frozen=True)
+class LoopUseCases:
+    """The adaptation loop's use cases: capture, feedback, live quality, retrain policies."""
+
+    captures: CaptureUseCases
+    feedback: FeedbackUseCases
+    quality: QualityUseCases
+    policies: RetrainPolicyUseCases
+
+
+def loop_use_cases(settings: RefitSettings, registry: Registry) -> LoopUseCases:
+    """The loop's use cases over ``registry`` (the request-path store)."""
+    alias = settings.serve.alias
+    return LoopUseCases(
+        captures=CaptureUseCases(
+            registry,
+            settings.capture.policy(),
+            alias=alias,
+            max_image_bytes=settings.serve.max_image_bytes,
+        ),
+        feedback=FeedbackUseCases(registry, settings),
+        quality=QualityUseCases(registry, alias=alias),
+        policies=RetrainPolicyUseCases(registry, alias=alias),
     )
