@@ -107,36 +107,35 @@ class ScrapeCollector(Collector):
             "its own forward pass (a forward pass never mixes versions)",
             value=c.get("split_batches", 0),
         )
-        captures = CounterMetricFamily(
-            "refit_captures",
-            "Predictions captured for labelling: stored, dropped (the replica's capture queue "
-            "was full) or failed (the store refused)",
-            labels=["model", "outcome"],
+        # counters per model and one more label; snapshots key them "model label"
+        per_model = (
+            (
+                "refit_captures",
+                "Predictions captured for labelling: stored, dropped (the replica's capture "
+                "queue was full) or failed (the store refused)",
+                "outcome",
+                "captures",
+            ),
+            (
+                "refit_feedback_labels",
+                "Labels taken: correct or wrong (a captured prediction's top-1 against its "
+                "label), upload (an image sent with its label)",
+                "outcome",
+                "feedback",
+            ),
+            (
+                "refit_predictions",
+                "Images classified, by confidence: low where the top-1 score is below "
+                "REFIT_CAPTURE__LOW_CONFIDENCE_METRIC_BELOW",
+                "confidence",
+                "confidence",
+            ),
         )
-        for key, n in c.get("captures", {}).items():
-            model, outcome = key.split(" ", 1)
-            captures.add_metric([model, outcome], n)
-        yield captures
-        feedback = CounterMetricFamily(
-            "refit_feedback_labels",
-            "Labels taken: correct or wrong (a captured prediction's top-1 against its label), "
-            "upload (an image sent with its label)",
-            labels=["model", "outcome"],
-        )
-        for key, n in c.get("feedback", {}).items():
-            model, outcome = key.split(" ", 1)
-            feedback.add_metric([model, outcome], n)
-        yield feedback
-        confidence = CounterMetricFamily(
-            "refit_predictions",
-            "Images classified, by confidence: low where the top-1 score is below "
-            "REFIT_CAPTURE__LOW_CONFIDENCE_METRIC_BELOW",
-            labels=["model", "confidence"],
-        )
-        for key, n in c.get("confidence", {}).items():
-            model, level = key.split(" ", 1)
-            confidence.add_metric([model, level], n)
-        yield confidence
+        for name, doc, label, key in per_model:
+            family = CounterMetricFamily(name, doc, labels=["model", label])
+            for pair, n in c.get(key, {}).items():
+                family.add_metric(pair.split(" ", 1), n)
+            yield family
         buckets, total = batch_histogram(c.get("batch_sizes", {}))
         yield HistogramMetricFamily(
             "refit_batch_size",
