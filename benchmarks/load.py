@@ -47,12 +47,9 @@ def digit_jpegs(n: int, size: int = 224, offset: int = 0) -> tuple[list[bytes], 
     return out, [int(t) for t in d.target[offset : offset + n]]
 
 
-def tree_rss_bytes(
-    root: int, *, skip: tuple[int, ...] = (), into: dict[str, int] | None = None
-) -> tuple[int, int]:
-    """Resident memory of ``root``'s descendants (not ``root`` itself) and their count,
-    leaving out the processes ``skip`` (pids this script started, and their children).
-    ``into``: also each process's RSS, labelled with its pid and command line."""
+def descendants(root: int, *, skip: tuple[int, ...] = ()) -> list[int]:
+    """Pids below ``root`` (its process tree, from /proc: processes this script started),
+    leaving out ``skip`` and everything below them."""
     import os
 
     parents: dict[int, int] = {}
@@ -63,25 +60,43 @@ def tree_rss_bytes(
                     parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
             except (OSError, IndexError, ValueError):
                 continue
-    total, count, todo = 0, 0, [root]
+    out, todo = [], [root]
     while todo:
         pid = todo.pop()
-        for child, parent in parents.items():
-            if parent != pid or child in skip:
-                continue
-            try:
-                with open(f"/proc/{child}/statm") as f:
-                    rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-                label = ""
-                if into is not None:  # a label for the report only, never a selector
-                    with open(f"/proc/{child}/cmdline", "rb") as f:
-                        label = f.read().decode(errors="replace").replace(chr(0), " ")[:60]
-            except OSError:
-                continue
-            total, count = total + rss, count + 1
-            if into is not None:
-                into[f"{child} {label}"] = rss
-            todo.append(child)
+        kids = [c for c, p in parents.items() if p == pid and c not in skip]
+        out += kids
+        todo += kids
+    return out
+
+
+def process_label(pid: int) -> str:
+    """A label for a report (never a selector): the process's name (Ray titles its workers
+    ``ray::ClassName``)."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
+def tree_rss_bytes(
+    root: int, *, skip: tuple[int, ...] = (), into: dict[str, int] | None = None
+) -> tuple[int, int]:
+    """Resident memory of ``root``'s descendants (not ``root`` itself) and their count,
+    leaving out the processes ``skip`` (pids this script started, and their children).
+    ``into``: also each process's RSS, labelled with its pid and name."""
+    import os
+
+    total, count = 0, 0
+    for pid in descendants(root, skip=skip):
+        try:
+            with open(f"/proc/{pid}/statm") as f:
+                rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:
+            continue
+        total, count = total + rss, count + 1
+        if into is not None:
+            into[f"{pid} {process_label(pid)}"] = rss
     return total, count
 
 

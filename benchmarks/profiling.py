@@ -11,52 +11,23 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from load import descendants, process_label
+
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def _descendants(root: int) -> list[int]:
-    """``root`` and every process below it (pids only: the tree this script started)."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-    out, todo = [root], [root]
-    while todo:
-        pid = todo.pop()
-        kids = [c for c, p in parents.items() if p == pid]
-        out += kids
-        todo += kids
-    return out
-
-
 def cpu_seconds(root: int, skip: tuple[int, ...] = ()) -> dict[int, tuple[float, str]]:
-    """CPU seconds (user + system) so far of ``root`` and its descendants, by pid, with a
-    short command line as a label for the report (never used to pick a process)."""
+    """CPU seconds (user + system) so far of ``root`` and its descendants, by pid, with the
+    process's name as a label for the report (never used to pick a process)."""
     out: dict[int, tuple[float, str]] = {}
-    for pid in _descendants(root):
-        if pid in skip:
-            continue
+    for pid in [root, *descendants(root, skip=skip)]:
         try:
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                label = f.read().decode(errors="replace").replace(chr(0), " ").strip()
         except OSError:
             continue
-        out[pid] = ((int(fields[11]) + int(fields[12])) / TICKS, _short(label))
+        out[pid] = ((int(fields[11]) + int(fields[12])) / TICKS, process_label(pid))
     return out
-
-
-def _short(cmdline: str) -> str:
-    """A readable label: Ray names its worker processes ``ray::ClassName``."""
-    for word in cmdline.split():
-        if word.startswith("ray::"):
-            return word
-    return " ".join(Path(w).name if "/" in w else w for w in cmdline.split()[:3])[:50]
 
 
 def cpu_per_request(
