@@ -75,3 +75,8 @@ def build_inprocess_app(
         "runner": runner,
     }
     return create_app(settings, plane), parts
+
+
+def bearer(token: str) -> dict[str, str]:
+    """An ``Authorization`` header."""
+    return {"Authorization": f"Bearer {token}"}

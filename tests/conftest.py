@@ -7,8 +7,9 @@ import inspect
 import io
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -192,3 +193,29 @@ def publish_tiny_model(registry, name: str, *, promote: bool = True, preprocessi
     if promote:
         registry.set_alias(name, "production", manifest.version)
     return manifest, net
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """Async tests run on asyncio (the service's loop)."""
+    return "asyncio"
+
+
+@pytest.fixture
+def published_app(settings: RefitSettings) -> Iterator[tuple[Any, dict[str, Any]]]:
+    """A fresh in-process app (``tests/api_app.py``) with ``digits`` served, and its parts."""
+    from api_app import build_inprocess_app
+
+    app, parts = build_inprocess_app(settings, publish=True)
+    yield app, parts
+    parts["runner"].close()
+
+
+@pytest.fixture
+async def published_client(published_app: tuple[Any, dict[str, Any]]) -> AsyncIterator[Any]:
+    """An httpx client of ``published_app`` (through ``httpx.ASGITransport``)."""
+    import httpx
+
+    transport = httpx.ASGITransport(app=published_app[0])
+    async with httpx.AsyncClient(transport=transport, base_url="http://refit") as c:
+        yield c

@@ -6,46 +6,23 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
 import pytest
 
-from api_app import ADMIN, PREDICT, build_inprocess_app
+from api_app import ADMIN, PREDICT, bearer
 from conftest import png_bytes
-from service.settings import RefitSettings
 from training.storage.ids import is_prediction_id
 
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
-def app_and_parts(settings: RefitSettings) -> Iterator[tuple[Any, dict[str, Any]]]:
-    app, parts = build_inprocess_app(settings, publish=True)
-    yield app, parts
-    parts["runner"].close()
-
-
-@pytest.fixture
-async def client(app_and_parts: tuple[Any, dict[str, Any]]) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=app_and_parts[0])
-    async with httpx.AsyncClient(transport=transport, base_url="http://refit") as c:
-        yield c
-
-
-def _auth(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
-async def _predict(client: httpx.AsyncClient, *images: bytes) -> httpx.Response:
+async def _predict(published_client: httpx.AsyncClient, *images: bytes) -> httpx.Response:
     body = {"images": [base64.b64encode(i).decode() for i in images]}
-    return await client.post("/v1/models/digits/predict", json=body, headers=_auth(PREDICT))
+    return await published_client.post(
+        "/v1/models/digits/predict", json=body, headers=bearer(PREDICT)
+    )
 
 
 def _tap(parts: dict[str, Any]) -> Any:
@@ -58,13 +35,13 @@ async def _flush(parts: dict[str, Any]) -> None:
     assert await asyncio.to_thread(_tap(parts).flush)
 
 
-async def test_every_answer_has_a_prediction_id(client: httpx.AsyncClient) -> None:
-    r = await _predict(client, png_bytes(0), png_bytes(1))
+async def test_every_answer_has_a_prediction_id(published_client: httpx.AsyncClient) -> None:
+    r = await _predict(published_client, png_bytes(0), png_bytes(1))
     assert r.status_code == 200
     pid = r.json()["prediction_id"]
     assert is_prediction_id(pid)
     assert r.headers["X-Prediction-Id"] == pid
-    again = (await _predict(client, png_bytes(0))).json()["prediction_id"]
+    again = (await _predict(published_client, png_bytes(0))).json()["prediction_id"]
     assert again != pid
     infer = {
         "inputs": [
@@ -77,52 +54,58 @@ async def test_every_answer_has_a_prediction_id(client: httpx.AsyncClient) -> No
             }
         ]
     }
-    r = await client.post("/v2/models/digits/infer", json=infer, headers=_auth(PREDICT))
+    r = await published_client.post("/v2/models/digits/infer", json=infer, headers=bearer(PREDICT))
     assert r.status_code == 200, r.text
     assert is_prediction_id(r.json()["parameters"]["prediction_id"])
     assert r.headers["X-Prediction-Id"] == r.json()["parameters"]["prediction_id"]
 
 
 async def test_capture_is_off_by_default(
-    client: httpx.AsyncClient, app_and_parts: tuple[Any, dict[str, Any]]
+    published_client: httpx.AsyncClient, published_app: tuple[Any, dict[str, Any]]
 ) -> None:
-    r = await client.get("/v1/models/digits/capture", headers=_auth(ADMIN))
+    r = await published_client.get("/v1/models/digits/capture", headers=bearer(ADMIN))
     assert r.status_code == 200
     assert r.json()["source"] == "default"
     assert r.json()["enabled"] is False
-    await _predict(client, png_bytes(0))
-    await _flush(app_and_parts[1])
-    listed = await client.get("/v1/models/digits/captures", headers=_auth(ADMIN))
+    await _predict(published_client, png_bytes(0))
+    await _flush(published_app[1])
+    listed = await published_client.get("/v1/models/digits/captures", headers=bearer(ADMIN))
     assert listed.json()["captures"] == []
 
 
 async def test_a_policy_captures_images_readable_with_the_admin_token_only(
-    client: httpx.AsyncClient, app_and_parts: tuple[Any, dict[str, Any]]
+    published_client: httpx.AsyncClient, published_app: tuple[Any, dict[str, Any]]
 ) -> None:
-    parts = app_and_parts[1]
+    parts = published_app[1]
     policy = {"rate": 1.0, "max_per_hour": 100, "max_per_class_per_hour": None}
-    r = await client.put("/v1/models/digits/capture", json=policy, headers=_auth(ADMIN))
+    r = await published_client.put("/v1/models/digits/capture", json=policy, headers=bearer(ADMIN))
     assert r.status_code == 200, r.text
     assert r.json()["source"] == "stored"
     tap = _tap(parts)
     tap.policy("digits")  # the writer thread reads the stored policy
     await _flush(parts)
     images = [png_bytes(0), png_bytes(1, seed=3)]
-    pid = (await _predict(client, *images)).json()["prediction_id"]
+    pid = (await _predict(published_client, *images)).json()["prediction_id"]
     await _flush(parts)
-    listed = (await client.get("/v1/models/digits/captures", headers=_auth(ADMIN))).json()
+    listed = (
+        await published_client.get("/v1/models/digits/captures", headers=bearer(ADMIN))
+    ).json()
     assert listed["captures"] == [
         {"prediction_id": pid, "index": 0},
         {"prediction_id": pid, "index": 1},
     ]
-    record = await client.get(f"/v1/models/digits/captures/{pid}/1", headers=_auth(ADMIN))
+    record = await published_client.get(
+        f"/v1/models/digits/captures/{pid}/1", headers=bearer(ADMIN)
+    )
     assert record.status_code == 200
     body = record.json()
     assert body["reason"] == "random"
     assert body["image"] == "png"
     assert body["version"]
     assert len(body["predictions"]) == 3
-    image = await client.get(f"/v1/models/digits/captures/{pid}/1/image", headers=_auth(ADMIN))
+    image = await published_client.get(
+        f"/v1/models/digits/captures/{pid}/1/image", headers=bearer(ADMIN)
+    )
     assert image.content == images[1]
     assert image.headers["content-type"] == "image/png"
     for path in (
@@ -131,29 +114,35 @@ async def test_a_policy_captures_images_readable_with_the_admin_token_only(
         f"/v1/models/digits/captures/{pid}/0/image",
         "/v1/models/digits/capture",
     ):
-        assert (await client.get(path)).status_code == 401, path
-        assert (await client.get(path, headers=_auth(PREDICT))).status_code == 403, path
+        assert (await published_client.get(path)).status_code == 401, path
+        assert (await published_client.get(path, headers=bearer(PREDICT))).status_code == 403, path
     assert tap.counts[("digits", "stored")] == 2
 
 
-async def test_capture_mistakes_get_4xx_naming_the_field(client: httpx.AsyncClient) -> None:
-    admin = _auth(ADMIN)
-    bad = await client.put("/v1/models/digits/capture", json={"rate": 2}, headers=admin)
+async def test_capture_mistakes_get_4xx_naming_the_field(
+    published_client: httpx.AsyncClient,
+) -> None:
+    admin = bearer(ADMIN)
+    bad = await published_client.put("/v1/models/digits/capture", json={"rate": 2}, headers=admin)
     assert bad.status_code == 400
     assert bad.json()["error"]["field"] == "rate"
-    extra = await client.put("/v1/models/digits/capture", json={"rat": 0.1}, headers=admin)
+    extra = await published_client.put(
+        "/v1/models/digits/capture", json={"rat": 0.1}, headers=admin
+    )
     assert extra.status_code == 400
     assert extra.json()["error"]["field"] == "rat"
-    unknown = await client.put("/v1/models/nosuch/capture", json={"rate": 0.1}, headers=admin)
+    unknown = await published_client.put(
+        "/v1/models/nosuch/capture", json={"rate": 0.1}, headers=admin
+    )
     assert unknown.status_code == 404
     assert unknown.json()["error"]["field"] == "model"
-    r = await client.get("/v1/models/digits/captures/not-an-id/0", headers=admin)
+    r = await published_client.get("/v1/models/digits/captures/not-an-id/0", headers=admin)
     assert r.status_code == 400
     assert r.json()["error"]["field"] == "prediction_id"
     missing = "20261203-061500123-0123456789ab"
-    r = await client.get(f"/v1/models/digits/captures/{missing}/0", headers=admin)
+    r = await published_client.get(f"/v1/models/digits/captures/{missing}/0", headers=admin)
     assert r.status_code == 404
     assert r.json()["error"]["field"] == "prediction_id"
-    r = await client.get("/v1/models/digits/captures?after=../x", headers=admin)
+    r = await published_client.get("/v1/models/digits/captures?after=../x", headers=admin)
     assert r.status_code == 400
     assert r.json()["error"]["field"] == "after"

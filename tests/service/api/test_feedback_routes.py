@@ -8,82 +8,65 @@ import asyncio
 import base64
 import collections
 import io
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
 import pytest
 from PIL import Image
 
-from api_app import ADMIN, LABEL, METRICS, PREDICT, build_inprocess_app
+from api_app import ADMIN, LABEL, METRICS, PREDICT, bearer
 from conftest import png_bytes
-from service.settings import RefitSettings
 from training.data import index_dataset
 from training.storage.feedback import split_of
 
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
-def app_and_parts(settings: RefitSettings) -> Iterator[tuple[Any, dict[str, Any]]]:
-    app, parts = build_inprocess_app(settings, publish=True)
-    yield app, parts
-    parts["runner"].close()
-
-
-@pytest.fixture
-async def client(app_and_parts: tuple[Any, dict[str, Any]]) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=app_and_parts[0])
-    async with httpx.AsyncClient(transport=transport, base_url="http://refit") as c:
-        yield c
-
-
-def _auth(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-async def _label(client: httpx.AsyncClient, token: str = LABEL, **body: Any) -> httpx.Response:
-    return await client.post("/v1/models/digits/feedback", json=body, headers=_auth(token))
+async def _label(
+    published_client: httpx.AsyncClient, token: str = LABEL, **body: Any
+) -> httpx.Response:
+    return await published_client.post(
+        "/v1/models/digits/feedback", json=body, headers=bearer(token)
+    )
 
 
 async def test_a_label_for_a_captured_prediction(
-    client: httpx.AsyncClient, app_and_parts: tuple[Any, dict[str, Any]]
+    published_client: httpx.AsyncClient, published_app: tuple[Any, dict[str, Any]]
 ) -> None:
-    parts = app_and_parts[1]
+    parts = published_app[1]
     policy = {"rate": 1.0, "max_per_class_per_hour": None}
     assert (
-        await client.put("/v1/models/digits/capture", json=policy, headers=_auth(ADMIN))
+        await published_client.put("/v1/models/digits/capture", json=policy, headers=bearer(ADMIN))
     ).status_code == 200
     tap = parts["plane"].predictor.host.capture
     tap.policy("digits")
     assert await asyncio.to_thread(tap.flush)
     body = {"images": [_b64(png_bytes(0)), _b64(png_bytes(2, seed=5))]}
-    pred = await client.post("/v1/models/digits/predict", json=body, headers=_auth(PREDICT))
+    pred = await published_client.post(
+        "/v1/models/digits/predict", json=body, headers=bearer(PREDICT)
+    )
     pid = pred.json()["prediction_id"]
     assert await asyncio.to_thread(tap.flush)
-    r = await _label(client, prediction_id=pid, index=1, label="c")
+    r = await _label(published_client, prediction_id=pid, index=1, label="c")
     assert r.status_code == 200, r.text
     out = r.json()
     assert out["predicted"] == pred.json()["predictions"][1][0]["label"]
     assert out["split"] == split_of(out["sha256"], 0.2)
     assert out["previous_label"] is None
-    again = await _label(client, prediction_id=pid, index=1, label="b")
+    again = await _label(published_client, prediction_id=pid, index=1, label="b")
     assert again.json()["previous_label"] == "c"  # the same content: one item, relabelled
-    unknown = await _label(client, prediction_id="20261203-061500123-0123456789ab", label="a")
+    unknown = await _label(
+        published_client, prediction_id="20261203-061500123-0123456789ab", label="a"
+    )
     assert unknown.status_code == 404
     assert unknown.json()["error"]["field"] == "prediction_id"
-    overview = await client.get("/v1/models/digits/feedback", headers=_auth(ADMIN))
+    overview = await published_client.get("/v1/models/digits/feedback", headers=bearer(ADMIN))
     assert overview.json()["labels"] == 1
-    q = await client.get("/v1/models/digits/quality", headers=_auth(ADMIN))
+    q = await published_client.get("/v1/models/digits/quality", headers=bearer(ADMIN))
     assert q.status_code == 200, q.text
     report = q.json()
     version = pred.json()["model_version"]
@@ -92,11 +75,13 @@ async def test_a_label_for_a_captured_prediction(
     assert report["last"]["accuracy"] == float(right)
     assert report["versions"][version]["confusion"] == {"b": {out["predicted"]: 1}}
     assert len(report["hours"]) == 1
-    png = await client.get("/v1/models/digits/quality.png", headers=_auth(ADMIN))
+    png = await published_client.get("/v1/models/digits/quality.png", headers=bearer(ADMIN))
     assert png.headers["content-type"] == "image/png"
     assert png.content.startswith(b"\x89PNG")
-    assert (await client.get("/v1/models/digits/quality", headers=_auth(LABEL))).status_code == 403
-    metrics = await client.get("/metrics", headers=_auth(METRICS))
+    assert (
+        await published_client.get("/v1/models/digits/quality", headers=bearer(LABEL))
+    ).status_code == 403
+    metrics = await published_client.get("/metrics", headers=bearer(METRICS))
     # two labels were sent for that image (c, then b): each is counted against the prediction
     outcomes = collections.Counter(
         "correct" if out["predicted"] == label else "wrong" for label in ("c", "b")
@@ -108,18 +93,20 @@ async def test_a_label_for_a_captured_prediction(
 
 
 async def test_uploaded_images_dedup_and_become_a_dataset(
-    client: httpx.AsyncClient, app_and_parts: tuple[Any, dict[str, Any]]
+    published_client: httpx.AsyncClient, published_app: tuple[Any, dict[str, Any]]
 ) -> None:
-    store = app_and_parts[1]["store"]
+    store = published_app[1]["store"]
     images = {f"{c}{i}": png_bytes(k, seed=i) for k, c in enumerate("abc") for i in range(6)}
     for name, data in images.items():
-        r = await _label(client, image=_b64(data), label=name[0])
+        r = await _label(published_client, image=_b64(data), label=name[0])
         assert r.status_code == 200, r.text
-    dup = await _label(client, image=_b64(images["a0"]), label="a")
+    dup = await _label(published_client, image=_b64(images["a0"]), label="a")
     assert dup.json()["previous_label"] == "a"
-    new = await _label(client, image=_b64(png_bytes(4, seed=99)), label="d", new_class=True)
+    new = await _label(
+        published_client, image=_b64(png_bytes(4, seed=99)), label="d", new_class=True
+    )
     assert new.json()["new_class"] is True
-    r = await client.post("/v1/models/digits/feedback/dataset", headers=_auth(ADMIN))
+    r = await published_client.post("/v1/models/digits/feedback/dataset", headers=bearer(ADMIN))
     assert r.status_code == 200, r.text
     out = r.json()
     assert out["labels"] == len(images)
@@ -130,38 +117,42 @@ async def test_uploaded_images_dedup_and_become_a_dataset(
     assert index.split == "given"  # the stored splits, not a new random one
     assert len(index.train) + len(index.val) == len(images)
     assert set(index.classes) == {"a", "b", "c"}
-    again = (await client.post("/v1/models/digits/feedback/dataset", headers=_auth(ADMIN))).json()
+    again = (
+        await published_client.post("/v1/models/digits/feedback/dataset", headers=bearer(ADMIN))
+    ).json()
     assert again["per_split"] == out["per_split"]  # stable
 
 
-async def test_feedback_mistakes_and_scopes(client: httpx.AsyncClient) -> None:
+async def test_feedback_mistakes_and_scopes(published_client: httpx.AsyncClient) -> None:
     img = _b64(png_bytes(0))
-    not_a_class = await _label(client, image=img, label="zebra")
+    not_a_class = await _label(published_client, image=img, label="zebra")
     assert not_a_class.status_code == 400
     assert not_a_class.json()["error"]["field"] == "label"
     both = await _label(
-        client, image=img, prediction_id="20261203-061500123-0123456789ab", label="a"
+        published_client, image=img, prediction_id="20261203-061500123-0123456789ab", label="a"
     )
     assert both.status_code == 400
-    neither = await _label(client, label="a")
+    neither = await _label(published_client, label="a")
     assert neither.status_code == 400
-    broken = await _label(client, image=_b64(b"\x89PNG not really"), label="a")
+    broken = await _label(published_client, image=_b64(b"\x89PNG not really"), label="a")
     assert broken.status_code == 422
     assert broken.json()["error"]["field"] == "image"
     gif = io.BytesIO()
     Image.new("RGB", (8, 8)).save(gif, "GIF")
-    assert (await _label(client, image=_b64(gif.getvalue()), label="a")).status_code == 415
+    assert (
+        await _label(published_client, image=_b64(gif.getvalue()), label="a")
+    ).status_code == 415
     huge = io.BytesIO()
     Image.new("RGB", (9000, 9000)).save(huge, "PNG")
-    too_big = await _label(client, image=_b64(huge.getvalue()), label="a")
+    too_big = await _label(published_client, image=_b64(huge.getvalue()), label="a")
     assert too_big.status_code == 413
-    unknown = await client.post(
-        "/v1/models/nosuch/feedback", json={"image": img, "label": "a"}, headers=_auth(LABEL)
+    unknown = await published_client.post(
+        "/v1/models/nosuch/feedback", json={"image": img, "label": "a"}, headers=bearer(LABEL)
     )
     assert unknown.status_code == 404
-    assert (await _label(client, token=PREDICT, image=img, label="a")).status_code == 403
-    assert (await _label(client, token=METRICS, image=img, label="a")).status_code == 403
-    assert (await _label(client, token="wrong", image=img, label="a")).status_code == 401
-    assert (await _label(client, token=ADMIN, image=img, label="a")).status_code == 200
+    assert (await _label(published_client, token=PREDICT, image=img, label="a")).status_code == 403
+    assert (await _label(published_client, token=METRICS, image=img, label="a")).status_code == 403
+    assert (await _label(published_client, token="wrong", image=img, label="a")).status_code == 401
+    assert (await _label(published_client, token=ADMIN, image=img, label="a")).status_code == 200
     for path in ("/v1/models/digits/feedback", "/v1/models/digits/capture"):
-        assert (await client.get(path, headers=_auth(LABEL))).status_code == 403, path
+        assert (await published_client.get(path, headers=bearer(LABEL))).status_code == 403, path
