@@ -17,8 +17,8 @@ from common import digits_store, report, run_local
 from training import demo
 from training.backbones import build_backbone
 from training.data import Sample, index_dataset
-from training.finetune import evaluate_model
 from training.run_context import RunInputs
+from training.scoring import evaluate_model
 from training.spec import parse_spec
 
 POLICIES: list[dict[str, Any]] = [

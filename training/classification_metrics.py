@@ -28,6 +28,13 @@ class MetricAccumulator:
         top5 = (logits.topk(k, dim=1).indices == targets[:, None]).any(dim=1).sum()
         self.totals += torch.tensor([loss_sum, float(targets.numel()), float(top5)])
 
+    def merge(self, other: MetricAccumulator) -> MetricAccumulator:
+        """A new accumulator over both (scores of parts of one split, summed)."""
+        out = MetricAccumulator(self.num_classes)
+        out.confusion = self.confusion + other.confusion
+        out.totals = self.totals + other.totals
+        return out
+
     def all_reduce(self) -> None:
         """Sum over all ranks when running under torch.distributed."""
         if dist.is_available() and dist.is_initialized():

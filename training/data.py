@@ -37,6 +37,9 @@ class Sample:
 
     key: str
     label: int
+    source: str = ""
+    """Which part of a retrain dataset it comes from (``base`` or ``feedback``; empty for
+    an ordinary dataset): the gate scores each part on its own."""
 
 
 @dataclass
@@ -53,9 +56,21 @@ class DatasetIndex:
     """``given`` (from the data) or ``stratified`` (derived deterministically)."""
     ignored_files: int = 0
 
+    def by_source(self) -> dict[str, dict[str, int]]:
+        """Images per source and split, for a retrain dataset (empty otherwise)."""
+        out: dict[str, dict[str, int]] = {}
+        for split, samples in (("train", self.train), ("val", self.val)):
+            for s in samples:
+                if s.source:
+                    counts = out.setdefault(s.source, {"train": 0, "val": 0})
+                    counts[split] += 1
+        return dict(sorted(out.items()))
+
     def summary(self) -> dict[str, Any]:
         """What the manifest records about the data."""
+        sources = self.by_source()
         return {
+            **({"sources": sources} if sources else {}),
             "uri": self.uri,
             "layout": self.layout,
             "fingerprint": self.fingerprint,
@@ -109,9 +124,15 @@ def _index_imagefolder(
     return splits, digest.hexdigest(), ignored
 
 
-def _index_jsonl(store: ObjectStore, key: str) -> tuple[dict[str, list[tuple[str, str]]], str]:
+SOURCES = frozenset({"base", "feedback"})
+
+
+def _index_jsonl(
+    store: ObjectStore, key: str
+) -> tuple[dict[str, list[tuple[str, str]]], str, dict[str, str]]:
     raw = store.get_bytes(key)
     splits: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    sources: dict[str, str] = {}
     for n, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), start=1):
         if not line.strip():
             continue
@@ -119,14 +140,20 @@ def _index_jsonl(store: ObjectStore, key: str) -> tuple[dict[str, list[tuple[str
             row = json.loads(line)
             uri, label = row["uri"], row["label"]
             split = row.get("split", "all")
-        except (ValueError, KeyError, TypeError):
+            source = row.get("source", "")
+        except (ValueError, KeyError, TypeError, AttributeError):
             raise DataError(
                 "each line needs a JSON object with 'uri' and 'label'", field=f"dataset line {n}"
             ) from None
         if split not in {"train", "val", "all"} or not isinstance(label, str | int):
             raise DataError("bad 'split' or 'label'", field=f"dataset line {n}")
-        splits[split].append((store.key_from_uri(uri, field=f"dataset line {n}"), str(label)))
-    return splits, hashlib.sha256(raw).hexdigest()
+        if source and source not in SOURCES:
+            raise DataError(f"'source' must be one of {sorted(SOURCES)}", field=f"dataset line {n}")
+        image = store.key_from_uri(uri, field=f"dataset line {n}")
+        splits[split].append((image, str(label)))
+        if source:
+            sources[image] = source
+    return splits, hashlib.sha256(raw).hexdigest(), sources
 
 
 def index_dataset(
@@ -138,10 +165,11 @@ def index_dataset(
     """
     key = store.key_from_uri(uri, field="dataset")
     ignored = 0
+    sources: dict[str, str] = {}
     if key.endswith(".jsonl"):
         layout = "jsonl"
         try:
-            splits, fingerprint = _index_jsonl(store, key)
+            splits, fingerprint, sources = _index_jsonl(store, key)
         except NotFoundError:
             raise DataError(f"no manifest at {uri}", field="dataset") from None
     else:
@@ -172,8 +200,8 @@ def index_dataset(
         uri=uri,
         layout=layout,
         classes=classes,
-        train=[Sample(k, ids[c]) for k, c in sorted(train)],
-        val=[Sample(k, ids[c]) for k, c in sorted(val)],
+        train=[Sample(k, ids[c], sources.get(k, "")) for k, c in sorted(train)],
+        val=[Sample(k, ids[c], sources.get(k, "")) for k, c in sorted(val)],
         fingerprint=fingerprint,
         split=how,
         ignored_files=ignored,

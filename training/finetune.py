@@ -21,18 +21,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from training.backbones import build_backbone
 from training.checkpoints import load_checkpoint_state, load_checkpoint_weights
-from training.data import DatasetIndex, Sample, index_dataset, make_loader
-from training.gate import GateDecision, decide
+from training.data import DatasetIndex, Sample, index_dataset
+from training.gate import GateDecision, SourceScore, class_drops, decide, with_sources
 from training.job_settings import TrainingSettings
-from training.loop import Precision, evaluate
-from training.preprocess import Preprocessing, eval_transform
+from training.preprocess import Preprocessing
 from training.ray_train import fit
 from training.run_context import RunInputs
+from training.scoring import Scores, score_parts
 from training.spec import FinetuneSpec
 from training.storage.errors import (
     DataError,
@@ -45,29 +44,10 @@ from training.storage.job_records import JobState, JobStore
 from training.storage.location import S3Settings
 from training.storage.registry import Registry
 from training.storage.s3 import ObjectStore
-from training.version_crops import calibration_crops, capped_dataset, publish_graphs
+from training.version_crops import calibration_crops, publish_graphs
 from training.weights import ResolvedBase, resolve_base
 
 log = logging.getLogger(__name__)
-
-
-def evaluate_model(
-    model: nn.Module,
-    samples: list[Sample],
-    *,
-    store: ObjectStore,
-    preprocessing: Preprocessing,
-    classes: list[str],
-    training: TrainingSettings,
-    batch_size: int = 64,
-) -> dict[str, Any]:
-    """Metrics of a model on samples (plain torch, in this process, CPU)."""
-    ds = capped_dataset(store, samples, eval_transform(preprocessing), training)
-    loader = make_loader(ds, batch_size=batch_size, shuffle=False)
-    acc = evaluate(
-        model, loader, num_classes=len(classes), precision=Precision(torch.device("cpu"))
-    )
-    return acc.compute(classes)
 
 
 def run_finetune(
@@ -144,7 +124,7 @@ class _Trained:
 @dataclass
 class _Incumbent:
     version: str | None = None
-    top1: float | None = None
+    scores: Scores | None = None
     note: str | None = None
 
 
@@ -175,10 +155,16 @@ class _Pipeline:
         trained = self.train(index, base, preprocessing)
         self.still_owner()
         val = [s for s in index.val if s.key not in trained.skipped]
-        candidate = self.score(trained.model, val, preprocessing, index.classes)
-        gate = self.gate(candidate["top1"], self.incumbent(val, index.classes))
+        scores = self.score(trained.model, val, preprocessing, index.classes)
+        gate = self.gate(scores, self.incumbent(val, index.classes))
+        candidate = scores.all
         metrics = {k: candidate[k] for k in ("loss", "top1", "top5", "macro_f1", "images")}
         metrics.update(per_class=candidate["per_class"], confusion=candidate["confusion"])
+        if len(scores.parts) > 1 or "" not in scores.parts:
+            metrics["sources"] = {
+                name: {k: part[k] for k in ("top1", "top5", "macro_f1", "images")}
+                for name, part in scores.parts.items()
+            }
         version, promoted = None, False
         if gate.passed:
             self.still_owner()
@@ -218,11 +204,9 @@ class _Pipeline:
 
     def score(
         self, model: nn.Module, val: list[Sample], pre: Preprocessing, classes: list[str]
-    ) -> dict[str, Any]:
-        """Metrics on the (readable) validation split."""
-        return evaluate_model(
-            model, val, store=self.store, preprocessing=pre, classes=classes, training=self.training
-        )
+    ) -> Scores:
+        """Metrics on the (readable) validation split, over all of it and per source."""
+        return score_parts(model, val, self.store, pre, classes, self.training)
 
     def incumbent(self, val: list[Sample], classes: list[str]) -> _Incumbent:
         """The alias' current version scored on the same split (when it has the same
@@ -238,24 +222,42 @@ class _Pipeline:
             return _Incumbent(note=f"serving {manifest.version} has other classes; not compared")
         model = build_backbone(manifest.backbone, num_classes=len(classes))
         model.load_state_dict(state)
-        top1 = self.score(model, val, manifest.preprocessing, classes)["top1"]
-        return _Incumbent(manifest.version, top1)
+        return _Incumbent(manifest.version, self.score(model, val, manifest.preprocessing, classes))
 
-    def gate(self, candidate_top1: float, incumbent: _Incumbent) -> GateDecision:
-        """The spec's gate, with the settings' defaults for what it leaves unset."""
+    def gate(self, candidate: Scores, incumbent: _Incumbent) -> GateDecision:
+        """The spec's gate, with the settings' defaults for what it leaves unset; a retrain
+        dataset's parts (base, feedback) are each compared with the serving version too, and
+        classes it forgot are reported."""
         g = self.spec.gate
-        return decide(
-            candidate_top1,
+        max_regression = (
+            g.max_regression if g.max_regression is not None else self.training.max_regression
+        )
+        served = incumbent.scores
+        decision = decide(
+            candidate.all["top1"],
             min_accuracy=g.min_accuracy
             if g.min_accuracy is not None
             else self.training.min_accuracy,
-            max_regression=g.max_regression
-            if g.max_regression is not None
-            else self.training.max_regression,
+            max_regression=max_regression,
             incumbent_version=incumbent.version,
-            incumbent_top1=incumbent.top1,
+            incumbent_top1=served.all["top1"] if served else None,
             incumbent_note=incumbent.note,
         )
+        if "" in candidate.parts:  # an ordinary dataset: the whole split is the one part
+            return decision
+        sources, forgetting = {}, []
+        for name, part in candidate.parts.items():
+            theirs = served.parts.get(name) if served else None
+            sources[name] = SourceScore(
+                images=part["images"],
+                candidate_top1=part["top1"],
+                incumbent_top1=theirs["top1"] if theirs else None,
+            )
+            if theirs is not None:
+                forgetting += class_drops(
+                    name, part["per_class"], theirs["per_class"], max_regression
+                )
+        return with_sources(decision, sources, forgetting)
 
     def publish(
         self,

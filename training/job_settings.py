@@ -73,6 +73,9 @@ class TrainingSettings(BaseModel):
     runner takes over a running job only after its owner's lease ran out."""
     max_queued_jobs: int = Field(default=32, ge=0)
     """Jobs waiting for a slot; a create beyond this gets 429 with Retry-After."""
+    policy_check_s: float = Field(default=2.0, ge=0.2)
+    """How often the job runner evaluates the retrain policies (a firing waits this long at
+    most before its job is queued)."""
     progress_interval_s: float = Field(default=2.0, gt=0)
     """How often a running job's rank 0 writes step progress to its job record."""
     check_cluster_resources: bool = True

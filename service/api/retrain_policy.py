@@ -10,14 +10,17 @@ from pydantic import BaseModel
 from service.api.auth import AdminScope
 from service.api.error_table import error_responses
 from service.api.params import ModelName, Plane
-from training.storage.retrain_policies import RetrainPolicy
+from training.storage.retrain_policies import PolicyState, RetrainPolicy
 
 
 class PolicyView(BaseModel):
-    """A model's retrain policy, or null when it has none."""
+    """A model's retrain policy (null when it has none) and what the job runner did with it
+    (null until the runner first saw it): when it last fired, the job it started, why a
+    firing started none."""
 
     model: str
     policy: RetrainPolicy | None
+    state: PolicyState | None = None
 
 
 router = APIRouter(tags=["retrain policy"], dependencies=[AdminScope])

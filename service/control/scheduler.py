@@ -9,6 +9,9 @@ task, outside any request handler.
   runner takes everything below down; the workers' placement group, which Ray Train frees
   only through the dashboard's State API, the runner frees itself. The checkpoints already on
   the store stay under ``runs/{job_id}``.
+* Retrain policies are evaluated on the same thread every ``policy_check_s``
+  (``retrain_triggers``): a policy that fires queues its job like any other, with the trigger
+  in the record.
 * Records live on the store, so an API restart loses nothing; a restarted runner requeues the
   jobs its predecessor was running (Ray Train resumes a run of the same name from its last
   checkpoint).
@@ -36,11 +39,13 @@ import ray
 
 from service.control.notices import NAMESPACE, actor_name, notify
 from service.control.rayjob import rayjob_owner
+from service.control.retrain_triggers import Firing, PolicyWatch
 from service.settings import RefitSettings
 from training.job_settings import TrainingSettings
 from training.ray_train import cluster_env, release_placement_groups
 from training.spec import FinetuneSpec, parse_spec
-from training.storage.errors import ConflictError, DataError, TooManyJobsError
+from training.storage.errors import ConflictError, DataError, RefitError, TooManyJobsError
+from training.storage.ids import new_job_id
 from training.storage.job_lease import JobLease, lease_live
 from training.storage.job_records import JobRecord, JobState, JobStore
 from training.storage.location import S3Settings
@@ -104,12 +109,17 @@ class JobRunner:
 
             self.launcher = RayJobLauncher(settings)
         self._next_check: dict[str, float] = {}
+        self.policy_watch = PolicyWatch(self.jobs.store, alias=settings.serve.alias)
+        self.triggered: set[str] = set()  # queued or running jobs a retrain policy started
+        self._next_policy_pass = 0.0
         self.finished: collections.Counter[str] = collections.Counter()
         self._lock = threading.RLock()
         self._wake = threading.Event()
         self._stop = threading.Event()
         for record in self.jobs.unfinished():
             self.model_of[record.job_id] = record.model
+            if record.trigger is not None:
+                self.triggered.add(record.job_id)
             if record.state == "running" and not self._take_over(record):
                 self.watching[record.job_id] = 0.0
                 continue
@@ -121,7 +131,11 @@ class JobRunner:
     def create(self, spec_json: dict[str, Any], idempotency_key: str | None) -> dict[str, Any]:
         """Queue a job (or return the job of a known Idempotency-Key): the record, and
         whether it was created."""
-        spec = parse_spec(spec_json, self.settings.training)
+        return self._queue(parse_spec(spec_json, self.settings.training), idempotency_key)
+
+    def _queue(
+        self, spec: FinetuneSpec, idempotency_key: str | None, firing: Firing | None = None
+    ) -> dict[str, Any]:
         self._check_locations(spec)
         with self._lock:
             if idempotency_key is not None:
@@ -134,12 +148,39 @@ class JobRunner:
                     f"{len(self.queue)} jobs are waiting (REFIT_TRAINING__MAX_QUEUED_JOBS="
                     f"{limit}); retry later"
                 )
-            record, created = self.jobs.create(spec, idempotency_key=idempotency_key)
+            record, created = self.jobs.create(
+                spec,
+                idempotency_key=idempotency_key,
+                job_id=firing.job_id if firing else None,
+                trigger=firing.trigger if firing else None,
+            )
             if created:
                 self.queue.append(record.job_id)
                 self.model_of[record.job_id] = record.model
+                if firing is not None:
+                    self.triggered.add(record.job_id)
         self._wake.set()
         return {"record": record.model_dump(), "created": created}
+
+    def _policies(self) -> None:
+        """Evaluate the retrain policies (every ``policy_check_s``) and queue what fired.
+        Store reads happen outside the lock: the API's calls never wait on them."""
+        now = time.monotonic()
+        if now < self._next_policy_pass:
+            return
+        self._next_policy_pass = now + self.settings.training.policy_check_s
+        with self._lock:
+            live = {*self.queue, *self.running, *self.watching}
+            self.triggered &= live
+            active = collections.Counter(self.model_of[j] for j in self.triggered)
+        for firing in self.policy_watch.due(dict(active), new_job_id):
+            model = firing.spec["model"]
+            try:
+                self._queue(parse_spec(firing.spec, self.settings.training), None, firing)
+            except RefitError as exc:  # a full queue: it fires again at a later pass
+                log.warning("retrain of %s not queued: %s", model, exc)
+                continue
+            self.policy_watch.fired(model, firing)
 
     def _check_locations(self, spec: FinetuneSpec) -> None:
         # Refuse now what the job would fail on later: URIs outside the bucket and prefix,
@@ -261,6 +302,7 @@ class JobRunner:
                     self._renew()
                     self._watch()
                     self._start_ready()
+                self._policies()
             except Exception:  # the scheduler must outlive a flaky store
                 log.exception("job scheduler pass failed")
 

@@ -7,7 +7,6 @@ from typing import Any
 
 from service.dataplane.store_calls import store_call
 from training.storage.captures import CapturePolicy, CaptureRecord, Captures
-from training.storage.errors import NotFoundError
 from training.storage.registry import Registry
 
 MEDIA_TYPES = {"jpg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
@@ -23,15 +22,11 @@ class CaptureUseCases:
         self.captures = Captures(registry.store)
         self.max_image_bytes = max_image_bytes
 
-    def _published(self, model: str) -> None:
-        if self.registry.get_alias(model, self.alias)[0] is None:
-            raise NotFoundError(f"model {model!r} has no {self.alias} version", field="model")
-
     async def policy(self, model: str) -> dict[str, Any]:
         """The policy in force for ``model``, and where it comes from (stored or default)."""
 
         def read() -> dict[str, Any]:
-            self._published(model)
+            self.registry.serving(model, self.alias)
             stored = self.captures.policy(model)
             policy = stored if stored is not None else self.default
             return {
@@ -47,7 +42,7 @@ class CaptureUseCases:
         """Store ``model``'s policy; every replica applies it within ``capture.refresh_s``."""
 
         def write() -> dict[str, Any]:
-            self._published(model)
+            self.registry.serving(model, self.alias)
             self.captures.set_policy(model, policy)
             return {
                 "model": model,
@@ -62,7 +57,7 @@ class CaptureUseCases:
         """The model's captures, oldest first, after a prediction id (a page)."""
 
         def read() -> dict[str, Any]:
-            self._published(model)
+            self.registry.serving(model, self.alias)
             items = [
                 {"prediction_id": p, "index": i}
                 for p, i in self.captures.list(model, after=after, limit=limit)

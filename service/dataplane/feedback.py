@@ -15,7 +15,7 @@ from service.dataplane.store_calls import store_call
 from service.request_errors import BadRequestError, TooLargeError, UnsupportedImageError
 from service.settings import RefitSettings
 from training.storage.captures import Captures
-from training.storage.errors import NotFoundError, RefitError
+from training.storage.errors import RefitError
 from training.storage.feedback import (
     Feedback,
     FeedbackItem,
@@ -51,14 +51,7 @@ class FeedbackUseCases:
         captured prediction against its top-1), ``upload`` (an image with its label)."""
 
     def _serving(self, model: str) -> Manifest:
-        alias = self.settings.serve.alias
-        record, _ = self.registry.get_alias(model, alias)
-        if record is None:
-            raise NotFoundError(f"model {model!r} has no {alias} version", field="model")
-        manifest, _ = self.registry.read_manifest(
-            model, record.version, expect_sha256=record.sha256
-        )
-        return manifest
+        return self.registry.serving_manifest(model, self.settings.serve.alias)
 
     async def label(self, model: str, label: Label) -> dict[str, Any]:
         """Store a label; the label must be a class of the serving version unless

@@ -12,7 +12,6 @@ from typing import Any
 from service.dataplane.curve import render_quality
 from service.dataplane.store_calls import store_call
 from training.storage.captures import hour_of
-from training.storage.errors import NotFoundError
 from training.storage.feedback import Feedback, FeedbackItem
 from training.storage.registry import Registry
 
@@ -68,8 +67,7 @@ class QualityUseCases:
         self.feedback = Feedback(registry.store)
 
     def _items(self, model: str) -> list[FeedbackItem]:
-        if self.registry.get_alias(model, self.alias)[0] is None:
-            raise NotFoundError(f"model {model!r} has no {self.alias} version", field="model")
+        self.registry.serving(model, self.alias)
         return self.feedback.items(model)
 
     async def report(self, model: str, *, last: int) -> dict[str, Any]:

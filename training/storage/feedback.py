@@ -83,6 +83,10 @@ class Feedback:
             raise SpecError(f"{model!r} is not a valid id", field="model")
         return f"feedback/{model}"
 
+    def image_key(self, item: FeedbackItem) -> str:
+        """Where a labelled image is stored."""
+        return f"{self._base(item.model)}/images/{item.sha256}.{item.image}"
+
     def get(self, model: str, sha256: str) -> FeedbackItem | None:
         """The label record of an image, or None when it was never labelled."""
         if not _SHA.fullmatch(sha256):
@@ -109,19 +113,29 @@ class Feedback:
             raise IntegrityError("the image does not match its sha256")
         base = self._base(item.model)
         previous = self.get(item.model, item.sha256)
-        image_key = f"{base}/images/{item.sha256}.{item.image}"
+        image_key = self.image_key(item)
         if previous is None or previous.image != item.image or not self.store.exists(image_key):
             self.store.put_bytes(image_key, image)
         self.store.put_json(f"{base}/labels/{item.sha256}.json", item.model_dump(mode="json"))
         return previous
 
-    def items(self, model: str) -> list[FeedbackItem]:
+    def items(
+        self, model: str, cache: dict[str, tuple[str, FeedbackItem]] | None = None
+    ) -> list[FeedbackItem]:
         """Every label record of a model, by content hash (damaged records are skipped: a
-        dataset snapshot must not fail on one bad object)."""
+        dataset snapshot must not fail on one bad object). ``cache`` (key -> ETag and item,
+        kept by the caller between calls) makes a repeated call one listing plus a read of
+        each new or changed record only."""
         out = []
+        seen = set()
         for obj in self.store.list(f"{self._base(model)}/labels/"):
             m = _LABEL_KEY.fullmatch(obj.key)
             if m is None or m.group(1) != model:
+                continue
+            seen.add(obj.key)
+            known = cache.get(obj.key) if cache is not None else None
+            if known is not None and known[0] == obj.etag:
+                out.append(known[1])
                 continue
             try:
                 item = self.get(model, m.group(2))
@@ -129,18 +143,22 @@ class Feedback:
                 continue
             if item is not None:
                 out.append(item)
+                if cache is not None:
+                    cache[obj.key] = (obj.etag, item)
+        if cache is not None:
+            for key in [k for k in cache if k.startswith(f"feedback/{model}/") and k not in seen]:
+                del cache[key]
         return out
 
     def write_dataset(self, model: str) -> tuple[str, list[FeedbackItem], list[str]]:
         """Write the model's feedback dataset and return its ``s3://`` URI, the items in it
         (with the split each was written in) and the classes left out (one image only: a
         class must be in both splits to be trained and evaluated)."""
-        base = self._base(model)
         items, skipped = trainable_splits(self.items(model))
         lines = [
             json.dumps(
                 {
-                    "uri": self.store.uri(f"{base}/images/{i.sha256}.{i.image}"),
+                    "uri": self.store.uri(self.image_key(i)),
                     "label": i.label,
                     "split": i.split,
                 },

@@ -57,6 +57,24 @@ class JobSpec(Protocol):
         ...
 
 
+TriggerKind = Literal["every_n_labels", "accuracy_below", "drift_above", "schedule"]
+
+
+class JobTrigger(BaseModel):
+    """Why a retrain policy started a job (a job created through the API has none)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: TriggerKind
+    detail: str
+    """What was measured against what (``212 labels >= every_n_labels 200``)."""
+    fired_at: str
+    serving_version: str
+    """The version the job fine-tunes from (and the gate compares with)."""
+    dataset: dict[str, Any] = {}
+    """Images per source and split in the job's dataset (base and feedback)."""
+
+
 class JobRecord(BaseModel):
     """One job: what was asked, where it stands, and how it ended."""
 
@@ -79,6 +97,8 @@ class JobRecord(BaseModel):
     lease_expires_at: float | None = None
     """Epoch seconds until which the owner's lease holds unless renewed."""
     idempotency_key_sha256: str | None = None
+    trigger: JobTrigger | None = None
+    """The retrain policy's trigger that started the job, if one did."""
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
 
@@ -151,6 +171,7 @@ class JobStore:
         *,
         idempotency_key: str | None = None,
         job_id: str | None = None,
+        trigger: JobTrigger | None = None,
     ) -> tuple[JobRecord, bool]:
         """A new queued record (a new id unless ``job_id`` is given), or - for an
         ``Idempotency-Key`` seen before with the same spec - the job it created. Returns
@@ -162,6 +183,7 @@ class JobStore:
             reason="queued",
             spec=spec.model_dump(mode="json"),
             created_at=now_iso(),
+            trigger=trigger,
         )
         if idempotency_key is not None:
             known = self.find_idempotent(spec, idempotency_key)

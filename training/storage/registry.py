@@ -266,6 +266,19 @@ class Registry:
                 f"alias object {key} is damaged: not an alias record", field="model"
             ) from None
 
+    def serving(self, model: str, alias: str) -> AliasRecord:
+        """The alias record a model serves under; NotFoundError naming ``model`` when the
+        alias points nowhere yet."""
+        record, _ = self.get_alias(model, alias)
+        if record is None:
+            raise NotFoundError(f"model {model!r} has no {alias} version", field="model")
+        return record
+
+    def serving_manifest(self, model: str, alias: str) -> Manifest:
+        """The manifest of the version the alias points at (checked against the alias)."""
+        record = self.serving(model, alias)
+        return self.read_manifest(model, record.version, expect_sha256=record.sha256)[0]
+
     def set_alias(
         self, model: str, alias: str, version: str, *, verify: Verify | None = None
     ) -> AliasRecord:

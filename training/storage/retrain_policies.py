@@ -9,6 +9,7 @@ a loop (no cooldown, or a schedule shorter than it).
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -60,6 +61,23 @@ class RetrainPolicy(BaseModel):
         return self
 
 
+class PolicyState(BaseModel):
+    """What the job runner remembers of a policy between passes (and restarts):
+    ``policies/{model}/state.json``, written by the runner alone."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    counted_from: datetime
+    """Labels after this count toward ``every_n_labels``; the schedule runs from it too (the
+    time the runner first saw the policy, then the time it last fired)."""
+    last_fired_at: datetime | None = None
+    last_job_id: str | None = None
+    fired: int = 0
+    last_error: str | None = None
+    """Why the last firing started no job (its dataset could not be written); the cooldown
+    runs from that attempt as from a run."""
+
+
 class RetrainPolicies:
     """Every model's retrain policy, on one store."""
 
@@ -85,6 +103,33 @@ class RetrainPolicies:
             return RetrainPolicy.model_validate_json(raw)
         except ValidationError as exc:
             raise IntegrityError(f"retrain policy {key} is damaged: {exc}") from None
+
+    def models(self) -> list[str]:
+        """The models that have a policy (one listing)."""
+        out = []
+        for obj in self.store.list("policies/"):
+            model, _, name = obj.key.removeprefix("policies/").partition("/")
+            if name == "retrain.json" and is_id(model):
+                out.append(model)
+        return sorted(out)
+
+    def state(self, model: str) -> PolicyState | None:
+        """The runner's state of the model's policy, or None (never seen); IntegrityError
+        when damaged."""
+        key = self._key(model).replace("retrain.json", "state.json")
+        try:
+            return PolicyState.model_validate_json(
+                self.store.get_bytes(key, max_bytes=MAX_RECORD_BYTES)
+            )
+        except NotFoundError:
+            return None
+        except ValueError as exc:  # too large, or a ValidationError (a ValueError)
+            raise IntegrityError(f"policy state {key} is damaged: {exc}") from None
+
+    def set_state(self, model: str, state: PolicyState) -> None:
+        """Store the runner's state of the model's policy."""
+        key = self._key(model).replace("retrain.json", "state.json")
+        self.store.put_json(key, state.model_dump(mode="json"))
 
     def set(self, model: str, policy: RetrainPolicy) -> RetrainPolicy:
         """Store the model's policy (replacing the previous one)."""

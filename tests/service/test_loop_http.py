@@ -1,0 +1,166 @@
+"""The adaptation loop end to end over HTTP on the real stack (SeaweedFS, Ray, Serve, Ray
+Train): predictions are captured, a labelling client sends labels back, the retrain policy
+fires in the job runner, the job trains on base + feedback, the gate scores both parts, and
+the new version answers - with the trigger in the job record and the cooldown holding the
+next firing back."""
+
+from __future__ import annotations
+
+import base64
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import requests
+
+from conftest import free_port, png_bytes, publish_tiny_model
+from service.control.scheduler import stop_actors
+from service.embedded_store import Connection
+from service.settings import CaptureSettings, RefitSettings, ServeSettings
+from training.job_settings import TrainingSettings
+from training.storage.registry import Registry
+from training.storage.s3 import ObjectStore
+
+pytestmark = [
+    pytest.mark.ray,
+    pytest.mark.serve,
+    pytest.mark.trains,
+    pytest.mark.usefixtures("ray_session"),
+]
+ADMIN, PREDICT, LABEL = "admin-token-loop", "predict-token-loop", "label-token-loop"
+CLASSES = "abc"
+
+
+@pytest.fixture(scope="module")
+def loop_app(seaweed: Connection) -> Iterator[dict[str, Any]]:
+    from service import deployments
+
+    settings = RefitSettings(
+        s3=seaweed.s3_settings(prefix=f"loop-{uuid.uuid4().hex[:8]}"),
+        serve=ServeSettings(
+            port=free_port(),
+            admin_token=ADMIN,
+            predict_token=PREDICT,
+            label_token=LABEL,
+            poll_interval_s=30,  # long: the new version answering proves the push
+            classifier_cpus=1,
+            classifier_replicas=1,
+        ),
+        capture=CaptureSettings(rate=1.0, max_per_class_per_hour=None),
+        training=TrainingSettings(policy_check_s=0.5, progress_interval_s=0.5),
+    )
+    store = ObjectStore(settings.s3)
+    for c, name in enumerate(CLASSES):  # the base dataset, classes a b c
+        for i in range(8):
+            store.put_bytes(f"datasets/base/{name}/{i:03d}.png", png_bytes(c, seed=i * 7 + c))
+    v1 = publish_tiny_model(Registry(store), "shapes")[0].version
+    deployments.run(settings)
+    try:
+        url = f"http://127.0.0.1:{settings.serve.port}"
+        requests.get(url + "/readyz", timeout=60)
+        yield {"url": url, "store": store, "v1": v1}
+    finally:
+        deployments.shutdown()
+        stop_actors(settings)
+
+
+def _call(app: dict[str, Any], method: str, path: str, token: str, **kw: Any) -> Any:
+    headers = {"Authorization": f"Bearer {token}"}
+    return requests.request(method, app["url"] + path, headers=headers, timeout=60, **kw)
+
+
+def _predict(app: dict[str, Any], image: bytes) -> dict[str, Any]:
+    body = {"images": [base64.b64encode(image).decode()]}
+    r = _call(app, "POST", "/v1/models/shapes/predict", PREDICT, json=body)
+    assert r.status_code == 200, r.text
+    assert r.headers["x-prediction-id"] == r.json()["prediction_id"]
+    return dict(r.json())
+
+
+def _label(app: dict[str, Any], prediction_id: str, label: str) -> dict[str, Any]:
+    body = {"prediction_id": prediction_id, "index": 0, "label": label}
+    deadline = time.monotonic() + 20
+    while True:  # the capture is stored off the request path: it may land a moment later
+        r = _call(app, "POST", "/v1/models/shapes/feedback", LABEL, json=body)
+        if r.status_code != 404 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert r.status_code == 200, r.text
+    return dict(r.json())
+
+
+def _send_labelled(app: dict[str, Any], n: int, seed: int) -> None:
+    for i in range(n):
+        c = i % 3
+        _label(app, _predict(app, png_bytes(c, seed=seed + i))["prediction_id"], CLASSES[c])
+
+
+def _triggered_jobs(app: dict[str, Any]) -> list[dict[str, Any]]:
+    jobs = _call(app, "GET", "/v1/finetune-jobs?limit=20", ADMIN).json()["jobs"]
+    return [j for j in jobs if j.get("trigger")]
+
+
+def test_labels_fire_the_policy_and_the_new_version_answers(loop_app: dict[str, Any]) -> None:
+    app = loop_app
+    policy = {
+        "every_n_labels": 10,
+        "cooldown_s": 600,
+        "base_dataset": app["store"].uri("datasets/base/"),
+        "epochs": 4,
+        "lr": 0.003,
+        "batch_size": 8,
+    }
+    r = _call(app, "PUT", "/v1/models/shapes/retrain-policy", ADMIN, json=policy)
+    assert r.status_code == 200, r.text
+    # the runner sees the policy first: labels count from then
+    deadline = time.monotonic() + 30
+    while _call(app, "GET", "/v1/models/shapes/retrain-policy", ADMIN).json()["state"] is None:
+        assert time.monotonic() < deadline, "the job runner never evaluated the policy"
+        time.sleep(0.3)
+    assert _call(app, "POST", "/v1/models/shapes/feedback", PREDICT, json={}).status_code == 403
+
+    _send_labelled(app, 9, seed=1000)
+    time.sleep(1.5)  # three policy passes: nine labels fire nothing
+    assert _triggered_jobs(app) == []
+    _send_labelled(app, 1, seed=2000)
+    deadline = time.monotonic() + 30
+    while not (jobs := _triggered_jobs(app)):
+        assert time.monotonic() < deadline, "the policy did not fire"
+        time.sleep(0.3)
+    (job,) = jobs
+    assert job["trigger"]["kind"] == "every_n_labels"
+    assert job["trigger"]["serving_version"] == app["v1"]
+    assert job["spec"]["base"]["version"] == f"shapes@{app['v1']}"
+    assert set(job["trigger"]["dataset"]["images"]) == {"base", "feedback"}
+
+    deadline = time.monotonic() + 400
+    while (job := _call(app, "GET", f"/v1/finetune-jobs/{job['job_id']}", ADMIN).json())[
+        "state"
+    ] not in {"succeeded", "failed", "cancelled"}:
+        assert time.monotonic() < deadline, job
+        time.sleep(0.5)
+    assert job["state"] == "succeeded", job
+    result = job["result"]
+    gate = result["gate"]
+    assert set(gate["sources"]) == {"base", "feedback"}
+    assert all(s["incumbent_top1"] is not None for s in gate["sources"].values())
+    assert set(result["metrics"]["sources"]) == {"base", "feedback"}
+    assert result["published"], gate["reasons"]
+    v2 = result["version"]
+
+    deadline = time.monotonic() + 30
+    while _predict(app, png_bytes(0, seed=9))["model_version"] != v2:
+        assert time.monotonic() < deadline, "the new version never answered"
+        time.sleep(0.2)
+    state = _call(app, "GET", "/v1/models/shapes/retrain-policy", ADMIN).json()["state"]
+    assert state["fired"] == 1
+    assert state["last_job_id"] == job["job_id"]
+    # the cooldown holds: ten more labels start nothing
+    _send_labelled(app, 10, seed=3000)
+    time.sleep(1.5)
+    assert len(_triggered_jobs(app)) == 1
+    quality = _call(app, "GET", "/v1/models/shapes/quality", ADMIN).json()
+    assert quality["versions"][app["v1"]]["labels"] == 10
+    assert quality["versions"][v2]["labels"] == 10

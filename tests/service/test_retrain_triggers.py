@@ -1,0 +1,214 @@
+"""When a retrain policy fires (pure decisions), and what a firing writes on a real
+SeaweedFS: a dataset of the base split plus feedback, a job with its trigger, the state."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from itertools import count
+
+import pytest
+
+from conftest import png_bytes, publish_tiny_model, write_imagefolder
+from service.control.retrain_triggers import PolicyWatch, decide_trigger, live_accuracy
+from training.data import index_dataset
+from training.storage.feedback import Feedback, FeedbackItem, content_hash, split_of
+from training.storage.registry import Registry
+from training.storage.retrain_policies import PolicyState, RetrainPolicies, RetrainPolicy
+from training.storage.s3 import ObjectStore
+
+NOW = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
+
+
+def _label(n: int, label: str, predicted: str | None, *, version: str = "v1", at: datetime = NOW):
+    sha = content_hash(png_bytes(n % 3, seed=n))
+    return FeedbackItem(
+        model="m",
+        sha256=sha,
+        image="png",
+        label=label,
+        split=split_of(sha, 0.2),
+        labelled_at=at + timedelta(seconds=n),
+        predicted=predicted,
+        version=version if predicted else None,
+        prediction_id=None,
+    )
+
+
+def test_new_labels_fire_once_enough_arrived() -> None:
+    policy = RetrainPolicy(every_n_labels=10)
+    state = PolicyState(counted_from=NOW)
+    old = [_label(i, "a", "a", at=NOW - timedelta(hours=1)) for i in range(30)]  # before
+    assert decide_trigger(policy, state, old, "v1", NOW) is None
+    new = [_label(i, "a", None) for i in range(1, 10)]
+    assert decide_trigger(policy, state, old + new, "v1", NOW) is None  # 9 < 10
+    fired = decide_trigger(policy, state, [*old, *new, _label(50, "b", None)], "v1", NOW)
+    assert fired is not None
+    assert fired[0] == "every_n_labels"
+    assert fired[1].startswith("10 labels since")
+
+
+def test_accuracy_counts_the_serving_versions_last_window_only() -> None:
+    policy = RetrainPolicy(accuracy_below=0.8, window_labels=20)
+    state = PolicyState(counted_from=NOW)
+    right = [_label(i, "a", "a") for i in range(20)]
+    wrong = [_label(100 + i, "a", "b") for i in range(10)]
+    assert live_accuracy(right + wrong, "v1", 20) == (0.5, 20)  # the last 20: 10 of each
+    fired = decide_trigger(policy, state, right + wrong, "v1", NOW)
+    assert fired is not None
+    assert fired[0] == "accuracy_below"
+    # the same labels judged another version's answers: the new version has none yet
+    assert decide_trigger(policy, state, right + wrong, "v2", NOW) is None
+    # fewer labels than the window: not enough to judge
+    assert decide_trigger(policy, state, wrong, "v1", NOW) is None
+    # uploads (no prediction) are training data, not measurements
+    uploads = [_label(200 + i, "a", None) for i in range(40)]
+    assert live_accuracy(uploads, "v1", 20) == (0.0, 0)
+
+
+def test_cooldown_holds_every_trigger_back_and_the_schedule_runs_from_the_last_run() -> None:
+    policy = RetrainPolicy(every_n_labels=10, every_s=7200, cooldown_s=3600)
+    fired_at = NOW - timedelta(minutes=30)
+    state = PolicyState(counted_from=fired_at, last_fired_at=fired_at)
+    many = [_label(i, "a", None) for i in range(50)]
+    assert decide_trigger(policy, state, many, "v1", NOW) is None  # inside the cooldown
+    later = NOW + timedelta(minutes=31)
+    assert decide_trigger(policy, state, many, "v1", later)[0] == "every_n_labels"  # type: ignore[index]
+    assert decide_trigger(policy, state, [], "v1", later) is None  # schedule: 61 min < 2 h
+    assert decide_trigger(policy, state, [], "v1", fired_at + timedelta(hours=2))[0] == "schedule"  # type: ignore[index]
+    off = policy.model_copy(update={"enabled": False})
+    assert decide_trigger(off, state, many, "v1", later) is None
+
+
+def _feedback(store: ObjectStore, n: int, label: str, seed: int) -> None:
+    data = png_bytes({"a": 0, "b": 1, "c": 2}[label], seed=seed)
+    sha = content_hash(data)
+    Feedback(store).put(
+        FeedbackItem(
+            model="m",
+            sha256=sha,
+            image="png",
+            label=label,
+            split=split_of(sha, 0.3),
+            labelled_at=datetime.now(UTC),
+        ),
+        data,
+    )
+
+
+def test_a_firing_writes_base_plus_feedback_and_the_state(store: ObjectStore) -> None:
+    base = write_imagefolder(store, "basis", classes=3, train=6, val=2, splits=False)
+    reg = Registry(store)
+    manifest, _ = publish_tiny_model(reg, "m")
+    policies = RetrainPolicies(store)
+    policies.set("m", RetrainPolicy(every_n_labels=10, base_dataset=base, epochs=2))
+    ids = (f"job-{i}" for i in count())
+    watch = PolicyWatch(store, alias="production")
+    assert watch.due({}, lambda: next(ids)) == []  # first pass: labels count from now
+    state = policies.state("m")
+    assert state is not None
+    assert state.fired == 0
+    for i in range(12):
+        _feedback(store, i, "abc"[i % 3], seed=100 + i)
+    assert watch.due({"m": 1}, lambda: next(ids)) == []  # max_concurrent 1 already running
+    (firing,) = watch.due({}, lambda: next(ids))
+    assert firing.trigger.kind == "every_n_labels"
+    assert firing.trigger.serving_version == manifest.version
+    assert firing.spec["base"] == {"version": f"m@{manifest.version}"}
+    assert firing.spec["epochs"] == 2
+    images = firing.trigger.dataset["images"]
+    assert images["base"]["train"] + images["base"]["val"] == 18  # 3 classes x 6 images
+    assert images["feedback"]["train"] + images["feedback"]["val"] == 12
+    # the base keeps its split; every line names its source
+    index = index_dataset(store, firing.spec["dataset"])
+    original = index_dataset(store, base, val_fraction=0.2, seed=0)
+    assert {s.key for s in index.val if s.source == "base"} == {s.key for s in original.val}
+    assert {s.source for s in index.train} == {"base", "feedback"}
+    watch.fired("m", firing)
+    after = policies.state("m")
+    assert after is not None
+    assert after.fired == 1
+    assert after.last_job_id == firing.job_id
+    assert watch.due({}, lambda: next(ids)) == []  # the cooldown now holds
+
+
+def test_a_second_retrain_takes_the_first_ones_base_not_its_old_feedback(
+    store: ObjectStore,
+) -> None:
+    from training.retrain_dataset import write_retrain_dataset
+
+    base = write_imagefolder(store, "basis2", classes=3, train=4, val=2, splits=True)
+    for i in range(6):
+        _feedback(store, i, "abc"[i % 3], seed=300 + i)
+    first, _ = write_retrain_dataset(store, "m", "job-a", base_uri=base, val_fraction=0.2, seed=0)
+    data = png_bytes(0, seed=300)  # relabelled since: the new snapshot's label wins
+    sha = content_hash(data)
+    Feedback(store).put(
+        FeedbackItem(
+            model="m",
+            sha256=sha,
+            image="png",
+            label="b",
+            split=split_of(sha, 0.3),
+            labelled_at=datetime.now(UTC),
+        ),
+        data,
+    )
+    second, contents = write_retrain_dataset(
+        store, "m", "job-b", base_uri=first, val_fraction=0.2, seed=0
+    )
+    assert contents["images"]["base"] == {"train": 12, "val": 6}
+    # 'a' kept one image after the relabel: left out of the feedback part, and named
+    assert sum(contents["images"]["feedback"].values()) == 5
+    assert contents["feedback_classes_left_out"] == ["a"]
+    index = index_dataset(store, second)
+    labels = {s.key: index.classes[s.label] for s in index.train + index.val}
+    assert labels[f"feedback/m/images/{sha}.png"] == "b"
+
+
+def test_a_base_that_cannot_be_indexed_records_why_and_cools_down(store: ObjectStore) -> None:
+    publish_tiny_model(Registry(store), "m")
+    policies = RetrainPolicies(store)
+    gone = store.uri("datasets/nothing-here/")
+    policies.set("m", RetrainPolicy(every_n_labels=10, base_dataset=gone))
+    policies.set_state("m", PolicyState(counted_from=NOW - timedelta(days=1)))
+    for i in range(10):
+        _feedback(store, i, "abc"[i % 3], seed=500 + i)
+    watch = PolicyWatch(store, alias="production")
+    assert watch.due({}, lambda: "job-x") == []
+    state = policies.state("m")
+    assert state is not None
+    assert state.last_fired_at is not None
+    assert "no images" in (state.last_error or "")
+
+
+def test_a_damaged_state_starts_again_with_the_cooldown(store: ObjectStore) -> None:
+    publish_tiny_model(Registry(store), "m")
+    policies = RetrainPolicies(store)
+    policies.set("m", RetrainPolicy(every_n_labels=10))
+    store.put_bytes("policies/m/state.json", b"{not json")
+    assert PolicyWatch(store, alias="production").due({}, lambda: "job-y") == []
+    state = policies.state("m")
+    assert state is not None
+    assert state.last_fired_at is not None
+
+
+@pytest.mark.parametrize("kind", ["feedback", "base"])
+def test_gate_requires_each_source_and_reports_forgetting(kind: str) -> None:
+    from training.gate import SourceScore, class_drops, decide, with_sources
+
+    overall = decide(0.9, min_accuracy=0.5, max_regression=0.02, incumbent_top1=0.8)
+    assert overall.passed
+    worse = {"base": 0.95, "feedback": 0.9}
+    worse[kind] -= 0.2
+    sources = {
+        name: SourceScore(images=10, candidate_top1=worse[name], incumbent_top1=0.9)
+        for name in ("base", "feedback")
+    }
+    cand = {"a": {"recall": 0.5, "support": 4}, "b": {"recall": 1.0, "support": 4}}
+    inc = {"a": {"recall": 1.0, "support": 4}, "b": {"recall": 1.0, "support": 4}}
+    drops = class_drops("base", cand, inc, 0.02)
+    decision = with_sources(overall, sources, drops)
+    assert not decision.passed
+    assert not decision.sources[kind].passed
+    assert [(d.label, d.candidate) for d in decision.forgetting] == [("a", 0.5)]
+    assert any("forgetting: class 'a'" in r for r in decision.reasons)

@@ -1,0 +1,88 @@
+"""Scoring a model on a validation split: over all of it, and per source of a retrain
+dataset (base, feedback), in one pass (the parts' sums make the whole)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from training.classification_metrics import MetricAccumulator
+from training.data import Sample, make_loader
+from training.job_settings import TrainingSettings
+from training.loop import Precision, evaluate
+from training.preprocess import Preprocessing, eval_transform
+from training.storage.s3 import ObjectStore
+from training.version_crops import capped_dataset
+
+
+def evaluate_model(
+    model: nn.Module,
+    samples: list[Sample],
+    *,
+    store: ObjectStore,
+    preprocessing: Preprocessing,
+    classes: list[str],
+    training: TrainingSettings,
+    batch_size: int = 64,
+) -> dict[str, Any]:
+    """Metrics of a model on samples (plain torch, in this process, CPU)."""
+    return _accumulate(model, samples, store, preprocessing, classes, training, batch_size).compute(
+        classes
+    )
+
+
+def _accumulate(
+    model: nn.Module,
+    samples: list[Sample],
+    store: ObjectStore,
+    preprocessing: Preprocessing,
+    classes: list[str],
+    training: TrainingSettings,
+    batch_size: int = 64,
+) -> MetricAccumulator:
+    ds = capped_dataset(store, samples, eval_transform(preprocessing), training)
+    loader = make_loader(ds, batch_size=batch_size, shuffle=False)
+    return evaluate(
+        model, loader, num_classes=len(classes), precision=Precision(torch.device("cpu"))
+    )
+
+
+def parts_of(samples: list[Sample]) -> dict[str, list[Sample]]:
+    """A split by source (``base``, ``feedback``) for a retrain dataset; ``{"": all}``
+    otherwise."""
+    parts: dict[str, list[Sample]] = {}
+    for s in samples:
+        parts.setdefault(s.source, []).append(s)
+    return dict(sorted(parts.items())) if parts else {"": []}
+
+
+@dataclass
+class Scores:
+    """A model on the validation split: over all of it and per source."""
+
+    all: dict[str, Any]
+    parts: dict[str, dict[str, Any]]
+
+
+def score_parts(
+    model: nn.Module,
+    samples: list[Sample],
+    store: ObjectStore,
+    preprocessing: Preprocessing,
+    classes: list[str],
+    training: TrainingSettings,
+) -> Scores:
+    """Metrics over all samples and per source (see :func:`parts_of`)."""
+    parts = {
+        name: _accumulate(model, part, store, preprocessing, classes, training)
+        for name, part in parts_of(samples).items()
+    }
+    total = MetricAccumulator(len(classes))
+    for acc in parts.values():
+        total = total.merge(acc)
+    return Scores(
+        all=total.compute(classes), parts={n: acc.compute(classes) for n, acc in parts.items()}
+    )
