@@ -27,8 +27,11 @@ PREPROCESSING = Preprocessing(
 AUGMENT = Augmentation(min_scale=0.7, hflip=False)
 
 
-def _png(pixels: np.ndarray, size: int) -> bytes:
-    img = Image.fromarray((pixels * (255.0 / 16.0)).astype(np.uint8), mode="L")
+def digit_png(pixels: np.ndarray, size: int, *, invert: bool = False) -> bytes:
+    """One 8x8 scan (values 0-16) as a ``size`` px PNG; ``invert``: light on dark swapped
+    (the same digits rendered differently: the demo's shifted input distribution)."""
+    grey = pixels * (255.0 / 16.0)
+    img = Image.fromarray((255.0 - grey if invert else grey).astype(np.uint8), mode="L")
     buf = io.BytesIO()
     img.resize((size, size), Image.Resampling.BILINEAR).save(buf, format="PNG")
     return buf.getvalue()
@@ -66,7 +69,7 @@ def write_digits(
         for split, ids in (("train", train), ("val", val), ("test", test)):
             for i in ids:
                 jobs.append(
-                    (f"datasets/{name}/{split}/{d}/{int(i):04d}.png", _png(bunch.images[i], size))
+                    (f"datasets/{name}/{split}/{d}/{int(i):04d}.png", digit_png(bunch.images[i], size))
                 )
             counts[split] += len(ids)
     with ThreadPoolExecutor(8) as pool:

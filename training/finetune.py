@@ -121,6 +121,20 @@ class _Trained:
     storage_uri: str
 
 
+class _Phases:
+    """Seconds of each step of the job, for its result: where a job's fixed cost goes."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        """Close the step that just ended."""
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self._last, 3)
+        self._last = now
+
+
 @dataclass
 class _Incumbent:
     version: str | None = None
@@ -144,19 +158,26 @@ class _Pipeline:
         self.still_owner = still_owner
         self.registry = Registry(store)
         self.started = time.time()
+        self.phases = _Phases()
 
     def run(self) -> dict[str, Any]:
-        spec = self.spec
+        spec, lap = self.spec, self.phases.lap
         index = index_dataset(
             self.store, spec.dataset, val_fraction=spec.val_fraction, seed=spec.seed
         )
+        lap("index_s")
         base = resolve_base(spec.base, store=self.store, training=self.training)
         preprocessing = spec.preprocess or base.preprocessing
+        lap("resolve_base_s")
         trained = self.train(index, base, preprocessing)
+        lap("train_s")
         self.still_owner()
         val = [s for s in index.val if s.key not in trained.skipped]
         scores = self.score(trained.model, val, preprocessing, index.classes)
-        gate = self.gate(scores, self.incumbent(val, index.classes))
+        lap("score_s")
+        incumbent = self.incumbent(val, index.classes)
+        lap("score_serving_s")
+        gate = self.gate(scores, incumbent)
         candidate = scores.all
         metrics = {k: candidate[k] for k in ("loss", "top1", "top5", "macro_f1", "images")}
         metrics.update(per_class=candidate["per_class"], confusion=candidate["confusion"])
@@ -169,6 +190,7 @@ class _Pipeline:
         if gate.passed:
             self.still_owner()
             version = self.publish(trained, index, base, preprocessing, val, metrics, gate)
+            lap("publish_s")
             if spec.promote:
                 self.still_owner()
                 self.registry.set_alias(spec.model, spec.alias, version)
@@ -333,4 +355,8 @@ class _Pipeline:
             "dataset": dataset,
             "checkpoints": trained.storage_uri,
             "seconds": round(time.time() - self.started, 2),
+            "phases": {
+                **self.phases.seconds,
+                "epochs_s": float(run.get("epochs_s", 0.0)),
+            },
         }

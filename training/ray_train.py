@@ -98,7 +98,9 @@ class _Progress(UserCallback):
         if "epoch" in m:
             # keyed by epoch: an epoch repeated after a resume replaces the lost attempt
             self.history[int(m["epoch"])] = {
-                k: float(m[k]) for k in ("train_loss", "val_loss", "val_top1", "images_per_s")
+                k: float(m[k])
+                for k in ("train_loss", "val_loss", "val_top1", "images_per_s", "epoch_s")
+                if k in m
             }
             m["history"] = [{"epoch": e, **h} for e, h in sorted(self.history.items())]
             print(

@@ -232,6 +232,7 @@ def run_worker(inputs: RunInputs, ctx: RunContext) -> dict[str, Any]:
 
     started = time.perf_counter()
     for epoch in range(int(state["epoch"]), spec.epochs):
+        epoch_started = time.perf_counter()
         if isinstance(getattr(loaders.train, "sampler", None), DistributedSampler):
             loaders.train.sampler.set_epoch(epoch)
         set_frozen_batchnorm(model, plan, epoch)
@@ -261,6 +262,11 @@ def run_worker(inputs: RunInputs, ctx: RunContext) -> dict[str, Any]:
             resumed_from=resumed_from,
             skipped=len(bad),
         )
+        # train + validation of this epoch alone: a job's fixed cost is its time beyond these
+        metrics["epoch_s"] = state["history"][-1]["epoch_s"] = round(
+            time.perf_counter() - epoch_started, 3
+        )
+        metrics["epochs_s"] = round(sum(h.get("epoch_s", 0.0) for h in state["history"]), 3)
         _report(ctx, metrics, model, optimizer, scheduler, state)
         if stop:
             break

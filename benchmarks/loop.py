@@ -1,0 +1,360 @@
+"""The adaptation loop on the offline demo, over HTTP on the embedded stack.
+
+``digits-base`` serves digits 0-4; then the input distribution shifts (the same digits,
+inverted: dark strokes on light paper). A client keeps predicting, a labelling client sends
+the true label back for a share of the captured predictions, the retrain policy
+(``every_n_labels``) fires in the job runner, the job fine-tunes from the serving version on
+the base dataset plus the feedback, the gate passes it, and the new version goes live.
+
+Reported, all from this one run:
+
+* latency at concurrency 1 with capture off and on (every prediction captured: the worst
+  case), alternated twice; the capture-on figure is the baseline's plus what capture adds;
+* accuracy of the served model on held-out shifted (and unshifted) digits before and after,
+  and the live accuracy from labels per version (``GET /v1/models/{model}/quality``);
+* labels needed, and the time from the triggering label to the new version answering, split
+  into detection, queueing, the job itself and the hot load, beside the job's own duration;
+  the loop's own cost is everything but the job (goal <= 10 s);
+* the job's fixed cost (its time beyond its epochs' train + validation) over its epochs' time,
+  with the phases it went to;
+* failed requests during the whole loop (background load at concurrency 2).
+
+    python benchmarks/loop.py [--labels 100] [--label-fraction 0.5] [--epochs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import random
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import requests
+from common import report  # also puts the repository on sys.path
+from load import free_port, reexec_with_jemalloc, run_load
+
+ADMIN, LABEL = "bench-admin", "bench-label"
+MODEL = "digits-base"
+
+
+def _log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def digits(invert: bool) -> tuple[list[bytes], list[str]]:
+    """Every scan of digits 0-4 as a 32 px PNG (inverted: the shifted rendering)."""
+    from sklearn.datasets import load_digits
+
+    from training.demo import digit_png
+
+    d = load_digits()
+    keep = [i for i, t in enumerate(d.target) if t < 5]
+    return [digit_png(d.images[i], 32, invert=invert) for i in keep], [
+        str(d.target[i]) for i in keep
+    ]
+
+
+def accuracy(url: str, images: list[bytes], labels: list[str]) -> tuple[float, str]:
+    """Top-1 accuracy of what serves now (batches of 16), and the version(s) that answered."""
+    right, versions = 0, set()
+    for i in range(0, len(images), 16):
+        body = {"images": [_b64(x) for x in images[i : i + 16]], "top_k": 1}
+        r = requests.post(f"{url}/v1/models/{MODEL}/predict", json=body, timeout=60)
+        r.raise_for_status()
+        out = r.json()
+        versions.add(out["model_version"])
+        answers = zip(out["predictions"], labels[i : i + 16], strict=True)
+        right += sum(p[0]["label"] == y for p, y in answers)
+    return right / len(images), ",".join(sorted(versions))
+
+
+class Background:
+    """Closed-loop predictions from ``clients`` threads until stopped: every status, and the
+    first time each version answered."""
+
+    def __init__(self, url: str, images: list[bytes], clients: int = 2) -> None:
+        self.url, self.images = f"{url}/v1/models/{MODEL}/predict", images
+        self.stop = threading.Event()
+        self.statuses: dict[int, int] = {}
+        self.first_seen: dict[str, float] = {}
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(clients)]
+
+    def __enter__(self) -> Background:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join()
+
+    def _run(self, n: int) -> None:
+        session = requests.Session()
+        i = n
+        while not self.stop.is_set():
+            body = {"images": [_b64(self.images[i % len(self.images)])], "top_k": 1}
+            i += 7
+            try:
+                r = session.post(self.url, json=body, timeout=30)
+                status = r.status_code
+                version = r.json().get("model_version") if status == 200 else None
+            except requests.RequestException:
+                status, version = -1, None
+            with self.lock:
+                self.statuses[status] = self.statuses.get(status, 0) + 1
+                if version is not None and version not in self.first_seen:
+                    self.first_seen[version] = time.time()
+
+
+def _label(url: str, prediction_id: str, label: str) -> None:
+    headers = {"Authorization": f"Bearer {LABEL}"}
+    body = {"prediction_id": prediction_id, "index": 0, "label": label}
+    deadline = time.monotonic() + 30
+    while True:  # the capture is stored off the request path: it may land a moment later
+        r = requests.post(
+            f"{url}/v1/models/{MODEL}/feedback", json=body, headers=headers, timeout=30
+        )
+        if r.status_code != 404 or time.monotonic() > deadline:
+            r.raise_for_status()
+            return
+        time.sleep(0.05)
+
+
+def labelling_client(
+    url: str, images: list[bytes], labels: list[str], *, wanted: int, fraction: float
+) -> tuple[int, int, float]:
+    """Predict shifted digits and label ``fraction`` of them until ``wanted`` labels were
+    sent; returns (predictions, labels, time the last label was taken)."""
+    rng = random.Random(7)  # which predictions a person labels: reproducible
+    sent = 0
+    order = list(range(len(images)))
+    rng.shuffle(order)
+    for predicted, i in enumerate(order, start=1):
+        body = {"images": [_b64(images[i])], "top_k": 1}
+        r = requests.post(f"{url}/v1/models/{MODEL}/predict", json=body, timeout=30)
+        r.raise_for_status()
+        if rng.random() < fraction:
+            _label(url, r.json()["prediction_id"], labels[i])
+            sent += 1
+            if sent == wanted:
+                return predicted, sent, time.time()
+    raise RuntimeError(f"ran out of images after {sent} labels")
+
+
+def _admin(method: str, url: str, **kw: Any) -> Any:
+    headers = {"Authorization": f"Bearer {ADMIN}"}
+    r = requests.request(method, url, headers=headers, timeout=60, **kw)
+    r.raise_for_status()
+    return r.json()
+
+
+def _ts(iso: str) -> float:
+    return datetime.fromisoformat(iso).timestamp()
+
+
+def latency(url: str, images: list[bytes], window: float) -> list[dict[str, Any]]:
+    """Capture off / on / off / on at concurrency 1: p50 and p99 of each window."""
+    rows = []
+    for run in ("off", "on", "off", "on"):
+        policy = {"rate": 1.0 if run == "on" else 0.0, "max_per_hour": 1_000_000}
+        policy["max_per_class_per_hour"] = None
+        _admin("PUT", f"{url}/v1/models/{MODEL}/capture", json=policy)
+        time.sleep(2.5)  # replicas re-read the policy every REFIT_CAPTURE__REFRESH_S (1 s)
+        result = run_load(f"{url}/v1/models/{MODEL}/predict", images, concurrency=1, seconds=window)
+        rows.append({"run": f"latency c=1, capture {run}", **result.summary()})
+        _log(str(rows[-1]))
+    return rows
+
+
+def main() -> int:
+    """Run the loop; print the table; write results/loop.json."""
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--labels", type=int, default=100, help="the policy's every_n_labels")
+    p.add_argument("--label-fraction", type=float, default=0.5)
+    p.add_argument("--epochs", type=int, default=3, help="epochs of the policy's job")
+    p.add_argument("--base-epochs", type=int, default=3)
+    p.add_argument("--window", type=float, default=8.0, help="seconds per latency window")
+    p.add_argument("--no-jemalloc", action="store_true")
+    args = p.parse_args()
+    malloc = reexec_with_jemalloc(not args.no_jemalloc)
+
+    import ray
+
+    from service import deployments
+    from service.embedded_store import EmbeddedStore
+    from service.settings import CaptureSettings, RefitSettings, ServeSettings
+    from training import demo
+    from training.finetune import run_finetune
+    from training.spec import parse_spec
+    from training.storage.s3 import ObjectStore
+
+    plain, plain_labels = digits(invert=False)
+    shifted, shifted_labels = digits(invert=True)
+    held_out = list(range(len(shifted) - 150, len(shifted)))  # never predicted by the client
+    stream = [shifted[i] for i in range(len(shifted) - 150)]
+    stream_labels = shifted_labels[: len(stream)]
+    eval_shifted = ([shifted[i] for i in held_out], [shifted_labels[i] for i in held_out])
+    eval_plain = ([plain[i] for i in held_out], [plain_labels[i] for i in held_out])
+
+    with tempfile.TemporaryDirectory() as tmp, EmbeddedStore(Path(tmp)) as conn:
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        try:
+            settings = RefitSettings(
+                s3=conn.s3_settings(),
+                serve=ServeSettings(
+                    port=free_port(), admin_token=ADMIN, label_token=LABEL, poll_interval_s=30
+                ),
+                capture=CaptureSettings(refresh_s=1.0),
+            )
+            store = ObjectStore(settings.s3)
+            demo.write_demo_datasets(store)
+            _log("training the demo base (setup, not timed)")
+            run_finetune(
+                parse_spec(demo.base_spec(store, epochs=args.base_epochs), settings.training),
+                s3=settings.s3,
+                training=settings.training,
+            )
+            deployments.run(settings)
+            url = f"http://127.0.0.1:{settings.serve.port}"
+            run_load(f"{url}/v1/models/{MODEL}/predict", plain[:64], concurrency=2, seconds=2)
+            rows = latency(url, plain[:200], args.window)
+
+            before = {
+                "shifted": accuracy(url, *eval_shifted),
+                "unshifted": accuracy(url, *eval_plain),
+            }
+            _log(f"before: {before}")
+            policy = {
+                "every_n_labels": args.labels,
+                "cooldown_s": 3600,
+                "epochs": args.epochs,
+                "lr": 0.002,
+                "batch_size": 32,
+            }
+            _admin("PUT", f"{url}/v1/models/{MODEL}/retrain-policy", json=policy)
+            while _admin("GET", f"{url}/v1/models/{MODEL}/retrain-policy")["state"] is None:
+                time.sleep(0.2)  # labels count from the runner's first look at the policy
+            with Background(url, plain) as load:
+                predicted, labelled, t_trigger = labelling_client(
+                    url,
+                    stream,
+                    stream_labels,
+                    wanted=args.labels,
+                    fraction=args.label_fraction,
+                )
+                _log(f"{labelled} labels on {predicted} predictions; waiting for the policy")
+                job = _wait_for_job(url)
+                _log(f"job {job['job_id']}: {job['trigger']['detail']}")
+                job = _wait_until_ended(url, job["job_id"])
+                version = job["result"]["version"]
+                if not job["result"]["published"]:
+                    raise RuntimeError(f"not published: {job['reason']}")
+                while version not in load.first_seen:
+                    time.sleep(0.05)
+                t_live = load.first_seen[version]
+            statuses = dict(load.statuses)
+            after = {
+                "shifted": accuracy(url, *eval_shifted),
+                "unshifted": accuracy(url, *eval_plain),
+            }
+            _log(f"after: {after}")
+            labelling_client(  # labels on the new version's answers: its live accuracy
+                url,
+                stream[::-1],
+                stream_labels[::-1],
+                wanted=args.labels // 2,
+                fraction=args.label_fraction,
+            )
+            quality = _admin("GET", f"{url}/v1/models/{MODEL}/quality")
+            deployments.shutdown()
+        finally:
+            ray.shutdown()
+
+    created, started, finished = (
+        _ts(job["created_at"]),
+        _ts(job["started_at"]),
+        _ts(job["finished_at"]),
+    )
+    result = job["result"]
+    job_s = finished - started
+    total = t_live - t_trigger
+    phases = result["phases"]
+    epochs_s = phases["epochs_s"]
+    on = [r["p50_ms"] for r in rows if r["run"].endswith("on")]
+    off = [r["p50_ms"] for r in rows if r["run"].endswith("off")]
+    loop_row = {
+        "run": "loop: trigger label -> new version",
+        "labels": labelled,
+        "predictions": predicted,
+        "detect_s": round(created - t_trigger, 2),
+        "queue_s": round(started - created, 2),
+        "job_s": round(job_s, 2),
+        "hot_load_s": round(t_live - finished, 2),
+        "total_s": round(total, 2),
+        "loop_overhead_s": round(total - job_s, 2),
+        "failed_requests": sum(n for s, n in statuses.items() if s != 200),
+    }
+    rows.append(loop_row)
+    extra = {
+        "allocator": malloc,
+        "capture_p50_delta_ms": round(statistics.mean(on) - statistics.mean(off), 2),
+        "accuracy_before": before,
+        "accuracy_after": after,
+        "live_accuracy_by_version": {v: q["accuracy"] for v, q in quality["versions"].items()},
+        "trigger": job["trigger"]["detail"],
+        "gate": result["gate"]["reasons"],
+        "forgetting": result["gate"]["forgetting"],
+        "job_phases_s": phases,
+        "fixed_cost_s": round(job_s - epochs_s, 2),
+        "fixed_cost_over_epoch_time": round((job_s - epochs_s) / max(epochs_s, 1e-9), 2),
+        "epochs": result["epochs_run"],
+        "dataset": job["trigger"]["dataset"]["images"],
+        "statuses": statuses,
+    }
+    report("loop", rows, extra)
+    return 0
+
+
+def _wait_for_job(url: str, timeout: float = 120) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        jobs = _admin("GET", f"{url}/v1/finetune-jobs?limit=5")["jobs"]
+        fired = [j for j in jobs if j.get("trigger")]
+        if fired:
+            return dict(fired[0])
+        time.sleep(0.05)
+    raise RuntimeError("the retrain policy did not fire")
+
+
+def _wait_until_ended(url: str, job_id: str, timeout: float = 1800) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        job = _admin("GET", f"{url}/v1/finetune-jobs/{job_id}")
+        if job["state"] in {"succeeded", "failed", "cancelled"}:
+            if job["state"] != "succeeded":
+                raise RuntimeError(f"job {job['state']}: {job['reason']}")
+            return dict(job)
+        epoch = (job["progress"] or {}).get("epochs_done")
+        if epoch != last:
+            _log(f"job {job['state']}, epoch {epoch}/{job['progress'].get('epochs')}")
+            last = epoch
+        time.sleep(0.1)
+    raise RuntimeError(f"job {job_id} did not end in {timeout:.0f} s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
