@@ -8,6 +8,7 @@ import argparse
 import base64
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,8 @@ _POLICY_FIELDS = (
     "max_concurrent",
     "base_dataset",
     "epochs",
+    "lr",
+    "batch_size",
 )
 
 
@@ -99,12 +102,39 @@ def cmd_policy(args: argparse.Namespace, settings: RefitSettings) -> int:
         _show(client.call("DELETE", path))
         return 0
     given = {f: getattr(args, f) for f in _POLICY_FIELDS if getattr(args, f) is not None}
+    if args.wait:
+        return _wait_for_firing(client, path, args.timeout)
     if not given:
         _show(client.call("GET", path))
         return 0
     current = client.call("GET", path)["policy"] or {}
     _show(client.call("PUT", path, {**current, **given}))
     return 0
+
+
+def _wait_for_firing(client: Client, path: str, timeout: float) -> int:
+    """Wait for the policy's next firing (a line per labels-so-far change), then follow the
+    job it started with the progress bar; 0 once it succeeded."""
+    first = client.call("GET", path)
+    if first["policy"] is None:
+        print("the model has no retrain policy", file=sys.stderr)
+        return 2
+    seen = (first["state"] or {}).get("fired", 0)
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        state = client.call("GET", path)["state"] or {}
+        if state.get("fired", 0) > seen and state.get("last_job_id"):
+            job = client.wait(state["last_job_id"])
+            _show({k: job[k] for k in ("job_id", "state", "reason", "trigger", "result")})
+            return 0 if job["state"] == "succeeded" else 1
+        line = f"waiting for the policy to fire ({state.get('last_error') or 'not yet'})"
+        if line != last:
+            print(line, file=sys.stderr, flush=True)
+            last = line
+        time.sleep(1.0)
+    print(f"the policy did not fire within {timeout:.0f} s", file=sys.stderr)
+    return 1
 
 
 def add_loop_commands(sub: Any) -> None:
@@ -150,6 +180,12 @@ def add_loop_commands(sub: Any) -> None:
     pol.add_argument("--max-concurrent", type=int, default=None)
     pol.add_argument("--base-dataset", default=None)
     pol.add_argument("--epochs", type=int, default=None)
+    pol.add_argument("--lr", type=float, default=None)
+    pol.add_argument("--batch-size", type=int, default=None)
     pol.add_argument("--delete", action="store_true")
+    pol.add_argument(
+        "--wait", action="store_true", help="wait for the next firing, then follow its job"
+    )
+    pol.add_argument("--timeout", type=float, default=86400.0, help="seconds --wait waits")
     pol.add_argument("--data-dir", default=None)
     pol.set_defaults(func=cmd_policy)

@@ -69,7 +69,10 @@ def write_digits(
         for split, ids in (("train", train), ("val", val), ("test", test)):
             for i in ids:
                 jobs.append(
-                    (f"datasets/{name}/{split}/{d}/{int(i):04d}.png", digit_png(bunch.images[i], size))
+                    (
+                        f"datasets/{name}/{split}/{d}/{int(i):04d}.png",
+                        digit_png(bunch.images[i], size),
+                    )
                 )
             counts[split] += len(ids)
     with ThreadPoolExecutor(8) as pool:
