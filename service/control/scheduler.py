@@ -170,6 +170,8 @@ class JobRunner:
             return
         self._next_policy_pass = now + self.settings.training.policy_check_s
         with self._lock:
+            if len(self.queue) >= self.settings.training.max_queued_jobs:
+                return  # a firing now would write its dataset only to be refused
             live = {*self.queue, *self.running, *self.watching}
             self.triggered &= live
             active = collections.Counter(self.model_of[j] for j in self.triggered)
@@ -177,7 +179,7 @@ class JobRunner:
             model = firing.spec["model"]
             try:
                 self._queue(parse_spec(firing.spec, self.settings.training), None, firing)
-            except RefitError as exc:  # a full queue: it fires again at a later pass
+            except RefitError as exc:  # filled meanwhile: it fires again at a later pass
                 log.warning("retrain of %s not queued: %s", model, exc)
                 continue
             self.policy_watch.fired(model, firing)

@@ -79,8 +79,8 @@ def test_cooldown_holds_every_trigger_back_and_the_schedule_runs_from_the_last_r
     assert decide_trigger(off, state, many, "v1", later) is None
 
 
-def _feedback(store: ObjectStore, n: int, label: str, seed: int) -> None:
-    data = png_bytes({"a": 0, "b": 1, "c": 2}[label], seed=seed)
+def _feedback(store: ObjectStore, n: int, label: str, seed: int, drawn: str | None = None) -> None:
+    data = png_bytes({"a": 0, "b": 1, "c": 2}[drawn or label], seed=seed)
     sha = content_hash(data)
     Feedback(store).put(
         FeedbackItem(
@@ -140,19 +140,8 @@ def test_a_second_retrain_takes_the_first_ones_base_not_its_old_feedback(
     for i in range(6):
         _feedback(store, i, "abc"[i % 3], seed=300 + i)
     first, _ = write_retrain_dataset(store, "m", "job-a", base_uri=base, val_fraction=0.2, seed=0)
-    data = png_bytes(0, seed=300)  # relabelled since: the new snapshot's label wins
-    sha = content_hash(data)
-    Feedback(store).put(
-        FeedbackItem(
-            model="m",
-            sha256=sha,
-            image="png",
-            label="b",
-            split=split_of(sha, 0.3),
-            labelled_at=datetime.now(UTC),
-        ),
-        data,
-    )
+    _feedback(store, 0, "b", seed=300, drawn="a")  # relabelled since: the new label wins
+    sha = content_hash(png_bytes(0, seed=300))
     second, contents = write_retrain_dataset(
         store, "m", "job-b", base_uri=first, val_fraction=0.2, seed=0
     )
