@@ -19,7 +19,7 @@ Reported, all from this one run:
   with the phases it went to;
 * failed requests during the whole loop (background load at concurrency 2).
 
-    python benchmarks/loop.py [--labels 100] [--label-fraction 0.5] [--epochs 3]
+    python benchmarks/loop.py [--labels 100] [--label-fraction 0.5] [--epochs 3] [--lr 0.0005]
 """
 
 from __future__ import annotations
@@ -185,6 +185,12 @@ def main() -> int:
     p.add_argument("--labels", type=int, default=100, help="the policy's every_n_labels")
     p.add_argument("--label-fraction", type=float, default=0.5)
     p.add_argument("--epochs", type=int, default=3, help="epochs of the policy's job")
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=0.0005,
+        help="the policy's lr (low: the base must not be forgotten)",
+    )
     p.add_argument("--base-epochs", type=int, default=3)
     p.add_argument("--window", type=float, default=8.0, help="seconds per latency window")
     p.add_argument("--no-jemalloc", action="store_true")
@@ -241,7 +247,7 @@ def main() -> int:
                 "every_n_labels": args.labels,
                 "cooldown_s": 3600,
                 "epochs": args.epochs,
-                "lr": 0.002,
+                "lr": args.lr,
                 "batch_size": 32,
             }
             _admin("PUT", f"{url}/v1/models/{MODEL}/retrain-policy", json=policy)
