@@ -28,7 +28,7 @@ from service.allocator import without_preloaded_allocator
 from service.api import create_app
 from service.control.notices import events_actor, notify_async
 from service.control.runner_clients import RunnerScheduler
-from service.dataplane.dataplane import DataPlane, capture_tap, loop_use_cases
+from service.dataplane.dataplane import DataPlane, capture_tap, drift_monitor, loop_use_cases
 from service.dataplane.hotload import Follower
 from service.dataplane.jobs import JobsUseCases
 from service.dataplane.model_host import Item, ModelHost, Ranked
@@ -93,7 +93,11 @@ class Classifier:
         torch.set_num_threads(s.torch_threads)
         models = Registry(ObjectStore(settings.s3))  # hot-loads and imports: large objects
         self.host = ModelHost(
-            s, models, submit=self._submit, capture=capture_tap(settings, models.store)
+            s,
+            models,
+            submit=self._submit,
+            capture=capture_tap(settings, models.store),
+            drift=drift_monitor(settings, models.store),
         )
         logging.getLogger("ray.serve").addFilter(_LaneWarningFilter())
         # Serve forms the batches; the lane merges those that queue behind a running forward

@@ -136,6 +136,25 @@ class ScrapeCollector(Collector):
             for pair, n in c.get(key, {}).items():
                 family.add_metric(pair.split(" ", 1), n)
             yield family
+        drift = GaugeMetricFamily(
+            "refit_drift_score",
+            "Share of a replica's last sampled images whose penultimate features lie beyond "
+            "the serving version's reference threshold (about 0.05 in distribution)",
+            labels=["model"],
+        )
+        drift_samples = CounterMetricFamily(
+            "refit_drift_samples",
+            "Served images sampled for the drift score: measured, or dropped (the replica's "
+            "drift queue was full)",
+            labels=["model", "outcome"],
+        )
+        for model, d in c.get("drift", {}).items():
+            if d.get("score") is not None:
+                drift.add_metric([model], d["score"])
+            drift_samples.add_metric([model, "measured"], d.get("samples", 0))
+            drift_samples.add_metric([model, "dropped"], d.get("dropped", 0))
+        yield drift
+        yield drift_samples
         buckets, total = batch_histogram(c.get("batch_sizes", {}))
         yield HistogramMetricFamily(
             "refit_batch_size",

@@ -50,6 +50,22 @@ class CaptureSettings(CapturePolicy):
         )
 
 
+class DriftSettings(BaseModel):
+    """The input-drift score of every replica (``service.dataplane.drift``)."""
+
+    sample_rate: float = Field(default=0.05, ge=0.0, le=1.0)
+    """Share of served images whose penultimate features are measured against the version's
+    reference (0: no drift score; each sample costs one trunk forward pass, off the request
+    path, and in the traced and graph modes a copy of the weights is kept for it)."""
+    window: int = Field(default=500, ge=10, le=100_000)
+    """Sampled images per model and replica the score is taken over (the last ones)."""
+    queue_size: int = Field(default=32, ge=1)
+    """Samples waiting to be measured, per replica; past it a sample is dropped and counted
+    (``refit_drift_samples_total{outcome="dropped"}``), never the prediction slowed."""
+    flush_s: float = Field(default=10.0, gt=0)
+    """How often a replica writes a changed window to the store (``drift/``)."""
+
+
 class StoreSettings(BaseModel):
     """The embedded SeaweedFS server (``refit store up``, the demo, the tests)."""
 
@@ -206,6 +222,8 @@ class RefitSettings(BaseSettings):
     """The HTTP service."""
     capture: CaptureSettings = CaptureSettings()
     """Capture of served predictions (default policy: off)."""
+    drift: DriftSettings = DriftSettings()
+    """The input-drift score of live requests."""
     url: str | None = None
     """CLI client: the service's URL (else ``url`` in ``connection.json`` of ``--data-dir``)."""
     token: SecretStr | None = None

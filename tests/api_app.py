@@ -56,7 +56,7 @@ def build_inprocess_app(
     store = ObjectStore(settings.s3)
     registry = Registry(store)
     if publish:
-        publish_tiny_model(registry, "digits")
+        publish_tiny_model(registry, "digits", drift=True)
     notified: list[str] = []
 
     async def notify(model: str) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from service.embedded_store import Connection, EmbeddedStore
 from service.settings import RefitSettings
@@ -164,12 +164,25 @@ def tmp_torch_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path / "torch"
 
 
-def publish_tiny_model(registry, name: str, *, promote: bool = True, preprocessing=None):
+def inverted_png(data: bytes) -> bytes:
+    """The same PNG, inverted (light strokes on dark become dark on light): a shifted input."""
+    buf = io.BytesIO()
+    ImageOps.invert(Image.open(io.BytesIO(data)).convert("RGB")).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def publish_tiny_model(
+    registry, name: str, *, promote: bool = True, preprocessing=None, drift: bool = False
+):
     """Publish a random resnet18 (3 classes, 32 px, calibration crops); returns the manifest
-    and the module. Promotes it to ``production`` unless told not to."""
+    and the module. Promotes it to ``production`` unless told not to. ``drift``: with the
+    penultimate-feature statistics of 60 ``png_bytes`` images (the drift reference)."""
+    import torch
+
     from service.dataplane.images import decode_request_images
-    from training.backbones import build_backbone
-    from training.preprocess import Preprocessing
+    from training.backbones import build_backbone, trunk
+    from training.feature_stats import FILE, FeatureStats
+    from training.preprocess import Preprocessing, normalize
 
     pre = preprocessing or Preprocessing(
         resize_size=32, crop_size=32, mean=(0.5,) * 3, std=(0.5,) * 3
@@ -181,6 +194,18 @@ def publish_tiny_model(registry, name: str, *, promote: bool = True, preprocessi
         max_pixels=10**6,
         preprocessing=pre,
     )
+    extra: dict[str, Any] = {}
+    if drift:
+        ref = decode_request_images(
+            [png_bytes(i % 3, seed=100 + i) for i in range(60)],
+            max_image_bytes=10**6,
+            max_pixels=10**6,
+            preprocessing=pre,
+        )
+        with torch.inference_mode():
+            stats = FeatureStats.fit(trunk(net, "resnet18")(normalize(pre, ref)))
+        assert stats is not None
+        extra = {"extra_files": {FILE: stats.to_bytes()}, "drift": stats.record(60)}
     manifest = registry.publish(
         net.state_dict(),
         model=name,
@@ -189,6 +214,7 @@ def publish_tiny_model(registry, name: str, *, promote: bool = True, preprocessi
         class_names=["a", "b", "c"],
         preprocessing=pre,
         calibration=calib,
+        **extra,
     )
     if promote:
         registry.set_alias(name, "production", manifest.version)

@@ -21,11 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from training.backbones import build_backbone
 from training.checkpoints import load_checkpoint_state, load_checkpoint_weights
 from training.data import DatasetIndex, Sample, index_dataset
+from training.feature_stats import FILE as FEATURES_FILE
+from training.feature_stats import FeatureStats, collect_features
 from training.gate import GateDecision, SourceScore, class_drops, decide, with_sources
 from training.job_settings import TrainingSettings
 from training.preprocess import Preprocessing
@@ -173,7 +176,9 @@ class _Pipeline:
         lap("train_s")
         self.still_owner()
         val = [s for s in index.val if s.key not in trained.skipped]
-        scores = self.score(trained.model, val, preprocessing, index.classes)
+        with collect_features(trained.model, base.backbone) as features:
+            scores = self.score(trained.model, val, preprocessing, index.classes)
+        reference = FeatureStats.fit(torch.cat(features)) if features else None
         lap("score_s")
         incumbent = self.incumbent(val, index.classes)
         lap("score_serving_s")
@@ -189,7 +194,9 @@ class _Pipeline:
         version, promoted = None, False
         if gate.passed:
             self.still_owner()
-            version = self.publish(trained, index, base, preprocessing, val, metrics, gate)
+            version = self.publish(
+                trained, index, base, preprocessing, val, metrics, gate, reference
+            )
             lap("publish_s")
             if spec.promote:
                 self.still_owner()
@@ -290,8 +297,10 @@ class _Pipeline:
         val: list[Sample],
         metrics: dict[str, Any],
         gate: GateDecision,
+        reference: FeatureStats | None,
     ) -> str:
-        """A new immutable version (weights, calibration crops, then the manifest)."""
+        """A new immutable version (weights, calibration crops, graphs, feature statistics,
+        then the manifest)."""
         spec = self.spec
         files, graphs = publish_graphs(
             trained.model,
@@ -306,8 +315,9 @@ class _Pipeline:
             trained.model.state_dict(),
             model=spec.model,
             calibration=calibration_crops(val, self.store, preprocessing, self.training),
-            extra_files=files,
+            extra_files=files | ({FEATURES_FILE: reference.to_bytes()} if reference else {}),
             graphs=graphs,
+            drift=reference.record(len(val)) if reference else None,
             backbone=base.backbone,
             num_classes=len(index.classes),
             class_names=index.classes,

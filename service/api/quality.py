@@ -11,6 +11,7 @@ from pydantic import BaseModel
 from service.api.auth import AdminScope
 from service.api.error_table import error_responses
 from service.api.params import ModelName, Plane
+from training.storage.drift_scores import DriftScore
 
 
 class Window(BaseModel):
@@ -46,6 +47,10 @@ class QualityReport(BaseModel):
     last: Window
     versions: dict[str, VersionQuality]
     hours: list[HourQuality]
+    drift: DriftScore | None = None
+    """Input drift of the serving version: the share of sampled live images whose
+    penultimate features lie beyond its reference threshold (None: no replica has measured
+    any, or the version has no reference)."""
 
 
 router = APIRouter(tags=["quality"], dependencies=[AdminScope])

@@ -2,7 +2,8 @@
 their own): which model is due, why, and the job that retrains it.
 
 A pass reads one listing of ``policies/``, and per model with a policy its policy, its state,
-its serving alias and (for the label triggers) one listing of its labels: label records are
+its serving alias, (for the label triggers) one listing of its labels and (for the drift
+trigger) one listing of its serving version's drift windows: label records are
 re-read only when new or changed (``Feedback.items`` with a cache). A firing writes the job's
 dataset (base + feedback, ``training.retrain_dataset``) and its record, then the policy's
 state: a runner that dies between the two starts no second job for the same firing, because
@@ -17,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from training.retrain_dataset import write_retrain_dataset
+from training.storage.drift_scores import DriftScore, DriftScores
 from training.storage.errors import IntegrityError, RefitError
 from training.storage.feedback import Feedback, FeedbackItem
 from training.storage.job_records import JobTrigger, TriggerKind
@@ -45,9 +47,11 @@ def decide_trigger(
     items: list[FeedbackItem],
     serving_version: str,
     now: datetime,
+    drift: DriftScore | None = None,
 ) -> tuple[TriggerKind, str] | None:
     """Which trigger fires now, with what it measured, or None. The cooldown holds every
-    trigger back; then accuracy, new labels and the schedule are looked at, in that order."""
+    trigger back; then accuracy, drift, new labels and the schedule are looked at, in that
+    order. ``drift``: the serving version's, over its replicas' fresh windows."""
     if not policy.enabled:
         return None
     if state.last_fired_at is not None:
@@ -60,6 +64,14 @@ def decide_trigger(
             return "accuracy_below", (
                 f"live accuracy of {serving_version} {accuracy:.3f} over its last {n} labels "
                 f"< accuracy_below {policy.accuracy_below:g}"
+            )
+    if policy.drift_above is not None and drift is not None and drift.score is not None:
+        enough = drift.samples >= policy.drift_samples
+        if enough and drift.score > policy.drift_above:
+            return "drift_above", (
+                f"input drift of {serving_version} {drift.score:.3f} over {drift.samples} "
+                f"sampled images > drift_above {policy.drift_above:g} "
+                f"(in distribution: about {drift.expected:g})"
             )
     if policy.every_n_labels is not None:
         new = sum(i.labelled_at > state.counted_from for i in items)
@@ -117,6 +129,7 @@ class PolicyWatch:
         self.policies = RetrainPolicies(store)
         self.registry = Registry(store)
         self.feedback = Feedback(store)
+        self.drift = DriftScores(store)
         self._labels: dict[str, tuple[str, FeedbackItem]] = {}
         self._logged: dict[str, str] = {}
 
@@ -166,7 +179,12 @@ class PolicyWatch:
             if policy.every_n_labels or policy.accuracy_below
             else []
         )
-        decision = decide_trigger(policy, state, items, serving.version, now)
+        drift = (
+            self.drift.score(model, serving.version, now=now)
+            if policy.drift_above is not None
+            else None
+        )
+        decision = decide_trigger(policy, state, items, serving.version, now, drift)
         if decision is None:
             return None
         kind, detail = decision

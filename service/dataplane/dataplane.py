@@ -17,6 +17,7 @@ import torch
 
 from service.dataplane.capture import CaptureTap
 from service.dataplane.captures import CaptureUseCases
+from service.dataplane.drift import DriftMonitor
 from service.dataplane.feedback import FeedbackUseCases
 from service.dataplane.jobs import JobsUseCases, Scheduler
 from service.dataplane.model_host import ModelHost
@@ -28,6 +29,7 @@ from service.dataplane.store_calls import store_call
 from service.request_errors import NoVersionError
 from service.settings import RefitSettings, ServeSettings
 from training.storage.captures import Captures
+from training.storage.drift_scores import DriftScores
 from training.storage.errors import NotFoundError, RefitError
 from training.storage.registry import AliasRecord, Manifest, Registry
 from training.storage.s3 import ObjectStore
@@ -230,7 +232,12 @@ def in_process_dataplane(
     queued on ``scheduler``: for tests and tools that need the API without Ray Serve."""
     store = ObjectStore(settings.s3, request_path=True)  # what HTTP requests wait on
     models = Registry(ObjectStore(settings.s3))  # hot-loads: large reads, in the background
-    host = ModelHost(settings.serve, models, capture=capture_tap(settings, models.store))
+    host = ModelHost(
+        settings.serve,
+        models,
+        capture=capture_tap(settings, models.store),
+        drift=drift_monitor(settings, models.store),
+    )
     return DataPlane(
         registry=Registry(store),
         predictor=InProcessPredictor(host),
@@ -252,6 +259,19 @@ def capture_tap(settings: RefitSettings, store: ObjectStore) -> CaptureTap:
         queue_size=c.queue_size,
         refresh_s=c.refresh_s,
         low_confidence_below=c.low_confidence_metric_below,
+    )
+
+
+def drift_monitor(settings: RefitSettings, store: ObjectStore) -> DriftMonitor:
+    """The drift score of one serving process (``store``: one without the request-path
+    timeouts: its writes run on the monitor's own thread)."""
+    d = settings.drift
+    return DriftMonitor(
+        DriftScores(store),
+        sample_rate=d.sample_rate,
+        queue_size=d.queue_size,
+        window=d.window,
+        flush_s=d.flush_s,
     )
 
 

@@ -70,8 +70,10 @@ class Follower:
         alias: str,
         mode: NumericMode,
         poll_interval_s: float,
+        drift: bool = False,
     ) -> None:
-        self.registry, self.name = registry, name
+        """``drift``: load each version with its feature reference (for the drift score)."""
+        self.registry, self.name, self.drift = registry, name, drift
         self.alias, self.mode, self.poll_interval_s = alias, mode, poll_interval_s
         self.slot = ModelSlot()
         self.failed_loads = 0
@@ -111,6 +113,7 @@ class Follower:
             record.version,
             expect_sha256=record.sha256,
             mode=self.mode,
+            drift=self.drift,
         )
         if served.fallback:
             log.warning(

@@ -27,6 +27,7 @@ import torch
 from service.allocator import current_allocator
 from service.dataplane.batching import ForwardLane
 from service.dataplane.capture import CaptureTap
+from service.dataplane.drift import DriftMonitor
 from service.dataplane.hotload import Follower
 from service.dataplane.images import decode_request_images
 from service.dataplane.served_model import ServedModel
@@ -64,11 +65,14 @@ class ModelHost:
         *,
         submit: Callable[[Item], Awaitable[Ranked]] | None = None,
         capture: CaptureTap | None = None,
+        drift: DriftMonitor | None = None,
     ) -> None:
         """``submit`` queues one request for a forward pass (the Serve edge wraps the lane
         in ``@serve.batch``); by default requests go to the lane directly. ``capture`` keeps
-        sampled predictions for labelling (none: nothing is captured)."""
+        sampled predictions for labelling (none: nothing is captured); ``drift`` measures a
+        sample of served images against the version's reference features (none: no score)."""
         self.settings, self.registry, self.capture = settings, registry, capture
+        self.drift = drift if drift is not None and drift.sample_rate > 0 else None
         self.lane: ForwardLane[Item, Ranked] = ForwardLane(self._forward, settings.max_batch_size)
         self._submit = submit or self._submit_one
         self._lru: collections.OrderedDict[str, Follower] = collections.OrderedDict()
@@ -100,6 +104,7 @@ class ModelHost:
             alias=s.alias,
             mode=s.numeric_mode,
             poll_interval_s=s.poll_interval_s,
+            drift=self.drift is not None,
         )
         try:
             await asyncio.to_thread(follower.load_now)
@@ -230,6 +235,8 @@ class ModelHost:
             x = torch.cat([items[i][1] for i in idx])
             k = max(items[i][2] for i in idx)
             ranked = await asyncio.to_thread(_rank, served, x, k)
+            if self.drift is not None:
+                self.drift.observe(served, x)
             start = 0
             for i in idx:
                 n = items[i][1].shape[0]
@@ -278,4 +285,5 @@ class ModelHost:
             "confidence": {f"{m} {c}": n for (m, c), n in self.capture.confidence.items()}
             if self.capture
             else {},
+            "drift": self.drift.snapshot() if self.drift else {},
         }

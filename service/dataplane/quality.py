@@ -1,7 +1,8 @@
 """Live quality of a served model, from the labels sent back for its captured predictions:
 accuracy and confusion per version, accuracy per class, and accuracy per hour. A label for an
 uploaded image (no prediction) is a training example, not a measurement, and is not counted.
-Every store call runs off the event loop."""
+The input drift comes from the replicas' windows of sampled feature distances
+(``service.dataplane.drift``). Every store call runs off the event loop."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 from service.dataplane.curve import render_quality
 from service.dataplane.store_calls import store_call
 from training.storage.captures import hour_of
+from training.storage.drift_scores import DriftScore, DriftScores
 from training.storage.feedback import Feedback, FeedbackItem
 from training.storage.registry import Registry
 
@@ -65,15 +67,21 @@ class QualityUseCases:
     def __init__(self, registry: Registry, *, alias: str) -> None:
         self.registry, self.alias = registry, alias
         self.feedback = Feedback(registry.store)
+        self.drift = DriftScores(registry.store)
 
     def _items(self, model: str) -> list[FeedbackItem]:
         self.registry.serving(model, self.alias)
         return self.feedback.items(model)
 
+    def _gather(self, model: str) -> tuple[list[FeedbackItem], DriftScore | None]:
+        serving = self.registry.serving(model, self.alias)
+        return self.feedback.items(model), self.drift.score(model, serving.version)
+
     async def report(self, model: str, *, last: int) -> dict[str, Any]:
-        """The model's live quality (see :func:`quality_report`)."""
-        items = await store_call(self._items, model)
-        return {"model": model, **quality_report(items, last=last)}
+        """The model's live quality (see :func:`quality_report`), with the input drift of
+        the serving version over its replicas' sampled requests."""
+        items, drift = await store_call(self._gather, model)
+        return {"model": model, **quality_report(items, last=last), "drift": drift}
 
     async def chart(self, model: str) -> bytes:
         """PNG: live accuracy and labels per hour."""

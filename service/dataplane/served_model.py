@@ -8,6 +8,7 @@ A mode that does not keep top-1 agreement >= ``min_agreement`` falls back to fp3
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -17,11 +18,14 @@ import torch
 from torch import nn
 
 from service.settings import NumericMode
-from training.backbones import build_backbone
+from training.backbones import build_backbone, trunk
+from training.feature_stats import FeatureStats
 from training.openvino_ir import compile_graph
 from training.preprocess import Preprocessing, normalize
-from training.storage.errors import IntegrityError
+from training.storage.errors import IntegrityError, RefitError
 from training.storage.registry import Manifest, Registry
+
+log = logging.getLogger(__name__)
 
 _JIT_MODES = ("fp32_jit", "bf16_jit")
 _BF16_MODES = ("bf16", "bf16_jit")
@@ -52,6 +56,12 @@ class ServedModel:
     """The reason as a fixed label: the mode disagreed with fp32, was slower, or the version
     has no graph for it."""
     loaded_at: float = field(default_factory=time.time)
+    reference: FeatureStats | None = None
+    """The version's penultimate-feature statistics (None: it has none, or drift is off)."""
+    trunk: nn.Module | None = None
+    """The eager fp32 model without its head, for the drift score off the request path
+    (shares the weights of ``module`` in the eager modes; a copy of them in the traced and
+    graph modes, whose graphs end at the logits)."""
 
     @property
     def name(self) -> str:
@@ -77,6 +87,14 @@ class ServedModel:
     def logits_normalized(self, x: torch.Tensor) -> torch.Tensor:
         """Already preprocessed float32 ``[N, 3, H, W]`` -> float32 logits."""
         return forward(self.module, x, self.mode)
+
+    @torch.inference_mode()
+    def feature_distances(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Preprocessed ``[N, 3, H, W]`` -> each image's distance from the version's
+        reference features (None: no drift reference)."""
+        if self.trunk is None or self.reference is None:
+            return None
+        return self.reference.distances(self.trunk(x))
 
     def top_k(self, images: torch.Tensor, k: int) -> list[list[dict[str, Any]]]:
         """Top-k labels and probabilities per image (uint8 crops)."""
@@ -286,13 +304,15 @@ def load_served_model(
     mode: NumericMode = "fp32",
     min_agreement: float = 0.99,
     check_speed: bool = True,
+    drift: bool = False,
 ) -> ServedModel:
     """Load, verify, warm up and mode-check one version: ``ref`` is a version id whose
     manifest must hash to ``expect_sha256`` (the alias' record) when that is given, else a
     version id or alias name. A mode other than fp32 is served only if it keeps top-1
     agreement >= ``min_agreement`` with fp32 on the version's calibration images and
     (``check_speed``) runs faster than fp32 here; otherwise fp32 serves, and ``fallback``
-    says why."""
+    says why. ``drift``: keep the version's feature statistics and an eager trunk for the
+    drift score (a damaged statistics file only turns drift off for the version)."""
     if expect_sha256 is not None:
         manifest, state = registry.load_version(name, ref, expect_sha256=expect_sha256)
     else:
@@ -331,6 +351,7 @@ def load_served_model(
         # never goes live (the old one keeps serving)
         if not torch.isfinite(forward(served, x[:4], mode)).all():
             raise IntegrityError(f"{name} {manifest.version} produces non-finite logits")
+    stats = _drift_reference(registry, manifest) if drift else None
     return ServedModel(
         manifest=manifest,
         module=served,
@@ -338,4 +359,17 @@ def load_served_model(
         agreement=agreement,
         fallback=fallback,
         fallback_kind=kind,
+        reference=stats,
+        trunk=trunk(module, manifest.backbone) if stats is not None else None,
     )
+
+
+def _drift_reference(registry: Registry, manifest: Manifest) -> FeatureStats | None:
+    record = manifest.drift
+    if record is None:
+        return None
+    try:
+        return FeatureStats.from_bytes(registry.read_file(manifest, record.file), record)
+    except RefitError as exc:  # the weights verified: serve them, without a drift score
+        log.warning("%s %s: no drift score: %s", manifest.model, manifest.version, exc)
+        return None

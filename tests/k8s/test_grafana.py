@@ -32,6 +32,7 @@ def _exported() -> set[str]:
         "captures": {"m stored": 1},
         "feedback": {"m correct": 1},
         "confidence": {"m low": 1},
+        "drift": {"m": {"version": "v", "score": 0.1, "samples": 1, "dropped": 0}},
     }
     scraped.jobs = {"queued": 1, "running": 1, "finished": {"succeeded": 1}, "images_per_s": 1.0}
     names = set()
@@ -69,6 +70,8 @@ def test_every_query_names_an_exported_series() -> None:
         "refit_feedback_labels_total",
         "refit_predictions_total",
         "refit_captures_total",
+        "refit_drift_score",
+        "refit_drift_samples_total",
     ):
         assert needed in used, needed
 

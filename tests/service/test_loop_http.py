@@ -18,7 +18,7 @@ import requests
 from conftest import free_port, png_bytes, publish_tiny_model
 from service.control.scheduler import stop_actors
 from service.embedded_store import Connection
-from service.settings import CaptureSettings, RefitSettings, ServeSettings
+from service.settings import CaptureSettings, DriftSettings, RefitSettings, ServeSettings
 from training.job_settings import TrainingSettings
 from training.storage.registry import Registry
 from training.storage.s3 import ObjectStore
@@ -49,11 +49,12 @@ def loop_app(seaweed: Connection) -> Iterator[dict[str, Any]]:
             classifier_replicas=1,
         ),
         capture=CaptureSettings(rate=1.0, max_per_class_per_hour=None),
+        drift=DriftSettings(sample_rate=1.0, flush_s=0.5),
         training=TrainingSettings(policy_check_s=0.5, progress_interval_s=0.5),
     )
     store = ObjectStore(settings.s3)
     for c, name in enumerate(CLASSES):  # the base dataset, classes a b c
-        for i in range(8):
+        for i in range(20):  # a val split of 12: enough for the drift reference
             store.put_bytes(f"datasets/base/{name}/{i:03d}.png", png_bytes(c, seed=i * 7 + c))
     v1 = publish_tiny_model(Registry(store), "shapes")[0].version
     deployments.run(settings)
@@ -164,3 +165,14 @@ def test_labels_fire_the_policy_and_the_new_version_answers(loop_app: dict[str, 
     quality = _call(app, "GET", "/v1/models/shapes/quality", ADMIN).json()
     assert quality["versions"][app["v1"]]["labels"] == 10
     assert quality["versions"][v2]["labels"] == 10
+    # the job recorded v2's feature statistics; the replica measures what v2 serves (v1, a
+    # version published without statistics, had no drift score)
+    assert Registry(app["store"]).read_manifest("shapes", v2)[0].drift is not None
+    deadline = time.monotonic() + 30
+    while (drift := quality["drift"]) is None or drift["samples"] < 10:
+        assert time.monotonic() < deadline, quality["drift"]
+        time.sleep(0.5)
+        quality = _call(app, "GET", "/v1/models/shapes/quality", ADMIN).json()
+    assert drift["version"] == v2
+    assert 0 <= drift["score"] <= 1
+    assert drift["expected"] == pytest.approx(0.05)

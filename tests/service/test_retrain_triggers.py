@@ -11,6 +11,7 @@ import pytest
 from conftest import png_bytes, publish_tiny_model, write_imagefolder
 from service.control.retrain_triggers import PolicyWatch, decide_trigger, live_accuracy
 from training.data import index_dataset
+from training.storage.drift_scores import DriftScore, DriftScores, DriftWindow
 from training.storage.feedback import Feedback, FeedbackItem, content_hash, split_of
 from training.storage.registry import Registry
 from training.storage.retrain_policies import PolicyState, RetrainPolicies, RetrainPolicy
@@ -201,3 +202,61 @@ def test_gate_requires_each_source_and_reports_forgetting(kind: str) -> None:
     assert not decision.sources[kind].passed
     assert [(d.label, d.candidate) for d in decision.forgetting] == [("a", 0.5)]
     assert any("forgetting: class 'a'" in r for r in decision.reasons)
+
+
+def _drift(score: float, samples: int) -> DriftScore:
+    return DriftScore(
+        version="v1",
+        score=score,
+        expected=0.05,
+        samples=samples,
+        outliers=round(score * samples),
+        mean_distance=1.0,
+        threshold=1.0,
+        replicas=1,
+        updated_at=NOW,
+    )
+
+
+def test_drift_fires_above_its_threshold_once_enough_images_were_measured() -> None:
+    policy = RetrainPolicy(drift_above=0.3, drift_samples=100)
+    state = PolicyState(counted_from=NOW)
+    assert decide_trigger(policy, state, [], "v1", NOW) is None  # nothing measured yet
+    assert decide_trigger(policy, state, [], "v1", NOW, _drift(0.9, 99)) is None  # too few
+    assert decide_trigger(policy, state, [], "v1", NOW, _drift(0.2, 500)) is None  # below
+    fired = decide_trigger(policy, state, [], "v1", NOW, _drift(0.4, 100))
+    assert fired is not None
+    assert fired[0] == "drift_above"
+    assert "0.400 over 100 sampled images > drift_above 0.3" in fired[1]
+    cooling = PolicyState(counted_from=NOW, last_fired_at=NOW - timedelta(minutes=5))
+    assert decide_trigger(policy, cooling, [], "v1", NOW, _drift(0.9, 500)) is None
+    assert RetrainPolicy(drift_above=0.5).drift_samples == 200  # a trigger on its own
+
+
+def test_the_runner_fires_on_the_serving_versions_drift_windows(store: ObjectStore) -> None:
+    base = write_imagefolder(store, "drifted", classes=3, train=6, val=2, splits=False)
+    reg = Registry(store)
+    manifest, _ = publish_tiny_model(reg, "m")
+    policies = RetrainPolicies(store)
+    policies.set("m", RetrainPolicy(drift_above=0.3, drift_samples=50, base_dataset=base))
+    watch = PolicyWatch(store, alias="production")
+    ids = (f"job-{i}" for i in count())
+    assert watch.due({}, lambda: next(ids)) == []
+    window = DriftWindow(
+        model="m",
+        version=manifest.version,
+        replica="r1",
+        updated_at=datetime.now(UTC),
+        samples=40,
+        outliers=30,
+        threshold=1.0,
+        expected=0.05,
+        total_samples=40,
+    )
+    DriftScores(store).put(window)
+    assert watch.due({}, lambda: next(ids)) == []  # 40 images < drift_samples 50
+    DriftScores(store).put(window.model_copy(update={"replica": "r2"}))
+    firings = watch.due({}, lambda: next(ids))
+    assert [f.trigger.kind for f in firings] == ["drift_above"]
+    assert firings[0].trigger.serving_version == manifest.version
+    assert "0.750 over 80 sampled images" in firings[0].trigger.detail

@@ -13,6 +13,7 @@ import torch
 
 from conftest import train_worker_pids, write_imagefolder
 from service.settings import RefitSettings
+from training.feature_stats import FeatureStats
 from training.finetune import run_finetune
 from training.spec import parse_spec
 from training.storage.errors import DataError, ResourceError
@@ -63,6 +64,11 @@ def test_two_worker_ddp_publishes_then_finetunes_from_it(
         assert (graph.images, graph.held_out_agreement is not None) == (14, True)
         assert set(graph.files) <= set(manifest.files)
         reg.read_file(manifest, graph.files[1])  # sha256-checked
+    # the drift reference: the candidate's penultimate features on the 18 validation images
+    assert manifest.drift is not None
+    assert (manifest.drift.images, manifest.drift.features) == (18, 512)
+    stats = FeatureStats.from_bytes(reg.read_file(manifest, manifest.drift.file), manifest.drift)
+    assert stats.threshold > 0
     assert manifest.dataset["fingerprint"]
     assert manifest.job_id == first["job_id"]
     assert store.exists(f"jobs/{first['job_id']}/progress.json")

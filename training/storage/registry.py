@@ -76,6 +76,9 @@ class Manifest(BaseModel):
     files: dict[str, FileEntry]
     graphs: dict[str, GraphRecord] = Field(default_factory=dict)
     """Graphs for accelerated numeric modes, by mode (``openvino``, ``int8``)."""
+    drift: DriftReference | None = None
+    """Penultimate-feature statistics of the validation split: the drift score's reference
+    (``training.feature_stats``; None for versions with too few validation images)."""
 
 
 class GraphRecord(BaseModel):
@@ -92,6 +95,22 @@ class GraphRecord(BaseModel):
     """Top-1 agreement with fp32 on validation crops not used for calibration."""
     images: int
     """Calibration crops it was measured (and, for INT8, calibrated) on."""
+
+
+class DriftReference(BaseModel):
+    """The version's feature statistics file and the outlier threshold it was fitted with."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    file: str
+    """Its file in ``Manifest.files`` (mean and standard deviation per feature)."""
+    images: int
+    """Validation images the statistics come from."""
+    features: int
+    quantile: float
+    """Share of those images within ``threshold``."""
+    threshold: float
+    """Distance (RMS of standardised features) beyond which a live input is an outlier."""
 
 
 class AliasRecord(BaseModel):

@@ -37,6 +37,11 @@ class RetrainPolicy(BaseModel):
     """Fire when live accuracy over the last ``window_labels`` labels is below this."""
     window_labels: int = Field(default=200, ge=20, le=100_000)
     """Labels the accuracy trigger looks at (it waits until it has this many)."""
+    drift_above: float | None = Field(default=None, gt=0, lt=1)
+    """Fire when the serving version's input drift (the share of sampled live images whose
+    features lie beyond its reference threshold; about 0.05 in distribution) exceeds this."""
+    drift_samples: int = Field(default=200, ge=20, le=100_000)
+    """Sampled images the drift trigger waits for (over the replicas' fresh windows)."""
     every_s: float | None = Field(default=None, ge=3600)
     """Fire on a schedule: this long after the last run this policy started."""
     cooldown_s: float = Field(default=3600.0, ge=MIN_COOLDOWN_S)
@@ -52,8 +57,11 @@ class RetrainPolicy(BaseModel):
 
     @model_validator(mode="after")
     def _a_trigger_that_cannot_loop(self) -> Self:
-        if self.enabled and not (self.every_n_labels or self.accuracy_below or self.every_s):
-            raise ValueError("set at least one trigger: every_n_labels, accuracy_below, every_s")
+        triggers = (self.every_n_labels, self.accuracy_below, self.drift_above, self.every_s)
+        if self.enabled and not any(triggers):
+            raise ValueError(
+                "set at least one trigger: every_n_labels, accuracy_below, drift_above, every_s"
+            )
         if self.every_s is not None and self.every_s < self.cooldown_s:
             raise ValueError(
                 f"every_s ({self.every_s:g}) is shorter than cooldown_s ({self.cooldown_s:g})"

@@ -14,8 +14,9 @@ import httpx
 import pytest
 from PIL import Image
 
-from api_app import ADMIN, LABEL, METRICS, PREDICT, bearer
-from conftest import png_bytes
+from api_app import ADMIN, LABEL, METRICS, PREDICT, bearer, build_inprocess_app
+from conftest import inverted_png, png_bytes
+from service.settings import DriftSettings, RefitSettings
 from training.data import index_dataset
 from training.storage.feedback import split_of
 
@@ -156,3 +157,37 @@ async def test_feedback_mistakes_and_scopes(published_client: httpx.AsyncClient)
     assert (await _label(published_client, token=ADMIN, image=img, label="a")).status_code == 200
     for path in ("/v1/models/digits/feedback", "/v1/models/digits/capture"):
         assert (await published_client.get(path, headers=bearer(LABEL))).status_code == 403, path
+
+
+async def test_quality_and_metrics_show_the_serving_versions_drift(
+    settings: RefitSettings,
+) -> None:
+    every = settings.model_copy(update={"drift": DriftSettings(sample_rate=1.0, flush_s=3600)})
+    app, parts = build_inprocess_app(every, publish=True)
+    try:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://refit") as client:
+            q = await client.get("/v1/models/digits/quality", headers=bearer(ADMIN))
+            assert q.json()["drift"] is None  # nothing measured yet
+            like = [png_bytes(i % 3, seed=700 + i) for i in range(6)]
+            inverted = [inverted_png(png_bytes(i % 3, seed=800 + i)) for i in range(6)]
+            for images in (like, inverted):
+                body = {"images": [_b64(x) for x in images]}
+                r = await client.post(
+                    "/v1/models/digits/predict", json=body, headers=bearer(PREDICT)
+                )
+                assert r.status_code == 200, r.text
+            monitor = parts["plane"].predictor.host.drift
+            assert await asyncio.to_thread(monitor.flush)
+            q = await client.get("/v1/models/digits/quality", headers=bearer(ADMIN))
+            drift = q.json()["drift"]
+            assert drift["version"] == r.json()["model_version"]
+            assert drift["samples"] == 12
+            assert drift["expected"] == pytest.approx(0.05)
+            assert drift["outliers"] >= 6  # the inverted half
+            metrics = await client.get("/metrics", headers=bearer(METRICS))
+            assert 'refit_drift_score{model="digits"}' in metrics.text
+            line = 'refit_drift_samples_total{model="digits",outcome="measured"} 12.0'
+            assert line in metrics.text
+    finally:
+        parts["runner"].close()
