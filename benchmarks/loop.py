@@ -8,8 +8,11 @@ the base dataset plus the feedback, the gate passes it, and the new version goes
 
 Reported, all from this one run:
 
-* latency at concurrency 1 with capture off and on (every prediction captured: the worst
-  case), alternated twice; the capture-on figure is the baseline's plus what capture adds;
+* latency at concurrency 1 with capture off, at rate 1.0 (every prediction stored: the worst
+  case) and at rate 0.1, alternated twice; the capture figures are the baseline's plus what
+  capture adds;
+* the input drift score of the serving version (``GET .../quality``): on unshifted digits,
+  on the shift before the retrain, and of the new version on the same shifted traffic;
 * accuracy of the served model on held-out shifted (and unshifted) digits before and after,
   and the live accuracy from labels per version (``GET /v1/models/{model}/quality``);
 * labels needed, and the time from the triggering label to the new version answering, split
@@ -165,18 +168,31 @@ def _ts(iso: str) -> float:
     return datetime.fromisoformat(iso).timestamp()
 
 
+CAPTURE_RATES = (0.0, 1.0, 0.1)
+"""Off (the baseline), every prediction stored (the worst case), a tenth (a typical policy)."""
+
+
+def _capture_run(rate: float) -> str:
+    return "latency c=1, capture off" if rate == 0 else f"latency c=1, capture rate {rate:g}"
+
+
 def latency(url: str, images: list[bytes], window: float) -> list[dict[str, Any]]:
-    """Capture off / on / off / on at concurrency 1: p50 and p99 of each window."""
+    """Capture off / 1.0 / 0.1, twice, at concurrency 1: p50 and p99 of each window."""
     rows = []
-    for run in ("off", "on", "off", "on"):
-        policy = {"rate": 1.0 if run == "on" else 0.0, "max_per_hour": 1_000_000}
-        policy["max_per_class_per_hour"] = None
+    for rate in CAPTURE_RATES * 2:
+        policy = {"rate": rate, "max_per_hour": 1_000_000, "max_per_class_per_hour": None}
         _admin("PUT", f"{url}/v1/models/{MODEL}/capture", json=policy)
         time.sleep(2.5)  # replicas re-read the policy every REFIT_CAPTURE__REFRESH_S (1 s)
         result = run_load(f"{url}/v1/models/{MODEL}/predict", images, concurrency=1, seconds=window)
-        rows.append({"run": f"latency c=1, capture {run}", **result.summary()})
+        rows.append({"run": _capture_run(rate), **result.summary()})
         _log(str(rows[-1]))
     return rows
+
+
+def drift(url: str) -> dict[str, Any] | None:
+    """The serving version's drift score over the replicas' windows (quality JSON)."""
+    d = _admin("GET", f"{url}/v1/models/{MODEL}/quality")["drift"]
+    return None if d is None else {k: d[k] for k in ("version", "score", "samples", "outliers")}
 
 
 def main() -> int:
@@ -193,6 +209,8 @@ def main() -> int:
     )
     p.add_argument("--base-epochs", type=int, default=3)
     p.add_argument("--window", type=float, default=8.0, help="seconds per latency window")
+    p.add_argument("--after-s", type=float, default=20.0, help="shifted load on the new version")
+    p.add_argument("--drift-rate", type=float, default=0.2, help="REFIT_DRIFT__SAMPLE_RATE")
     p.add_argument("--no-jemalloc", action="store_true")
     args = p.parse_args()
     malloc = reexec_with_jemalloc(not args.no_jemalloc)
@@ -201,7 +219,7 @@ def main() -> int:
 
     from service import deployments
     from service.embedded_store import EmbeddedStore
-    from service.settings import CaptureSettings, RefitSettings, ServeSettings
+    from service.settings import CaptureSettings, DriftSettings, RefitSettings, ServeSettings
     from training import demo
     from training.finetune import run_finetune
     from training.spec import parse_spec
@@ -224,6 +242,7 @@ def main() -> int:
                     port=free_port(), admin_token=ADMIN, label_token=LABEL, poll_interval_s=30
                 ),
                 capture=CaptureSettings(refresh_s=1.0),
+                drift=DriftSettings(sample_rate=args.drift_rate, flush_s=1.0),
             )
             store = ObjectStore(settings.s3)
             demo.write_demo_datasets(store)
@@ -237,6 +256,8 @@ def main() -> int:
             url = f"http://127.0.0.1:{settings.serve.port}"
             run_load(f"{url}/v1/models/{MODEL}/predict", plain[:64], concurrency=2, seconds=2)
             rows = latency(url, plain[:200], args.window)
+            time.sleep(2.5)  # the replicas' drift windows reach the store within flush_s
+            drifts = {"unshifted": drift(url)}
 
             before = {
                 "shifted": accuracy(url, *eval_shifted),
@@ -253,7 +274,7 @@ def main() -> int:
             _admin("PUT", f"{url}/v1/models/{MODEL}/retrain-policy", json=policy)
             while _admin("GET", f"{url}/v1/models/{MODEL}/retrain-policy")["state"] is None:
                 time.sleep(0.2)  # labels count from the runner's first look at the policy
-            with Background(url, plain) as load:
+            with Background(url, stream) as load:  # the shift: every client sends it now
                 predicted, labelled, t_trigger = labelling_client(
                     url,
                     stream,
@@ -264,13 +285,17 @@ def main() -> int:
                 _log(f"{labelled} labels on {predicted} predictions; waiting for the policy")
                 job = _wait_for_job(url)
                 _log(f"job {job['job_id']}: {job['trigger']['detail']}")
-                job = _wait_until_ended(url, job["job_id"])
+                job = _wait_until_ended(url, job["job_id"], on_wait=lambda: drift(url))
+                drifts["shifted, serving version"] = job.pop("last_wait")
                 version = job["result"]["version"]
                 if not job["result"]["published"]:
                     raise RuntimeError(f"not published: {job['reason']}")
                 while version not in load.first_seen:
                     time.sleep(0.05)
                 t_live = load.first_seen[version]
+                time.sleep(args.after_s)  # shifted traffic on the new version
+                drifts["shifted, new version"] = drift(url)
+            _log(f"drift: {drifts}")
             statuses = dict(load.statuses)
             after = {
                 "shifted": accuracy(url, *eval_shifted),
@@ -299,8 +324,10 @@ def main() -> int:
     total = t_live - t_trigger
     phases = result["phases"]
     epochs_s = phases["epochs_s"]
-    on = [r["p50_ms"] for r in rows if r["run"].endswith("on")]
-    off = [r["p50_ms"] for r in rows if r["run"].endswith("off")]
+
+    def p50(rate: float) -> float:
+        return statistics.mean(r["p50_ms"] for r in rows if r["run"] == _capture_run(rate))
+
     loop_row = {
         "run": "loop: trigger label -> new version",
         "labels": labelled,
@@ -316,7 +343,11 @@ def main() -> int:
     rows.append(loop_row)
     extra = {
         "allocator": malloc,
-        "capture_p50_delta_ms": round(statistics.mean(on) - statistics.mean(off), 2),
+        "capture_p50_delta_ms": {
+            f"rate {r:g}": round(p50(r) - p50(0), 2) for r in CAPTURE_RATES[1:]
+        },
+        "drift": drifts,
+        "drift_sample_rate": args.drift_rate,
         "accuracy_before": before,
         "accuracy_after": after,
         "live_accuracy_by_version": {v: q["accuracy"] for v, q in quality["versions"].items()},
@@ -345,15 +376,21 @@ def _wait_for_job(url: str, timeout: float = 120) -> dict[str, Any]:
     raise RuntimeError("the retrain policy did not fire")
 
 
-def _wait_until_ended(url: str, job_id: str, timeout: float = 1800) -> dict[str, Any]:
+def _wait_until_ended(
+    url: str, job_id: str, timeout: float = 1800, on_wait: Any = None
+) -> dict[str, Any]:
+    """The job's record once it ended; ``last_wait``: what ``on_wait()`` said last while
+    waiting (every 2 s)."""
     deadline = time.monotonic() + timeout
-    last = None
+    last, seen, asked = None, None, 0.0
     while time.monotonic() < deadline:
         job = _admin("GET", f"{url}/v1/finetune-jobs/{job_id}")
         if job["state"] in {"succeeded", "failed", "cancelled"}:
             if job["state"] != "succeeded":
                 raise RuntimeError(f"job {job['state']}: {job['reason']}")
-            return dict(job)
+            return {**job, "last_wait": seen}
+        if on_wait is not None and time.monotonic() - asked > 2:
+            seen, asked = on_wait(), time.monotonic()
         epoch = (job["progress"] or {}).get("epochs_done")
         if epoch != last:
             _log(f"job {job['state']}, epoch {epoch}/{job['progress'].get('epochs')}")

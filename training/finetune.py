@@ -137,6 +137,18 @@ class _Phases:
         self.seconds[name] = round(now - self._last, 3)
         self._last = now
 
+    def split_training(self, called: float, returned: float, timing: Any) -> None:
+        """Where the Ray Train run's time went, from rank 0's own timing: ``ray_start_s``
+        (trainer, controller and worker processes up, process group), ``worker_setup_s``
+        (model, data scan, loaders), ``checkpoints_s`` (each epoch's checkpoint saved and
+        uploaded), ``ray_stop_s`` (workers down, the best checkpoint downloaded)."""
+        if not isinstance(timing, dict):  # a run resumed by Ray Train reports the last try
+            return
+        self.seconds["ray_start_s"] = round(float(timing["started_at"]) - called, 3)
+        self.seconds["worker_setup_s"] = float(timing["setup_s"])
+        self.seconds["checkpoints_s"] = float(timing["checkpoints_s"])
+        self.seconds["ray_stop_s"] = round(returned - float(timing["ended_at"]), 3)
+
 
 @dataclass
 class _Incumbent:
@@ -221,7 +233,9 @@ class _Pipeline:
             keep_head=base.class_names == index.classes,
         )
         with tempfile.TemporaryDirectory(prefix="refit-") as work:
+            called = time.time()
             result = fit(inputs, job_id=self.job_id, workdir=Path(work))
+            self.phases.split_training(called, time.time(), result.metrics.get("timing"))
             if "data_error" in result.metrics:
                 raise DataError(result.metrics["data_error"], field="dataset")
             if result.best_dir is None:

@@ -188,22 +188,27 @@ def _report(
     optimizer: Any,
     scheduler: Any,
     state: dict[str, Any],
-) -> None:
-    """Report the epoch; rank 0 attaches the checkpoint (the others report metrics only)."""
+) -> float:
+    """Report the epoch; rank 0 attaches the checkpoint (the others report metrics only).
+    Returns the seconds it took (saving and uploading the checkpoint)."""
+    started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if ctx.rank == 0:
             save_checkpoint(Path(tmp), model, optimizer, scheduler, state)
             checkpoint = Path(tmp)
         ctx.report(metrics, checkpoint)
+    return time.perf_counter() - started
 
 
 def run_worker(inputs: RunInputs, ctx: RunContext) -> dict[str, Any]:
     """Scan, (cache features,) train, evaluate and checkpoint every epoch until done.
 
     Returns ``{"data_error": ...}`` when too many images are unreadable (no training then),
-    else ``{"skipped_images": n}``.
+    else ``{"skipped_images": n, "timing": ...}``: when this worker started and ended (wall
+    clock), its set-up (model, resume, data scan and loaders) and its checkpoint reports.
     """
+    entered = time.time()
     spec = inputs.spec
     torch.manual_seed(spec.seed + ctx.rank)
     on_gpu = ctx.device.type == "cuda"
@@ -229,6 +234,7 @@ def run_worker(inputs: RunInputs, ctx: RunContext) -> dict[str, Any]:
     else:
         loaders = image_loaders(net, images, train_s, val_s, ctx)
     optimizer, scheduler = _optimizer(model, plan, spec, loaders.steps_per_epoch, ctx)
+    setup_s, report_s = time.time() - entered, 0.0
 
     started = time.perf_counter()
     for epoch in range(int(state["epoch"]), spec.epochs):
@@ -267,7 +273,13 @@ def run_worker(inputs: RunInputs, ctx: RunContext) -> dict[str, Any]:
             time.perf_counter() - epoch_started, 3
         )
         metrics["epochs_s"] = round(sum(h.get("epoch_s", 0.0) for h in state["history"]), 3)
-        _report(ctx, metrics, model, optimizer, scheduler, state)
+        report_s += _report(ctx, metrics, model, optimizer, scheduler, state)
         if stop:
             break
-    return {"skipped_images": len(bad)}
+    timing = {
+        "started_at": entered,
+        "setup_s": round(setup_s, 3),
+        "checkpoints_s": round(report_s, 3),
+        "ended_at": time.time(),
+    }
+    return {"skipped_images": len(bad), "timing": timing}
