@@ -168,7 +168,7 @@ def _ts(iso: str) -> float:
     return datetime.fromisoformat(iso).timestamp()
 
 
-CAPTURE_RATES = (0.0, 1.0, 0.1)
+CAPTURE_RATES = (0.0, 0.1, 1.0)
 """Off (the baseline), every prediction stored (the worst case), a tenth (a typical policy)."""
 
 
@@ -256,7 +256,10 @@ def main() -> int:
             url = f"http://127.0.0.1:{settings.serve.port}"
             run_load(f"{url}/v1/models/{MODEL}/predict", plain[:64], concurrency=2, seconds=2)
             rows = latency(url, plain[:200], args.window)
-            time.sleep(2.5)  # the replicas' drift windows reach the store within flush_s
+            # every prediction captured from here on: the labelling client labels any of them
+            policy = {"rate": 1.0, "max_per_hour": 1_000_000, "max_per_class_per_hour": None}
+            _admin("PUT", f"{url}/v1/models/{MODEL}/capture", json=policy)
+            time.sleep(2.5)  # drift windows reach the store within flush_s; the policy applies
             drifts = {"unshifted": drift(url)}
 
             before = {
