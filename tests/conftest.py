@@ -203,7 +203,8 @@ def publish_tiny_model(
             preprocessing=pre,
         )
         with torch.inference_mode():
-            stats = FeatureStats.fit(trunk(net, "resnet18")(normalize(pre, ref)))
+            features = trunk(net, "resnet18")(normalize(pre, ref))
+            stats = FeatureStats.fit(features, net.fc(features).argmax(dim=1))
         assert stats is not None
         extra = {"extra_files": {FILE: stats.to_bytes()}, "drift": stats.record(60)}
     manifest = registry.publish(

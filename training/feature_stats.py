@@ -3,10 +3,12 @@
 At publish time the job records them from the candidate's own pass over the validation split
 (held-out images of the training data: what unseen in-distribution inputs look like; the
 training images' features are pulled toward their classes by training, which would make the
-threshold too tight): the per-feature mean and standard deviation, and the distance within
-which ``QUANTILE`` of those images lie. A live input's distance is the root mean square of its
-standardised features (a diagonal Mahalanobis distance: one pass over the head's input, no
-matrix); the drift score of a sample of live inputs is the share farther than that threshold,
+threshold too tight): the mean features of each class the model predicted, each feature's
+pooled spread around them, and the distance within which ``QUANTILE`` of those images lie. A
+live input's distance is the root mean square of its standardised features' difference from
+the nearest class mean (a class-conditional diagonal Mahalanobis distance, as in Lee et al.
+2018's out-of-distribution detector, without the full covariance); the drift score of a
+sample of live inputs is the share farther than that threshold,
 about ``1 - QUANTILE`` while inputs look like the validation split, toward 1 as they move away.
 """
 
@@ -35,37 +37,54 @@ MIN_IMAGES = 10
 
 @dataclass(frozen=True)
 class FeatureStats:
-    """Per-feature mean and spread of the reference images, and the outlier threshold."""
+    """Per predicted class the mean feature vector, the pooled within-class spread of each
+    feature, and the outlier threshold."""
 
-    mean: torch.Tensor
+    centroids: torch.Tensor
+    """``[classes seen, D]``: the mean features of the images predicted as each class."""
     std: torch.Tensor
+    """``[D]``: each feature's spread around its image's class mean."""
     threshold: float
 
     @classmethod
-    def fit(cls, features: torch.Tensor, quantile: float = QUANTILE) -> FeatureStats | None:
-        """The statistics of ``features`` ``[N, D]``; None for fewer than ``MIN_IMAGES``."""
+    def fit(
+        cls, features: torch.Tensor, predicted: torch.Tensor, quantile: float = QUANTILE
+    ) -> FeatureStats | None:
+        """The statistics of ``features`` ``[N, D]`` grouped by ``predicted`` ``[N]`` (the
+        model's own top-1); None for fewer than ``MIN_IMAGES``."""
         if features.ndim != 2 or features.shape[0] < MIN_IMAGES:
             return None
         f = features.double()
-        mean, std = f.mean(dim=0), f.std(dim=0)
+        classes = sorted(int(c) for c in predicted.unique())
+        centroids = torch.stack([f[predicted == c].mean(dim=0) for c in classes])
+        index = torch.tensor([classes.index(int(c)) for c in predicted])
+        std = (f - centroids[index]).std(dim=0)
         # a feature that never varied (a ReLU that stayed at zero) would make any live value
         # infinitely far: give it a floor of a hundredth of the typical spread
         std = std.clamp_min(max(float(std.mean()) * 0.01, 1e-6))
-        stats = cls(mean.float(), std.float(), 0.0)
+        stats = cls(centroids.float(), std.float(), 0.0)
         threshold = float(torch.quantile(stats.distances(features).double(), quantile))
-        return cls(stats.mean, stats.std, threshold)
+        return cls(stats.centroids, stats.std, threshold)
 
     def distances(self, features: torch.Tensor) -> torch.Tensor:
-        """Distance of every row of ``features`` ``[N, D]`` from the reference."""
-        z = (features.float().flatten(1) - self.mean) / self.std
-        return z.pow(2).mean(dim=1).sqrt()
+        """Distance of every row of ``features`` ``[N, D]`` from its nearest class mean.
+
+        Class means, not one mean of all: inputs unlike every class (an inverted image) tend
+        to land between the classes, near the overall mean, where a single Gaussian would
+        call them typical. Expanded as ``|f|^2 - 2 f.c + |c|^2`` (standardised): one matrix
+        product, no ``[N, classes, D]`` tensor."""
+        f = features.float().flatten(1) / self.std
+        c = self.centroids / self.std
+        d2 = f.pow(2).sum(1, keepdim=True) - 2 * f @ c.T + c.pow(2).sum(1)
+        return (d2.clamp_min(0) / f.shape[1]).min(dim=1).values.sqrt()
 
     def record(self, images: int) -> DriftReference:
         """What the manifest says of this file."""
         return DriftReference(
             file=FILE,
             images=images,
-            features=int(self.mean.numel()),
+            features=int(self.std.numel()),
+            classes=int(self.centroids.shape[0]),
             quantile=QUANTILE,
             threshold=self.threshold,
         )
@@ -73,7 +92,7 @@ class FeatureStats:
     def to_bytes(self) -> bytes:
         """The safetensors file of the version (never a pickle)."""
         return st_save(
-            {"mean": self.mean.contiguous(), "std": self.std.contiguous()},
+            {"centroids": self.centroids.contiguous(), "std": self.std.contiguous()},
             metadata={"threshold": repr(self.threshold)},
         )
 
@@ -82,28 +101,32 @@ class FeatureStats:
         """Read a version's file back; IntegrityError unless it holds what the manifest says."""
         try:
             tensors = st_load(blob)
-            mean, std = tensors["mean"].float(), tensors["std"].float()
+            centroids, std = tensors["centroids"].float(), tensors["std"].float()
         except Exception as exc:  # verified bytes, yet no such safetensors file
             raise IntegrityError(f"{record.file} is not a feature statistics file: {exc}") from None
         d = record.features
-        if mean.shape != (d,) or std.shape != (d,):
-            raise IntegrityError(f"{record.file} does not hold {d} features")
-        finite = bool(torch.isfinite(mean).all() and torch.isfinite(std).all())
+        if centroids.shape != (record.classes, d) or std.shape != (d,):
+            raise IntegrityError(f"{record.file} does not hold {record.classes} x {d} features")
+        finite = bool(torch.isfinite(centroids).all() and torch.isfinite(std).all())
         if not finite or bool((std <= 0).any()) or not math.isfinite(record.threshold):
             raise IntegrityError(f"{record.file} holds non-finite or zero statistics")
-        return cls(mean, std, record.threshold)
+        return cls(centroids, std, record.threshold)
 
 
 @contextmanager
-def collect_features(model: nn.Module, backbone: str) -> Iterator[list[torch.Tensor]]:
-    """The head's input of every forward pass of ``model`` while inside: its penultimate
-    features, collected by a hook (no second pass over the data)."""
-    out: list[torch.Tensor] = []
+def collect_features(
+    model: nn.Module, backbone: str
+) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """``(features, top-1)`` of every forward pass of ``model`` while inside: the head's
+    input (penultimate features) and the class it chose, collected by a hook (no second pass
+    over the data)."""
+    out: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def keep(_module: nn.Module, args: tuple[Any, ...]) -> None:
-        out.append(args[0].detach().flatten(1).float().cpu())
+    def keep(_module: nn.Module, args: tuple[Any, ...], logits: torch.Tensor) -> None:
+        features = args[0].detach().flatten(1).float().cpu()
+        out.append((features, logits.detach().argmax(dim=1).cpu()))
 
-    handle = head_module(model, backbone).register_forward_pre_hook(keep)
+    handle = head_module(model, backbone).register_forward_hook(keep)
     try:
         yield out
     finally:

@@ -190,7 +190,13 @@ class _Pipeline:
         val = [s for s in index.val if s.key not in trained.skipped]
         with collect_features(trained.model, base.backbone) as features:
             scores = self.score(trained.model, val, preprocessing, index.classes)
-        reference = FeatureStats.fit(torch.cat(features)) if features else None
+        reference = (
+            FeatureStats.fit(
+                torch.cat([f for f, _ in features]), torch.cat([p for _, p in features])
+            )
+            if features
+            else None
+        )
         lap("score_s")
         incumbent = self.incumbent(val, index.classes)
         lap("score_serving_s")

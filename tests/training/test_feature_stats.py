@@ -9,49 +9,65 @@ from training.backbones import build_backbone, trunk
 from training.feature_stats import MIN_IMAGES, FeatureStats, collect_features
 from training.storage.errors import IntegrityError
 
+CENTRES = torch.randn(3, 64, generator=torch.Generator().manual_seed(9)) * 4
 
-def _features(n: int, *, shift: float = 0.0, seed: int = 0) -> torch.Tensor:
+
+def _features(n: int, *, shift: float = 0.0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Three classes around their centres, and each row's class."""
     g = torch.Generator().manual_seed(seed)
     spread = torch.linspace(0.5, 2.0, 64)
-    return torch.randn(n, 64, generator=g) * spread + 3.0 + shift * spread
+    cls = torch.arange(n) % 3
+    return torch.randn(n, 64, generator=g) * spread + CENTRES[cls] + shift * spread, cls
+
+
+def _share(stats: FeatureStats, f: torch.Tensor) -> float:
+    return float((stats.distances(f) > stats.threshold).float().mean())
 
 
 def test_in_distribution_is_about_five_percent_and_a_shift_is_far() -> None:
-    stats = FeatureStats.fit(_features(2000))
+    stats = FeatureStats.fit(*_features(2000))
     assert stats is not None
-    same = (stats.distances(_features(2000, seed=1)) > stats.threshold).float().mean()
-    moved = (stats.distances(_features(500, shift=1.0, seed=2)) > stats.threshold).float().mean()
-    assert 0.03 < float(same) < 0.08
-    assert float(moved) > 0.95
+    assert 0.03 < _share(stats, _features(2000, seed=1)[0]) < 0.08
+    assert _share(stats, _features(500, shift=1.5, seed=2)[0]) > 0.95
+
+
+def test_inputs_between_the_classes_are_outliers() -> None:
+    # unlike every class, near the mean of all (where inverted images land): one Gaussian
+    # around that mean would call them typical
+    stats = FeatureStats.fit(*_features(900))
+    assert stats is not None
+    between = CENTRES.mean(0) + torch.randn(200, 64, generator=torch.Generator().manual_seed(4))
+    assert _share(stats, between) > 0.95
+    assert stats.centroids.shape == (3, 64)
 
 
 def test_too_few_images_give_no_reference() -> None:
-    assert FeatureStats.fit(_features(MIN_IMAGES - 1)) is None
-    assert FeatureStats.fit(_features(MIN_IMAGES)) is not None
+    assert FeatureStats.fit(*_features(MIN_IMAGES - 1)) is None
+    assert FeatureStats.fit(*_features(MIN_IMAGES)) is not None
 
 
 def test_a_feature_that_never_varied_does_not_make_every_input_an_outlier() -> None:
-    f = _features(200)
+    f, cls = _features(200)
     f[:, 0] = 0.0  # a ReLU that stayed at zero on every reference image
-    stats = FeatureStats.fit(f)
+    stats = FeatureStats.fit(f, cls)
     assert stats is not None
-    live = _features(200, seed=3)
+    live = _features(200, seed=3)[0]
     live[:, 0] = 1e-3
     assert float((stats.distances(live) > stats.threshold).float().mean()) < 0.2
 
 
 def test_round_trip_and_damage() -> None:
-    stats = FeatureStats.fit(_features(100))
+    stats = FeatureStats.fit(*_features(100))
     assert stats is not None
     record = stats.record(100)
     back = FeatureStats.from_bytes(stats.to_bytes(), record)
-    assert torch.equal(back.mean, stats.mean)
+    assert torch.equal(back.centroids, stats.centroids)
     assert back.threshold == stats.threshold
     with pytest.raises(IntegrityError, match="not a feature statistics file"):
         FeatureStats.from_bytes(b"garbage", record)
-    with pytest.raises(IntegrityError, match="does not hold 65 features"):
+    with pytest.raises(IntegrityError, match="does not hold 3 x 65 features"):
         FeatureStats.from_bytes(stats.to_bytes(), record.model_copy(update={"features": 65}))
-    zero = FeatureStats(stats.mean, torch.zeros_like(stats.std), stats.threshold)
+    zero = FeatureStats(stats.centroids, torch.zeros_like(stats.std), stats.threshold)
     with pytest.raises(IntegrityError, match="non-finite or zero"):
         FeatureStats.from_bytes(zero.to_bytes(), record)
 
@@ -64,8 +80,10 @@ def test_collect_features_are_the_heads_input() -> None:
         net(x[:2])
     with torch.inference_mode():
         want = trunk(net, "resnet18")(x)
-    assert [t.shape for t in got] == [(5, 512), (2, 512)]
-    assert torch.allclose(got[0], want, atol=1e-5)
+    assert [f.shape for f, _ in got] == [(5, 512), (2, 512)]
+    assert torch.allclose(got[0][0], want, atol=1e-5)
+    with torch.inference_mode():
+        assert torch.equal(got[0][1], net(x).argmax(dim=1))
     with torch.inference_mode():
         net(x)
     assert len(got) == 2  # the hook is gone after the block

@@ -67,6 +67,7 @@ def test_two_worker_ddp_publishes_then_finetunes_from_it(
     # the drift reference: the candidate's penultimate features on the 18 validation images
     assert manifest.drift is not None
     assert (manifest.drift.images, manifest.drift.features) == (18, 512)
+    assert 1 <= manifest.drift.classes <= 3
     stats = FeatureStats.from_bytes(reg.read_file(manifest, manifest.drift.file), manifest.drift)
     assert stats.threshold > 0
     assert manifest.dataset["fingerprint"]

@@ -103,10 +103,12 @@ class DriftReference(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     file: str
-    """Its file in ``Manifest.files`` (mean and standard deviation per feature)."""
+    """Its file in ``Manifest.files`` (class means and the spread of each feature)."""
     images: int
     """Validation images the statistics come from."""
     features: int
+    classes: int
+    """Class means in the file (the classes the version predicted on its validation split)."""
     quantile: float
     """Share of those images within ``threshold``."""
     threshold: float
