@@ -18,8 +18,8 @@ from datetime import UTC, datetime, timedelta
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from training.storage.errors import NotFoundError, SpecError
-from training.storage.ids import is_id
+from training.storage.errors import NotFoundError
+from training.storage.ids import check_ids
 from training.storage.s3 import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -68,12 +68,6 @@ class DriftScore(BaseModel):
     updated_at: datetime
 
 
-def _check(**ids: str) -> None:
-    for field, value in ids.items():
-        if not is_id(value):
-            raise SpecError(f"{value!r} is not a valid {field}", field=field)
-
-
 class DriftScores:
     """Every replica's drift windows, on one store."""
 
@@ -82,13 +76,13 @@ class DriftScores:
 
     def put(self, window: DriftWindow) -> None:
         """Write (replace) one replica's window."""
-        _check(model=window.model, version=window.version, replica=window.replica)
+        check_ids(model=window.model, version=window.version, replica=window.replica)
         key = f"drift/{window.model}/{window.version}/{window.replica}.json"
         self.store.put_json(key, window.model_dump(mode="json"))
 
     def windows(self, model: str, version: str) -> list[DriftWindow]:
         """The version's windows, fresh or not; a damaged one is logged and skipped."""
-        _check(model=model, version=version)
+        check_ids(model=model, version=version)
         out = []
         for obj in self.store.list(f"drift/{model}/{version}/"):
             try:

@@ -6,6 +6,8 @@ import re
 import secrets
 from datetime import UTC, datetime
 
+from training.storage.errors import SpecError
+
 ID_PATTERN = r"^[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?$"
 _ID = re.compile(ID_PATTERN)
 PREDICTION_ID_PATTERN = r"^[0-9]{8}-[0-9]{9}-[0-9a-f]{12}$"
@@ -16,6 +18,13 @@ def is_id(value: object) -> bool:
     """Whether a value is a valid id (lowercase letters, digits, ``._-``, 1-64 chars)."""
     # fullmatch: ``$`` alone also matches before a trailing newline ("production\n")
     return isinstance(value, str) and bool(_ID.fullmatch(value)) and ".." not in value
+
+
+def check_ids(**ids: str) -> None:
+    """SpecError naming the first field whose value is not a valid id."""
+    for field, value in ids.items():
+        if not is_id(value):
+            raise SpecError(f"{value!r} is not a valid id", field=field)
 
 
 def is_prediction_id(value: object) -> bool:

@@ -25,7 +25,7 @@ from safetensors.torch import save as st_save
 
 from training.preprocess import Preprocessing
 from training.storage.errors import ConflictError, IntegrityError, NotFoundError, SpecError
-from training.storage.ids import is_id, new_version_id
+from training.storage.ids import check_ids, is_id, new_version_id
 from training.storage.s3 import ObjectStore
 
 WEIGHTS_FILE = "model.safetensors"
@@ -124,12 +124,6 @@ class AliasRecord(BaseModel):
     history: list[str] = Field(default_factory=list)
 
 
-def _check_ids(**ids: str) -> None:
-    for field, value in ids.items():
-        if not is_id(value):
-            raise SpecError(f"{value!r} is not a valid id", field=field)
-
-
 class Registry:
     """Publish, load and point at model versions in the object store."""
 
@@ -161,7 +155,7 @@ class Registry:
         ``extra_files``: more files of the version (the graphs that ``graphs`` describes),
         listed with their sha256 like the weights.
         """
-        _check_ids(model=model)
+        check_ids(model=model)
         version = new_version_id()
         meta = {"refit.model": model, "refit.version": version}
         tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
@@ -201,7 +195,7 @@ class Registry:
     ) -> tuple[Manifest, str]:
         """The manifest of a version and its sha256; IntegrityError when it does not match
         ``expect_sha256`` (from an alias) or does not parse, NotFoundError when absent."""
-        _check_ids(model=model, version=version)
+        check_ids(model=model, version=version)
         try:
             raw = self.store.get_bytes(
                 self._vkey(model, version, MANIFEST_FILE), max_bytes=MAX_RECORD_BYTES
@@ -261,7 +255,7 @@ class Registry:
 
     def resolve(self, model: str, ref: str) -> tuple[str, str | None]:
         """``(version, expected manifest sha256 or None)`` for an alias name or version id."""
-        _check_ids(model=model, ref=ref)
+        check_ids(model=model, ref=ref)
         record, _ = self.get_alias(model, ref)
         if record is not None:
             return record.version, record.sha256
@@ -272,7 +266,7 @@ class Registry:
     # --- aliases -----------------------------------------------------------------------------
     def get_alias(self, model: str, alias: str) -> tuple[AliasRecord | None, str | None]:
         """The alias record and its ETag, or ``(None, None)``."""
-        _check_ids(model=model, alias=alias)
+        check_ids(model=model, alias=alias)
         key = self._akey(model, alias)
         try:
             raw, etag = self.store.get_with_etag(key, max_bytes=MAX_RECORD_BYTES)
@@ -368,7 +362,7 @@ class Registry:
 
     def list_versions(self, model: str) -> list[str]:
         """Published versions of a model (those with a manifest), oldest first."""
-        _check_ids(model=model)
+        check_ids(model=model)
         out = []
         for obj in self.store.list(f"models/{model}/versions/"):
             parts = obj.key.split("/")
