@@ -29,6 +29,9 @@ from training.storage.drift_scores import HEARTBEAT_S, DriftScores, DriftWindow
 
 log = logging.getLogger(__name__)
 
+VERSIONS_KEPT = 2
+"""Windows per model a replica keeps: the serving version and the one it replaced."""
+
 
 @dataclass
 class _Window:
@@ -109,19 +112,20 @@ class DriftMonitor:
         record = served.manifest.drift
         if distances is None or record is None:
             return
+        key = (served.name, served.version)
         gone = []
         with self._lock:
-            for key, old in list(self._windows.items()):
-                if key[0] == served.name and key[1] != served.version:
-                    # another version went live: write the old window once more, then forget it
-                    gone.append((self._record(key, old), old))
-                    del self._windows[key]
-            w = self._windows.setdefault(
-                (served.name, served.version),
-                _Window(
+            if key not in self._windows:
+                # batches of the old version may still arrive after a swap: keep the last
+                # VERSIONS_KEPT windows per model, write the oldest once more, then forget it
+                mine = [k for k in self._windows if k[0] == served.name]
+                for old_key in mine[: max(0, len(mine) - VERSIONS_KEPT + 1)]:
+                    old = self._windows.pop(old_key)
+                    gone.append((self._record(old_key, old), old))
+                self._windows[key] = _Window(
                     record.threshold, 1.0 - record.quantile, collections.deque(maxlen=self.window)
-                ),
-            )
+                )
+            w = self._windows[key]
             w.distances.extend(float(d) for d in distances)
             w.total += len(distances)
             w.changed = True

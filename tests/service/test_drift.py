@@ -120,6 +120,7 @@ def test_a_new_version_gets_its_own_window(store: ObjectStore) -> None:
     monitor = _monitor(store)
     monitor.observe(old, _inputs(old, [png_bytes(0)] * 3))
     monitor.observe(new, _inputs(new, [png_bytes(1)] * 5))
+    monitor.observe(old, _inputs(old, [png_bytes(2)] * 2))  # a batch that began before the swap
     assert monitor.flush()
     scores = DriftScores(store)
     old_score, new_score = (
@@ -127,7 +128,7 @@ def test_a_new_version_gets_its_own_window(store: ObjectStore) -> None:
         scores.score("swapped", second.version),
     )
     assert old_score is not None
-    assert old_score.samples == 3
+    assert old_score.samples == 5  # the late batch joined the old window, not a new one
     assert new_score is not None
     assert new_score.samples == 5
     assert monitor.snapshot()["swapped"]["version"] == second.version
