@@ -48,6 +48,8 @@ bench: setup
 	$(BIN)/python benchmarks/transfer.py
 	$(BIN)/python benchmarks/serving.py
 	$(BIN)/python benchmarks/adapt.py
+	$(BIN)/python benchmarks/loop.py
+	$(BIN)/python benchmarks/job_cost.py
 	$(BIN)/python benchmarks/availability.py
 
 clean:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import requests
-from common import report  # also puts the repository on sys.path
+from common import demo_base, report  # also puts the repository on sys.path
 from load import digit_jpegs, free_port, reexec_with_jemalloc, run_load
 
 ADMIN = "bench-admin"
@@ -205,8 +205,6 @@ def main() -> int:
     from service.embedded_store import EmbeddedStore
     from service.settings import RefitSettings, ServeSettings
     from training import demo
-    from training.finetune import run_finetune
-    from training.spec import parse_spec
     from training.storage.registry import Registry
     from training.storage.s3 import ObjectStore
 
@@ -224,13 +222,7 @@ def main() -> int:
             )
             store = ObjectStore(settings.s3)
             reg = Registry(store)
-            demo.write_demo_datasets(store)
-            _log("training the demo base (setup, not timed)")
-            run_finetune(
-                parse_spec(demo.base_spec(store, epochs=args.base_epochs), settings.training),
-                s3=settings.s3,
-                training=settings.training,
-            )
+            demo_base(settings, store, args.base_epochs)
             deployments.run(settings)
             url = f"http://127.0.0.1:{settings.serve.port}"
             images, _ = digit_jpegs(64, size=64)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -28,6 +29,21 @@ def digits_store() -> Iterator[tuple[RefitSettings, ObjectStore]]:
         store = ObjectStore(settings.s3)
         demo.write_demo_datasets(store)
         yield settings, store
+
+
+def demo_base(settings: RefitSettings, store: ObjectStore, epochs: int) -> None:
+    """Write both demo datasets and train the demo base model (a benchmark's set-up, not
+    timed): the model that the measured fine-tunes and requests start from."""
+    from training.finetune import run_finetune
+    from training.spec import parse_spec
+
+    demo.write_demo_datasets(store)
+    print("[bench] training the demo base (setup, not timed)", flush=True)
+    run_finetune(
+        parse_spec(demo.base_spec(store, epochs=epochs), settings.training),
+        s3=settings.s3,
+        training=settings.training,
+    )
 
 
 def report(name: str, rows: list[dict[str, Any]], extra: dict[str, Any]) -> Path:
@@ -57,17 +73,18 @@ def run_local(inputs: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """
     import torch
 
-    from training.checkpoints import load_checkpoint_weights
+    from training.checkpoints import load_best_weights
     from training.run_context import RunContext
     from training.worker import run_worker
 
     epochs: list[dict[str, Any]] = []
-    best: dict[str, Any] = {"top1": -1.0, "state": None}
+    best: dict[str, Any] = {"state": None}
 
     def report(metrics: dict[str, Any], checkpoint: Path | None) -> None:
         epochs.append(metrics)
-        if checkpoint is not None and metrics["val_top1"] > best["top1"]:
-            best["top1"], best["state"] = metrics["val_top1"], load_checkpoint_weights(checkpoint)
+        if checkpoint is not None:  # each carries the best epoch's weights; the last wins
+            best["state"] = load_best_weights(checkpoint)
+            shutil.rmtree(checkpoint)
 
     run_worker(
         inputs,

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import requests
-from common import report  # also puts the repository on sys.path
+from common import demo_base, report  # also puts the repository on sys.path
 from load import free_port, reexec_with_jemalloc, run_load
 
 ADMIN, LABEL = "bench-admin", "bench-label"
@@ -220,9 +220,6 @@ def main() -> int:
     from service import deployments
     from service.embedded_store import EmbeddedStore
     from service.settings import CaptureSettings, DriftSettings, RefitSettings, ServeSettings
-    from training import demo
-    from training.finetune import run_finetune
-    from training.spec import parse_spec
     from training.storage.s3 import ObjectStore
 
     plain, plain_labels = digits(invert=False)
@@ -245,13 +242,7 @@ def main() -> int:
                 drift=DriftSettings(sample_rate=args.drift_rate, flush_s=1.0),
             )
             store = ObjectStore(settings.s3)
-            demo.write_demo_datasets(store)
-            _log("training the demo base (setup, not timed)")
-            run_finetune(
-                parse_spec(demo.base_spec(store, epochs=args.base_epochs), settings.training),
-                s3=settings.s3,
-                training=settings.training,
-            )
+            demo_base(settings, store, args.base_epochs)
             deployments.run(settings)
             url = f"http://127.0.0.1:{settings.serve.port}"
             run_load(f"{url}/v1/models/{MODEL}/predict", plain[:64], concurrency=2, seconds=2)

@@ -11,7 +11,7 @@ agreement check is meaningful; no pretrained weights can be downloaded here).
 
 ``--layouts``: serving replicas x CPUs (torch or OpenVINO threads) each. The version is
 published with its OpenVINO graphs (``openvino``, ``int8``) made the way the training job
-makes them (``training.openvino_ir.export_in_child``, INT8 calibrated on 256 crops), and
+makes them (``training.openvino_ir.ExportChild``, INT8 calibrated on 256 crops), and
 agreement is checked again on 244 held-out crops.
 
 TorchServe 0.12 (``benchmarks/torchserve/``: its own venv, Java from Debian) serves the same

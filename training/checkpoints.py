@@ -1,6 +1,8 @@
 """One training checkpoint directory: weights (safetensors), optimizer and scheduler state
-(tensors and numbers only, read back with ``weights_only=True``), and ``state.json`` (epoch,
-best score, history, the images the scan found unreadable). Nothing here is unpickled."""
+(tensors and numbers only, read back with ``weights_only=True``), ``state.json`` (epoch,
+best score, history, the images the scan found unreadable), and the best epoch's weights when
+they are not the current ones (a run checkpoints at intervals, not after every epoch, so the
+best epoch may have none of its own). Nothing here is unpickled."""
 
 from __future__ import annotations
 
@@ -13,15 +15,24 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 MODEL_FILE = "model.safetensors"
+BEST_FILE = "best.safetensors"
 OPTIM_FILE = "optim.pt"
 STATE_FILE = "state.json"
 
 
 def save_checkpoint(
-    directory: Path, model: nn.Module, optimizer: Any, scheduler: Any, state: dict[str, Any]
+    directory: Path,
+    model: nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    state: dict[str, Any],
+    best: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Weights (safetensors), optimizer+scheduler (tensors and numbers only), and state."""
+    """Weights (safetensors), optimizer+scheduler (tensors and numbers only), state, and
+    ``best``: the best epoch's weights when they differ from the model's."""
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, directory / MODEL_FILE)
+    if best is not None:
+        save_file(best, directory / BEST_FILE)
     torch.save(
         {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
         directory / OPTIM_FILE,
@@ -40,6 +51,13 @@ def load_checkpoint_weights(directory: Path) -> dict[str, torch.Tensor]:
     return load_file(directory / MODEL_FILE)
 
 
+def load_best_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """The best epoch's weights of a checkpoint: its own file, or the model's when the
+    checkpoint's epoch was the best."""
+    path = directory / BEST_FILE
+    return load_file(path if path.exists() else directory / MODEL_FILE)
+
+
 def load_optimizer_state(directory: Path, optimizer: Any, scheduler: Any) -> None:
     """Restore the optimizer and scheduler of a checkpoint (``weights_only``: no pickle)."""
     saved = torch.load(directory / OPTIM_FILE, weights_only=True)
@@ -48,6 +66,7 @@ def load_optimizer_state(directory: Path, optimizer: Any, scheduler: Any) -> Non
 
 
 __all__ = [
+    "load_best_weights",
     "load_checkpoint_state",
     "load_checkpoint_weights",
     "load_optimizer_state",

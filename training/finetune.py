@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,12 +26,12 @@ import torch
 from torch import nn
 
 from training.backbones import build_backbone
-from training.checkpoints import load_checkpoint_state, load_checkpoint_weights
 from training.data import DatasetIndex, Sample, index_dataset
 from training.feature_stats import FILE as FEATURES_FILE
 from training.feature_stats import FeatureStats, collect_features
 from training.gate import GateDecision, SourceScore, class_drops, decide, with_sources
 from training.job_settings import TrainingSettings
+from training.openvino_ir import ExportChild
 from training.preprocess import Preprocessing
 from training.ray_train import fit
 from training.run_context import RunInputs
@@ -139,15 +140,62 @@ class _Phases:
 
     def split_training(self, called: float, returned: float, timing: Any) -> None:
         """Where the Ray Train run's time went, from rank 0's own timing: ``ray_start_s``
-        (trainer, controller and worker processes up, process group), ``worker_setup_s``
-        (model, data scan, loaders), ``checkpoints_s`` (each epoch's checkpoint saved and
-        uploaded), ``ray_stop_s`` (workers down, the best checkpoint downloaded)."""
+        (trainer, controller and worker processes up, process group; of it
+        ``ray_processes_s`` until rank 0's process existed, ``ray_worker_boot_s`` from there
+        to its training function), ``worker_setup_s`` (model, data scan, loaders),
+        ``checkpoints_s`` (each epoch's checkpoint saved, and what of its upload training
+        waited for), ``ray_stop_s`` (the last uploads, workers down, the best checkpoint's
+        weights downloaded)."""
         if not isinstance(timing, dict):  # a run resumed by Ray Train reports the last try
             return
         self.seconds["ray_start_s"] = round(float(timing["started_at"]) - called, 3)
+        if "process_started_at" in timing:
+            process = float(timing["process_started_at"])
+            self.seconds["ray_processes_s"] = round(process - called, 3)
+            self.seconds["ray_worker_boot_s"] = round(float(timing["entered_at"]) - process, 3)
         self.seconds["worker_setup_s"] = float(timing["setup_s"])
         self.seconds["checkpoints_s"] = float(timing["checkpoints_s"])
         self.seconds["ray_stop_s"] = round(returned - float(timing["ended_at"]), 3)
+
+
+class _ExportAhead:
+    """The graphs' export process (:class:`ExportChild`), started once the job's workers
+    train (rank 0's first step report is on the store): its imports then use the CPU that
+    training leaves, not the CPU that the start of Ray Train's processes needs."""
+
+    def __init__(self, store: ObjectStore, job_id: str) -> None:
+        self._child: ExportChild | None = None
+        self._taken = threading.Event()
+        self._thread = threading.Thread(
+            target=self._start_when_training,
+            args=(store, JobStore.step_key(job_id)),
+            daemon=True,
+            name="export-ahead",
+        )
+        self._thread.start()
+
+    def _start_when_training(self, store: ObjectStore, key: str) -> None:
+        while not self._taken.wait(0.5):
+            try:
+                if store.exists(key):
+                    self._child = ExportChild()
+                    return
+            except RefitError:  # a flaky store: look again
+                continue
+
+    def take(self) -> ExportChild | None:
+        """The started process, now the caller's (None: not started; the export starts
+        one)."""
+        self._taken.set()
+        self._thread.join()
+        child, self._child = self._child, None
+        return child
+
+    def close(self) -> None:
+        """End the process if nobody took it."""
+        child = self.take()
+        if child is not None:
+            child.close()
 
 
 @dataclass
@@ -176,6 +224,14 @@ class _Pipeline:
         self.phases = _Phases()
 
     def run(self) -> dict[str, Any]:
+        ahead = _ExportAhead(self.store, self.job_id) if self.training.export_graphs else None
+        try:
+            return self._run(ahead)
+        finally:
+            if ahead is not None:  # unused when the gate refused the candidate or a step failed
+                ahead.close()
+
+    def _run(self, ahead: _ExportAhead | None) -> dict[str, Any]:
         spec, lap = self.spec, self.phases.lap
         index = index_dataset(
             self.store, spec.dataset, val_fraction=spec.val_fraction, seed=spec.seed
@@ -213,7 +269,15 @@ class _Pipeline:
         if gate.passed:
             self.still_owner()
             version = self.publish(
-                trained, index, base, preprocessing, val, metrics, gate, reference
+                trained,
+                index,
+                base,
+                preprocessing,
+                val,
+                metrics,
+                gate,
+                reference,
+                ahead.take() if ahead else None,
             )
             lap("publish_s")
             if spec.promote:
@@ -244,11 +308,11 @@ class _Pipeline:
             self.phases.split_training(called, time.time(), result.metrics.get("timing"))
             if "data_error" in result.metrics:
                 raise DataError(result.metrics["data_error"], field="dataset")
-            if result.best_dir is None:
+            if result.best_weights is None:
                 raise TrainingError("training finished without a checkpoint")
             model = build_backbone(base.backbone, num_classes=len(index.classes))
-            model.load_state_dict(load_checkpoint_weights(result.best_dir))
-            skipped = set(load_checkpoint_state(result.best_dir).get("bad_keys", []))
+            model.load_state_dict(result.best_weights)
+            skipped = set(result.state.get("bad_keys", []))
         return _Trained(model, skipped, result.metrics, result.best_metrics, result.storage_uri)
 
     def score(
@@ -318,6 +382,7 @@ class _Pipeline:
         metrics: dict[str, Any],
         gate: GateDecision,
         reference: FeatureStats | None,
+        exporter: ExportChild | None,
     ) -> str:
         """A new immutable version (weights, calibration crops, graphs, feature statistics,
         then the manifest)."""
@@ -330,7 +395,9 @@ class _Pipeline:
             self.store,
             preprocessing,
             self.training,
+            exporter,
         )
+        self.phases.lap("graphs_s")  # the rest of the step (the store's writes): publish_s
         manifest = self.registry.publish(
             trained.model.state_dict(),
             model=spec.model,

@@ -76,11 +76,23 @@ class TrainingSettings(BaseModel):
     policy_check_s: float = Field(default=2.0, ge=0.2)
     """How often the job runner evaluates the retrain policies (a firing waits this long at
     most before its job is queued)."""
+    checkpoint_interval_s: float = Field(default=60.0, ge=0)
+    """A run checkpoints after an epoch that ends this long after its last checkpoint, and
+    after its last epoch (0: after every epoch): a failure repeats at most this much
+    training, and a small job stores one checkpoint, not one per epoch. Each checkpoint
+    carries the best epoch's weights."""
+    legacy_job_path: bool = False
+    """Run every job the way Refit did before in-process jobs: Ray Train even for one worker,
+    and a checkpoint after every epoch (benchmarks measure both paths in one run)."""
     progress_interval_s: float = Field(default=2.0, gt=0)
     """How often a running job's rank 0 writes step progress to its job record."""
     check_cluster_resources: bool = True
     """Refuse a job the cluster cannot host now; false on autoscaling clusters (KubeRay),
     where the workers appear on demand."""
+    warm_job_process: bool = True
+    """Keep one job process started ahead of the next job (``launcher=ray``): its Python and
+    the training imports are ready when a job comes, seconds of a small job's fixed cost
+    (about 300 MB of memory while it waits)."""
     launcher: Literal["ray", "rayjob"] = "ray"
     """Where jobs run: ``ray``, a task on this Ray cluster; ``rayjob``, a KubeRay RayJob each
     (an isolated cluster, created through the Kubernetes API)."""

@@ -10,7 +10,7 @@ registry (verified like the weights). An IR is XML and raw tensor bytes, never a
 
 OpenVINO aborts ("double free or corruption") in a process with jemalloc or TBB's malloc
 preloaded, as ``refit up`` runs its processes: the export runs in a child process with the
-system allocator (:func:`export_in_child`), and replicas serving these modes are started
+system allocator (:class:`ExportChild`), and replicas serving these modes are started
 without the preload (``service.allocator``).
 """
 
@@ -165,66 +165,103 @@ class CompiledGraph:
         return torch.from_numpy(logits)
 
 
-def export_in_child(
-    state: dict[str, torch.Tensor],
-    *,
-    backbone: str,
-    num_classes: int,
-    calibration: torch.Tensor,
-    held_out: torch.Tensor | None,
-    modes: tuple[IrMode, ...] = IR_MODES,
-    timeout_s: float = 1800.0,
-) -> list[ExportedGraph]:
-    """:func:`export_graphs` of the ``backbone`` with ``state``, run in a child process
-    with the system allocator. Tensors go through safetensors files, results come back as
-    IR files and JSON: nothing is pickled either way."""
-    from safetensors.torch import save_file
+class ExportChild:
+    """The child process that makes a version's graphs, started ahead: it imports torch,
+    OpenVINO and NNCF (seconds) while the job trains, then waits for the one export it is
+    handed (:meth:`export`). Closing it unused ends it."""
 
-    with tempfile.TemporaryDirectory(prefix="refit-export-") as tmp:
-        work = Path(tmp)
-        save_file({k: v.contiguous() for k, v in state.items()}, str(work / "state.safetensors"))
-        crops = {"calibration": calibration.contiguous()}
-        if held_out is not None and len(held_out):
-            crops["held_out"] = held_out.contiguous()
-        save_file(crops, str(work / "crops.safetensors"))
-        job = {"backbone": backbone, "num_classes": num_classes, "modes": list(modes)}
-        (work / "job.json").write_text(json.dumps(job))
+    def __init__(self) -> None:
         env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
         # the child imports this package from where this process found it (a Ray worker's
         # working directory need not be the checkout)
         root = str(Path(__file__).resolve().parents[1])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-        done = subprocess.run(
-            [sys.executable, "-m", "training.openvino_ir", str(work)],
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "training.openvino_ir"],
             env=env,
-            capture_output=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
-            timeout=timeout_s,
-            check=False,
         )
-        if done.returncode != 0:
-            tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-            raise RuntimeError(f"OpenVINO export failed ({done.returncode}): {' | '.join(tail)}")
-        records = json.loads((work / "graphs.json").read_text())
-        return [
-            ExportedGraph(
-                mode=r["mode"],
-                xml=(work / f"{r['mode']}.xml").read_bytes(),
-                weights=(work / f"{r['mode']}.bin").read_bytes(),
-                calibration_agreement=r["calibration_agreement"],
-                held_out_agreement=r["held_out_agreement"],
-                images=r["images"],
+
+    def export(
+        self,
+        state: dict[str, torch.Tensor],
+        *,
+        backbone: str,
+        num_classes: int,
+        calibration: torch.Tensor,
+        held_out: torch.Tensor | None,
+        modes: tuple[IrMode, ...] = IR_MODES,
+        timeout_s: float = 1800.0,
+    ) -> list[ExportedGraph]:
+        """:func:`export_graphs` of the ``backbone`` with ``state``, in the child with the
+        system allocator. Tensors go through safetensors files, results come back as IR files
+        and JSON: nothing is pickled either way."""
+        from safetensors.torch import save_file
+
+        with tempfile.TemporaryDirectory(prefix="refit-export-") as tmp:
+            work = Path(tmp)
+            save_file(
+                {k: v.contiguous() for k, v in state.items()}, str(work / "state.safetensors")
             )
-            for r in records
-        ]
+            crops = {"calibration": calibration.contiguous()}
+            if held_out is not None and len(held_out):
+                crops["held_out"] = held_out.contiguous()
+            save_file(crops, str(work / "crops.safetensors"))
+            job = {"backbone": backbone, "num_classes": num_classes, "modes": list(modes)}
+            (work / "job.json").write_text(json.dumps(job))
+            try:
+                out, err = self._proc.communicate(f"{work}\n", timeout=timeout_s)
+            finally:
+                self.close()
+            if self._proc.returncode != 0:
+                tail = (err or out).strip().splitlines()[-3:]
+                raise RuntimeError(
+                    f"OpenVINO export failed ({self._proc.returncode}): {' | '.join(tail)}"
+                )
+            records = json.loads((work / "graphs.json").read_text())
+            return [
+                ExportedGraph(
+                    mode=r["mode"],
+                    xml=(work / f"{r['mode']}.xml").read_bytes(),
+                    weights=(work / f"{r['mode']}.bin").read_bytes(),
+                    calibration_agreement=r["calibration_agreement"],
+                    held_out_agreement=r["held_out_agreement"],
+                    images=r["images"],
+                )
+                for r in records
+            ]
+
+    def close(self) -> None:
+        """End the child (at once when it still waits for its export)."""
+        if self._proc.poll() is None:
+            self._proc.kill()
+        self._proc.wait()
+        for stream in (self._proc.stdin, self._proc.stdout, self._proc.stderr):
+            if stream is not None:
+                stream.close()
+
+    def __enter__(self) -> ExportChild:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
-def _export_main(work: Path) -> None:
-    """The child of :func:`export_in_child`: read the job, export, write the results."""
+def _export_main() -> None:
+    """The child of :class:`ExportChild`: import, read the work directory's path from stdin
+    (none: nothing to do), export, write the results there."""
+    import nncf  # noqa: F401  # imported before the job comes: the point of starting early
     from safetensors.torch import load_file
 
     from training.backbones import build_backbone
 
+    line = sys.stdin.readline().strip()
+    if not line:
+        return
+    work = Path(line)
     job = json.loads((work / "job.json").read_text())
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     module = build_backbone(job["backbone"], num_classes=job["num_classes"])
@@ -257,4 +294,4 @@ if __name__ == "__main__":
     import logging
 
     logging.getLogger("nncf").setLevel(logging.WARNING)
-    _export_main(Path(sys.argv[1]))
+    _export_main()

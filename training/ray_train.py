@@ -1,28 +1,46 @@
 """The one module that knows Ray Train (and starts or joins Ray).
 
 ``fit`` runs :func:`training.worker.run_worker` on ``spec.workers`` data-parallel workers (DDP:
-gloo on CPU, nccl on GPU), checkpoints every epoch to ``runs/{job_id}`` on the object store
-through Ray Train's storage, and survives worker deaths (``FailureConfig``), resuming from the
-last reported checkpoint.
+gloo on CPU, nccl on GPU), checkpoints to ``runs/{job_id}`` on the object store through Ray
+Train's storage (uploaded while the next epoch trains), and survives worker deaths
+(``FailureConfig``), resuming from the last reported checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import ray
 import ray.train
 import ray.train.torch
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
+from ray.train import (
+    CheckpointConfig,
+    CheckpointUploadMode,
+    FailureConfig,
+    RunConfig,
+    ScalingConfig,
+    UserCallback,
+)
 
+from training.checkpoints import (
+    BEST_FILE,
+    MODEL_FILE,
+    STATE_FILE,
+    load_best_weights,
+    load_checkpoint_state,
+)
 from training.job_settings import RaySettings
-from training.run_context import RunContext, RunInputs
+from training.local_fit import fit_here
+from training.progress import EpochProgress, StepProgress
+from training.run_context import FitResult, RunContext, RunInputs
 from training.storage.errors import ResourceError, TrainingError
 from training.storage.job_records import JobStore
 from training.storage.s3 import ObjectStore
@@ -52,11 +70,28 @@ def ensure_ray(settings: RaySettings) -> bool:
     return started
 
 
+CONTROLLER_POLL_S = 0.25
+"""How often a Train controller looks at its workers. Ray's default (2 s) is paid at every
+start and end of a run: a few seconds of a small job; a poll is one actor call."""
+
+
 def cluster_env() -> dict[str, str]:
-    """Environment for Ray work Refit starts: this cluster's address. Ray Train's helpers
-    (its placement-group cleaner) look a cluster up through ``RAY_ADDRESS``; without it they
-    discover one, and fail or pick a stranger's when two clusters share the host."""
-    return {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    """Environment for Ray work Refit starts: this cluster's address, and the Train
+    controller's poll (Ray Train hands it on to the controllers started below). Ray Train's
+    helpers (its placement-group cleaner) look a cluster up through ``RAY_ADDRESS``; without
+    it they discover one, and fail or pick a stranger's when two clusters share the host."""
+    return {
+        "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": str(CONTROLLER_POLL_S),
+    }
+
+
+def _in_cluster_env() -> bool:
+    """Whether this process is a Ray worker started with :func:`cluster_env` (the job
+    runner's job process): what it starts inherits that environment."""
+    ctx = ray.get_runtime_context()
+    env = ctx.runtime_env.env_vars() if ctx.worker.mode == ray.WORKER_MODE else {}
+    return all(env.get(k) == v for k, v in cluster_env().items())
 
 
 class _TrainerHost:
@@ -86,69 +121,57 @@ def check_resources(*, workers: int, use_gpu: bool, cpus_per_worker: float) -> N
 
 
 class _Progress(UserCallback):
-    """Runs on the Ray Train controller: logs each epoch and stores it, with the history of
-    all epochs (the training curve), for the driver and the API."""
+    """Runs on the Ray Train controller: each report into the job's progress record."""
 
     def __init__(self, store: ObjectStore, key: str) -> None:
-        self.store, self.key = store, key
-        self.history: dict[int, dict[str, float]] = {}
+        self.progress = EpochProgress(store, key)
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any):
-        m = dict(metrics[0]) if metrics else {}
-        if "epoch" in m:
-            # keyed by epoch: an epoch repeated after a resume replaces the lost attempt
-            self.history[int(m["epoch"])] = {
-                k: float(m[k])
-                for k in ("train_loss", "val_loss", "val_top1", "images_per_s", "epoch_s")
-                if k in m
-            }
-            m["history"] = [{"epoch": e, **h} for e, h in sorted(self.history.items())]
-            print(
-                f"[refit] epoch {m['epoch']}/{m['epochs']} loss {m['train_loss']:.4f} "
-                f"val top1 {m['val_top1']:.4f} {m['images_per_s']:.1f} img/s "
-                f"eta {m['eta_s']:.0f}s",
-                flush=True,
-            )
-        try:
-            self.store.put_json(self.key, m)
-        except Exception as exc:  # progress is best effort; never fail training for it
-            log.warning("could not store progress: %s", exc)
+        self.progress.record(dict(metrics[0]) if metrics else {})
 
 
-class _StepProgress:
-    """Rank 0's progress within an epoch, written at most every ``interval`` seconds."""
-
-    def __init__(self, store: ObjectStore, key: str, interval: float) -> None:
-        self.store, self.key, self.interval = store, key, interval
-        self.last = 0.0
-
-    def __call__(self, step: dict[str, Any]) -> None:
-        now = time.monotonic()
-        if now - self.last < self.interval:
-            return
-        self.last = now
-        try:
-            self.store.put_json(self.key, {**step, "time": time.time()})
-        except Exception as exc:  # progress is best effort; never fail training for it
-            log.warning("could not store step progress: %s", exc)
-
-
-def _record_placement_group(store: ObjectStore, job_id: str) -> None:
+def _record_placement_group(store: ObjectStore, job_id: str, pg: Any) -> None:
     # Ray Train V2 frees its worker reservation through the State API, which needs the
     # dashboard - off by design here. Record the group so the job runner can free it when it
     # stops the job (cancel, or a retry after a runner restart). One key per group: no races.
-    pg = ray.util.get_current_placement_group()
     if pg is not None:
         store.put_json(f"{JobStore.placement_groups_prefix(job_id)}{pg.id.hex()}.json", {})
 
 
+RESERVE_TIMEOUT_S = 600.0
+"""How long an in-process job waits for its CPUs (others' jobs or replicas hold them)."""
+
+
+@contextlib.contextmanager
+def _reserved(store: ObjectStore, job_id: str, cpus: float) -> Iterator[None]:
+    """The CPUs of an in-process run, reserved on the cluster as Ray Train reserves its
+    workers' (a placement group, recorded for the runner): serving replicas and other jobs
+    are not placed on them while it trains."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    pg = placement_group([{"CPU": cpus}])
+    try:
+        _record_placement_group(store, job_id, pg)
+        if not pg.wait(timeout_seconds=RESERVE_TIMEOUT_S):
+            raise ResourceError(
+                f"no {cpus:g} CPUs free for the job within {RESERVE_TIMEOUT_S:g} s",
+                field="workers",
+            )
+        yield
+    finally:
+        remove_placement_group(pg)
+
+
 def _train_fn(config: dict[str, Any]) -> dict[str, Any]:
+    entered = time.time()
     inputs: RunInputs = config["inputs"]
     ctx = ray.train.get_context()
     on_step = None
     if ctx.get_world_rank() == 0:
-        _record_placement_group(ObjectStore(inputs.s3), config["job_id"])
-        on_step = _StepProgress(
+        _record_placement_group(
+            ObjectStore(inputs.s3), config["job_id"], ray.util.get_current_placement_group()
+        )
+        on_step = StepProgress(
             ObjectStore(inputs.s3),
             JobStore.step_key(config["job_id"]),
             inputs.training.progress_interval_s,
@@ -160,7 +183,14 @@ def _train_fn(config: dict[str, Any]) -> dict[str, Any]:
 
     def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=ckpt)
+        # uploaded while the next epoch trains; Ray deletes the directory once it is stored,
+        # and the run ends only after the last upload
+        ray.train.report(
+            metrics,
+            checkpoint=ckpt,
+            checkpoint_upload_mode=CheckpointUploadMode.ASYNC,
+            delete_local_checkpoint_after_upload=True,
+        )
 
     def run(resume_from: Path | None) -> dict[str, Any]:
         return run_worker(
@@ -178,29 +208,35 @@ def _train_fn(config: dict[str, Any]) -> dict[str, Any]:
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return run(None)
-    with checkpoint.as_directory() as directory:
-        return run(Path(directory))
+        returned = run(None)
+    else:
+        with checkpoint.as_directory() as directory:
+            returned = run(Path(directory))
+    if "timing" in returned:  # where a run's start went: this process's start, its boot
+        returned["timing"]["process_started_at"] = psutil.Process().create_time()
+        returned["timing"]["entered_at"] = entered
+    return returned
 
 
-@dataclass
-class FitResult:
-    """What a finished run left: the best checkpoint's weights dir and the last metrics."""
-
-    metrics: dict[str, Any]
-    best_dir: Path | None
-    best_metrics: dict[str, Any]
-    storage_uri: str
+def in_process(inputs: RunInputs) -> bool:
+    """Whether a job trains in its own process (:mod:`training.local_fit`): one CPU worker,
+    unless ``legacy_job_path``. A GPU job keeps Ray Train, which assigns it its GPU."""
+    spec = inputs.spec
+    return spec.workers == 1 and not spec.use_gpu and not inputs.training.legacy_job_path
 
 
 def fit(inputs: RunInputs, *, job_id: str, workdir: Path) -> FitResult:
-    """Run the distributed training job and download its best checkpoint into ``workdir``."""
+    """Train: one CPU worker in this process (:func:`in_process`), else the distributed
+    Ray Train run, whose best epoch's weights are downloaded through ``workdir``."""
     spec, limits = inputs.spec, inputs.training
     store = ObjectStore(inputs.s3)
     runs = JobStore.run_prefix(job_id)
     cpus = limits.cpus_per_worker
     if limits.check_cluster_resources:
         check_resources(workers=spec.workers, use_gpu=spec.use_gpu, cpus_per_worker=cpus)
+    if in_process(inputs):
+        with _reserved(store, job_id, cpus):
+            return fit_here(inputs, job_id=job_id, workdir=workdir)
     trainer = ray.train.torch.TorchTrainer(
         _train_fn,  # type: ignore[arg-type]  # V2 keeps the function's return value
         train_loop_config={"inputs": inputs, "job_id": job_id},
@@ -216,40 +252,58 @@ def fit(inputs: RunInputs, *, job_id: str, workdir: Path) -> FitResult:
             storage_path=store.arrow_path("runs"),
             storage_filesystem=store.arrow_filesystem(),
             failure_config=FailureConfig(max_failures=limits.max_failures),
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=2,
-                checkpoint_score_attribute="val_top1",
-                checkpoint_score_order="max",
-            ),
+            # the latest two: each carries the best epoch's weights (training.worker)
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=[_Progress(store, JobStore.progress_key(job_id))],  # type: ignore[list-item]
             worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(max(1, int(cpus)))}},
         ),
     )
+    try:
+        result = _run_trainer(trainer)
+    except ray.train.TrainingFailedError as exc:
+        raise TrainingError(f"training failed: {exc}") from exc
+    # metrics of the last checkpoint, plus what rank 0 returned (e.g. a data error)
+    returned = result.return_value or {}  # V2 Result: the function's return
+    metrics = {**(result.metrics or {}), **returned}
+    if result.checkpoint is None:
+        return FitResult(metrics, None, {}, store.uri(runs))
+    target = Path(tempfile.mkdtemp(dir=workdir))
+    _download_best(result.checkpoint, target)
+    state = load_checkpoint_state(target)
+    best = {"epoch": state.get("kept_epoch", state["epoch"]), "val_top1": state.get("kept_top1")}
+    return FitResult(metrics, load_best_weights(target), best, store.uri(runs), state)
+
+
+def _run_trainer(trainer: Any) -> Any:
+    """``trainer.fit()`` where the controller inherits :func:`cluster_env`: here in a job
+    process started with it, else in a :class:`_TrainerHost` actor."""
+    if _in_cluster_env():
+        return trainer.fit()
     host: Any = (
         ray.remote(num_cpus=0, max_restarts=0)(_TrainerHost)
         .options(runtime_env={"env_vars": cluster_env()})
         .remote()
     )
     try:
-        result: ray.train.Result = ray.get(host.fit.remote(trainer))
+        return ray.get(host.fit.remote(trainer))
     except ray.exceptions.RayTaskError as exc:
-        cause = exc.cause if isinstance(exc.cause, Exception) else exc
-        if isinstance(cause, ray.train.TrainingFailedError):
-            raise TrainingError(f"training failed: {cause}") from cause
-        raise cause from None
+        raise (exc.cause if isinstance(exc.cause, Exception) else exc) from None
     finally:
         ray.kill(host)
-    # metrics of the last checkpoint, plus what rank 0 returned (e.g. a data error)
-    returned = result.return_value or {}  # type: ignore[attr-defined]  # V2 Result
-    metrics = {**(result.metrics or {}), **returned}
-    best = [(c, m) for c, m in (result.best_checkpoints or []) if "val_top1" in m]
-    if not best:
-        return FitResult(metrics, None, {}, store.uri(runs))
-    # Highest val top-1; the later epoch wins a tie (it has seen more data).
-    checkpoint, best_metrics = max(best, key=lambda cm: (cm[1]["val_top1"], cm[1]["epoch"]))
-    target = Path(tempfile.mkdtemp(dir=workdir))
-    checkpoint.to_directory(str(target))
-    return FitResult(metrics, target, dict(best_metrics), store.uri(runs))
+
+
+def _download_best(checkpoint: Any, target: Path) -> None:
+    """The state and the best epoch's weights of a stored checkpoint into ``target``: the
+    driver needs no optimizer state (two thirds of a fully trained checkpoint's bytes)."""
+    fs = checkpoint.filesystem
+    has_best = fs.get_file_info(f"{checkpoint.path}/{BEST_FILE}").is_file
+    for name in (STATE_FILE, BEST_FILE if has_best else MODEL_FILE):
+        with (
+            fs.open_input_stream(f"{checkpoint.path}/{name}") as src,
+            open(target / name, "wb") as dst,
+        ):
+            while chunk := src.read(8 << 20):
+                dst.write(chunk)
 
 
 def release_placement_groups(store: ObjectStore, job_id: str) -> int:
@@ -275,10 +329,10 @@ def release_placement_groups(store: ObjectStore, job_id: str) -> int:
 
 
 __all__ = [
-    "FitResult",
     "check_resources",
     "cluster_env",
     "ensure_ray",
     "fit",
+    "in_process",
     "release_placement_groups",
 ]

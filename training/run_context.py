@@ -28,9 +28,15 @@ class RunContext:
     device: torch.device
     wrap_model: Callable[[nn.Module], nn.Module]
     report: Callable[[dict[str, Any], Path | None], None]
+    """Called after every epoch with its metrics and (rank 0) a checkpoint directory, which
+    it takes over: it removes the directory once it is done with it."""
     resume_from: Path | None = None
     on_step: Callable[[dict[str, Any]], None] | None = None
     """Called after every optimizer step on this rank with epoch, step and images/s."""
+    keep_best: Callable[[dict[str, torch.Tensor], dict[str, Any]], None] | None = None
+    """Set where the run's own process publishes (the in-process path): rank 0 hands it the
+    best epoch's weights and the run's state at the end, and the last epoch then needs no
+    checkpoint of its own (a failure after it repeats at most ``checkpoint_interval_s``)."""
 
 
 @dataclass
@@ -49,3 +55,16 @@ class RunInputs:
     base_state: dict[str, torch.Tensor] | None = None
     keep_head: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class FitResult:
+    """What a finished run left: the best epoch's weights (None: nothing trained, e.g. a
+    data error), that epoch's number and top-1, where its checkpoints are, the last report's
+    metrics with what rank 0 returned, and the run's state (``bad_keys``: unreadable images)."""
+
+    metrics: dict[str, Any]
+    best_weights: dict[str, torch.Tensor] | None
+    best_metrics: dict[str, Any]
+    storage_uri: str
+    state: dict[str, Any] = field(default_factory=dict)

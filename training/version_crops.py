@@ -12,7 +12,7 @@ from torch import nn
 
 from training.data import ImageDataset, Sample
 from training.job_settings import TrainingSettings
-from training.openvino_ir import IrMode, export_in_child, ir_files
+from training.openvino_ir import ExportChild, IrMode, ir_files
 from training.preprocess import Preprocessing, crop_transform, normalize
 from training.storage.s3 import ObjectStore
 
@@ -77,21 +77,24 @@ def graph_files(
     calibration: torch.Tensor,
     held_out: torch.Tensor | None,
     modes: tuple[IrMode, ...],
+    child: ExportChild | None = None,
 ) -> tuple[dict[str, bytes], dict[str, Any]]:
     """OpenVINO graphs for ``modes`` (normalised crops in) as a version's files and its
-    manifest's ``graphs`` records. A failed export is logged and yields none: the graphs are
-    an optimisation, fp32 still serves."""
+    manifest's ``graphs`` records, made by ``child`` (an export process started ahead;
+    unset: one starts now). A failed export is logged and yields none: the graphs are an
+    optimisation, fp32 still serves."""
     if not modes or not len(calibration):
         return {}, {}
     try:
-        exported = export_in_child(
-            state,
-            backbone=backbone,
-            num_classes=num_classes,
-            calibration=calibration,
-            held_out=held_out,
-            modes=modes,
-        )
+        with child or ExportChild() as exporter:
+            exported = exporter.export(
+                state,
+                backbone=backbone,
+                num_classes=num_classes,
+                calibration=calibration,
+                held_out=held_out,
+                modes=modes,
+            )
     except Exception as exc:
         log.warning("OpenVINO export failed; publishing without graphs: %s", exc)
         return {}, {}
@@ -112,10 +115,12 @@ def publish_graphs(
     store: ObjectStore,
     pre: Preprocessing,
     training: TrainingSettings,
+    child: ExportChild | None = None,
 ) -> tuple[dict[str, bytes], dict[str, Any]]:
     """The version's OpenVINO graphs (``training.export_graphs``) as files and manifest
     records: INT8 calibrated, and both measured, on up to ``quantize_images`` validation
-    crops; agreement measured again on the rest (held out)."""
+    crops; agreement measured again on the rest (held out). ``child``: an export process
+    started ahead (:class:`ExportChild`; unset: one starts now)."""
     modes = tuple(dict.fromkeys(training.export_graphs))
     if not modes or not val:
         return {}, {}
@@ -124,4 +129,4 @@ def publish_graphs(
     cal_samples, held_samples = ordered[:n_cal], ordered[n_cal : n_cal + n_held]
     calibration = normalize(pre, _crops(cal_samples, store, pre, training))
     held = normalize(pre, _crops(held_samples, store, pre, training)) if held_samples else None
-    return graph_files(model.state_dict(), backbone, num_classes, calibration, held, modes)
+    return graph_files(model.state_dict(), backbone, num_classes, calibration, held, modes, child)

@@ -7,13 +7,17 @@ checkpoints go, which checkpoint to resume from). The run, step by step:
 1. build the model with its base weights and the freeze plan; resume from a checkpoint;
 2. scan the images once: every rank drops the same unreadable ones (shards stay equal);
 3. build the loaders: cached backbone features (head only) or images;
-4. train epoch by epoch, evaluating and checkpointing after each.
+4. train epoch by epoch, evaluating after each, and checkpointing after the epoch that ends
+   ``checkpoint_interval_s`` after the last checkpoint and after the last epoch (not the last
+   where the run's own process keeps the result: ``RunContext.keep_best``); rank 0 keeps the
+   best epoch's weights in memory and every checkpoint carries them.
 """
 
 from __future__ import annotations
 
 import math
 import resource
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +30,8 @@ from torch.utils.data import DistributedSampler
 
 from training.backbones import build_backbone
 from training.checkpoints import (
+    BEST_FILE,
+    load_best_weights,
     load_checkpoint_state,
     load_checkpoint_weights,
     load_optimizer_state,
@@ -82,6 +88,35 @@ def _resume(model: nn.Module, ctx: RunContext) -> tuple[dict[str, Any], int]:
     state = load_checkpoint_state(ctx.resume_from)
     model.load_state_dict(load_checkpoint_weights(ctx.resume_from))
     return state, int(state["epoch"])
+
+
+def _copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+
+
+class _BestWeights:
+    """Rank 0's copy of the best epoch's weights by val top-1 (the later epoch wins a tie:
+    it has seen more data), recorded in the run's state as ``kept_epoch``/``kept_top1``."""
+
+    def __init__(self, state: dict[str, Any], ctx: RunContext, model: nn.Module) -> None:
+        self.keeps = ctx.rank == 0
+        self.state = state
+        self.weights: dict[str, torch.Tensor] | None = None
+        if self.keeps and ctx.resume_from is not None and "kept_epoch" in state:
+            has_own = (ctx.resume_from / BEST_FILE).exists()
+            self.weights = load_best_weights(ctx.resume_from) if has_own else _copy(model)
+
+    def offer(self, model: nn.Module, epoch: int, top1: float) -> None:
+        """Keep this epoch's weights if they are the best so far."""
+        if top1 >= self.state.get("kept_top1", -1.0):
+            self.state["kept_epoch"], self.state["kept_top1"] = epoch, top1
+            if self.keeps:
+                self.weights = _copy(model)
+
+    def beside(self, epoch: int) -> dict[str, torch.Tensor] | None:
+        """The weights a checkpoint of ``epoch`` carries besides its model (None: that
+        epoch's are the best)."""
+        return None if self.state.get("kept_epoch") == epoch else self.weights
 
 
 def _optimizer(
@@ -188,16 +223,23 @@ def _report(
     optimizer: Any,
     scheduler: Any,
     state: dict[str, Any],
+    best: _BestWeights | None,
 ) -> float:
-    """Report the epoch; rank 0 attaches the checkpoint (the others report metrics only).
-    Returns the seconds it took (saving and uploading the checkpoint)."""
+    """Report the epoch; with ``best`` (a checkpoint is due) rank 0 attaches the checkpoint
+    (the others report metrics only). Returns the seconds the report held training up (the
+    save, and whatever of the upload the report waits for)."""
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = None
-        if ctx.rank == 0:
-            save_checkpoint(Path(tmp), model, optimizer, scheduler, state)
-            checkpoint = Path(tmp)
-        ctx.report(metrics, checkpoint)
+    checkpoint = None
+    if ctx.rank == 0 and best is not None:
+        checkpoint = Path(tempfile.mkdtemp(prefix="refit-ckpt-"))
+        try:
+            save_checkpoint(
+                checkpoint, model, optimizer, scheduler, state, best.beside(int(state["epoch"]))
+            )
+        except BaseException:
+            shutil.rmtree(checkpoint, ignore_errors=True)
+            raise
+    ctx.report(metrics, checkpoint)  # the report owns the directory from here on
     return time.perf_counter() - started
 
 
@@ -217,6 +259,7 @@ def run_worker(inputs: RunInputs, ctx: RunContext) -> dict[str, Any]:
     )
     model, plan = build_model(inputs)
     state, resumed_from = _resume(model, ctx)
+    best = _BestWeights(state, ctx, model)
 
     images = WorkerImages(inputs)
     bad = scan_unreadable(images, inputs, ctx, state)
@@ -236,7 +279,8 @@ def run_worker(inputs: RunInputs, ctx: RunContext) -> dict[str, Any]:
     optimizer, scheduler = _optimizer(model, plan, spec, loaders.steps_per_epoch, ctx)
     setup_s, report_s = time.time() - entered, 0.0
 
-    started = time.perf_counter()
+    interval = 0.0 if inputs.training.legacy_job_path else inputs.training.checkpoint_interval_s
+    started = last_checkpoint = time.perf_counter()
     for epoch in range(int(state["epoch"]), spec.epochs):
         epoch_started = time.perf_counter()
         if isinstance(getattr(loaders.train, "sampler", None), DistributedSampler):
@@ -273,9 +317,17 @@ def run_worker(inputs: RunInputs, ctx: RunContext) -> dict[str, Any]:
             time.perf_counter() - epoch_started, 3
         )
         metrics["epochs_s"] = round(sum(h.get("epoch_s", 0.0) for h in state["history"]), 3)
-        report_s += _report(ctx, metrics, model, optimizer, scheduler, state)
+        best.offer(model, int(state["epoch"]), float(val["top1"]))
+        # the last epoch's checkpoint hands the weights over, unless this process keeps them
+        last = (stop or epoch + 1 == spec.epochs) and ctx.keep_best is None
+        due = last or time.perf_counter() - last_checkpoint >= interval
+        report_s += _report(ctx, metrics, model, optimizer, scheduler, state, best if due else None)
+        if due:
+            last_checkpoint = time.perf_counter()
         if stop:
             break
+    if ctx.keep_best is not None and ctx.rank == 0:
+        ctx.keep_best(best.weights if best.weights is not None else _copy(model), dict(state))
     timing = {
         "started_at": entered,
         "setup_s": round(setup_s, 3),

@@ -8,7 +8,9 @@ task, outside any request handler.
   Train controller, the controller its workers: killing the process (cancel) or losing the
   runner takes everything below down; the workers' placement group, which Ray Train frees
   only through the dashboard's State API, the runner frees itself. The checkpoints already on
-  the store stay under ``runs/{job_id}``.
+  the store stay under ``runs/{job_id}``. While no job runs, the runner starts the next job's
+  process ahead (``warm_job_process``): Python and the training imports are ready when a
+  job comes.
 * Retrain policies are evaluated on the same thread every ``policy_check_s``
   (``retrain_triggers``): a policy that fires queues its job like any other, with the trigger
   in the record.
@@ -56,7 +58,16 @@ log = logging.getLogger(__name__)
 
 class JobProcess:
     """One job, start to end, in its own actor process (owned by the runner). It gets the
-    store's location and the training limits only: no API tokens leave the service."""
+    store's location and the training limits only: no API tokens leave the service. Its
+    imports happen at creation, so a process the runner started ahead (warm) begins the job
+    at once."""
+
+    def __init__(self) -> None:
+        import training.finetune  # noqa: F401  # torch, torchvision, Ray Train
+
+    def ready(self) -> bool:
+        """True once the process is up (an error if it died)."""
+        return True
 
     def run(
         self,
@@ -79,6 +90,21 @@ def _process_name(job_id: str) -> str:
     return f"refit-{job_id}"
 
 
+def _warm_name(token: str) -> str:
+    # a warm process runs the job whose owner is the runner's prefix + this token, so a
+    # successor finds it by the job record's owner
+    return f"refit-warm-{token}"
+
+
+def _job_process(name: str) -> Any:
+    # owned by the runner: if the runner dies, the job's process goes with it
+    return (
+        ray.remote(num_cpus=0, max_restarts=0)(JobProcess)
+        .options(name=name, namespace=NAMESPACE, runtime_env={"env_vars": cluster_env()})
+        .remote()
+    )
+
+
 class JobRunner:
     """The queue and the running jobs of one store location (a threaded actor)."""
 
@@ -97,6 +123,8 @@ class JobRunner:
         self.model_of: dict[str, str] = {}
         self.running: dict[str, Any] = {}  # job id -> ObjectRef of its run (None: a RayJob)
         self.processes: dict[str, Any] = {}  # job id -> its JobProcess actor
+        # a JobProcess started ahead of the next job (warm): its token, handle and ready() ref
+        self.spare: tuple[str, Any, Any] | None = None
         self.leases: dict[str, JobLease] = {}  # job id -> this runner's lease on it
         self.watching: dict[str, float] = {}  # job id run by another owner -> next look
         # Leases of runners of this location on this cluster: at most one lives at a time
@@ -238,6 +266,7 @@ class JobRunner:
                 "running_jobs": sorted(self.running),
                 "watching": sorted(self.watching),
                 "finished": dict(self.finished),
+                "warm_process": _warm_name(self.spare[0]) if self.spare else None,
             }
 
     # --- scheduling -----------------------------------------------------------------------------
@@ -254,7 +283,7 @@ class JobRunner:
         if not void and lease_live(record):
             return False
         if self.launcher is None:
-            self._kill_leftover(record.job_id)
+            self._kill_leftover(record)
 
         def requeue(r: JobRecord) -> JobRecord | None:
             if r.state != "running" or r.owner != owner or (not void and lease_live(r)):
@@ -275,12 +304,16 @@ class JobRunner:
             return True
         return False
 
-    def _kill_leftover(self, job_id: str) -> None:
+    def _kill_leftover(self, record: JobRecord) -> None:
         # A process of a previous runner that is still alive must not train beside the retry,
         # and the reservation of its workers must not starve it.
-        with contextlib.suppress(ValueError):
-            ray.kill(ray.get_actor(_process_name(job_id), namespace=NAMESPACE))
-        self._release(job_id)
+        names = [_process_name(record.job_id)]
+        if record.owner and record.owner.startswith(self.owner_prefix):
+            names.append(_warm_name(record.owner.removeprefix(self.owner_prefix)))
+        for name in names:
+            with contextlib.suppress(ValueError):
+                ray.kill(ray.get_actor(name, namespace=NAMESPACE))
+        self._release(record.job_id)
 
     def _release(self, job_id: str) -> None:
         try:
@@ -289,10 +322,35 @@ class JobRunner:
         except Exception as exc:  # best effort; a leak is logged, never fatal
             log.warning("could not free the placement group of %s: %s", job_id, exc)
 
+    def _keep_warm(self) -> None:
+        if self.spare is not None and _died(self.spare[2]):
+            self.spare = None
+        # started while no job runs: its imports must not slow a job's own start
+        if (
+            self.spare is None
+            and not self.running
+            and self.launcher is None
+            and self.settings.training.warm_job_process
+        ):
+            token = uuid.uuid4().hex[:12]
+            process = _job_process(_warm_name(token))
+            self.spare = (token, process, process.ready.remote())
+
+    def _take_spare(self) -> tuple[str, Any, Any] | None:
+        """The warm process, unless it died while it waited (None: start one)."""
+        spare, self.spare = self.spare, None
+        if spare is None or _died(spare[2]):
+            return None
+        return spare
+
     def close(self) -> None:
         """Stop scheduling (tests; an actor simply dies)."""
         self._stop.set()
         self._wake.set()
+        with self._lock:
+            if self.spare is not None:
+                ray.kill(self.spare[1])
+                self.spare = None
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -304,6 +362,7 @@ class JobRunner:
                     self._renew()
                     self._watch()
                     self._start_ready()
+                    self._keep_warm()
                 self._policies()
             except Exception:  # the scheduler must outlive a flaky store
                 log.exception("job scheduler pass failed")
@@ -337,6 +396,10 @@ class JobRunner:
                 ray.kill(process)  # ends the process now, not when its handle is collected
                 self._release(job_id)
             record = self.jobs.get(job_id)
+            if process is not None and self._retry(record, failure):
+                self.leases.pop(job_id, None)
+                self.queue.insert(0, job_id)  # it was first: before jobs queued behind it
+                continue
             if not record.terminal:
                 record = self._close(record, failure)
             self.leases.pop(job_id, None)
@@ -347,6 +410,39 @@ class JobRunner:
             if record.result and record.result.get("published"):
                 # whichever launcher ran it: replicas load the new version now, not at a poll
                 self.notify_published(self.settings, record.model)
+
+    def _retry(self, record: JobRecord, failure: Exception | None) -> bool:
+        """Requeue a job whose process died under it (killed, out of memory) while it has
+        attempts left (``max_failures``): the retry resumes from its last checkpoint, or
+        starts again when it had none. Ray Train retries its own workers; this covers the
+        in-process path and the process that drives Ray Train."""
+        if (
+            not isinstance(failure, ray.exceptions.RayActorError)
+            or record.terminal
+            or record.cancel_requested
+            or record.attempts > self.settings.training.max_failures
+        ):
+            return False
+        lease = self.leases.get(record.job_id)
+        owner = lease.owner if lease is not None else record.owner
+        why = (str(failure).strip().splitlines() or [type(failure).__name__])[0][:200]
+
+        def requeue(r: JobRecord) -> JobRecord | None:
+            if r.state != "running" or r.owner != owner or r.cancel_requested:
+                return None
+            return r.model_copy(
+                update={
+                    "state": "queued",
+                    "reason": f"requeued: its process died (attempt {r.attempts}): {why}",
+                    "owner": None,
+                    "lease_expires_at": None,
+                }
+            )
+
+        requeued = self.jobs.update(record.job_id, requeue).state == "queued"
+        if requeued:
+            log.warning("requeued %s: its process died: %s", record.job_id, why)
+        return requeued
 
     def _close(self, record: JobRecord, failure: Exception | None) -> JobRecord:
         lease = self.leases.get(record.job_id)
@@ -406,15 +502,17 @@ class JobRunner:
             if model in busy:
                 continue
             self.queue.remove(job_id)
+            spare = self._take_spare() if self.launcher is None else None
             owner = (
                 rayjob_owner(job_id)
                 if self.launcher is not None
-                else self.owner_prefix + uuid.uuid4().hex[:12]
+                else self.owner_prefix + (spare[0] if spare else uuid.uuid4().hex[:12])
             )
             lease = JobLease(self.jobs, job_id, owner, self.settings.training.job_lease_s)
             try:
                 record = lease.acquire()
             except ConflictError as exc:  # cancelled meanwhile, or another owner runs it
+                self.spare = spare  # still unused: the next job takes it
                 log.info("not starting %s: %s", job_id, exc)
                 if not self.jobs.get(job_id).terminal:
                     self.watching[job_id] = 0.0
@@ -425,22 +523,25 @@ class JobRunner:
                 self.launcher.start(job_id, parse_spec(record.spec, self.settings.training))
                 self.running[job_id] = None
             else:
-                # owned by this runner: if the runner dies, the job's process goes with it
-                process: Any = (
-                    ray.remote(num_cpus=0, max_restarts=0)(JobProcess)
-                    .options(
-                        name=_process_name(job_id),
-                        namespace=NAMESPACE,
-                        runtime_env={"env_vars": cluster_env()},
-                    )
-                    .remote()
-                )
+                process = spare[1] if spare else _job_process(_process_name(job_id))
                 self.processes[job_id] = process
                 self.running[job_id] = process.run.remote(
                     job_id, record.spec, self.settings.s3, self.settings.training, owner
                 )
             busy.add(model)
             log.info("started %s (%s)", job_id, model)
+
+
+def _died(ready: Any) -> bool:
+    """Whether the process of a ``ready()`` call died (False while it still starts)."""
+    if not ray.wait([ready], timeout=0)[0]:
+        return False
+    try:
+        ray.get(ready)
+    except Exception as exc:
+        log.warning("the warm job process died while it waited: %s", exc)
+        return True
+    return False
 
 
 def _flag_cancel(r: JobRecord) -> JobRecord:

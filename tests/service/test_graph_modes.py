@@ -12,7 +12,7 @@ from conftest import png_bytes
 from service.dataplane.images import decode_request_images
 from service.dataplane.served_model import load_served_model
 from training.backbones import build_backbone
-from training.openvino_ir import export_in_child, ir_files
+from training.openvino_ir import ExportChild, ir_files
 from training.preprocess import Preprocessing, normalize
 from training.storage.errors import IntegrityError
 from training.storage.registry import Manifest, Registry
@@ -53,13 +53,14 @@ def _separating(net: torch.nn.Module) -> torch.nn.Module:
 def exported() -> tuple[torch.nn.Module, list]:
     torch.manual_seed(0)
     net = _separating(build_backbone("resnet18", num_classes=3).eval())
-    graphs = export_in_child(
-        net.state_dict(),
-        backbone="resnet18",
-        num_classes=3,
-        calibration=normalize(PRE, _crops(24)),
-        held_out=normalize(PRE, _crops(8, offset=100)),
-    )
+    with ExportChild() as child:  # started ahead, as a job starts it before it trains
+        graphs = child.export(
+            net.state_dict(),
+            backbone="resnet18",
+            num_classes=3,
+            calibration=normalize(PRE, _crops(24)),
+            held_out=normalize(PRE, _crops(8, offset=100)),
+        )
     return net, graphs
 
 

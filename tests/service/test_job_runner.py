@@ -1,6 +1,6 @@
 """The job runner actor on a real local Ray: per-model serialization under a global cap,
-cancel of a queued job, a runner restart that requeues and finishes its running job, and a
-runner that leaves a job another owner runs alone."""
+cancel of a queued job, a runner restart that requeues and finishes its running job, a
+runner that leaves a job another owner runs alone, and the job process it keeps warm."""
 
 from __future__ import annotations
 
@@ -12,10 +12,12 @@ import pytest
 import ray
 
 from conftest import write_imagefolder
+from service.control.notices import NAMESPACE
 from service.control.scheduler import runner_actor, stop_actors
 from service.settings import RefitSettings
 from training.finetune import run_finetune
 from training.job_settings import TrainingSettings
+from training.local_fit import stored_checkpoints
 from training.spec import parse_spec
 from training.storage.job_records import JobStore
 from training.storage.s3 import ObjectStore
@@ -61,7 +63,11 @@ def _wait(jobs: JobStore, job_id: str, states: set[str], timeout: float = 300) -
 @pytest.fixture
 def runner_settings(settings: RefitSettings) -> Any:
     s = settings.model_copy(
-        update={"training": TrainingSettings(max_running_jobs=2, progress_interval_s=0.5)}
+        update={
+            "training": TrainingSettings(
+                max_running_jobs=2, progress_interval_s=0.5, checkpoint_interval_s=0
+            )
+        }
     )
     yield s
     stop_actors(s)
@@ -105,17 +111,51 @@ def test_restarted_runner_requeues_and_finishes(runner_settings: RefitSettings) 
     runner = runner_actor(runner_settings)
     spec = _spec(store, "m3", epochs=3)
     job = ray.get(runner.create.remote(spec, None))["record"]["job_id"]
-    deadline = time.monotonic() + 300
-    while not store.exists(f"jobs/{job}/progress.json"):  # first checkpoint is on the store
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
-    ray.kill(runner, no_restart=False)  # the runner dies; its job's task dies with it
+    _first_checkpoint(store, job)
+    ray.kill(runner, no_restart=False)  # the runner dies; its job's process dies with it
     record = _wait(jobs, job, {"succeeded", "failed"}, timeout=400)
     assert record.state == "succeeded", record
     assert record.attempts == 2
     assert record.result is not None
-    assert record.result["resumed_from_epoch"] >= 1  # Ray Train resumed the run by its name
+    assert record.result["resumed_from_epoch"] >= 1  # resumed from the stored checkpoint
     _cpus_return_to(baseline)  # the first attempt's training died with the old runner
+
+
+def _first_checkpoint(store: ObjectStore, job: str, timeout: float = 300) -> None:
+    """Until the job's first checkpoint is complete on the store (uploads run while the next
+    epoch trains: an epoch's progress record comes before its checkpoint is stored)."""
+    deadline = time.monotonic() + timeout
+    while not stored_checkpoints(store, job):
+        assert time.monotonic() < deadline, "no checkpoint stored"
+        time.sleep(0.2)
+
+
+def test_a_job_whose_process_dies_is_retried_and_resumes(
+    runner_settings: RefitSettings,
+) -> None:
+    """The warm process that runs a one-worker job in-process is killed mid-run: the runner
+    requeues the job (a new process), which resumes from its checkpoint and ends; the next
+    warm process is started."""
+    store = ObjectStore(runner_settings.s3)
+    write_imagefolder(store, "tiny", classes=2, train=24, val=4)
+    jobs = JobStore(store)
+    baseline = ray.available_resources().get("CPU", 0)
+    runner = runner_actor(runner_settings)
+    spare = _warm(runner)
+    job = ray.get(runner.create.remote(_spec(store, "m6", epochs=3), None))["record"]["job_id"]
+    _first_checkpoint(store, job)
+    ray.kill(ray.get_actor(spare, namespace=NAMESPACE))  # the process that runs the job
+    record = _wait(jobs, job, {"succeeded", "failed"}, timeout=400)
+    assert record.state == "succeeded", record
+    assert record.attempts == 2
+    assert record.result is not None
+    assert record.result["resumed_from_epoch"] >= 1
+    deadline = time.monotonic() + 30  # counted at the runner's next pass
+    while ray.get(runner.stats.remote())["finished"] != {"succeeded": 1}:
+        assert time.monotonic() < deadline, ray.get(runner.stats.remote())
+        time.sleep(0.2)
+    _warm(runner, other_than=spare)
+    _cpus_return_to(baseline)
 
 
 def test_runner_started_beside_a_local_run_leaves_it_alone(
@@ -159,3 +199,56 @@ def test_runner_started_beside_a_local_run_leaves_it_alone(
     while ray.get(runner.stats.remote())["finished"] != {"succeeded": 1}:
         assert time.monotonic() < deadline, ray.get(runner.stats.remote())
         time.sleep(0.2)
+
+
+def _warm(runner: Any, other_than: str | None = None, timeout: float = 60) -> str:
+    deadline = time.monotonic() + timeout
+    while (name := ray.get(runner.stats.remote())["warm_process"]) in (None, other_than):
+        assert time.monotonic() < deadline, "no warm job process"
+        time.sleep(0.2)
+    return str(name)
+
+
+def _dead(name: str, timeout: float = 60) -> bool:
+    """Whether the named process is gone (waits for a kill to land)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            ray.get(ray.get_actor(name, namespace=NAMESPACE).ready.remote(), timeout=30)
+        except (ValueError, ray.exceptions.RayActorError):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_the_next_jobs_process_waits_warm(runner_settings: RefitSettings) -> None:
+    """While no job runs the runner keeps one job process started (replaced if it dies);
+    the next job runs in it, and another starts once that job ended."""
+    store = ObjectStore(runner_settings.s3)
+    write_imagefolder(store, "tiny", classes=2, train=8, val=4)
+    jobs = JobStore(store)
+    runner = runner_actor(runner_settings)
+    first = _warm(runner)
+    ray.kill(ray.get_actor(first, namespace=NAMESPACE))
+    assert _dead(first)
+    spare = _warm(runner, other_than=first)  # the dead one was replaced
+    job = ray.get(runner.create.remote(_spec(store, "m5"), None))["record"]["job_id"]
+    running = _wait(jobs, job, {"running"})
+    # its owner names the process, so a successor runner can end it (a leftover) by name
+    assert running.owner
+    assert spare.endswith(running.owner.rsplit(":", 1)[1])
+    assert ray.get(runner.stats.remote())["warm_process"] is None  # taken; none while it runs
+    assert _wait(jobs, job, {"succeeded", "failed"}).state == "succeeded"
+    after = _warm(runner, other_than=spare)
+    assert _dead(spare)  # the job ran in it: the runner ended it with the job
+    assert not _dead(after, timeout=1)
+
+
+def test_no_warm_process_when_turned_off(settings: RefitSettings) -> None:
+    s = settings.model_copy(update={"training": TrainingSettings(warm_job_process=False)})
+    try:
+        runner = runner_actor(s)
+        time.sleep(2)  # four scheduler passes
+        assert ray.get(runner.stats.remote())["warm_process"] is None
+    finally:
+        stop_actors(s)

@@ -21,6 +21,7 @@ from service.control.scheduler import stop_actors
 from service.embedded_store import Connection
 from service.settings import RefitSettings, ServeSettings
 from training.job_settings import TrainingSettings
+from training.local_fit import stored_checkpoints
 from training.storage.s3 import ObjectStore
 
 pytestmark = [
@@ -51,7 +52,12 @@ def app(seaweed: Connection) -> Iterator[dict[str, Any]]:
             max_queued_requests=1,
             max_batch_size=1,
         ),
-        training=TrainingSettings(max_running_jobs=1, max_queued_jobs=1, progress_interval_s=0.5),
+        training=TrainingSettings(
+            max_running_jobs=1,
+            max_queued_jobs=1,
+            progress_interval_s=0.5,
+            checkpoint_interval_s=0,  # a checkpoint per epoch: B is cancelled after its first
+        ),
     )
     store = ObjectStore(settings.s3)
     write_imagefolder(store, "synth", classes=3, train=16, val=6)
@@ -179,12 +185,16 @@ def test_job_end_to_end_then_queue_cancel_and_limits(app: dict[str, Any]) -> Non
 
     # -- B starts once A is done (one job per model); cancel it after its first checkpoint ------
     _wait(app, job_b, lambda j: j["progress"]["epochs_done"] >= 1)
+    deadline = time.monotonic() + 60  # stored while the next epoch trains
+    while not stored_checkpoints(store, job_b):
+        assert time.monotonic() < deadline, "B's first checkpoint was never stored"
+        time.sleep(0.2)
     r = _call(app, "POST", f"/v1/finetune-jobs/{job_b}/cancel")
     assert r.status_code == 202, r.text
     cancelled = _wait(app, job_b, lambda j: j["state"] != "running", timeout=60)
     assert cancelled["state"] == "cancelled", cancelled
     assert "checkpoints kept" in cancelled["reason"]
-    assert any("checkpoint" in o.key for o in store.list(f"runs/{job_b}/"))
+    assert stored_checkpoints(store, job_b)  # kept for a retry
     deadline = time.monotonic() + 30  # the actor table marks them dead once they are gone
     while train_worker_pids():
         assert time.monotonic() < deadline, "cancel left Ray Train workers running"

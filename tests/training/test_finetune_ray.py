@@ -105,11 +105,11 @@ def test_worker_killed_mid_run_resumes_and_publishes(
     out: dict[str, Any] = {}
     job_id = "job-resume-test"
 
+    every_epoch = settings.training.model_copy(update={"checkpoint_interval_s": 0})
+
     def run() -> None:
         try:
-            out["result"] = run_finetune(
-                spec, s3=settings.s3, training=settings.training, job_id=job_id
-            )
+            out["result"] = run_finetune(spec, s3=settings.s3, training=every_epoch, job_id=job_id)
         except Exception as exc:  # surfaced by the assertion below
             out["error"] = exc
 

@@ -11,9 +11,11 @@ import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import boto3
+import boto3.exceptions
 import botocore.exceptions
 from botocore.config import Config
 
@@ -231,6 +233,23 @@ class ObjectStore:
                 **extra,
             )
             return str(resp["ETag"])
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+            raise self._translate(exc, key) from exc
+
+    def upload_file(self, key: str, path: Path) -> None:
+        """Write a local file to one object (boto3's managed transfer: multipart for large
+        files, streamed from disk)."""
+        try:
+            self.client.upload_file(str(path), self.bucket, self.full_key(key))
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+            raise self._translate(exc, key) from exc
+        except boto3.exceptions.S3UploadFailedError as exc:
+            raise StorageError(f"upload of {self.uri(key)} failed: {exc}") from exc
+
+    def download_file(self, key: str, path: Path) -> None:
+        """Read one object into a local file (boto3's managed transfer)."""
+        try:
+            self.client.download_file(self.bucket, self.full_key(key), str(path))
         except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
             raise self._translate(exc, key) from exc
 
