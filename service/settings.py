@@ -14,7 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from training.job_settings import RaySettings, TrainingSettings
@@ -228,6 +228,18 @@ class RefitSettings(BaseSettings):
     """CLI client: the service's URL (else ``url`` in ``connection.json`` of ``--data-dir``)."""
     token: SecretStr | None = None
     """CLI client: bearer token (else the admin token in ``connection.json``)."""
+
+    @model_validator(mode="after")
+    def _graphs_the_serving_mode_runs(self) -> RefitSettings:
+        # A job makes only the graphs the configured serving mode runs (seconds of a small
+        # job's publish each), unless REFIT_TRAINING__EXPORT_GRAPHS names them itself.
+        if "export_graphs" not in self.training.model_fields_set:
+            mode = self.serve.numeric_mode
+            graphs = (mode,) if mode in ("openvino", "int8") else ()
+            training = self.training.model_copy(update={"export_graphs": graphs})
+            training.model_fields_set.discard("export_graphs")  # still derived, not chosen
+            object.__setattr__(self, "training", training)  # frozen: set once, here
+        return self
 
 
 def env_names() -> list[str]:

@@ -83,7 +83,11 @@ def settings(seaweed: Connection) -> RefitSettings:
 @pytest.fixture(scope="module")
 def module_settings(seaweed: Connection) -> RefitSettings:
     """Settings under a prefix shared by one test module (state its tests only read)."""
-    return RefitSettings(s3=seaweed.s3_settings(prefix=f"m-{uuid.uuid4().hex[:10]}"))
+    return RefitSettings(
+        s3=seaweed.s3_settings(prefix=f"m-{uuid.uuid4().hex[:10]}"),
+        # imports make both graphs, whatever the serving mode (tests/service/api/test_import)
+        training=TrainingSettings(export_graphs=("openvino", "int8")),
+    )
 
 
 @pytest.fixture

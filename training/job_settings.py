@@ -55,13 +55,18 @@ class TrainingSettings(BaseModel):
     """The only directory ``file://`` weight URIs may point into; unset refuses them."""
     cache_mb: int = Field(default=512, ge=0)
     """Encoded image bytes each training worker keeps in memory across epochs (0: none)."""
+    feature_store_mb: int = Field(default=256, ge=0)
+    """Head-only runs keep their images' penultimate features on the store per trunk and
+    image content (``features/``), so a retrain computes only new images' features; this
+    bounds what one run reads of them (0: off, every feature computed)."""
     loader_workers: int = Field(default=0, ge=0)
     """DataLoader worker processes per training worker (0: decode in the training process)."""
     export_graphs: tuple[Literal["openvino", "int8"], ...] = ("openvino", "int8")
     """Graphs made at publish time for the accelerated serving modes: OpenVINO IR (fp32) and
     its INT8 post-training quantization (NNCF) on the calibration crops. Empty: none (those
-    modes then fall back to fp32). An export that fails is logged; the version publishes
-    without it."""
+    modes then fall back to fp32). Unset, the service's settings derive it from the serving
+    mode (``RefitSettings``: only the graph that mode runs). An export that fails is logged;
+    the version publishes without it."""
     quantize_images: int = Field(default=256, ge=1)
     """Validation crops that INT8 is calibrated on and both graphs' agreement with fp32 is
     measured on (a quarter of the validation split at least stays held out, for a second
@@ -77,10 +82,10 @@ class TrainingSettings(BaseModel):
     """How often the job runner evaluates the retrain policies (a firing waits this long at
     most before its job is queued)."""
     checkpoint_interval_s: float = Field(default=60.0, ge=0)
-    """A run checkpoints after an epoch that ends this long after its last checkpoint, and
-    after its last epoch (0: after every epoch): a failure repeats at most this much
-    training, and a small job stores one checkpoint, not one per epoch. Each checkpoint
-    carries the best epoch's weights."""
+    """A run checkpoints after an epoch that ends this long after its last checkpoint (0:
+    after every epoch), and a Ray Train run after its last epoch: a failure repeats at most
+    this much training, and a small job stores at most one checkpoint, not one per epoch.
+    Each checkpoint carries the best epoch's weights."""
     legacy_job_path: bool = False
     """Run every job the way Refit did before in-process jobs: Ray Train even for one worker,
     and a checkpoint after every epoch (benchmarks measure both paths in one run)."""

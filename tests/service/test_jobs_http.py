@@ -53,6 +53,7 @@ def app(seaweed: Connection) -> Iterator[dict[str, Any]]:
             max_batch_size=1,
         ),
         training=TrainingSettings(
+            export_graphs=("openvino", "int8"),  # the import below makes both
             max_running_jobs=1,
             max_queued_jobs=1,
             progress_interval_s=0.5,

@@ -30,5 +30,23 @@ def test_env_and_aws_fallbacks(monkeypatch: pytest.MonkeyPatch) -> None:
     assert RefitSettings().s3.resolved_endpoint() == "http://127.0.0.1:8333"
 
 
+def test_jobs_make_the_graphs_the_serving_mode_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unless the training section names them, a job makes only the graphs that the
+    configured numeric mode serves: none for fp32 (the default), that one for a graph mode."""
+    assert RefitSettings().training.export_graphs == ()
+    monkeypatch.setenv("REFIT_SERVE__NUMERIC_MODE", "int8")
+    assert RefitSettings().training.export_graphs == ("int8",)
+    monkeypatch.setenv("REFIT_SERVE__NUMERIC_MODE", "bf16")
+    assert RefitSettings().training.export_graphs == ()
+    monkeypatch.setenv("REFIT_SERVE__NUMERIC_MODE", "openvino")
+    assert RefitSettings().training.export_graphs == ("openvino",)
+    monkeypatch.setenv("REFIT_TRAINING__EXPORT_GRAPHS", '["openvino", "int8"]')
+    assert RefitSettings().training.export_graphs == ("openvino", "int8")
+    monkeypatch.delenv("REFIT_TRAINING__EXPORT_GRAPHS")
+    assert RefitSettings(training={"max_epochs": 3}).training.export_graphs == ("openvino",)
+    chosen = RefitSettings(training={"export_graphs": []})
+    assert chosen.training.export_graphs == ()
+
+
 def test_dashboard_off_by_default() -> None:
     assert RefitSettings().ray.include_dashboard is False

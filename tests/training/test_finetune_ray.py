@@ -45,7 +45,9 @@ def test_two_worker_ddp_publishes_then_finetunes_from_it(
     store: ObjectStore, settings: RefitSettings
 ) -> None:
     write_imagefolder(store, "synth", classes=3, train=16, val=6)
-    first = run_finetune(_spec(store, "synth"), s3=settings.s3, training=settings.training)
+    # both graphs, whatever the serving mode (these settings derive none from fp32)
+    graphs = settings.training.model_copy(update={"export_graphs": ("openvino", "int8")})
+    first = run_finetune(_spec(store, "synth"), s3=settings.s3, training=graphs)
     assert first["published"]
     assert first["promoted"]
     assert first["epochs_run"] == 2
