@@ -9,7 +9,10 @@ the embedded stack (SeaweedFS, local Ray), as the API and the retrain policies r
 * ``fast`` (the default), ``--jobs`` times: the process the runner keeps warm, the one-worker
   job trained in it (``training.local_fit``), checkpoints by time;
 * with ``--workers 2`` also a two-worker Ray Train job on each path (legacy, then the default:
-  warm process, checkpoints by time).
+  warm process, checkpoints by time);
+* with ``--head-images N`` (default 1000) a ``head_only`` fine-tune of the demo base on N
+  labelled digits (all ten classes), twice: features computed, then, after 10 more labels,
+  a retrain whose features are on the store but those 10 (``training.feature_store``).
 
 Per job: created -> ended (the queue wait included), its epochs' own time (train and
 validation, measured by the worker), the fixed cost (the rest), its ratio to the epoch time and
@@ -17,6 +20,7 @@ to the legacy job's fixed cost, and the phases the rest went to. Going live afte
 (hot load) is measured by ``loop.py``.
 
     python benchmarks/job_cost.py [--jobs 3] [--epochs 8] [--base-epochs 2] [--workers 2]
+                                  [--head-images 1000]
 """
 
 from __future__ import annotations
@@ -67,6 +71,36 @@ def _wait_warm(runner: Any, timeout: float = 120) -> None:
     ray.get(ray.get_actor(name, namespace=NAMESPACE).ready.remote(), timeout=timeout)
 
 
+HEAD_DATASET = "digits-head"
+
+
+def _head_spec(store: Any) -> dict[str, Any]:
+    """A head-only fine-tune of the demo base on all ten digits."""
+    from training import demo
+
+    return {
+        "model": "digits-head",
+        "base": {"version": f"{demo.BASE_MODEL}@production"},
+        "dataset": store.uri(f"datasets/{HEAD_DATASET}/"),
+        "freeze": {"policy": "head_only"},
+        "epochs": 10,
+        "batch_size": 64,
+        "lr": 0.01,
+        "workers": 1,
+        "augment": {"enabled": False},
+    }
+
+
+def _ten_more_labels(store: Any) -> None:
+    """Ten images of the test split labelled into train (new content for the trunk)."""
+    prefix = f"datasets/{HEAD_DATASET}/test/"
+    for obj in list(store.list(prefix))[:10]:
+        store.put_bytes(
+            f"datasets/{HEAD_DATASET}/train/" + obj.key.removeprefix(prefix),
+            store.get_bytes(obj.key),
+        )
+
+
 def _row(n: int, path: str, workers: int, record: Any, rows: list[dict[str, Any]]) -> dict:
     """One job's figures: created -> ended, epochs, fixed cost and its phases."""
     result = record.result
@@ -78,9 +112,11 @@ def _row(n: int, path: str, workers: int, record: Any, rows: list[dict[str, Any]
         _ts(record.finished_at) - _ts(record.created_at) - result["seconds"], 2
     )
     fixed = round(job_s - epochs_s, 2)
-    baseline = next(
+    baseline = next(  # the same job on the legacy path (head-only jobs have none)
         (r["fixed_s"] for r in rows if r["path"] == "legacy" and r["workers"] == workers), None
     )
+    if path.startswith("head_only"):
+        baseline = None
     return {
         "job": n,
         "path": path,
@@ -102,6 +138,7 @@ def main() -> int:
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--base-epochs", type=int, default=2)
     p.add_argument("--workers", type=int, default=2, help="1: no multi-worker comparison")
+    p.add_argument("--head-images", type=int, default=1000, help="0: no head-only retrains")
     p.add_argument("--no-jemalloc", action="store_true")
     args = p.parse_args()
     malloc = reexec_with_jemalloc(not args.no_jemalloc)
@@ -115,11 +152,22 @@ def main() -> int:
     runs = [("legacy", 1)] + [("fast", 1)] * args.jobs
     if args.workers > 1:
         runs += [("legacy", args.workers), ("fast", args.workers)]
+    if args.head_images:
+        runs += [("head_only computed", 1), ("head_only cached", 1)]
     rows: list[dict[str, Any]] = []
     with digits_store() as (settings, store):
         ray.init(num_cpus=max(2, args.workers), include_dashboard=False, log_to_driver=False)
         try:
             demo_base(settings, store, args.base_epochs)
+            if args.head_images:
+                per_class = max(2, args.head_images // 10)
+                demo.write_digits(
+                    store,
+                    HEAD_DATASET,
+                    list(range(10)),
+                    train_per_class=per_class - per_class // 5,
+                    val_per_class=per_class // 5,
+                )
             jobs = JobStore(store)
             runner, current = None, None
             for n, (path, workers) in enumerate(runs):
@@ -138,7 +186,13 @@ def main() -> int:
                     runner = runner_actor(settings.model_copy(update={"training": training}))
                 if not legacy:
                     _wait_warm(runner)
-                spec = demo.target_spec(store, epochs=args.epochs, workers=workers)
+                if path == "head_only cached":
+                    _ten_more_labels(store)
+                spec = (
+                    _head_spec(store)
+                    if path.startswith("head_only")
+                    else demo.target_spec(store, epochs=args.epochs, workers=workers)
+                )
                 job_id = ray.get(runner.create.remote(spec, None))["record"]["job_id"]
                 deadline = time.monotonic() + 1800
                 while not (record := jobs.get(job_id)).terminal:

@@ -299,8 +299,9 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def load(self, sample: Sample) -> Image.Image:
-        """Fetch and decode one sample; ValueError when unreadable."""
+    def fetch(self, sample: Sample) -> bytes:
+        """One sample's bytes (the cache, else the store); ValueError when missing or too
+        large."""
         data = self.cache.get(sample.key) if self.cache is not None else None
         if data is None:
             try:
@@ -309,7 +310,20 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
                 raise ValueError("missing") from None
             if self.cache is not None:
                 self.cache.put(sample.key, data)
-        return decode_image(data, max_pixels=self.max_pixels)
+        return data
+
+    def load(self, sample: Sample) -> Image.Image:
+        """Fetch and decode one sample; ValueError when unreadable."""
+        return decode_image(self.fetch(sample), max_pixels=self.max_pixels)
+
+    def sha256s(self) -> list[str]:
+        """The content sha256 of every sample, fetched concurrently (the byte cache keeps
+        them for the decode that may follow)."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(_FETCH_THREADS)
+        return list(
+            self._pool.map(lambda s: hashlib.sha256(self.fetch(s)).hexdigest(), self.samples)
+        )
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         s = self.samples[i]

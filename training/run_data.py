@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from training.backbones import head_module, trunk
 from training.data import ByteCache, ImageDataset, Sample, make_loader
+from training.feature_store import FeatureStore, trunk_id
 from training.loop import Precision, extract_features
 from training.preprocess import eval_transform, train_transform
 from training.run_context import RunContext, RunInputs
@@ -30,6 +31,16 @@ class Loaders:
     val: Any
     steps_per_epoch: int
     feature_cache: bool
+
+
+def _gathered(part: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's ``(features, labels)`` concatenated (this rank's alone without DDP)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return part
+    parts: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, part)
+    done = [p for p in parts if p is not None and len(p[1])]
+    return torch.cat([p[0] for p in done]), torch.cat([p[1] for p in done])
 
 
 def _gather_lists(items: list[str]) -> list[str]:
@@ -95,21 +106,42 @@ def feature_loaders(
     ctx: RunContext,
     precision: Precision,
 ) -> Loaders:
-    """Head only: the trunk runs once per image; the epochs train the head on its features."""
-    spec, backbone = images.inputs.spec, images.inputs.backbone
+    """Head only: the trunk runs once per image (and not at all for an image whose features
+    the store keeps for this trunk); the epochs train the head on the features. Each rank
+    computes its share; the training features are then gathered, so that the sampler shards
+    the whole set."""
+    inputs = images.inputs
+    spec, backbone = inputs.spec, inputs.backbone
     body = trunk(model, backbone)
+    kept = (
+        FeatureStore(images.store, max_bytes=inputs.training.feature_store_mb * 1024 * 1024)
+        if inputs.training.feature_store_mb
+        else None
+    )
+    trunk_key = trunk_id(body, backbone, inputs.preprocessing, bf16=precision.bf16) if kept else ""
+
+    def compute(samples: list[Sample]) -> torch.Tensor:
+        loader = make_loader(
+            images.dataset(samples, train=False), batch_size=spec.batch_size, shuffle=False
+        )
+        feats, _ = extract_features(body, loader, precision=precision)
+        return feats
 
     def features(samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
-        loader = make_loader(
-            images.dataset(samples, train=False),
-            batch_size=spec.batch_size,
-            shuffle=False,
-            rank=ctx.rank,
-            world_size=ctx.world_size,
-        )
-        return extract_features(body, loader, precision=precision)
+        mine = samples[ctx.rank :: ctx.world_size]
+        labels = torch.tensor([s.label for s in mine], dtype=torch.long)
+        if kept is None or not mine:
+            return (compute(mine) if mine else torch.empty(0)), labels
+        shas = images.dataset(mine, train=False).sha256s()
+        found = kept.lookup(trunk_key, set(shas))
+        missing = [i for i, sha in enumerate(shas) if sha not in found]
+        new = compute([mine[i] for i in missing]) if missing else torch.empty(0)
+        fresh = {shas[i]: new[n] for n, i in enumerate(missing)}
+        kept.add(trunk_key, fresh)
+        found.update(fresh)
+        return torch.stack([found[sha] for sha in shas]), labels
 
-    feats_tr, feats_va = features(train), features(val)
+    feats_tr, feats_va = _gathered(features(train)), features(val)
     train_ds = TensorDataset(*feats_tr)
     sampler: DistributedSampler[Any] | None = (
         DistributedSampler(train_ds, num_replicas=ctx.world_size, rank=ctx.rank, seed=spec.seed)
@@ -117,7 +149,13 @@ def feature_loaders(
         else None
     )
     train_loader = DataLoader(
-        train_ds, batch_size=spec.batch_size, shuffle=sampler is None, sampler=sampler
+        train_ds,
+        batch_size=spec.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        # its own generator: the order is the seed's, however many features were computed
+        # (every loader iterated before draws from the global one)
+        generator=torch.Generator().manual_seed(spec.seed) if sampler is None else None,
     )
     return Loaders(
         trained=ctx.wrap_model(head_module(model, backbone)),
