@@ -46,7 +46,7 @@ from training.storage.errors import (
 from training.storage.job_lease import JobCancelledError, JobLease, LeaseLostError, new_owner
 from training.storage.job_records import JobState, JobStore
 from training.storage.location import S3Settings
-from training.storage.registry import Registry
+from training.storage.registry import GraphRecord, Manifest, Registry
 from training.storage.s3 import ObjectStore
 from training.version_crops import calibration_crops, publish_graphs
 from training.weights import ResolvedBase, resolve_base
@@ -61,6 +61,7 @@ def run_finetune(
     training: TrainingSettings,
     job_id: str | None = None,
     owner: str | None = None,
+    on_published: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run one job to the end; returns the JSON-ready result. Raises RefitError subclasses
     for bad specs and data; in that case nothing is published and no alias moves.
@@ -72,6 +73,11 @@ def run_finetune(
     the record to the owner that took over. The outcome - published, rejected by the gate
     (state succeeded, with the gate's reasons), or failed (with the error) - is recorded in
     ``jobs/{job_id}.json`` either way.
+
+    ``on_published(model)``: tells the replicas that the model's alias moved (the runner's job
+    process passes the notice; elsewhere replicas poll). Graphs for accelerated serving modes
+    are made after the alias moved, unless ``legacy_job_path``: the version goes live in fp32
+    first and the replicas switch once its graph set is stored (a second call).
     """
     store = ObjectStore(s3)
     jobs = JobStore(store)
@@ -81,7 +87,7 @@ def run_finetune(
     lease.acquire()
     with lease.heartbeat():
         try:
-            result = _Pipeline(spec, store, training, job_id, lease.check).run()
+            result = _Pipeline(spec, store, training, job_id, lease.check, on_published).run()
         except LeaseLostError:
             log.warning("job %s: lease lost; its new owner records the end", job_id)
             raise
@@ -215,8 +221,12 @@ class _Pipeline:
         training: TrainingSettings,
         job_id: str,
         still_owner: Callable[[], None],
+        on_published: Callable[[str], None] | None = None,
     ) -> None:
         self.spec, self.store, self.training, self.job_id = spec, store, training, job_id
+        self.on_published = on_published or (lambda model: None)
+        # graphs after the version is live (legacy: before it is published)
+        self.graphs_after = bool(training.export_graphs) and not training.legacy_job_path
         # raises unless this run still holds the job: checked before steps nobody may repeat
         self.still_owner = still_owner
         self.registry = Registry(store)
@@ -265,10 +275,11 @@ class _Pipeline:
                 name: {k: part[k] for k in ("top1", "top5", "macro_f1", "images")}
                 for name, part in scores.parts.items()
             }
-        version, promoted = None, False
+        version, promoted, graphs = None, False, []
         if gate.passed:
             self.still_owner()
-            version = self.publish(
+            exporter = ahead.take() if ahead else None
+            manifest = self.publish(
                 trained,
                 index,
                 base,
@@ -277,14 +288,67 @@ class _Pipeline:
                 metrics,
                 gate,
                 reference,
-                ahead.take() if ahead else None,
+                None if self.graphs_after else exporter,
             )
+            version = manifest.version
             lap("publish_s")
             if spec.promote:
                 self.still_owner()
                 self.registry.set_alias(spec.model, spec.alias, version)
                 promoted = True
-        return self.result(trained, index, base, metrics, gate, version, promoted)
+                self.on_published(spec.model)
+            lap("alias_s")
+            if self.graphs_after:
+                graphs = self.add_graphs(
+                    manifest, trained, index, base, preprocessing, val, exporter
+                )
+                lap("graphs_after_s")
+                if graphs and promoted:
+                    self.on_published(spec.model)  # replicas switch to the faster mode
+            elif exporter is not None:
+                exporter.close()
+        result = self.result(trained, index, base, metrics, gate, version, promoted)
+        result["graphs_after_publish"] = graphs
+        return result
+
+    def add_graphs(
+        self,
+        manifest: Manifest,
+        trained: _Trained,
+        index: DatasetIndex,
+        base: ResolvedBase,
+        preprocessing: Preprocessing,
+        val: list[Sample],
+        exporter: ExportChild | None,
+    ) -> list[str]:
+        """The version's graphs, made after it went live and stored as its graph set; the
+        modes made (none when the export failed: the version serves fp32)."""
+        files, records = publish_graphs(
+            trained.model,
+            base.backbone,
+            len(index.classes),
+            val,
+            self.store,
+            preprocessing,
+            self.training,
+            exporter,
+        )
+        if not records:
+            return []
+        graphs = {
+            mode: GraphRecord.model_validate(
+                {**record, "files": [f"graphs/{name}" for name in record["files"]]}
+            )
+            for mode, record in records.items()
+        }
+        try:
+            self.registry.publish_graph_set(
+                manifest, {f"graphs/{name}": blob for name, blob in files.items()}, graphs
+            )
+        except RefitError as exc:  # the version serves fp32; the job itself succeeded
+            log.warning("graphs of %s not stored: %s", manifest.version, exc)
+            return []
+        return sorted(graphs)
 
     def train(
         self, index: DatasetIndex, base: ResolvedBase, preprocessing: Preprocessing
@@ -383,22 +447,26 @@ class _Pipeline:
         gate: GateDecision,
         reference: FeatureStats | None,
         exporter: ExportChild | None,
-    ) -> str:
-        """A new immutable version (weights, calibration crops, graphs, feature statistics,
-        then the manifest)."""
+    ) -> Manifest:
+        """A new immutable version (weights, calibration crops, graphs unless they come after,
+        feature statistics, then the manifest)."""
         spec = self.spec
-        files, graphs = publish_graphs(
-            trained.model,
-            base.backbone,
-            len(index.classes),
-            val,
-            self.store,
-            preprocessing,
-            self.training,
-            exporter,
+        files, graphs = (
+            ({}, {})
+            if self.graphs_after
+            else publish_graphs(
+                trained.model,
+                base.backbone,
+                len(index.classes),
+                val,
+                self.store,
+                preprocessing,
+                self.training,
+                exporter,
+            )
         )
         self.phases.lap("graphs_s")  # the rest of the step (the store's writes): publish_s
-        manifest = self.registry.publish(
+        return self.registry.publish(
             trained.model.state_dict(),
             model=spec.model,
             calibration=calibration_crops(val, self.store, preprocessing, self.training),
@@ -419,7 +487,6 @@ class _Pipeline:
             gate=gate.model_dump(mode="json"),
             job_id=self.job_id,
         )
-        return manifest.version
 
     def result(
         self,

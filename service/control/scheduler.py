@@ -82,7 +82,16 @@ class JobProcess:
         from training.finetune import run_finetune
 
         spec = parse_spec(spec_json, training)
-        result = run_finetune(spec, s3=s3, training=training, job_id=job_id, owner=owner)
+        # the replicas hear of the new version (and of its graphs) as soon as it is live
+        location = RefitSettings(s3=s3)
+        result = run_finetune(
+            spec,
+            s3=s3,
+            training=training,
+            job_id=job_id,
+            owner=owner,
+            on_published=lambda model: notify(location, model),
+        )
         return {k: result[k] for k in ("job_id", "version", "published", "promoted")}
 
 

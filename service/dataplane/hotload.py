@@ -19,7 +19,7 @@ import gc
 import logging
 import threading
 
-from service.dataplane.served_model import ServedModel, load_served_model
+from service.dataplane.served_model import GRAPH_MODES, ServedModel, load_served_model
 from service.request_errors import NoVersionError
 from service.settings import NumericMode
 from training.storage.errors import NotFoundError
@@ -81,6 +81,7 @@ class Follower:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._loading = threading.Lock()  # a push and a poll never load the same version twice
+        self._graphs_tried: set[str] = set()  # versions loaded again for their graph set
 
     def load_now(self) -> None:
         """Load the alias' version if it differs from the slot's (raises on failure)."""
@@ -105,7 +106,11 @@ class Follower:
                 f"model {self.name!r} has no {self.alias} version yet", field="model"
             )
         current = self.slot.current
-        if current is not None and current.version == record.version:
+        if (
+            current is not None
+            and current.version == record.version
+            and not self._graphs_arrived(current)
+        ):
             return
         served = load_served_model(
             self.registry,
@@ -128,6 +133,20 @@ class Follower:
         gc.collect()
         trim_heap()
         log.info("model %s now serves %s", self.name, record.version)
+
+    def _graphs_arrived(self, current: ServedModel) -> bool:
+        # a version published before its graphs serves fp32 ("unavailable") until its graph
+        # set is stored; then it is loaded again (once), and the mode gate decides as for
+        # any graph
+        arrived = (
+            self.mode in GRAPH_MODES
+            and current.fallback_kind == "unavailable"
+            and current.version not in self._graphs_tried
+            and self.registry.has_graph_set(self.name, current.version)
+        )
+        if arrived:
+            self._graphs_tried.add(current.version)
+        return arrived
 
     @property
     def current(self) -> ServedModel | None:

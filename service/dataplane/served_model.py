@@ -318,6 +318,8 @@ def load_served_model(
     else:
         manifest, state = registry.load(name, ref)
     check_loadable(manifest, state)
+    if mode in GRAPH_MODES and mode not in manifest.graphs:
+        manifest = registry.with_graph_set(manifest)  # graphs made after it was published
     module = _build_with(manifest.backbone, manifest.num_classes, state)
     module.eval()
     calibration = registry.load_calibration(manifest)

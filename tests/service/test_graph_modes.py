@@ -9,13 +9,14 @@ import pytest
 import torch
 
 from conftest import png_bytes
+from service.dataplane.hotload import Follower
 from service.dataplane.images import decode_request_images
 from service.dataplane.served_model import load_served_model
 from training.backbones import build_backbone
 from training.openvino_ir import ExportChild, ir_files
 from training.preprocess import Preprocessing, normalize
-from training.storage.errors import IntegrityError
-from training.storage.registry import Manifest, Registry
+from training.storage.errors import ConflictError, IntegrityError, SpecError
+from training.storage.registry import GRAPH_SET_FILE, GraphRecord, Manifest, Registry
 from training.storage.s3 import ObjectStore
 
 PRE = Preprocessing(resize_size=32, crop_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
@@ -149,3 +150,88 @@ def test_a_tampered_graph_never_loads(store: ObjectStore, exported) -> None:
     store.put_bytes(key, store.get_bytes(key) + b"<!-- a forged layer -->")
     with pytest.raises(IntegrityError, match="sha256"):
         load_served_model(reg, "ov", manifest.version, mode="int8", check_speed=False)
+
+
+def _graph_set(graphs: list) -> tuple[dict[str, bytes], dict[str, GraphRecord]]:
+    """A job's graphs as a graph set's files and records (under ``graphs/``)."""
+    files, records = {}, {}
+    for g in graphs:
+        xml, weights = (f"graphs/{n}" for n in ir_files(g.mode))
+        files[xml], files[weights] = g.xml, g.weights
+        records[g.mode] = GraphRecord(files=[xml, weights], **g.measured())
+    return files, records
+
+
+def test_graphs_made_after_publishing_switch_the_replica_once_stored(
+    store: ObjectStore, exported
+) -> None:
+    """A version goes live before its graphs (fp32, 'unavailable'); once its graph set is
+    stored the follower loads it again and serves the graph mode, verified like a graph of
+    the manifest; it does not load it a third time."""
+    net, graphs = exported
+    reg = Registry(store)
+    plain = reg.publish(
+        net.state_dict(),
+        model="ov",
+        backbone="resnet18",
+        num_classes=3,
+        class_names=["a", "b", "c"],
+        preprocessing=PRE,
+        calibration=_crops(8, offset=200),
+    )
+    reg.set_alias("ov", "production", plain.version)
+    follower = Follower(reg, "ov", alias="production", mode="int8", poll_interval_s=60)
+    follower.load_now()
+    first = follower.current
+    assert first is not None
+    assert (first.mode, first.fallback_kind) == ("fp32", "unavailable")
+    assert not reg.has_graph_set("ov", plain.version)
+    follower.load_now()
+    assert follower.current is first  # nothing new: not loaded again
+    files, records = _graph_set(graphs)
+    reg.publish_graph_set(plain, files, records)
+    with pytest.raises(ConflictError):  # a version gets one set
+        reg.publish_graph_set(plain, files, records)
+    follower.load_now()
+    switched = follower.current
+    assert switched is not None
+    assert switched.version == plain.version
+    assert (switched.mode, switched.fallback) == ("int8", None)
+    follower.load_now()
+    assert follower.current is switched
+    assert follower.slot.swaps == 2
+
+
+def test_a_graph_set_of_another_manifest_or_tampered_is_never_served(
+    store: ObjectStore, exported
+) -> None:
+    net, graphs = exported
+    reg = Registry(store)
+    versions = [
+        reg.publish(
+            net.state_dict(),
+            model="ov",
+            backbone="resnet18",
+            num_classes=3,
+            class_names=["a", "b", "c"],
+            preprocessing=PRE,
+            calibration=_crops(8, offset=200),
+        )
+        for _ in range(2)
+    ]
+    files, records = _graph_set(graphs)
+    reg.publish_graph_set(versions[0], files, records)
+    # the first version's set copied beside the second: it names the other manifest
+    for name in [*files, GRAPH_SET_FILE]:
+        src = f"models/ov/versions/{versions[0].version}/{name}"
+        store.put_bytes(f"models/ov/versions/{versions[1].version}/{name}", store.get_bytes(src))
+    assert reg.with_graph_set(versions[1]).graphs == {}
+    served = load_served_model(reg, "ov", versions[1].version, mode="int8", check_speed=False)
+    assert (served.mode, served.fallback_kind) == ("fp32", "unavailable")
+    # a graph file of the set changed after it was stored: its sha256 refuses it
+    key = f"models/ov/versions/{versions[0].version}/{records['int8'].files[1]}"
+    store.put_bytes(key, store.get_bytes(key)[:-8])
+    with pytest.raises(IntegrityError, match="sha256"):
+        load_served_model(reg, "ov", versions[0].version, mode="int8", check_speed=False)
+    with pytest.raises(SpecError):  # only files under graphs/
+        reg.publish_graph_set(versions[1], {"model.safetensors": b"x"}, {})

@@ -47,8 +47,14 @@ def test_two_worker_ddp_publishes_then_finetunes_from_it(
     write_imagefolder(store, "synth", classes=3, train=16, val=6)
     # both graphs, whatever the serving mode (these settings derive none from fp32)
     graphs = settings.training.model_copy(update={"export_graphs": ("openvino", "int8")})
-    first = run_finetune(_spec(store, "synth"), s3=settings.s3, training=graphs)
+    announced: list[str] = []
+    first = run_finetune(
+        _spec(store, "synth"), s3=settings.s3, training=graphs, on_published=announced.append
+    )
     assert first["published"]
+    # live first (fp32), announced again once its graphs are stored
+    assert announced == ["synth", "synth"]
+    assert first["graphs_after_publish"] == ["int8", "openvino"]
     assert first["promoted"]
     assert first["epochs_run"] == 2
     reg = Registry(store)
@@ -59,13 +65,15 @@ def test_two_worker_ddp_publishes_then_finetunes_from_it(
     calibration = reg.load_calibration(manifest)  # verified validation crops for serving
     assert calibration.dtype == torch.uint8
     assert tuple(calibration.shape) == (18, 3, 32, 32)
-    # OpenVINO graphs made at publish time: calibrated on 14 of the 18 validation crops,
-    # measured again on the 4 held out, stored as verified files of the version
-    assert set(manifest.graphs) == {"openvino", "int8"}
-    for graph in manifest.graphs.values():
+    # OpenVINO graphs made after publishing: calibrated on 14 of the 18 validation crops,
+    # measured again on the 4 held out, stored as the version's verified graph set
+    assert manifest.graphs == {}
+    full = reg.with_graph_set(manifest)
+    assert set(full.graphs) == {"openvino", "int8"}
+    for graph in full.graphs.values():
         assert (graph.images, graph.held_out_agreement is not None) == (14, True)
-        assert set(graph.files) <= set(manifest.files)
-        reg.read_file(manifest, graph.files[1])  # sha256-checked
+        assert set(graph.files) <= set(full.files)
+        reg.read_file(full, graph.files[1])  # sha256-checked
     # the drift reference: the candidate's penultimate features on the 18 validation images
     assert manifest.drift is not None
     assert (manifest.drift.images, manifest.drift.features) == (18, 512)
@@ -173,3 +181,23 @@ def test_more_workers_than_cluster(store: ObjectStore, settings: RefitSettings) 
         run_finetune(
             _spec(store, "w", workers=1, use_gpu=True), s3=settings.s3, training=settings.training
         )
+
+
+def test_the_legacy_path_makes_graphs_before_publishing(
+    store: ObjectStore, settings: RefitSettings
+) -> None:
+    """``legacy_job_path``: a one-worker job on Ray Train, the graphs in the manifest."""
+    write_imagefolder(store, "synth", classes=3, train=8, val=4)
+    legacy = settings.training.model_copy(
+        update={"legacy_job_path": True, "export_graphs": ("int8",)}
+    )
+    result = run_finetune(
+        _spec(store, "synth", workers=1, epochs=1), s3=settings.s3, training=legacy
+    )
+    assert result["published"]
+    assert result["graphs_after_publish"] == []
+    assert "ray_processes_s" in result["phases"]  # Ray Train ran it
+    reg = Registry(store)
+    manifest, _ = reg.load("synth", "production")
+    assert set(manifest.graphs) == {"int8"}
+    assert not reg.has_graph_set("synth", manifest.version)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import re
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -31,7 +33,12 @@ from training.storage.s3 import ObjectStore
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
 CALIBRATION_FILE = "calibration.safetensors"
+GRAPH_SET_FILE = "graphs/set.json"
+"""A version's graph set, made after it was published (written last: it makes the set exist)."""
+_GRAPH_FILE = re.compile(r"graphs/[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 """Up to 32 validation crops (uint8, before normalisation): load-time checks of numeric modes."""
+log = logging.getLogger(__name__)
+
 _HISTORY = 20
 MAX_RECORD_BYTES = 1024 * 1024
 """Largest manifest or alias object read: anything larger is damaged, never parsed."""
@@ -113,6 +120,19 @@ class DriftReference(BaseModel):
     """Share of those images within ``threshold``."""
     threshold: float
     """Distance (RMS of standardised features) beyond which a live input is an outlier."""
+
+
+class GraphSet(BaseModel):
+    """Graphs made for a version after it was published (an immutable addition: files under
+    ``graphs/``, this record last). It names the sha256 of the version's manifest, so a set
+    belongs to exactly one version's content."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    manifest_sha256: str
+    files: dict[str, FileEntry]
+    graphs: dict[str, GraphRecord]
+    created_at: str
 
 
 class AliasRecord(BaseModel):
@@ -246,6 +266,70 @@ class Registry:
                 f"{name} of {manifest.model}@{manifest.version} fails its sha256 check"
             )
         return blob
+
+    # --- graphs made after publishing ---------------------------------------------------------
+    def publish_graph_set(
+        self, manifest: Manifest, files: dict[str, bytes], graphs: dict[str, GraphRecord]
+    ) -> GraphSet:
+        """Add graphs to a published version: the files under ``graphs/`` first, the set's
+        record last (if-none-match: a version gets one set). ``graphs`` name their files."""
+        for name in files:
+            if not _GRAPH_FILE.fullmatch(name) or name == GRAPH_SET_FILE:
+                raise SpecError(f"{name!r} cannot be a graph file", field="files")
+        if any(n not in files for g in graphs.values() for n in g.files):
+            raise SpecError("a graph names a file the set does not have", field="graphs")
+        _, digest = self.read_manifest(manifest.model, manifest.version)
+        record = GraphSet(
+            manifest_sha256=digest,
+            files={n: FileEntry(sha256=sha256_hex(b), size=len(b)) for n, b in files.items()},
+            graphs=graphs,
+            created_at=datetime.now(UTC).isoformat(),
+        )
+        for name, blob in files.items():
+            self.store.put_bytes(
+                self._vkey(manifest.model, manifest.version, name), blob, if_none_match=True
+            )
+        self.store.put_bytes(
+            self._vkey(manifest.model, manifest.version, GRAPH_SET_FILE),
+            json.dumps(record.model_dump(mode="json"), sort_keys=True, indent=1).encode(),
+            content_type="application/json",
+            if_none_match=True,
+        )
+        return record
+
+    def has_graph_set(self, model: str, version: str) -> bool:
+        """Whether graphs were added to a version after it was published."""
+        check_ids(model=model, version=version)
+        return self.store.exists(self._vkey(model, version, GRAPH_SET_FILE))
+
+    def with_graph_set(self, manifest: Manifest) -> Manifest:
+        """The manifest with its graph set's graphs and files (verified like the version's
+        own when read), or unchanged when it has no set. A set that does not parse or names
+        another manifest is ignored (logged): the version serves without it."""
+        key = self._vkey(manifest.model, manifest.version, GRAPH_SET_FILE)
+        try:
+            raw = self.store.get_bytes(key, max_bytes=MAX_RECORD_BYTES)
+            record = GraphSet.model_validate_json(raw)
+        except NotFoundError:
+            return manifest
+        except (ValueError, ValidationError) as exc:
+            log.warning("graph set of %s@%s ignored: %s", manifest.model, manifest.version, exc)
+            return manifest
+        _, digest = self.read_manifest(manifest.model, manifest.version)
+        bad = [n for n in record.files if not _GRAPH_FILE.fullmatch(n) or n in manifest.files]
+        if record.manifest_sha256 != digest or bad:
+            log.warning(
+                "graph set of %s@%s ignored: it belongs to another manifest",
+                manifest.model,
+                manifest.version,
+            )
+            return manifest
+        return manifest.model_copy(
+            update={
+                "files": {**manifest.files, **record.files},
+                "graphs": {**record.graphs, **manifest.graphs},
+            }
+        )
 
     def load_calibration(self, manifest: Manifest) -> torch.Tensor | None:
         """The version's calibration images (uint8 ``[N, 3, H, W]``), or None if it has none."""
