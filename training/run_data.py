@@ -73,13 +73,59 @@ class WorkerImages:
         )
 
 
+class StoredFeatures:
+    """A head-only run's view of the feature store (``training.feature_store``), taken
+    before the scan: its trunk id, every sample's content sha256 (each rank hashes its share;
+    shared by all) and the features already stored for them. An image whose features are
+    stored was decoded when they were made: the scan skips it."""
+
+    def __init__(
+        self, model: nn.Module, images: WorkerImages, ctx: RunContext, precision: Precision
+    ) -> None:
+        inputs = images.inputs
+        self.kept = FeatureStore(
+            images.store, max_bytes=inputs.training.feature_store_mb * 1024 * 1024
+        )
+        self.trunk = trunk_id(
+            trunk(model, inputs.backbone),
+            inputs.backbone,
+            inputs.preprocessing,
+            bf16=precision.bf16,
+        )
+        samples = (inputs.train + inputs.val)[ctx.rank :: ctx.world_size]
+        shas: list[str | None]
+        try:
+            shas = list(images.dataset(samples, train=False).sha256s())
+        except ValueError:  # an image that cannot be fetched: hashed one by one below
+            shas = [_sha_or_none(images, s) for s in samples]
+        mine = [f"{s.key}\0{sha}" for s, sha in zip(samples, shas, strict=True) if sha]
+        self.sha_of = dict(item.split("\0") for item in _gather_lists(mine))
+        self.found = self.kept.lookup(self.trunk, set(self.sha_of.values()))
+
+    def known(self) -> set[str]:
+        """Keys of samples whose features are stored."""
+        return {key for key, sha in self.sha_of.items() if sha in self.found}
+
+
+def _sha_or_none(images: WorkerImages, sample: Sample) -> str | None:
+    try:
+        return images.dataset([sample], train=False).sha256s()[0]
+    except ValueError:  # missing or too large: the scan reports it
+        return None
+
+
 def scan_unreadable(
-    images: WorkerImages, inputs: RunInputs, ctx: RunContext, state: dict[str, Any]
+    images: WorkerImages,
+    inputs: RunInputs,
+    ctx: RunContext,
+    state: dict[str, Any],
+    known: set[str] | frozenset[str] = frozenset(),
 ) -> set[str]:
-    """Keys of unreadable images: found once (each rank scans its share), kept in the state
-    so a resumed run drops exactly the same ones."""
+    """Keys of unreadable images: found once (each rank scans its share; ``known`` ones are
+    not scanned), kept in the state so a resumed run drops exactly the same ones."""
     if "bad_keys" not in state:
-        everything = images.dataset(inputs.train + inputs.val, train=False)
+        samples = [s for s in inputs.train + inputs.val if s.key not in known]
+        everything = images.dataset(samples, train=False)
         mine = list(range(ctx.rank, len(everything), ctx.world_size))
         state["bad_keys"] = _gather_lists(everything.find_unreadable(mine))
     return set(state["bad_keys"])
@@ -105,20 +151,14 @@ def feature_loaders(
     val: list[Sample],
     ctx: RunContext,
     precision: Precision,
+    stored: StoredFeatures | None = None,
 ) -> Loaders:
     """Head only: the trunk runs once per image (and not at all for an image whose features
-    the store keeps for this trunk); the epochs train the head on the features. Each rank
-    computes its share; the training features are then gathered, so that the sampler shards
-    the whole set."""
+    ``stored`` has); the epochs train the head on the features. Each rank computes its share;
+    the training features are then gathered, so that the sampler shards the whole set."""
     inputs = images.inputs
     spec, backbone = inputs.spec, inputs.backbone
     body = trunk(model, backbone)
-    kept = (
-        FeatureStore(images.store, max_bytes=inputs.training.feature_store_mb * 1024 * 1024)
-        if inputs.training.feature_store_mb
-        else None
-    )
-    trunk_key = trunk_id(body, backbone, inputs.preprocessing, bf16=precision.bf16) if kept else ""
 
     def compute(samples: list[Sample]) -> torch.Tensor:
         loader = make_loader(
@@ -130,16 +170,15 @@ def feature_loaders(
     def features(samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
         mine = samples[ctx.rank :: ctx.world_size]
         labels = torch.tensor([s.label for s in mine], dtype=torch.long)
-        if kept is None or not mine:
+        if stored is None or not mine:
             return (compute(mine) if mine else torch.empty(0)), labels
-        shas = images.dataset(mine, train=False).sha256s()
-        found = kept.lookup(trunk_key, set(shas))
-        missing = [i for i, sha in enumerate(shas) if sha not in found]
+        shas = [stored.sha_of[s.key] for s in mine]
+        missing = [i for i, sha in enumerate(shas) if sha not in stored.found]
         new = compute([mine[i] for i in missing]) if missing else torch.empty(0)
         fresh = {shas[i]: new[n] for n, i in enumerate(missing)}
-        kept.add(trunk_key, fresh)
-        found.update(fresh)
-        return torch.stack([found[sha] for sha in shas]), labels
+        stored.kept.add(stored.trunk, fresh)
+        stored.found.update(fresh)
+        return torch.stack([stored.found[sha] for sha in shas]), labels
 
     feats_tr, feats_va = _gathered(features(train)), features(val)
     train_ds = TensorDataset(*feats_tr)

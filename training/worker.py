@@ -54,6 +54,7 @@ from training.loop import (
 from training.run_context import RunContext, RunInputs
 from training.run_data import (
     Loaders,
+    StoredFeatures,
     WorkerImages,
     data_error,
     feature_loaders,
@@ -262,7 +263,12 @@ def run_worker(inputs: RunInputs, ctx: RunContext) -> dict[str, Any]:
     best = _BestWeights(state, ctx, model)
 
     images = WorkerImages(inputs)
-    bad = scan_unreadable(images, inputs, ctx, state)
+    stored = (
+        StoredFeatures(model, images, ctx, precision)
+        if plan.uses_feature_cache and inputs.training.feature_store_mb
+        else None
+    )
+    bad = scan_unreadable(images, inputs, ctx, state, stored.known() if stored else frozenset())
     train_s = [s for s in inputs.train if s.key not in bad]
     val_s = [s for s in inputs.val if s.key not in bad]
     error = data_error(inputs, bad, train_s, val_s)
@@ -273,7 +279,7 @@ def run_worker(inputs: RunInputs, ctx: RunContext) -> dict[str, Any]:
     if precision.channels_last:
         net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     if plan.uses_feature_cache:
-        loaders = feature_loaders(model, images, train_s, val_s, ctx, precision)
+        loaders = feature_loaders(model, images, train_s, val_s, ctx, precision, stored)
     else:
         loaders = image_loaders(net, images, train_s, val_s, ctx)
     optimizer, scheduler = _optimizer(model, plan, spec, loaders.steps_per_epoch, ctx)
