@@ -127,7 +127,7 @@ def _row(n: int, path: str, workers: int, record: Any, rows: list[dict[str, Any]
         "fixed_s": fixed,
         "fixed_over_epochs": round(fixed / max(epochs_s, 1e-9), 2),
         "fixed_over_legacy": round(fixed / baseline, 3) if baseline else None,
-        **{k: phases.get(k) for k in PHASES},
+        **{k: phases.get(k, result.get("phase_details", {}).get(k)) for k in PHASES},
     }
 
 

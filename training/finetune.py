@@ -25,17 +25,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from training.backbones import build_backbone
+from training.backbones import build_backbone, head_module, trunk
 from training.data import DatasetIndex, Sample, index_dataset
 from training.feature_stats import FILE as FEATURES_FILE
 from training.feature_stats import FeatureStats, collect_features
+from training.feature_store import FeatureStore, trunk_id
+from training.freeze import HeadOnly
 from training.gate import GateDecision, SourceScore, class_drops, decide, with_sources
 from training.job_settings import TrainingSettings
 from training.openvino_ir import ExportChild
-from training.preprocess import Preprocessing
+from training.preprocess import Preprocessing, eval_transform
 from training.ray_train import fit
 from training.run_context import RunInputs
-from training.scoring import Scores, score_parts
+from training.scoring import Scores, score_features, score_parts
 from training.spec import FinetuneSpec
 from training.storage.errors import (
     DataError,
@@ -48,7 +50,7 @@ from training.storage.job_records import JobState, JobStore
 from training.storage.location import S3Settings
 from training.storage.registry import GraphRecord, Manifest, Registry
 from training.storage.s3 import ObjectStore
-from training.version_crops import calibration_crops, publish_graphs
+from training.version_crops import calibration_crops, capped_dataset, publish_graphs
 from training.weights import ResolvedBase, resolve_base
 
 log = logging.getLogger(__name__)
@@ -143,6 +145,24 @@ class _Phases:
         now = time.perf_counter()
         self.seconds[name] = round(now - self._last, 3)
         self._last = now
+
+    def added_up(self, run: dict[str, Any], seconds: float) -> dict[str, Any]:
+        """The job's ``seconds`` and ``phases`` that add up to them: training split into its
+        parts (Ray Train's start and stop, worker set-up, this attempt's epochs, checkpoints,
+        the rest), and ``other_s`` what no step claims (the result itself);
+        ``phase_details`` holds parts of phases (Ray Train's processes and worker boot) and
+        the epochs of every attempt (``all_attempts_epochs_s``)."""
+        phases = dict(self.seconds)
+        parts = ("ray_processes_s", "ray_worker_boot_s")  # of ray_start_s
+        details: dict[str, float] = {k: phases.pop(k) for k in parts if k in phases}
+        phases["epochs_s"] = float(run.get("attempt_epochs_s", run.get("epochs_s", 0.0)))
+        train = phases.pop("train_s", None)
+        if train is not None:
+            inner = ("ray_start_s", "worker_setup_s", "epochs_s", "checkpoints_s", "ray_stop_s")
+            phases["train_other_s"] = round(train - sum(phases.get(k, 0.0) for k in inner), 3)
+        phases["other_s"] = round(seconds - sum(phases.values()), 3)
+        details["all_attempts_epochs_s"] = float(run.get("epochs_s", 0.0))
+        return {"seconds": round(seconds, 3), "phases": phases, "phase_details": details}
 
     def split_training(self, called: float, returned: float, timing: Any) -> None:
         """Where the Ray Train run's time went, from rank 0's own timing: ``ray_start_s``
@@ -254,8 +274,15 @@ class _Pipeline:
         lap("train_s")
         self.still_owner()
         val = [s for s in index.val if s.key not in trained.skipped]
+        stored = self.stored_features(trained.model, base.backbone, preprocessing, val)
         with collect_features(trained.model, base.backbone) as features:
-            scores = self.score(trained.model, val, preprocessing, index.classes)
+            scores = (
+                score_features(
+                    head_module(trained.model, base.backbone), val, stored[1], index.classes
+                )
+                if stored
+                else self.score(trained.model, val, preprocessing, index.classes)
+            )
         reference = (
             FeatureStats.fit(
                 torch.cat([f for f, _ in features]), torch.cat([p for _, p in features])
@@ -264,7 +291,7 @@ class _Pipeline:
             else None
         )
         lap("score_s")
-        incumbent = self.incumbent(val, index.classes)
+        incumbent = self.incumbent(val, index.classes, preprocessing, stored)
         lap("score_serving_s")
         gate = self.gate(scores, incumbent)
         candidate = scores.all
@@ -309,6 +336,7 @@ class _Pipeline:
                 exporter.close()
         result = self.result(trained, index, base, metrics, gate, version, promoted)
         result["graphs_after_publish"] = graphs
+        result["scored_on"] = "stored features" if stored else "images"
         return result
 
     def add_graphs(
@@ -385,9 +413,37 @@ class _Pipeline:
         """Metrics on the (readable) validation split, over all of it and per source."""
         return score_parts(model, val, self.store, pre, classes, self.training)
 
-    def incumbent(self, val: list[Sample], classes: list[str]) -> _Incumbent:
+    def stored_features(
+        self, model: nn.Module, backbone: str, pre: Preprocessing, val: list[Sample]
+    ) -> tuple[str, dict[str, torch.Tensor]] | None:
+        """The trunk id and the validation images' penultimate features (by key) of a
+        head-only candidate, from the feature store, where its run stored them in fp32; None
+        (score on images) for other policies or when any is missing."""
+        spec = self.spec
+        head_only = isinstance(spec.freeze, HeadOnly) and spec.freeze.feature_cache
+        if not head_only or not self.training.feature_store_mb or spec.bf16 or not val:
+            return None
+        kept = FeatureStore(self.store, max_bytes=self.training.feature_store_mb * 1024 * 1024)
+        trunk_key = trunk_id(trunk(model, backbone), backbone, pre, bf16=False)
+        try:
+            shas = capped_dataset(self.store, val, eval_transform(pre), self.training).sha256s()
+        except ValueError:  # an image gone meanwhile: the image path reports it
+            return None
+        found = kept.lookup(trunk_key, set(shas))
+        if not found.keys() >= set(shas):
+            return None
+        return trunk_key, {s.key: found[sha] for s, sha in zip(val, shas, strict=True)}
+
+    def incumbent(
+        self,
+        val: list[Sample],
+        classes: list[str],
+        pre: Preprocessing,
+        stored: tuple[str, dict[str, torch.Tensor]] | None = None,
+    ) -> _Incumbent:
         """The alias' current version scored on the same split (when it has the same
-        classes)."""
+        classes): on the ``stored`` features when it has the candidate's trunk and
+        preprocessing (a head-only retrain of it), else on the images."""
         spec = self.spec
         if self.registry.get_alias(spec.model, spec.alias)[0] is None:
             return _Incumbent()
@@ -399,6 +455,14 @@ class _Pipeline:
             return _Incumbent(note=f"serving {manifest.version} has other classes; not compared")
         model = build_backbone(manifest.backbone, num_classes=len(classes))
         model.load_state_dict(state)
+        if (
+            stored is not None
+            and manifest.preprocessing == pre
+            and trunk_id(trunk(model, manifest.backbone), manifest.backbone, pre, bf16=False)
+            == stored[0]
+        ):
+            head = head_module(model, manifest.backbone)
+            return _Incumbent(manifest.version, score_features(head, val, stored[1], classes))
         return _Incumbent(manifest.version, self.score(model, val, manifest.preprocessing, classes))
 
     def gate(self, candidate: Scores, incumbent: _Incumbent) -> GateDecision:
@@ -518,9 +582,5 @@ class _Pipeline:
             "images_per_s": float(run.get("images_per_s", 0.0)),
             "dataset": dataset,
             "checkpoints": trained.storage_uri,
-            "seconds": round(time.time() - self.started, 2),
-            "phases": {
-                **self.phases.seconds,
-                "epochs_s": float(run.get("epochs_s", 0.0)),
-            },
+            **self.phases.added_up(run, time.time() - self.started),
         }

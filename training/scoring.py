@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from training.classification_metrics import MetricAccumulator
 from training.data import Sample, make_loader
@@ -80,6 +81,26 @@ def score_parts(
         name: _accumulate(model, part, store, preprocessing, classes, training)
         for name, part in parts_of(samples).items()
     }
+    return _merged(parts, classes)
+
+
+def score_features(
+    head: nn.Module, samples: list[Sample], features: dict[str, torch.Tensor], classes: list[str]
+) -> Scores:
+    """:func:`score_parts` from the samples' stored penultimate features (by key): the head
+    alone runs. Equal to scoring the whole model on the images when the features came from
+    its trunk (a head-only candidate, or a serving version with the same trunk)."""
+    cpu = Precision(torch.device("cpu"))
+    parts = {}
+    for name, part in parts_of(samples).items():
+        x = torch.stack([features[s.key] for s in part]) if part else torch.empty(0, 1)
+        y = torch.tensor([s.label for s in part], dtype=torch.long)
+        loader = DataLoader(TensorDataset(x, y), batch_size=256)
+        parts[name] = evaluate(head, loader, num_classes=len(classes), precision=cpu)
+    return _merged(parts, classes)
+
+
+def _merged(parts: dict[str, MetricAccumulator], classes: list[str]) -> Scores:
     total = MetricAccumulator(len(classes))
     for acc in parts.values():
         total = total.merge(acc)

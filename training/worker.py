@@ -323,6 +323,10 @@ def run_worker(inputs: RunInputs, ctx: RunContext) -> dict[str, Any]:
             time.perf_counter() - epoch_started, 3
         )
         metrics["epochs_s"] = round(sum(h.get("epoch_s", 0.0) for h in state["history"]), 3)
+        # this attempt's epochs alone (a resumed run's history has the earlier attempt's)
+        metrics["attempt_epochs_s"] = round(
+            sum(h.get("epoch_s", 0.0) for h in state["history"] if h["epoch"] > resumed_from), 3
+        )
         best.offer(model, int(state["epoch"]), float(val["top1"]))
         # the last epoch's checkpoint hands the weights over, unless this process keeps them
         last = (stop or epoch + 1 == spec.epochs) and ctx.keep_best is None

@@ -6,6 +6,7 @@ import os
 import signal
 import threading
 import time
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -13,10 +14,14 @@ import torch
 
 from conftest import train_worker_pids, write_imagefolder
 from service.settings import RefitSettings
+from training.backbones import build_backbone
+from training.data import index_dataset
 from training.feature_stats import FeatureStats
 from training.finetune import run_finetune
+from training.scoring import score_parts
 from training.spec import parse_spec
 from training.storage.errors import DataError, ResourceError
+from training.storage.job_records import JobStore
 from training.storage.registry import Registry
 from training.storage.s3 import ObjectStore
 
@@ -196,8 +201,52 @@ def test_the_legacy_path_makes_graphs_before_publishing(
     )
     assert result["published"]
     assert result["graphs_after_publish"] == []
-    assert "ray_processes_s" in result["phases"]  # Ray Train ran it
+    assert "ray_processes_s" in result["phase_details"]  # Ray Train ran it
+    _phases_add_up(result, JobStore(store).get(result["job_id"]))
     reg = Registry(store)
     manifest, _ = reg.load("synth", "production")
     assert set(manifest.graphs) == {"int8"}
     assert not reg.has_graph_set("synth", manifest.version)
+
+
+def test_a_head_only_retrain_scores_on_stored_features(
+    store: ObjectStore, settings: RefitSettings
+) -> None:
+    """A head-only job in its own process stores its features; its retrain from the version
+    it published finds every validation feature stored and scores both itself and the
+    serving version on them (same trunk), with the metrics scoring on the images gives."""
+    write_imagefolder(store, "synth", classes=3, train=8, val=4)
+    head = {"freeze": {"policy": "head_only"}, "workers": 1, "epochs": 3, "lr": 0.01}
+    first = run_finetune(_spec(store, "synth", **head), s3=settings.s3, training=settings.training)
+    assert first["published"]
+    assert first["scored_on"] == "stored features"  # its own run stored them
+    retrain = run_finetune(
+        _spec(store, "synth", base={"version": "synth@production"}, **head),
+        s3=settings.s3,
+        training=settings.training,
+    )
+    assert retrain["scored_on"] == "stored features"
+    _phases_add_up(retrain, JobStore(store).get(retrain["job_id"]))
+    assert retrain["gate"]["incumbent_version"] == first["version"]
+    # the serving version's score on the stored features is its score on the images
+    manifest, state = Registry(store).load("synth", first["version"])
+    model = build_backbone("resnet18", num_classes=3)
+    model.load_state_dict(state)
+    index = index_dataset(store, store.uri("datasets/synth/"))
+    on_images = score_parts(
+        model, index.val, store, manifest.preprocessing, index.classes, settings.training
+    )
+    assert abs(retrain["gate"]["incumbent_top1"] - on_images.all["top1"]) < 1e-6
+    assert abs(first["metrics"]["top1"] - on_images.all["top1"]) < 1e-6
+
+
+def _phases_add_up(result: dict[str, Any], record: Any) -> None:
+    """A job's phases add up to its seconds, none negative, and those to the record's
+    started -> finished (the lease taken before, the final write after: well under 2 s)."""
+    phases = result["phases"]
+    assert all(v >= -0.01 for v in phases.values()), phases
+    assert abs(sum(phases.values()) - result["seconds"]) < 0.01, phases
+    wall = (
+        datetime.fromisoformat(record.finished_at) - datetime.fromisoformat(record.started_at)
+    ).total_seconds()
+    assert 0 <= wall - result["seconds"] < 2.0, (wall, result["seconds"])
