@@ -83,6 +83,8 @@ _POLICY_FIELDS = (
     "every_n_labels",
     "accuracy_below",
     "window_labels",
+    "drift_above",
+    "drift_samples",
     "every_s",
     "cooldown_s",
     "max_concurrent",
@@ -175,6 +177,12 @@ def add_loop_commands(sub: Any) -> None:
     pol.add_argument("--every-n-labels", type=int, default=None)
     pol.add_argument("--accuracy-below", type=float, default=None)
     pol.add_argument("--window-labels", type=int, default=None)
+    pol.add_argument(
+        "--drift-above", type=float, default=None, help="fire when the drift score exceeds it"
+    )
+    pol.add_argument(
+        "--drift-samples", type=int, default=None, help="sampled images before drift is judged"
+    )
     pol.add_argument("--every-s", type=float, default=None)
     pol.add_argument("--cooldown-s", type=float, default=None)
     pol.add_argument("--max-concurrent", type=int, default=None)

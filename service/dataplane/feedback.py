@@ -23,6 +23,7 @@ from training.storage.feedback import (
     dataset_key,
     split_of,
     summary,
+    trainable_splits,
 )
 from training.storage.registry import Manifest, Registry
 
@@ -131,12 +132,13 @@ class FeedbackUseCases:
         def read() -> dict[str, Any]:
             self._serving(model)
             items = self.feedback.items(model)
+            _, left_out = trainable_splits(items)  # what a snapshot now would leave out
             return {
                 "model": model,
                 "labels": len(items),
                 "per_split": summary(items),
                 "dataset": self.registry.store.uri(dataset_key(model)),
-                "classes_left_out": [],
+                "classes_left_out": left_out,
             }
 
         return await store_call(read)

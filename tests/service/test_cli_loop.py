@@ -87,6 +87,14 @@ def test_the_loop_from_the_command_line(
     assert _run(url, "policy", "--model", "digits", "--cooldown-s", "900") == 0
     policy = json.loads(capsys.readouterr().out)["policy"]
     assert (policy["every_n_labels"], policy["cooldown_s"]) == (50, 900)  # merged
+    args = ("--drift-above", "0.3", "--drift-samples", "400")
+    assert _run(url, "policy", "--model", "digits", *args) == 0
+    policy = json.loads(capsys.readouterr().out)["policy"]
+    assert (policy["drift_above"], policy["drift_samples"], policy["every_n_labels"]) == (
+        0.3,
+        400,
+        50,
+    )
     with pytest.raises(ClientError) as refused:  # a cooldown that could retrain in a loop
         _run(url, "policy", "--model", "digits", "--cooldown-s", "5")
     assert refused.value.status == 400

@@ -107,6 +107,8 @@ async def test_uploaded_images_dedup_and_become_a_dataset(
         published_client, image=_b64(png_bytes(4, seed=99)), label="d", new_class=True
     )
     assert new.json()["new_class"] is True
+    overview = await published_client.get("/v1/models/digits/feedback", headers=bearer(ADMIN))
+    assert overview.json()["classes_left_out"] == ["d"]  # before a snapshot, too
     r = await published_client.post("/v1/models/digits/feedback/dataset", headers=bearer(ADMIN))
     assert r.status_code == 200, r.text
     out = r.json()
