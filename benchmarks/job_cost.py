@@ -36,16 +36,22 @@ from load import reexec_with_jemalloc
 
 PHASES = (
     "job_process_s",
+    "index_s",
+    "resolve_base_s",
     "ray_start_s",
     "ray_processes_s",
     "ray_worker_boot_s",
     "worker_setup_s",
     "checkpoints_s",
     "ray_stop_s",
+    "train_other_s",
     "score_s",
     "score_serving_s",
     "graphs_s",
     "publish_s",
+    "alias_s",
+    "graphs_after_s",
+    "other_s",
 )
 
 

@@ -266,7 +266,10 @@ def main() -> int:
                 "batch_size": 32,
             }
             _admin("PUT", f"{url}/v1/models/{MODEL}/retrain-policy", json=policy)
+            deadline = time.monotonic() + 60  # the runner looks every policy_check_s (2 s)
             while _admin("GET", f"{url}/v1/models/{MODEL}/retrain-policy")["state"] is None:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the job runner never evaluated the policy (60 s)")
                 time.sleep(0.2)  # labels count from the runner's first look at the policy
             with Background(url, stream) as load:  # the shift: every client sends it now
                 predicted, labelled, t_trigger = labelling_client(
@@ -284,7 +287,10 @@ def main() -> int:
                 version = job["result"]["version"]
                 if not job["result"]["published"]:
                     raise RuntimeError(f"not published: {job['reason']}")
+                deadline = time.monotonic() + 60  # announced: a replica loads it in seconds
                 while version not in load.first_seen:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"{version} never answered within 60 s of its job")
                     time.sleep(0.05)
                 t_live = load.first_seen[version]
                 time.sleep(args.after_s)  # shifted traffic on the new version
