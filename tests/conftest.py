@@ -17,7 +17,11 @@ from PIL import Image, ImageOps
 
 from service.embedded_store import Connection, EmbeddedStore
 from service.settings import RefitSettings
+from training.data import index_dataset
 from training.job_settings import TrainingSettings
+from training.preprocess import Preprocessing
+from training.run_context import RunInputs
+from training.spec import parse_spec
 from training.storage.s3 import ObjectStore
 
 RAY_CPUS = 3
@@ -250,3 +254,47 @@ async def published_client(published_app: tuple[Any, dict[str, Any]]) -> AsyncIt
     transport = httpx.ASGITransport(app=published_app[0])
     async with httpx.AsyncClient(transport=transport, base_url="http://refit") as c:
         yield c
+
+
+SMALL_PRE = Preprocessing(resize_size=32, crop_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
+"""32 px crops: what the worker-level tests train on."""
+
+
+def small_run_inputs(
+    store: ObjectStore,
+    settings: RefitSettings,
+    dataset: str,
+    *,
+    policy: str,
+    epochs: int,
+    training: dict[str, Any],
+    base_state: dict[str, Any] | None = None,
+) -> RunInputs:
+    """What a one-worker resnet18 run of ``datasets/{dataset}/`` is handed (32 px, batch 4,
+    lr 0.01, no flips), with ``training`` over the test's training settings."""
+    index = index_dataset(store, store.uri(f"datasets/{dataset}/"))
+    spec = parse_spec(
+        {
+            "model": dataset,
+            "base": {"backbone": "resnet18"},
+            "dataset": store.uri(f"datasets/{dataset}/"),
+            "freeze": {"policy": policy},
+            "epochs": epochs,
+            "batch_size": 4,
+            "lr": 0.01,
+            "workers": 1,
+            "preprocess": SMALL_PRE.model_dump(),
+            "augment": {"hflip": False},
+        }
+    )
+    return RunInputs(
+        spec=spec,
+        s3=settings.s3,
+        training=settings.training.model_copy(update=training),
+        backbone="resnet18",
+        classes=index.classes,
+        train=index.train,
+        val=index.val,
+        preprocessing=SMALL_PRE,
+        base_state=base_state,
+    )

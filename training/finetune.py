@@ -339,6 +339,27 @@ class _Pipeline:
         result["scored_on"] = "stored features" if stored else "images"
         return result
 
+    def graphs(
+        self,
+        trained: _Trained,
+        index: DatasetIndex,
+        base: ResolvedBase,
+        preprocessing: Preprocessing,
+        val: list[Sample],
+        exporter: ExportChild | None,
+    ) -> tuple[dict[str, bytes], dict[str, Any]]:
+        """The candidate's graphs (``training.export_graphs``) as files and records."""
+        return publish_graphs(
+            trained.model,
+            base.backbone,
+            len(index.classes),
+            val,
+            self.store,
+            preprocessing,
+            self.training,
+            exporter,
+        )
+
     def add_graphs(
         self,
         manifest: Manifest,
@@ -351,16 +372,7 @@ class _Pipeline:
     ) -> list[str]:
         """The version's graphs, made after it went live and stored as its graph set; the
         modes made (none when the export failed: the version serves fp32)."""
-        files, records = publish_graphs(
-            trained.model,
-            base.backbone,
-            len(index.classes),
-            val,
-            self.store,
-            preprocessing,
-            self.training,
-            exporter,
-        )
+        files, records = self.graphs(trained, index, base, preprocessing, val, exporter)
         if not records:
             return []
         graphs = {
@@ -518,16 +530,7 @@ class _Pipeline:
         files, graphs = (
             ({}, {})
             if self.graphs_after
-            else publish_graphs(
-                trained.model,
-                base.backbone,
-                len(index.classes),
-                val,
-                self.store,
-                preprocessing,
-                self.training,
-                exporter,
-            )
+            else self.graphs(trained, index, base, preprocessing, val, exporter)
         )
         self.phases.lap("graphs_s")  # the rest of the step (the store's writes): publish_s
         return self.registry.publish(

@@ -298,14 +298,7 @@ class JobRunner:
             if r.state != "running" or r.owner != owner or (not void and lease_live(r)):
                 return None
             why = "the job runner restarted" if void else f"its owner {owner} stopped renewing"
-            return r.model_copy(
-                update={
-                    "state": "queued",
-                    "reason": f"requeued: {why}",
-                    "owner": None,
-                    "lease_expires_at": None,
-                }
-            )
+            return _requeued(r, why)
 
         current = self.jobs.update(record.job_id, requeue)
         if current.state == "queued":
@@ -439,14 +432,7 @@ class JobRunner:
         def requeue(r: JobRecord) -> JobRecord | None:
             if r.state != "running" or r.owner != owner or r.cancel_requested:
                 return None
-            return r.model_copy(
-                update={
-                    "state": "queued",
-                    "reason": f"requeued: its process died (attempt {r.attempts}): {why}",
-                    "owner": None,
-                    "lease_expires_at": None,
-                }
-            )
+            return _requeued(r, f"its process died (attempt {r.attempts}): {why}")
 
         requeued = self.jobs.update(record.job_id, requeue).state == "queued"
         if requeued:
@@ -539,6 +525,18 @@ class JobRunner:
                 )
             busy.add(model)
             log.info("started %s (%s)", job_id, model)
+
+
+def _requeued(record: JobRecord, why: str) -> JobRecord:
+    """The record back in the queue, owned by nobody (a retry resumes its checkpoints)."""
+    return record.model_copy(
+        update={
+            "state": "queued",
+            "reason": f"requeued: {why}",
+            "owner": None,
+            "lease_expires_at": None,
+        }
+    )
 
 
 def _died(ready: Any) -> bool:

@@ -122,15 +122,7 @@ def test_graph_mode_serves_the_stored_graph(store: ObjectStore, exported, mode: 
 def test_missing_or_disagreeing_graphs_fall_back_to_fp32(store: ObjectStore, exported) -> None:
     net, graphs = exported
     reg = Registry(store)
-    plain = reg.publish(
-        net.state_dict(),
-        model="ov",
-        backbone="resnet18",
-        num_classes=3,
-        class_names=["a", "b", "c"],
-        preprocessing=PRE,
-        calibration=_crops(8),
-    )
+    plain = _publish(reg, net, [])  # no graphs
     served = load_served_model(reg, "ov", plain.version, mode="int8", check_speed=False)
     assert (served.mode, served.fallback_kind) == ("fp32", "unavailable")
     assert "no int8 graph" in (served.fallback or "")
@@ -170,15 +162,7 @@ def test_graphs_made_after_publishing_switch_the_replica_once_stored(
     the manifest; it does not load it a third time."""
     net, graphs = exported
     reg = Registry(store)
-    plain = reg.publish(
-        net.state_dict(),
-        model="ov",
-        backbone="resnet18",
-        num_classes=3,
-        class_names=["a", "b", "c"],
-        preprocessing=PRE,
-        calibration=_crops(8, offset=200),
-    )
+    plain = _publish(reg, net, [])  # published before its graphs
     reg.set_alias("ov", "production", plain.version)
     follower = Follower(reg, "ov", alias="production", mode="int8", poll_interval_s=60)
     follower.load_now()
@@ -207,18 +191,7 @@ def test_a_graph_set_of_another_manifest_or_tampered_is_never_served(
 ) -> None:
     net, graphs = exported
     reg = Registry(store)
-    versions = [
-        reg.publish(
-            net.state_dict(),
-            model="ov",
-            backbone="resnet18",
-            num_classes=3,
-            class_names=["a", "b", "c"],
-            preprocessing=PRE,
-            calibration=_crops(8, offset=200),
-        )
-        for _ in range(2)
-    ]
+    versions = [_publish(reg, net, []) for _ in range(2)]
     files, records = _graph_set(graphs)
     reg.publish_graph_set(versions[0], files, records)
     # the first version's set copied beside the second: it names the other manifest

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import write_imagefolder
+from conftest import small_run_inputs, write_imagefolder
 from service.settings import RefitSettings
 from training.checkpoints import (
     BEST_FILE,
@@ -20,14 +20,9 @@ from training.checkpoints import (
     load_checkpoint_weights,
     save_checkpoint,
 )
-from training.data import index_dataset
-from training.preprocess import Preprocessing
-from training.run_context import RunContext, RunInputs
-from training.spec import parse_spec
+from training.run_context import RunContext
 from training.storage.s3 import ObjectStore
 from training.worker import _BestWeights, run_worker
-
-PRE = Preprocessing(resize_size=32, crop_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
 
 
 def _run(
@@ -40,30 +35,9 @@ def _run(
     lr: float = 0.01,
 ) -> list[tuple[dict[str, Any], Path | None]]:
     """Every report of the run: its metrics, and a copy of the checkpoint it carried."""
-    index = index_dataset(store, store.uri("datasets/cadence/"))
-    spec = parse_spec(
-        {
-            "model": "cadence",
-            "base": {"backbone": "resnet18"},
-            "dataset": store.uri("datasets/cadence/"),
-            "freeze": {"policy": "full"},
-            "epochs": epochs,
-            "batch_size": 4,
-            "lr": lr,
-            "workers": 1,
-            "preprocess": PRE.model_dump(),
-            "augment": {"hflip": False},
-        }
-    )
-    inputs = RunInputs(
-        spec=spec,
-        s3=settings.s3,
-        training=settings.training.model_copy(update={"checkpoint_interval_s": interval}),
-        backbone="resnet18",
-        classes=index.classes,
-        train=index.train,
-        val=index.val,
-        preprocessing=PRE,
+    over = {"checkpoint_interval_s": interval}
+    inputs = small_run_inputs(
+        store, settings, "cadence", policy="full", epochs=epochs, training=over
     )
     reports: list[tuple[dict[str, Any], Path | None]] = []
 

@@ -11,18 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import png_bytes, write_imagefolder
+from conftest import SMALL_PRE, png_bytes, small_run_inputs, write_imagefolder
 from service.settings import RefitSettings
 from training.backbones import build_backbone, trunk
-from training.data import index_dataset
 from training.feature_store import MAX_PACKS, PREFIX, FeatureStore, trunk_id
 from training.local_fit import fit_here
-from training.preprocess import Preprocessing
-from training.run_context import RunInputs
-from training.spec import parse_spec
 from training.storage.s3 import ObjectStore
 
-PRE = Preprocessing(resize_size=32, crop_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
+PRE = SMALL_PRE
 TRUNK = "ab" * 32
 
 
@@ -88,32 +84,15 @@ def test_trunk_id_follows_content_preprocessing_and_precision() -> None:
 def _head_only(
     store: ObjectStore, settings: RefitSettings, tmp_path: Path, job_id: str, mb: int
 ) -> dict[str, torch.Tensor]:
-    index = index_dataset(store, store.uri("datasets/heads/"))
-    spec = parse_spec(
-        {
-            "model": "heads",
-            "base": {"backbone": "resnet18"},
-            "dataset": store.uri("datasets/heads/"),
-            "freeze": {"policy": "head_only"},
-            "epochs": 3,
-            "batch_size": 4,
-            "lr": 0.01,
-            "workers": 1,
-            "preprocess": PRE.model_dump(),
-            "augment": {"hflip": False},
-        }
-    )
     torch.manual_seed(0)  # the same random trunk every run: one trunk id
-    base = build_backbone("resnet18", num_classes=len(index.classes)).state_dict()
-    inputs = RunInputs(
-        spec=spec,
-        s3=settings.s3,
-        training=settings.training.model_copy(update={"feature_store_mb": mb}),
-        backbone="resnet18",
-        classes=index.classes,
-        train=index.train,
-        val=index.val,
-        preprocessing=PRE,
+    base = build_backbone("resnet18", num_classes=2).state_dict()
+    inputs = small_run_inputs(
+        store,
+        settings,
+        "heads",
+        policy="head_only",
+        epochs=3,
+        training={"feature_store_mb": mb},
         base_state=base,
     )
     torch.manual_seed(1)

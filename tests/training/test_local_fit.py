@@ -9,18 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import write_imagefolder
+from conftest import small_run_inputs, write_imagefolder
 from service.settings import RefitSettings
 from training.checkpoints import STATE_FILE
-from training.data import index_dataset
 from training.local_fit import checkpoint_prefix, fit_here, stored_checkpoints
-from training.preprocess import Preprocessing
-from training.run_context import FitResult, RunInputs
-from training.spec import parse_spec
+from training.run_context import FitResult
 from training.storage.job_records import JobStore
 from training.storage.s3 import ObjectStore
-
-PRE = Preprocessing(resize_size=32, crop_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
 
 
 @pytest.fixture
@@ -38,33 +33,8 @@ def _fit(
     epochs: int,
     interval: float,
 ) -> FitResult:
-    index = index_dataset(store, store.uri("datasets/local/"))
-    spec = parse_spec(
-        {
-            "model": "local",
-            "base": {"backbone": "resnet18"},
-            "dataset": store.uri("datasets/local/"),
-            "freeze": {"policy": "full"},
-            "epochs": epochs,
-            "batch_size": 4,
-            "lr": 0.01,
-            "workers": 1,
-            "preprocess": PRE.model_dump(),
-            "augment": {"hflip": False},
-        }
-    )
-    inputs = RunInputs(
-        spec=spec,
-        s3=settings.s3,
-        training=settings.training.model_copy(
-            update={"checkpoint_interval_s": interval, "progress_interval_s": 0.01}
-        ),
-        backbone="resnet18",
-        classes=index.classes,
-        train=index.train,
-        val=index.val,
-        preprocessing=PRE,
-    )
+    over = {"checkpoint_interval_s": interval, "progress_interval_s": 0.01}
+    inputs = small_run_inputs(store, settings, "local", policy="full", epochs=epochs, training=over)
     torch.manual_seed(0)
     return fit_here(inputs, job_id=job_id, workdir=tmp_path)
 
