@@ -13,6 +13,7 @@ the queued job counts against ``max_concurrent``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -29,11 +30,20 @@ from training.storage.s3 import ObjectStore
 log = logging.getLogger(__name__)
 
 
-def live_accuracy(items: list[FeedbackItem], version: str, window: int) -> tuple[float, int]:
-    """Accuracy of ``version`` over its last ``window`` labelled predictions, and how many
-    there were (fewer than ``window``: not enough to judge yet)."""
+def live_accuracy(
+    items: list[FeedbackItem], version: str, window: int, since: datetime | None = None
+) -> tuple[float, int]:
+    """Accuracy of ``version`` over its last ``window`` labelled predictions (labelled after
+    ``since``, when given), and how many there were (fewer than ``window``: not enough to
+    judge yet)."""
     judged = sorted(
-        (i for i in items if i.version == version and i.predicted is not None),
+        (
+            i
+            for i in items
+            if i.version == version
+            and i.predicted is not None
+            and (since is None or i.labelled_at > since)
+        ),
         key=lambda i: i.labelled_at,
     )[-window:]
     if not judged:
@@ -59,7 +69,11 @@ def decide_trigger(
         if now < ready_at:
             return None
     if policy.accuracy_below is not None:
-        accuracy, n = live_accuracy(items, serving_version, policy.window_labels)
+        # only labels after the last firing: if its retrain was refused, the same version
+        # serves and its old labels would fire again every cooldown, forever
+        accuracy, n = live_accuracy(
+            items, serving_version, policy.window_labels, since=state.last_fired_at
+        )
         if n >= policy.window_labels and accuracy < policy.accuracy_below:
             return "accuracy_below", (
                 f"live accuracy of {serving_version} {accuracy:.3f} over its last {n} labels "
@@ -124,8 +138,15 @@ class Firing:
 class PolicyWatch:
     """Evaluates every model's retrain policy on one store (the job runner's thread)."""
 
-    def __init__(self, store: ObjectStore, *, alias: str) -> None:
-        self.store, self.alias = store, alias
+    def __init__(
+        self,
+        store: ObjectStore,
+        *,
+        alias: str,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        """``clock``: the time a pass judges at (tests move it past a cooldown)."""
+        self.store, self.alias, self.clock = store, alias, clock
         self.policies = RetrainPolicies(store)
         self.registry = Registry(store)
         self.feedback = Feedback(store)
@@ -169,7 +190,7 @@ class PolicyWatch:
         policy = self.policies.get(model)
         if policy is None or not policy.enabled:
             return None
-        now = datetime.now(UTC)
+        now = self.clock()
         state = self._state(model, now)
         if active >= policy.max_concurrent:
             return None

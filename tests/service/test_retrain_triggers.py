@@ -66,6 +66,23 @@ def test_accuracy_counts_the_serving_versions_last_window_only() -> None:
     assert live_accuracy(uploads, "v1", 20) == (0.0, 0)
 
 
+def test_accuracy_waits_for_new_labels_after_a_firing() -> None:
+    """A retrain the gate refused leaves the same version serving: the labels that fired
+    it must not fire again after the cooldown, only a window of labels given since."""
+    policy = RetrainPolicy(accuracy_below=0.8, window_labels=20, cooldown_s=3600)
+    wrong = [_label(i, "a", "b") for i in range(30)]
+    fired_at = NOW + timedelta(minutes=1)  # after those labels
+    state = PolicyState(counted_from=fired_at, last_fired_at=fired_at)
+    later = fired_at + timedelta(hours=2)  # the cooldown is over
+    assert decide_trigger(policy, state, wrong, "v1", later) is None
+    newer = [_label(1000 + i, "a", "b", at=fired_at) for i in range(19)]
+    assert decide_trigger(policy, state, wrong + newer, "v1", later) is None  # 19 < 20
+    newest = _label(2000, "a", "b", at=fired_at)
+    fired = decide_trigger(policy, state, [*wrong, *newer, newest], "v1", later)
+    assert fired is not None
+    assert fired[0] == "accuracy_below"
+
+
 def test_cooldown_holds_every_trigger_back_and_the_schedule_runs_from_the_last_run() -> None:
     policy = RetrainPolicy(every_n_labels=10, every_s=7200, cooldown_s=3600)
     fired_at = NOW - timedelta(minutes=30)
@@ -80,7 +97,15 @@ def test_cooldown_holds_every_trigger_back_and_the_schedule_runs_from_the_last_r
     assert decide_trigger(off, state, many, "v1", later) is None
 
 
-def _feedback(store: ObjectStore, n: int, label: str, seed: int, drawn: str | None = None) -> None:
+def _feedback(
+    store: ObjectStore,
+    n: int,
+    label: str,
+    seed: int,
+    drawn: str | None = None,
+    version: str | None = None,
+) -> None:
+    """A label; with ``version``: of that version's answer, which was ``drawn``'s class."""
     data = png_bytes({"a": 0, "b": 1, "c": 2}[drawn or label], seed=seed)
     sha = content_hash(data)
     Feedback(store).put(
@@ -91,6 +116,8 @@ def _feedback(store: ObjectStore, n: int, label: str, seed: int, drawn: str | No
             label=label,
             split=split_of(sha, 0.3),
             labelled_at=datetime.now(UTC),
+            predicted=(drawn or label) if version else None,
+            version=version,
         ),
         data,
     )
@@ -260,3 +287,33 @@ def test_the_runner_fires_on_the_serving_versions_drift_windows(store: ObjectSto
     assert [f.trigger.kind for f in firings] == ["drift_above"]
     assert firings[0].trigger.serving_version == manifest.version
     assert "0.750 over 80 sampled images" in firings[0].trigger.detail
+
+
+def test_the_runner_does_not_refire_a_refused_retrain_on_the_same_labels(
+    store: ObjectStore,
+) -> None:
+    """At runtime: accuracy_below fires; its job is refused (the version still serves);
+    after the cooldown the runner does not fire on the same labels, and fires again once a
+    new window of labels came."""
+    base = write_imagefolder(store, "refused", classes=3, train=6, val=2, splits=False)
+    reg = Registry(store)
+    manifest, _ = publish_tiny_model(reg, "m")
+    policies = RetrainPolicies(store)
+    policy = RetrainPolicy(accuracy_below=0.8, window_labels=20, base_dataset=base)
+    policies.set("m", policy)
+    offset = timedelta(0)
+    watch = PolicyWatch(store, alias="production", clock=lambda: datetime.now(UTC) + offset)
+    ids = (f"job-{i}" for i in count())
+    assert watch.due({}, lambda: next(ids)) == []  # first look: state from now
+    for i in range(20):
+        _feedback(store, i, "a", seed=500 + i, drawn="b", version=manifest.version)
+    first = watch.due({}, lambda: next(ids))
+    assert [f.trigger.kind for f in first] == ["accuracy_below"]
+    watch.fired("m", first[0])
+    # the job was refused: the same version serves; the cooldown passes
+    offset = timedelta(seconds=policy.cooldown_s + 1)
+    assert watch.due({}, lambda: next(ids)) == []  # the same labels: no new evidence
+    for i in range(20):
+        _feedback(store, 100 + i, "a", seed=900 + i, drawn="b", version=manifest.version)
+    again = watch.due({}, lambda: next(ids))
+    assert [f.trigger.kind for f in again] == ["accuracy_below"]
