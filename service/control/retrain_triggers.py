@@ -80,7 +80,9 @@ def decide_trigger(
                 f"< accuracy_below {policy.accuracy_below:g}"
             )
     if policy.drift_above is not None and drift is not None and drift.score is not None:
-        enough = drift.samples >= policy.drift_samples
+        enough = drift.samples >= policy.drift_samples and _new_drift_evidence(
+            policy, state, drift, serving_version
+        )
         if enough and drift.score > policy.drift_above:
             return "drift_above", (
                 f"input drift of {serving_version} {drift.score:.3f} over {drift.samples} "
@@ -99,6 +101,20 @@ def decide_trigger(
         if (now - since).total_seconds() >= policy.every_s:
             return "schedule", f"{(now - since).total_seconds():.0f} s since {since.isoformat()}"
     return None
+
+
+def _new_drift_evidence(
+    policy: RetrainPolicy, state: PolicyState, drift: DriftScore, serving_version: str
+) -> bool:
+    # a refused retrain leaves the same version serving: its drift fires again only on
+    # drift_samples images measured since (fewer in all than then: replicas restarted, so
+    # everything they measured is new)
+    if state.last_fired_at is None or state.drift_version != serving_version:
+        return True
+    since = drift.total_samples - state.drift_total
+    if since < 0:
+        since = drift.total_samples
+    return since >= policy.drift_samples
 
 
 def retrain_spec(
@@ -237,6 +253,8 @@ class PolicyWatch:
             update={
                 "counted_from": now,
                 "last_fired_at": now,
+                "drift_version": serving.version,
+                "drift_total": drift.total_samples if drift else 0,
                 "last_job_id": job_id,
                 "fired": state.fired + 1,
                 "last_error": None,

@@ -231,8 +231,9 @@ def test_gate_requires_each_source_and_reports_forgetting(kind: str) -> None:
     assert any("forgetting: class 'a'" in r for r in decision.reasons)
 
 
-def _drift(score: float, samples: int) -> DriftScore:
+def _drift(score: float, samples: int, total: int = 0) -> DriftScore:
     return DriftScore(
+        total_samples=total or samples,
         version="v1",
         score=score,
         expected=0.05,
@@ -258,6 +259,18 @@ def test_drift_fires_above_its_threshold_once_enough_images_were_measured() -> N
     cooling = PolicyState(counted_from=NOW, last_fired_at=NOW - timedelta(minutes=5))
     assert decide_trigger(policy, cooling, [], "v1", NOW, _drift(0.9, 500)) is None
     assert RetrainPolicy(drift_above=0.5).drift_samples == 200  # a trigger on its own
+    # fired on v1 when its replicas had measured 500 images; the retrain was refused
+    refused = PolicyState(
+        counted_from=NOW,
+        last_fired_at=NOW - timedelta(hours=2),
+        drift_version="v1",
+        drift_total=500,
+    )
+    assert decide_trigger(policy, refused, [], "v1", NOW, _drift(0.9, 500, 599)) is None
+    assert decide_trigger(policy, refused, [], "v1", NOW, _drift(0.9, 500, 600)) is not None
+    assert decide_trigger(policy, refused, [], "v1", NOW, _drift(0.9, 100, 100)) is not None
+    # (fewer in all than then: the replicas restarted, all they measured is new)
+    assert decide_trigger(policy, refused, [], "v2", NOW, _drift(0.9, 100, 700)) is not None
 
 
 def test_the_runner_fires_on_the_serving_versions_drift_windows(store: ObjectStore) -> None:
@@ -265,8 +278,10 @@ def test_the_runner_fires_on_the_serving_versions_drift_windows(store: ObjectSto
     reg = Registry(store)
     manifest, _ = publish_tiny_model(reg, "m")
     policies = RetrainPolicies(store)
-    policies.set("m", RetrainPolicy(drift_above=0.3, drift_samples=50, base_dataset=base))
-    watch = PolicyWatch(store, alias="production")
+    policy = RetrainPolicy(drift_above=0.3, drift_samples=50, base_dataset=base)
+    policies.set("m", policy)
+    offset = timedelta(0)
+    watch = PolicyWatch(store, alias="production", clock=lambda: datetime.now(UTC) + offset)
     ids = (f"job-{i}" for i in count())
     assert watch.due({}, lambda: next(ids)) == []
     window = DriftWindow(
@@ -287,6 +302,20 @@ def test_the_runner_fires_on_the_serving_versions_drift_windows(store: ObjectSto
     assert [f.trigger.kind for f in firings] == ["drift_above"]
     assert firings[0].trigger.serving_version == manifest.version
     assert "0.750 over 80 sampled images" in firings[0].trigger.detail
+    watch.fired("m", firings[0])
+    # its retrain was refused: after the cooldown, windows as fresh but with no image
+    # measured since fire nothing
+    offset = timedelta(seconds=policy.cooldown_s + 1)
+    same = {"updated_at": datetime.now(UTC) + offset}
+    DriftScores(store).put(window.model_copy(update=same))
+    DriftScores(store).put(window.model_copy(update={**same, "replica": "r2"}))
+    assert watch.due({}, lambda: next(ids)) == []
+    # 50 more images measured since (a window keeps its last 40): new evidence
+    later = {"updated_at": datetime.now(UTC) + offset, "total_samples": 65}
+    DriftScores(store).put(window.model_copy(update=later))
+    DriftScores(store).put(window.model_copy(update={**later, "replica": "r2"}))
+    again = watch.due({}, lambda: next(ids))
+    assert [f.trigger.kind for f in again] == ["drift_above"]
 
 
 def test_the_runner_does_not_refire_a_refused_retrain_on_the_same_labels(

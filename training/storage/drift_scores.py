@@ -66,6 +66,8 @@ class DriftScore(BaseModel):
     threshold: float
     replicas: int
     updated_at: datetime
+    total_samples: int = 0
+    """Images the fresh windows' replicas have measured in all (a window keeps the last)."""
 
 
 class DriftScores:
@@ -121,4 +123,5 @@ class DriftScores:
             threshold=fresh[0].threshold,
             replicas=len(fresh),
             updated_at=max(w.updated_at for w in fresh),
+            total_samples=sum(w.total_samples for w in fresh),
         )

@@ -79,6 +79,11 @@ class PolicyState(BaseModel):
     """Labels after this count toward ``every_n_labels``; the schedule runs from it too (the
     time the runner first saw the policy, then the time it last fired)."""
     last_fired_at: datetime | None = None
+    drift_version: str | None = None
+    """The serving version when the policy last fired, and how many images its replicas had
+    measured for drift then (``drift_total``): ``drift_above`` fires again for the same
+    version only on ``drift_samples`` images measured since."""
+    drift_total: int = 0
     last_job_id: str | None = None
     fired: int = 0
     last_error: str | None = None
