@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from itertools import count
+from typing import Any
 
 import pytest
 
@@ -273,15 +274,30 @@ def test_drift_fires_above_its_threshold_once_enough_images_were_measured() -> N
     assert decide_trigger(policy, refused, [], "v2", NOW, _drift(0.9, 100, 700)) is not None
 
 
+class _Clock:
+    """The time a policy pass judges at: now, plus how far the test moved it on."""
+
+    def __init__(self) -> None:
+        self.ahead = timedelta(0)
+
+    def __call__(self) -> datetime:
+        return datetime.now(UTC) + self.ahead
+
+
+def _watched(
+    store: ObjectStore, dataset: str, **policy: Any
+) -> tuple[Any, RetrainPolicy, PolicyWatch, _Clock]:
+    """Model ``m`` serving a published version, with this policy, and the runner's watch."""
+    base = write_imagefolder(store, dataset, classes=3, train=6, val=2, splits=False)
+    manifest, _ = publish_tiny_model(Registry(store), "m")
+    rules = RetrainPolicy(base_dataset=base, **policy)
+    RetrainPolicies(store).set("m", rules)
+    clock = _Clock()
+    return manifest, rules, PolicyWatch(store, alias="production", clock=clock), clock
+
+
 def test_the_runner_fires_on_the_serving_versions_drift_windows(store: ObjectStore) -> None:
-    base = write_imagefolder(store, "drifted", classes=3, train=6, val=2, splits=False)
-    reg = Registry(store)
-    manifest, _ = publish_tiny_model(reg, "m")
-    policies = RetrainPolicies(store)
-    policy = RetrainPolicy(drift_above=0.3, drift_samples=50, base_dataset=base)
-    policies.set("m", policy)
-    offset = timedelta(0)
-    watch = PolicyWatch(store, alias="production", clock=lambda: datetime.now(UTC) + offset)
+    manifest, policy, watch, clock = _watched(store, "drifted", drift_above=0.3, drift_samples=50)
     ids = (f"job-{i}" for i in count())
     assert watch.due({}, lambda: next(ids)) == []
     window = DriftWindow(
@@ -305,13 +321,13 @@ def test_the_runner_fires_on_the_serving_versions_drift_windows(store: ObjectSto
     watch.fired("m", firings[0])
     # its retrain was refused: after the cooldown, windows as fresh but with no image
     # measured since fire nothing
-    offset = timedelta(seconds=policy.cooldown_s + 1)
-    same = {"updated_at": datetime.now(UTC) + offset}
+    clock.ahead = timedelta(seconds=policy.cooldown_s + 1)
+    same = {"updated_at": clock()}
     DriftScores(store).put(window.model_copy(update=same))
     DriftScores(store).put(window.model_copy(update={**same, "replica": "r2"}))
     assert watch.due({}, lambda: next(ids)) == []
     # 50 more images measured since (a window keeps its last 40): new evidence
-    later = {"updated_at": datetime.now(UTC) + offset, "total_samples": 65}
+    later = {"updated_at": clock(), "total_samples": 65}
     DriftScores(store).put(window.model_copy(update=later))
     DriftScores(store).put(window.model_copy(update={**later, "replica": "r2"}))
     again = watch.due({}, lambda: next(ids))
@@ -324,14 +340,9 @@ def test_the_runner_does_not_refire_a_refused_retrain_on_the_same_labels(
     """At runtime: accuracy_below fires; its job is refused (the version still serves);
     after the cooldown the runner does not fire on the same labels, and fires again once a
     new window of labels came."""
-    base = write_imagefolder(store, "refused", classes=3, train=6, val=2, splits=False)
-    reg = Registry(store)
-    manifest, _ = publish_tiny_model(reg, "m")
-    policies = RetrainPolicies(store)
-    policy = RetrainPolicy(accuracy_below=0.8, window_labels=20, base_dataset=base)
-    policies.set("m", policy)
-    offset = timedelta(0)
-    watch = PolicyWatch(store, alias="production", clock=lambda: datetime.now(UTC) + offset)
+    manifest, policy, watch, clock = _watched(
+        store, "refused", accuracy_below=0.8, window_labels=20
+    )
     ids = (f"job-{i}" for i in count())
     assert watch.due({}, lambda: next(ids)) == []  # first look: state from now
     for i in range(20):
@@ -340,7 +351,7 @@ def test_the_runner_does_not_refire_a_refused_retrain_on_the_same_labels(
     assert [f.trigger.kind for f in first] == ["accuracy_below"]
     watch.fired("m", first[0])
     # the job was refused: the same version serves; the cooldown passes
-    offset = timedelta(seconds=policy.cooldown_s + 1)
+    clock.ahead = timedelta(seconds=policy.cooldown_s + 1)
     assert watch.due({}, lambda: next(ids)) == []  # the same labels: no new evidence
     for i in range(20):
         _feedback(store, 100 + i, "a", seed=900 + i, drawn="b", version=manifest.version)
