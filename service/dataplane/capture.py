@@ -133,6 +133,18 @@ class CaptureTap:
             self._offer(model)  # the writer thread reads it; a full queue retries later
         return self._policies.get(model, self.default)
 
+    def load_policy(self, model: str) -> None:
+        """Read ``model``'s stored policy now (blocking: off the event loop, where the model
+        itself is loaded), so that it applies from the model's first request. A store that
+        fails leaves the default; the periodic re-read tries again."""
+        try:
+            stored = self.captures.policy(model)
+        except Exception as exc:  # capture must never stop a model from loading
+            log.warning("capture policy of %s not read: %s", model, exc)
+            return
+        self._policies[model] = stored if stored is not None else self.default
+        self._read_at[model] = time.monotonic()
+
     def observe(
         self,
         model: str,

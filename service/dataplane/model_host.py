@@ -108,6 +108,8 @@ class ModelHost:
         )
         try:
             await asyncio.to_thread(follower.load_now)
+            if self.capture is not None:  # the policy in force applies from the first request
+                await asyncio.to_thread(self.capture.load_policy, model)
         except RefitError:
             raise
         except Exception as exc:  # a stored version that verifies yet will not load or run

@@ -13,7 +13,8 @@ import pytest
 
 from conftest import png_bytes
 from service.dataplane.capture import CaptureTap, Sampler, image_kind
-from training.storage.captures import CapturePolicy, CaptureRecord
+from training.storage.captures import CapturePolicy, CaptureRecord, Captures
+from training.storage.s3 import ObjectStore
 
 NOW = datetime(2026, 12, 3, 6, 15, tzinfo=UTC)
 
@@ -153,3 +154,16 @@ def test_quality_report_per_version_class_and_hour() -> None:
     assert v1["per_class_accuracy"] == {"a": 0.5, "b": 1.0}
     assert [h["labels"] for h in r["hours"]] == [2, 1, 1]
     assert quality_report([], last=10)["last"] == {"labels": 0, "accuracy": None}
+
+
+def test_the_stored_policy_applies_from_a_models_first_request(store: ObjectStore) -> None:
+    """A replica that has not served the model yet reads its policy with the model (off the
+    request path): the first prediction is captured under it, not under the default."""
+    captures = Captures(store)
+    captures.set_policy("m", CapturePolicy(rate=1.0, max_per_hour=1000))
+    tap = CaptureTap(captures, CapturePolicy(), queue_size=8, refresh_s=3600, clock=lambda: NOW)
+    tap.load_policy("m")
+    tap.observe("m", "v1", "20261203-061500000-0123456789ab", [png_bytes(0)], [_ranked(0.9, 0.1)])
+    assert tap.flush()
+    assert tap.counts[("m", "stored")] == 1
+    assert list(captures.list("m")) == [("20261203-061500000-0123456789ab", 0)]

@@ -13,6 +13,7 @@ import pytest
 
 from api_app import ADMIN, PREDICT, bearer
 from conftest import png_bytes
+from training.storage.captures import CapturePolicy, Captures
 from training.storage.ids import is_prediction_id
 
 pytestmark = pytest.mark.anyio
@@ -146,3 +147,19 @@ async def test_capture_mistakes_get_4xx_naming_the_field(
     r = await published_client.get("/v1/models/digits/captures?after=../x", headers=admin)
     assert r.status_code == 400
     assert r.json()["error"]["field"] == "after"
+
+
+async def test_a_stored_policy_applies_from_the_first_prediction_a_replica_serves(
+    published_client: httpx.AsyncClient, published_app: tuple[Any, dict[str, Any]]
+) -> None:
+    """A policy stored before this replica served the model (another replica's PUT, or a
+    restarted service): the model's first prediction here is captured under it."""
+    parts = published_app[1]
+    policy = CapturePolicy(rate=1.0, max_per_hour=100, max_per_class_per_hour=None)
+    await asyncio.to_thread(Captures(parts["store"]).set_policy, "digits", policy)
+    pid = (await _predict(published_client, png_bytes(0))).json()["prediction_id"]
+    await _flush(parts)
+    listed = (
+        await published_client.get("/v1/models/digits/captures", headers=bearer(ADMIN))
+    ).json()
+    assert listed["captures"] == [{"prediction_id": pid, "index": 0}]
