@@ -144,12 +144,15 @@ RESERVE_TIMEOUT_S = 600.0
 
 @contextlib.contextmanager
 def _reserved(store: ObjectStore, job_id: str, cpus: float) -> Iterator[None]:
-    """The CPUs of an in-process run, reserved on the cluster as Ray Train reserves its
+    """The CPUs of an in-process run, reserved on this node as Ray Train reserves its
     workers' (a placement group, recorded for the runner): serving replicas and other jobs
     are not placed on them while it trains."""
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    pg = placement_group([{"CPU": cpus}])
+    # on this process's node (Ray's own per-node resource), where the training runs: a
+    # reservation elsewhere would leave this node's CPUs to replicas and other jobs
+    node = f"node:{ray.util.get_node_ip_address()}"
+    pg = placement_group([{"CPU": cpus, node: 0.001}])
     try:
         _record_placement_group(store, job_id, pg)
         if not pg.wait(timeout_seconds=RESERVE_TIMEOUT_S):

@@ -250,3 +250,29 @@ def _phases_add_up(result: dict[str, Any], record: Any) -> None:
         datetime.fromisoformat(record.finished_at) - datetime.fromisoformat(record.started_at)
     ).total_seconds()
     assert 0 <= wall - result["seconds"] < 2.0, (wall, result["seconds"])
+
+
+def test_an_in_process_run_reserves_its_cpus_on_its_own_node(store: ObjectStore) -> None:
+    """The placement group of a one-worker run sits on the node of the process that trains,
+    holds its CPUs while it runs, is recorded for the runner, and is gone after."""
+    import ray
+    from ray.util.placement_group import placement_group_table
+
+    from training.ray_train import _reserved
+
+    free = ray.available_resources().get("CPU", 0)
+    with _reserved(store, "job-reserve", 1.0):
+        groups = [g for g in placement_group_table().values() if g["state"] == "CREATED"]
+        assert len(groups) == 1
+        assert set(groups[0]["bundles_to_node_id"].values()) == {
+            ray.get_runtime_context().get_node_id()
+        }
+        # pinned there (one node here places it anywhere the same: the bundle must ask)
+        (bundle,) = groups[0]["bundles"].values()
+        assert f"node:{ray.util.get_node_ip_address()}" in bundle
+        assert ray.available_resources().get("CPU", 0) <= free - 1
+        assert list(store.list(JobStore.placement_groups_prefix("job-reserve")))
+    deadline = time.monotonic() + 10
+    while ray.available_resources().get("CPU", 0) < free:
+        assert time.monotonic() < deadline, "the reservation was not freed"
+        time.sleep(0.1)
