@@ -70,11 +70,11 @@ def _wait_warm(runner: Any, timeout: float = 120) -> None:
     from service.control.notices import NAMESPACE
 
     deadline = time.monotonic() + timeout
-    while (name := ray.get(runner.stats.remote())["warm_process"]) is None:
+    while not (names := ray.get(runner.stats.remote())["warm_processes"]):
         if time.monotonic() > deadline:
             raise RuntimeError("no warm job process")
         time.sleep(0.2)
-    ray.get(ray.get_actor(name, namespace=NAMESPACE).ready.remote(), timeout=timeout)
+    ray.get(ray.get_actor(names[0], namespace=NAMESPACE).ready.remote(), timeout=timeout)
 
 
 HEAD_DATASET = "digits-head"
@@ -151,7 +151,7 @@ def main() -> int:
 
     import ray
 
-    from service.control.scheduler import existing_runner, runner_actor, stop_actors
+    from service.control.runner_clients import existing_runner, runner_actor, stop_actors
     from training import demo
     from training.storage.job_records import JobStore
 
@@ -187,7 +187,10 @@ def main() -> int:
                             raise RuntimeError("the previous job runner did not stop")
                         time.sleep(0.2)
                     training = settings.training.model_copy(
-                        update={"legacy_job_path": legacy, "warm_job_process": not legacy}
+                        update={
+                            "legacy_job_path": legacy,
+                            "warm_job_processes": 0 if legacy else 1,
+                        }
                     )
                     runner = runner_actor(settings.model_copy(update={"training": training}))
                 if not legacy:

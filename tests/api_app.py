@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from pydantic import SecretStr
 
 from conftest import publish_tiny_model
+from fake_launcher import RecordingLauncher
 from service.api import create_app
 from service.control.runner_clients import InProcessScheduler
 from service.control.scheduler import JobRunner
@@ -20,23 +21,6 @@ from training.storage.s3 import ObjectStore
 
 ADMIN, PREDICT, METRICS = "admin-secret", "predict-secret", "metrics-secret"
 LABEL = "label-secret"
-
-
-class RecordingLauncher:
-    """Where the runner would start a job: records it; jobs end only when stopped."""
-
-    def __init__(self) -> None:
-        self.started: list[str] = []
-        self.stopped: list[str] = []
-
-    def start(self, job_id: str, spec: Any) -> None:
-        self.started.append(job_id)
-
-    def ended(self, job_id: str) -> str | None:
-        return "stopped" if job_id in self.stopped else None
-
-    def stop(self, job_id: str) -> None:
-        self.stopped.append(job_id)
 
 
 def build_inprocess_app(

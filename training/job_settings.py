@@ -94,10 +94,11 @@ class TrainingSettings(BaseModel):
     check_cluster_resources: bool = True
     """Refuse a job the cluster cannot host now; false on autoscaling clusters (KubeRay),
     where the workers appear on demand."""
-    warm_job_process: bool = True
-    """Keep one job process started ahead of the next job (``launcher=ray``): its Python and
-    the training imports are ready when a job comes, seconds of a small job's fixed cost
-    (about 300 MB of memory while it waits)."""
+    warm_job_processes: int = Field(default=1, ge=0, le=16)
+    """Job processes kept started ahead of the next jobs (``launcher=ray``; topped up while no
+    job runs): their Python and the training imports are ready when a job comes, seconds of a
+    small job's fixed cost (about 300 MB of memory each while it waits). Set it to
+    ``max_running_jobs`` where jobs come in bursts; 0: none."""
     launcher: Literal["ray", "rayjob"] = "ray"
     """Where jobs run: ``ray``, a task on this Ray cluster; ``rayjob``, a KubeRay RayJob each
     (an isolated cluster, created through the Kubernetes API)."""

@@ -16,13 +16,15 @@ import contextlib
 import json
 import os
 import ssl
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 
+from service.control.launchers import RunEnd
 from service.settings import RefitSettings
-from training.spec import FinetuneSpec
+from training.spec import FinetuneSpec, parse_spec
 from training.storage.errors import ConflictError, NotFoundError, StorageError
 from training.storage.ids import is_id
 
@@ -193,16 +195,32 @@ class KubeApi:
 
 
 class RayJobLauncher:
-    """Start, watch and stop jobs as RayJobs (the runner's ``rayjob`` launcher)."""
+    """Start, watch and stop jobs as RayJobs (the runner's ``rayjob`` launcher). The API
+    server is asked how a run goes every ``check_s`` at most."""
 
-    def __init__(self, settings: RefitSettings, api: KubeApi | None = None) -> None:
+    def __init__(
+        self, settings: RefitSettings, api: KubeApi | None = None, check_s: float = 5.0
+    ) -> None:
         self.settings = settings
         self.api = api or KubeApi.in_cluster(settings.training.rayjob_namespace)
+        self.check_s = check_s
+        self.next_check: dict[str, float] = {}  # job id -> when to ask the API server next
+        self.stopped: set[str] = set()
 
-    def start(self, job_id: str, spec: FinetuneSpec) -> None:
+    def claim(self, job_id: str) -> str:
+        """The RayJob's entrypoint holds the lease under the RayJob's name."""
+        return rayjob_owner(job_id)
+
+    def unclaim(self, job_id: str) -> None:
+        """Nothing was set aside."""
+
+    def start(self, job_id: str, spec: dict[str, Any], owner: str) -> None:
         """Create the job's RayJob (an existing one - a runner restart - is kept)."""
+        parsed = parse_spec(spec, self.settings.training)
         with contextlib.suppress(ConflictError):
-            self.api.create(rayjob_manifest(job_id, spec, self.settings))
+            self.api.create(rayjob_manifest(job_id, parsed, self.settings))
+        self.next_check[job_id] = time.monotonic() + self.check_s
+        self.stopped.discard(job_id)
 
     def ended(self, job_id: str) -> str | None:
         """``None`` while the RayJob runs; else why it ended (``SUCCEEDED``, ``FAILED`` or
@@ -219,9 +237,46 @@ class RayJobLauncher:
             return str(deployment)
         return None
 
+    def poll(self, job_id: str) -> RunEnd | None:
+        """The RayJob's end (a deleted one's at once); its entrypoint recorded the job's."""
+        if job_id in self.stopped:
+            why: str | None = "deleted on cancel"
+        else:
+            if time.monotonic() < self.next_check.get(job_id, 0.0):
+                return None
+            self.next_check[job_id] = time.monotonic() + self.check_s
+            why = self.ended(job_id)
+            if why is None:
+                return None
+        self.forget(job_id)
+        return RunEnd(f"RayJob ended: {why}")
+
     def stop(self, job_id: str) -> None:
         """Delete the job's RayJob and its cluster."""
         self.api.delete(rayjob_name(job_id))
+        self.stopped.add(job_id)
+
+    def forget(self, job_id: str) -> None:
+        """Nothing of the run is held here but its schedule."""
+        self.next_check.pop(job_id, None)
+        self.stopped.discard(job_id)
+
+    def owns(self, job_id: str, owner: str | None) -> bool:
+        """The job's own RayJob: a restarted runner keeps it and follows it again."""
+        return owner == rayjob_owner(job_id)
+
+    def clear(self, job_id: str, owner: str | None) -> None:
+        """A RayJob is started again under its name (kept when it still exists)."""
+
+    def idle(self, running: int) -> None:
+        """No warm clusters: a RayJob's cluster exists for its job only."""
+
+    def stats(self) -> dict[str, Any]:
+        """Nothing held between jobs."""
+        return {}
+
+    def close(self) -> None:
+        """Nothing held between jobs."""
 
 
 __all__ = ["KubeApi", "RayJobLauncher", "rayjob_manifest", "rayjob_name", "rayjob_owner"]

@@ -1,16 +1,52 @@
 """The data plane's :class:`~service.dataplane.jobs.Scheduler`, two ways: the runner actor
 on a Ray cluster (:class:`RunnerScheduler`, what the Serve ingress uses), or a
 :class:`~service.control.scheduler.JobRunner` object in this process
-(:class:`InProcessScheduler`: tools and tests)."""
+(:class:`InProcessScheduler`: tools and tests); and the runner actor itself, one per store
+location, detached."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
-from service.control.scheduler import JobRunner, existing_runner, runner_actor
+import ray
+
+from service.control.notices import NAMESPACE, actor_name
+from service.control.scheduler import JobRunner
 from service.request_errors import unwrap_remote
 from service.settings import RefitSettings
+
+
+def runner_actor(settings: RefitSettings) -> Any:
+    """The job runner of this store location (created on first use; detached, so it
+    outlives the API replica that created it)."""
+    return (
+        ray.remote(num_cpus=0, max_restarts=-1)(JobRunner)
+        .options(
+            name=actor_name(settings, "jobs"),
+            max_concurrency=8,
+            namespace=NAMESPACE,
+            lifetime="detached",
+            get_if_exists=True,
+        )
+        .remote(settings)
+    )
+
+
+def existing_runner(settings: RefitSettings) -> Any | None:
+    """The runner if one exists (never creates one: a metrics scrape must not)."""
+    try:
+        return ray.get_actor(actor_name(settings, "jobs"), namespace=NAMESPACE)
+    except ValueError:
+        return None
+
+
+def stop_actors(settings: RefitSettings) -> None:
+    """Kill the runner and the notice actor of this location (tests; ``refit up`` exit)."""
+    for kind in ("jobs", "events"):
+        with contextlib.suppress(ValueError):
+            ray.kill(ray.get_actor(actor_name(settings, kind), namespace=NAMESPACE))
 
 
 class RunnerScheduler:

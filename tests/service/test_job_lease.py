@@ -9,8 +9,7 @@ from typing import Any
 
 import pytest
 
-from api_app import RecordingLauncher
-from service.control.rayjob import rayjob_owner
+from fake_launcher import RecordingLauncher
 from service.control.scheduler import JobRunner
 from service.settings import RefitSettings
 from training.spec import parse_spec
@@ -120,7 +119,7 @@ def test_runner_watches_a_live_owner_and_takes_over_only_after_expiry(
         assert _until(lambda: launcher.started == [record.job_id], TTL * 6)
         taken = jobs.get(record.job_id)
         assert (taken.state, taken.attempts) == ("running", 2)
-        assert taken.owner == rayjob_owner(record.job_id)
+        assert taken.owner == launcher.claim(record.job_id)
         assert "stopped renewing" not in (taken.reason or "")  # the start cleared it
         with pytest.raises(LeaseLostError):
             local.check()

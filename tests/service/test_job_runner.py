@@ -13,7 +13,7 @@ import ray
 
 from conftest import write_imagefolder
 from service.control.notices import NAMESPACE
-from service.control.scheduler import runner_actor, stop_actors
+from service.control.runner_clients import runner_actor, stop_actors
 from service.settings import RefitSettings
 from training.finetune import run_finetune
 from training.job_settings import TrainingSettings
@@ -203,10 +203,10 @@ def test_runner_started_beside_a_local_run_leaves_it_alone(
 
 def _warm(runner: Any, other_than: str | None = None, timeout: float = 60) -> str:
     deadline = time.monotonic() + timeout
-    while (name := ray.get(runner.stats.remote())["warm_process"]) in (None, other_than):
+    while not (names := ray.get(runner.stats.remote())["warm_processes"]) or other_than in names:
         assert time.monotonic() < deadline, "no warm job process"
         time.sleep(0.2)
-    return str(name)
+    return str(names[0])
 
 
 def _dead(name: str, timeout: float = 60) -> bool:
@@ -237,18 +237,31 @@ def test_the_next_jobs_process_waits_warm(runner_settings: RefitSettings) -> Non
     # its owner names the process, so a successor runner can end it (a leftover) by name
     assert running.owner
     assert spare.endswith(running.owner.rsplit(":", 1)[1])
-    assert ray.get(runner.stats.remote())["warm_process"] is None  # taken; none while it runs
+    assert ray.get(runner.stats.remote())["warm_processes"] == []  # taken; none while it runs
     assert _wait(jobs, job, {"succeeded", "failed"}).state == "succeeded"
     after = _warm(runner, other_than=spare)
     assert _dead(spare)  # the job ran in it: the runner ended it with the job
     assert not _dead(after, timeout=1)
 
 
-def test_no_warm_process_when_turned_off(settings: RefitSettings) -> None:
-    s = settings.model_copy(update={"training": TrainingSettings(warm_job_process=False)})
+def test_warm_process_count_is_a_setting(settings: RefitSettings) -> None:
+    """None kept when turned off; two when asked for two (a burst of jobs starts warm)."""
+    off = settings.model_copy(update={"training": TrainingSettings(warm_job_processes=0)})
     try:
-        runner = runner_actor(s)
+        runner = runner_actor(off)
         time.sleep(2)  # four scheduler passes
-        assert ray.get(runner.stats.remote())["warm_process"] is None
+        assert ray.get(runner.stats.remote())["warm_processes"] == []
     finally:
-        stop_actors(s)
+        stop_actors(off)
+    two = settings.model_copy(update={"training": TrainingSettings(warm_job_processes=2)})
+    try:
+        runner = runner_actor(two)
+        deadline = time.monotonic() + 60
+        while len(names := ray.get(runner.stats.remote())["warm_processes"]) < 2:
+            assert time.monotonic() < deadline, names
+            time.sleep(0.2)
+        assert len(set(names)) == 2
+        for name in names:
+            assert ray.get(ray.get_actor(name, namespace=NAMESPACE).ready.remote(), timeout=60)
+    finally:
+        stop_actors(two)

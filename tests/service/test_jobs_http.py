@@ -17,7 +17,7 @@ import requests
 from PIL import Image
 
 from conftest import free_port, png_bytes, train_worker_pids, write_imagefolder
-from service.control.scheduler import stop_actors
+from service.control.runner_clients import stop_actors
 from service.embedded_store import Connection
 from service.settings import RefitSettings, ServeSettings
 from training.job_settings import TrainingSettings

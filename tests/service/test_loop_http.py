@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from conftest import free_port, png_bytes, publish_tiny_model
-from service.control.scheduler import stop_actors
+from service.control.runner_clients import stop_actors
 from service.embedded_store import Connection
 from service.settings import CaptureSettings, DriftSettings, RefitSettings, ServeSettings
 from training.job_settings import TrainingSettings

@@ -13,7 +13,13 @@ from typing import Any
 import pytest
 
 from k8s_schemas import validator
-from service.control.rayjob import KubeApi, RayJobLauncher, rayjob_manifest, rayjob_name
+from service.control.rayjob import (
+    KubeApi,
+    RayJobLauncher,
+    rayjob_manifest,
+    rayjob_name,
+    rayjob_owner,
+)
 from service.control.scheduler import JobRunner
 from service.settings import RefitSettings, env_names
 from training.job_settings import TrainingSettings
@@ -119,17 +125,31 @@ def test_manifest_is_a_valid_rayjob(store: ObjectStore) -> None:
 
 
 def test_launcher_start_watch_stop(store: ObjectStore, kube: FakeKube) -> None:
-    launcher = RayJobLauncher(RefitSettings(), KubeApi(kube.url, "refit", token="sa-token"))
-    launcher.start("job-a", _spec(store))
-    launcher.start("job-a", _spec(store))  # a restarted runner: the RayJob is kept
+    launcher = RayJobLauncher(
+        RefitSettings(), KubeApi(kube.url, "refit", token="sa-token"), check_s=0
+    )
+    owner = launcher.claim("job-a")
+    assert owner == rayjob_owner("job-a")
+    assert launcher.owns("job-a", owner)  # a restarted runner follows its RayJob again
+    assert not launcher.owns("job-a", "local:cli")
+    spec = _spec(store).model_dump(mode="json")
+    launcher.start("job-a", spec, owner)
+    launcher.start("job-a", spec, owner)  # a restarted runner: the RayJob is kept
     assert list(kube.jobs) == [rayjob_name("job-a")]
     assert all(auth == "Bearer sa-token" for _, _, auth in kube.calls)
     assert launcher.ended("job-a") is None
+    assert launcher.poll("job-a") is None
     kube.jobs[rayjob_name("job-a")]["status"] = {"jobStatus": "FAILED"}
     assert launcher.ended("job-a") == "FAILED"
+    end = launcher.poll("job-a")
+    assert end is not None
+    assert (end.error, end.process_died) == ("RayJob ended: FAILED", False)  # no retry here
     launcher.stop("job-a")
     assert kube.jobs == {}
     assert launcher.ended("job-a") == "missing"
+    stopped = launcher.poll("job-a")
+    assert stopped is not None
+    assert stopped.error == "RayJob ended: deleted on cancel"
     launcher.stop("job-a")  # absent is fine
 
 
@@ -147,7 +167,7 @@ def test_runner_with_rayjob_launcher(
     settings: RefitSettings, store: ObjectStore, kube: FakeKube
 ) -> None:
     store.put_bytes("datasets/cats/train/a/0.png", b"x")
-    launcher = RayJobLauncher(settings, KubeApi(kube.url, "refit", token=None))
+    launcher = RayJobLauncher(settings, KubeApi(kube.url, "refit", token=None), check_s=0.2)
     notices: list[str] = []
     runner = JobRunner(settings, launcher=launcher, notify_published=lambda _, m: notices.append(m))
     jobs = JobStore(store)
