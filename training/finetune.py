@@ -48,9 +48,14 @@ from training.storage.errors import (
 from training.storage.job_lease import JobCancelledError, JobLease, LeaseLostError, new_owner
 from training.storage.job_records import JobState, JobStore
 from training.storage.location import S3Settings
-from training.storage.registry import GraphRecord, Manifest, Registry
+from training.storage.registry import Manifest, Registry
 from training.storage.s3 import ObjectStore
-from training.version_crops import calibration_crops, capped_dataset, publish_graphs
+from training.version_crops import (
+    calibration_crops,
+    capped_dataset,
+    publish_graphs,
+    store_graph_set,
+)
 from training.weights import ResolvedBase, resolve_base
 
 log = logging.getLogger(__name__)
@@ -373,22 +378,7 @@ class _Pipeline:
         """The version's graphs, made after it went live and stored as its graph set; the
         modes made (none when the export failed: the version serves fp32)."""
         files, records = self.graphs(trained, index, base, preprocessing, val, exporter)
-        if not records:
-            return []
-        graphs = {
-            mode: GraphRecord.model_validate(
-                {**record, "files": [f"graphs/{name}" for name in record["files"]]}
-            )
-            for mode, record in records.items()
-        }
-        try:
-            self.registry.publish_graph_set(
-                manifest, {f"graphs/{name}": blob for name, blob in files.items()}, graphs
-            )
-        except RefitError as exc:  # the version serves fp32; the job itself succeeded
-            log.warning("graphs of %s not stored: %s", manifest.version, exc)
-            return []
-        return sorted(graphs)
+        return store_graph_set(self.registry, manifest, files, records)
 
     def train(
         self, index: DatasetIndex, base: ResolvedBase, preprocessing: Preprocessing

@@ -14,6 +14,8 @@ from training.data import ImageDataset, Sample
 from training.job_settings import TrainingSettings
 from training.openvino_ir import ExportChild, IrMode, ir_files
 from training.preprocess import Preprocessing, crop_transform, normalize
+from training.storage.errors import RefitError
+from training.storage.registry import GraphRecord, Manifest, Registry
 from training.storage.s3 import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -130,3 +132,27 @@ def publish_graphs(
     calibration = normalize(pre, _crops(cal_samples, store, pre, training))
     held = normalize(pre, _crops(held_samples, store, pre, training)) if held_samples else None
     return graph_files(model.state_dict(), backbone, num_classes, calibration, held, modes, child)
+
+
+def store_graph_set(
+    registry: Registry, manifest: Manifest, files: dict[str, bytes], records: dict[str, Any]
+) -> list[str]:
+    """Store graphs made after ``manifest``'s version was published (:func:`graph_files`'
+    output) as that version's graph set; the modes stored (none when there were none or the
+    store refused: the version serves fp32, which is logged)."""
+    if not records:
+        return []
+    graphs = {
+        mode: GraphRecord.model_validate(
+            {**record, "files": [f"graphs/{name}" for name in record["files"]]}
+        )
+        for mode, record in records.items()
+    }
+    try:
+        registry.publish_graph_set(
+            manifest, {f"graphs/{name}": blob for name, blob in files.items()}, graphs
+        )
+    except RefitError as exc:
+        log.warning("graphs of %s not stored: %s", manifest.version, exc)
+        return []
+    return sorted(graphs)

@@ -9,7 +9,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Json, field_v
 
 from service.api.auth import AdminScope, PredictScope
 from service.api.error_table import error_responses
-from service.api.params import ModelName, Plane, check_id
+from service.api.params import ModelName, Plane, VersionId, check_id
 from service.dataplane.model_import import ImportRequest
 from service.request_errors import TooLargeError
 from training.preprocess import Preprocessing
@@ -104,12 +104,30 @@ class GraphSummary(BaseModel):
 
 
 class ImportedVersion(BaseModel):
-    """The version an import published, and the alias move if it was promoted."""
+    """The version an import published, and the alias move if it was promoted. It serves
+    fp32 at once; the graphs named in ``graphs_pending`` are made after it, and a replica
+    serving their mode switches once they are stored (``GET .../versions/{version}`` shows
+    them)."""
 
     model: str
     version: str
-    graphs: dict[str, GraphSummary]
+    graphs_pending: list[str]
     promoted: AliasMove | None
+
+
+class VersionDetail(BaseModel):
+    """One published version: what it is, where it came from, how it scored, and its graphs
+    (those made after it was published included)."""
+
+    model: str
+    version: str
+    created_at: str
+    backbone: str
+    class_names: list[str]
+    parent: str | None
+    job_id: str | None
+    metrics: dict[str, Any]
+    graphs: dict[str, GraphSummary]
 
 
 reads = APIRouter(tags=["models"], dependencies=[PredictScope])
@@ -130,6 +148,16 @@ async def list_models(plane: Plane) -> ModelList:
 async def list_versions(model: ModelName, plane: Plane) -> dict[str, Any]:
     """A model's versions and its alias."""
     return await plane.list_versions(model)
+
+
+@reads.get(
+    "/v1/models/{model}/versions/{version}",
+    response_model=VersionDetail,
+    responses=error_responses(400, 401, 403, 404, 503),
+)
+async def version_detail(model: ModelName, version: VersionId, plane: Plane) -> dict[str, Any]:
+    """One version's manifest, in short, with its graphs."""
+    return await plane.version_detail(model, version)
 
 
 @admin.post(

@@ -9,6 +9,7 @@ calls run in threads (``asyncio.to_thread``), never on the event loop.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -21,7 +22,7 @@ from service.dataplane.drift import DriftMonitor
 from service.dataplane.feedback import FeedbackUseCases
 from service.dataplane.jobs import JobsUseCases, Scheduler
 from service.dataplane.model_host import ModelHost
-from service.dataplane.model_import import ImportRequest, import_version
+from service.dataplane.model_import import ImportRequest, PendingGraphs, import_version
 from service.dataplane.policies import RetrainPolicyUseCases
 from service.dataplane.quality import QualityUseCases
 from service.dataplane.served_model import check_loadable
@@ -33,6 +34,8 @@ from training.storage.drift_scores import DriftScores
 from training.storage.errors import NotFoundError, RefitError
 from training.storage.registry import AliasRecord, Manifest, Registry
 from training.storage.s3 import ObjectStore
+
+log = logging.getLogger(__name__)
 
 Notifier = Callable[[str], Awaitable[None]]
 """Tells the replicas that a model's alias moved (best effort; they poll as well)."""
@@ -107,6 +110,8 @@ class DataPlane:
         self.quality, self.policies = loop.quality, loop.policies
         self.alias, self.notify = alias, notify
         self.bulk = bulk or registry
+        self._graph_tasks: set[asyncio.Task[None]] = set()
+        self._graph_exports = asyncio.Semaphore(1)
 
     # --- predictions -----------------------------------------------------------------------
     async def predict(self, model: str, images: list[bytes], top_k: int) -> dict[str, Any]:
@@ -185,13 +190,52 @@ class DataPlane:
         self, req: ImportRequest, serve: ServeSettings, promote: str | None
     ) -> dict[str, Any]:
         """Publish uploaded weights as a verified version (checks first, nothing written
-        when they fail), then point ``promote`` at it if given. Runs in a worker thread:
-        parsing, decoding and the OpenVINO export take seconds."""
-        out = await asyncio.to_thread(import_version, self.bulk, req, serve)
+        when they fail), then point ``promote`` at it if given; its graphs are made after,
+        in the background (:meth:`_add_graphs`). Parsing and decoding run in a worker
+        thread."""
+        out, pending = await asyncio.to_thread(import_version, self.bulk, req, serve)
         out["promoted"] = (
             await self.promote(req.model, out["version"], promote) if promote else None
         )
+        if pending is not None:
+            task = asyncio.create_task(self._add_graphs(pending))
+            self._graph_tasks.add(task)  # held until done: a task only weakly referenced
+            task.add_done_callback(self._graph_tasks.discard)  # may be collected mid-run
         return out
+
+    async def _add_graphs(self, pending: PendingGraphs) -> None:
+        """Make an imported version's graphs (one export at a time per process: each takes
+        a process and seconds of CPU), store them as its graph set, and tell the replicas.
+        A failure is logged: the version serves fp32."""
+        version = pending.manifest.version
+        try:
+            async with self._graph_exports:
+                made = await asyncio.to_thread(pending.make, self.bulk)
+            if made:
+                await self.notify(pending.manifest.model)
+            log.info("graphs %s of %s stored", made, version)
+        except Exception:
+            log.exception("graphs of imported version %s not made", version)
+
+    async def graphs_settled(self) -> None:
+        """Until the graphs of imports accepted so far are stored (or failed)."""
+        while self._graph_tasks:
+            await asyncio.wait(set(self._graph_tasks))
+
+    async def version_detail(self, model: str, version: str) -> dict[str, Any]:
+        """One version's manifest (verified), with graphs made after it was published."""
+        manifest = await store_call(self._manifest_with_graphs, model, version)
+        return {
+            **manifest.model_dump(
+                include={"model", "version", "created_at", "backbone", "class_names"}
+                | {"parent", "job_id", "metrics"}
+            ),
+            "graphs": {m: g.model_dump() for m, g in manifest.graphs.items()},
+        }
+
+    def _manifest_with_graphs(self, model: str, version: str) -> Manifest:
+        manifest, _ = self.registry.read_manifest(model, version)
+        return self.registry.with_graph_set(manifest)
 
     async def promote(self, model: str, version: str, alias: str) -> dict[str, Any]:
         """Point ``alias`` at ``version`` (verified first; compare-and-swap); replicas

@@ -4,8 +4,9 @@ The upload is checked the way promote checks a version, before anything is writt
 safetensors parse (no pickle), the tensors are exactly the backbone's and head's (key set,
 shapes, dtypes), the class names fit the head, calibration images decode under the request
 limits. Then the version is published like a fine-tune's (weights, calibration crops, the
-OpenVINO graphs made from them, the manifest last) and optionally promoted. A refused upload
-writes nothing.
+manifest last) and optionally promoted: it serves fp32 at once. Its OpenVINO graphs, made from
+the calibration crops, come after, as the version's graph set (:class:`PendingGraphs`), and
+replicas serving those modes switch when the set verifies. A refused upload writes nothing.
 """
 
 from __future__ import annotations
@@ -24,8 +25,13 @@ from training.backbones import BACKBONES
 from training.openvino_ir import IrMode
 from training.preprocess import Preprocessing, normalize
 from training.storage.errors import SpecError
-from training.storage.registry import Registry
-from training.version_crops import CALIBRATION_IMAGES, graph_files, split_for_graphs
+from training.storage.registry import Manifest, Registry
+from training.version_crops import (
+    CALIBRATION_IMAGES,
+    graph_files,
+    split_for_graphs,
+    store_graph_set,
+)
 
 
 @dataclass(frozen=True)
@@ -79,33 +85,56 @@ def check_import(req: ImportRequest, serve: ServeSettings) -> tuple[dict[str, An
     return state, crops
 
 
-def import_version(registry: Registry, req: ImportRequest, serve: ServeSettings) -> dict[str, Any]:
-    """Check, then publish the upload as a new version (not promoted). Returns the version
-    and each graph's measured agreement with fp32. Blocking: call it off the event loop."""
-    state, crops = check_import(req, serve)
-    files: dict[str, bytes] = {}
-    graphs: dict[str, Any] = {}
-    if req.graphs and len(crops):
-        n_cal, n_held = split_for_graphs(len(crops), req.quantize_images)
-        x = normalize(req.preprocessing, crops)
-        held = x[n_cal : n_cal + n_held] if n_held else None
-        files, graphs = graph_files(
-            state, req.backbone, len(req.class_names), x[:n_cal], held, req.graphs
+@dataclass(frozen=True)
+class PendingGraphs:
+    """The graphs of an imported version, still to be made (after it was published)."""
+
+    manifest: Manifest
+    state: dict[str, torch.Tensor]
+    calibration: torch.Tensor
+    held_out: torch.Tensor | None
+    modes: tuple[IrMode, ...]
+
+    def make(self, registry: Registry) -> list[str]:
+        """Export the graphs and store them as the version's graph set; the modes stored
+        (none when the export failed: the version serves fp32). Blocking: seconds."""
+        files, records = graph_files(
+            self.state,
+            self.manifest.backbone,
+            self.manifest.num_classes,
+            self.calibration,
+            self.held_out,
+            self.modes,
         )
+        return store_graph_set(registry, self.manifest, files, records)
+
+
+def import_version(
+    registry: Registry, req: ImportRequest, serve: ServeSettings
+) -> tuple[dict[str, Any], PendingGraphs | None]:
+    """Check, then publish the upload as a new version (not promoted): the version, and its
+    graphs still to be made (None: none asked for, or no calibration images). Blocking: call
+    it off the event loop."""
+    state, crops = check_import(req, serve)
     manifest = registry.publish(
         state,
         model=req.model,
         calibration=crops[:CALIBRATION_IMAGES] if len(crops) else None,
-        extra_files=files,
-        graphs=graphs,
         backbone=req.backbone,
         num_classes=len(req.class_names),
         class_names=req.class_names,
         preprocessing=req.preprocessing,
         dataset={"imported": True, "source": req.source, "calibration_images": len(crops)},
     )
-    return {
+    pending = None
+    if req.graphs and len(crops):
+        n_cal, n_held = split_for_graphs(len(crops), req.quantize_images)
+        x = normalize(req.preprocessing, crops)
+        held = x[n_cal : n_cal + n_held] if n_held else None
+        pending = PendingGraphs(manifest, state, x[:n_cal], held, tuple(dict.fromkeys(req.graphs)))
+    out = {
         "model": req.model,
         "version": manifest.version,
-        "graphs": {m: g.model_dump() for m, g in manifest.graphs.items()},
+        "graphs_pending": list(pending.modes) if pending else [],
     }
+    return out, pending

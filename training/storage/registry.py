@@ -221,7 +221,9 @@ class Registry:
                 self._vkey(model, version, MANIFEST_FILE), max_bytes=MAX_RECORD_BYTES
             )
         except NotFoundError:
-            raise NotFoundError(f"model {model!r} has no version {version!r}") from None
+            raise NotFoundError(
+                f"model {model!r} has no version {version!r}", field="version"
+            ) from None
         except ValueError as exc:
             raise IntegrityError(f"manifest of {model}@{version} is damaged: {exc}") from None
         digest = sha256_hex(raw)

@@ -72,11 +72,25 @@ async def test_import_publishes_a_version_that_serves(client, parts) -> None:
     assert r.status_code == 201, r.text
     body = r.json()
     assert body["promoted"]["version"] == body["version"]
-    assert set(body["graphs"]) == {"openvino", "int8"}
-    assert body["graphs"]["openvino"]["images"] == 9  # a quarter held out
-    manifest, _ = parts[1]["registry"].load("byo", body["version"])  # every sha256 verified
+    # published and live first; its graphs come after, as the version's graph set
+    assert body["graphs_pending"] == ["openvino", "int8"]
+    registry = parts[1]["registry"]
+    manifest, _ = registry.load("byo", body["version"])  # every sha256 verified
     assert manifest.dataset["source"] == "trained elsewhere"
-    assert "int8.bin" in manifest.files
+    assert manifest.graphs == {}
+    await parts[1]["plane"].graphs_settled()
+    assert registry.has_graph_set("byo", body["version"])
+    with_graphs = registry.with_graph_set(manifest)
+    assert "graphs/int8.bin" in with_graphs.files
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    detail = await client.get(f"/v1/models/byo/versions/{body['version']}", headers=admin)
+    assert detail.status_code == 200, detail.text
+    assert set(detail.json()["graphs"]) == {"openvino", "int8"}
+    assert detail.json()["graphs"]["openvino"]["images"] == 9  # a quarter held out
+    assert detail.json()["class_names"] == META["class_names"]
+    missing = await client.get("/v1/models/byo/versions/v999", headers=admin)
+    assert missing.status_code == 404
+    assert missing.json()["error"]["field"] == "version"
     answer = await client.post(
         "/v1/models/byo/predict",
         headers={"Authorization": f"Bearer {PREDICT}"},

@@ -142,4 +142,4 @@ def test_generated_requests_get_no_server_error(settings: RefitSettings) -> None
     print("\noperation | cases | 2xx share | 4xx")
     for label, total, share, client in table:
         print(f"{label} | {total} | {share:.2f} | {client}")
-    assert len(table) == 33
+    assert len(table) == 34
