@@ -86,7 +86,7 @@ async def send_feedback(model: ModelName, body: FeedbackRequest, plane: Plane) -
         index=body.index,
         image=body.image,
     )
-    return await plane.feedback.label(model, label)
+    return await plane.label(model, label)
 
 
 @admin.get(

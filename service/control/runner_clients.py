@@ -79,6 +79,14 @@ class RunnerScheduler:
             raise unwrap_remote(exc) from None
         return out
 
+    async def labels_arrived(self, model: str) -> None:
+        """Wake the runner's policy pass (a call not waited for: a label's answer never
+        waits on the runner; no runner yet, nothing to wake)."""
+        if self._runner is None:  # a name lookup at the GCS: off the event loop
+            self._runner = await asyncio.to_thread(existing_runner, self.settings)
+        if self._runner is not None:
+            self._runner.labels_arrived.remote(model)
+
     async def stats(self) -> dict[str, Any]:
         """The runner's counts; empty when no runner exists yet (a scrape never creates
         one) or it does not answer within 2 s."""
@@ -106,6 +114,10 @@ class InProcessScheduler:
     async def cancel(self, job_id: str) -> dict[str, Any]:
         """Cancel a job."""
         return await asyncio.to_thread(self.runner.cancel, job_id)
+
+    async def labels_arrived(self, model: str) -> None:
+        """Wake the runner's policy pass."""
+        self.runner.labels_arrived(model)
 
     async def stats(self) -> dict[str, Any]:
         """The runner's counts."""

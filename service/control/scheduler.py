@@ -43,6 +43,9 @@ from training.storage.s3 import ObjectStore
 
 log = logging.getLogger(__name__)
 
+LABEL_PASS_GAP_S = 0.25
+"""The least time between two policy passes that labels asked for."""
+
 
 class JobRunner:
     """The queue and the running jobs of one store location (a threaded actor)."""
@@ -72,6 +75,8 @@ class JobRunner:
         self.policy_watch = PolicyWatch(self.jobs.store, alias=settings.serve.alias)
         self.triggered: set[str] = set()  # queued or running jobs a retrain policy started
         self._next_policy_pass = 0.0
+        self._last_policy_pass = 0.0
+        self._labels_waiting = False
         self.finished: collections.Counter[str] = collections.Counter()
         self._lock = threading.RLock()
         self._wake = threading.Event()
@@ -122,12 +127,23 @@ class JobRunner:
         self._wake.set()
         return {"record": record.model_dump(), "created": created}
 
+    def labels_arrived(self, model: str) -> None:
+        """A label was stored: the next scheduling pass evaluates the policies (at most one
+        pass every ``LABEL_PASS_GAP_S``: a burst of labels costs a few passes, not one each),
+        so a label that fires a policy queues its job in a fraction of ``policy_check_s``."""
+        self._labels_waiting = True
+        self._wake.set()
+
     def _policies(self) -> None:
-        """Evaluate the retrain policies (every ``policy_check_s``) and queue what fired.
-        Store reads happen outside the lock: the API's calls never wait on them."""
+        """Evaluate the retrain policies (every ``policy_check_s``, or soon after a label)
+        and queue what fired. Store reads happen outside the lock: the API's calls never
+        wait on them."""
         now = time.monotonic()
-        if now < self._next_policy_pass:
+        soon = self._labels_waiting and now >= self._last_policy_pass + LABEL_PASS_GAP_S
+        if now < self._next_policy_pass and not soon:
             return
+        self._labels_waiting = False
+        self._last_policy_pass = now
         self._next_policy_pass = now + self.settings.training.policy_check_s
         with self._lock:
             if len(self.queue) >= self.settings.training.max_queued_jobs:
@@ -229,7 +245,8 @@ class JobRunner:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self._wake.wait(0.5)
+            # labels waiting: look again once the gap between label passes is over
+            self._wake.wait(LABEL_PASS_GAP_S if self._labels_waiting else 0.5)
             self._wake.clear()
             try:
                 with self._lock:

@@ -19,7 +19,7 @@ import torch
 from service.dataplane.capture import CaptureTap
 from service.dataplane.captures import CaptureUseCases
 from service.dataplane.drift import DriftMonitor
-from service.dataplane.feedback import FeedbackUseCases
+from service.dataplane.feedback import FeedbackUseCases, Label
 from service.dataplane.jobs import JobsUseCases, Scheduler
 from service.dataplane.model_host import ModelHost
 from service.dataplane.model_import import ImportRequest, PendingGraphs, import_version
@@ -112,6 +112,13 @@ class DataPlane:
         self.bulk = bulk or registry
         self._graph_tasks: set[asyncio.Task[None]] = set()
         self._graph_exports = asyncio.Semaphore(1)
+
+    async def label(self, model: str, label: Label) -> dict[str, Any]:
+        """Store a label (:meth:`FeedbackUseCases.label`), then tell the job runner, whose
+        retrain policies it may fire."""
+        out = await self.feedback.label(model, label)
+        await self.jobs.labels_arrived(model)
+        return out
 
     # --- predictions -----------------------------------------------------------------------
     async def predict(self, model: str, images: list[bytes], top_k: int) -> dict[str, Any]:

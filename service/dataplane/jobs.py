@@ -28,6 +28,11 @@ class Scheduler(Protocol):
         """Queued and running jobs, finished counts (empty when no runner exists)."""
         ...
 
+    async def labels_arrived(self, model: str) -> None:
+        """A label of ``model`` was stored: evaluate its retrain policies soon, not at the
+        next ``policy_check_s`` (best effort, never raises, never waits for the runner)."""
+        ...
+
 
 def job_view(record: JobRecord, progress: dict[str, Any]) -> dict[str, Any]:
     """A job as the API shows it: the record, its progress and links."""
@@ -53,6 +58,11 @@ class JobsUseCases:
         out = await self.scheduler.create(spec, idempotency_key)
         record = JobRecord.model_validate(out["record"])
         return job_view(record, {}), bool(out["created"])
+
+    async def labels_arrived(self, model: str) -> None:
+        """Tell the runner a label of ``model`` was stored (its policies are looked at
+        soon)."""
+        await self.scheduler.labels_arrived(model)
 
     async def cancel(self, job_id: str) -> dict[str, Any]:
         """Cancel a job (409 once it has ended)."""

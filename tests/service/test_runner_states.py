@@ -3,6 +3,7 @@ whose runs end when the test says (issue 25: one launcher interface, a Ray-free 
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 import time
@@ -170,3 +171,38 @@ def test_a_lost_lease_stops_the_run(parts: dict[str, Any]) -> None:
     assert runner.stats()["running"] == 0
     assert runner.stats()["watching"] == [job]  # its model stays busy meanwhile
     assert jobs.get(job).owner == "local:cli"  # the record is the new owner's to end
+
+
+def test_a_label_brings_the_policy_pass_forward_and_a_burst_costs_few(
+    settings: RefitSettings, store: ObjectStore
+) -> None:
+    training = settings.training.model_copy(update={"policy_check_s": 600.0})
+    runner = JobRunner(
+        settings.model_copy(update={"training": training}),
+        launcher=RecordingLauncher(),
+        notify_published=lambda *_: None,
+    )
+    passes: list[float] = []
+    due = runner.policy_watch.due
+
+    def counted(*args: Any) -> Any:
+        passes.append(time.monotonic())
+        return due(*args)
+
+    runner.policy_watch.due = counted  # type: ignore[method-assign]
+    try:
+        assert _until(lambda: len(passes) == 1)  # the first pass, at start
+        time.sleep(1.0)
+        assert len(passes) == 1  # the next one is ten minutes away
+        sent = time.monotonic()
+        runner.labels_arrived("a")
+        assert _until(lambda: len(passes) == 2, 2.0)
+        assert passes[1] - sent < 1.0
+        for _ in range(40):  # a burst of labels over about a second
+            runner.labels_arrived("a")
+            time.sleep(0.025)
+        time.sleep(1.0)
+        assert 3 <= len(passes) <= 8, len(passes)  # a pass per quarter second at most
+        assert all(b - a >= 0.2 for a, b in itertools.pairwise(passes))
+    finally:
+        runner.close()
