@@ -120,8 +120,9 @@ def _new_drift_evidence(
 def retrain_spec(
     policy: RetrainPolicy, serving: Manifest, dataset: str, *, alias: str
 ) -> dict[str, Any]:
-    """The fine-tune of a firing: from the serving version, with its freeze policy,
-    augmentation and split settings, the policy's epochs, learning rate and batch size."""
+    """The fine-tune of a firing: from the serving version, with the policy's freeze policy
+    (unset: the serving version's), the serving version's augmentation and split settings,
+    the policy's epochs, learning rate and batch size."""
     hp = serving.hyperparameters
     spec: dict[str, Any] = {
         "model": serving.model,
@@ -133,7 +134,9 @@ def retrain_spec(
         "alias": alias,
         "promote": True,
     }
-    if serving.freeze:
+    if policy.freeze is not None:
+        spec["freeze"] = policy.freeze.model_dump(mode="json")
+    elif serving.freeze:
         spec["freeze"] = serving.freeze
     for name in ("augment", "val_fraction", "seed", "optimizer", "weight_decay", "label_smoothing"):
         if name in hp:

@@ -10,7 +10,12 @@ from typing import Any
 import pytest
 
 from conftest import png_bytes, publish_tiny_model, write_imagefolder
-from service.control.retrain_triggers import PolicyWatch, decide_trigger, live_accuracy
+from service.control.retrain_triggers import (
+    PolicyWatch,
+    decide_trigger,
+    live_accuracy,
+    retrain_spec,
+)
 from training.data import index_dataset
 from training.storage.drift_scores import DriftScore, DriftScores, DriftWindow
 from training.storage.feedback import Feedback, FeedbackItem, content_hash, split_of
@@ -158,6 +163,18 @@ def test_a_firing_writes_base_plus_feedback_and_the_state(store: ObjectStore) ->
     assert after.fired == 1
     assert after.last_job_id == firing.job_id
     assert watch.due({}, lambda: next(ids)) == []  # the cooldown now holds
+
+
+def test_the_policys_freeze_wins_over_the_serving_versions(store: ObjectStore) -> None:
+    manifest, _ = publish_tiny_model(Registry(store), "m")
+    served = manifest.model_copy(update={"freeze": {"policy": "last_n_stages", "n": 2}})
+    inherited = retrain_spec(RetrainPolicy(every_n_labels=10), served, "s3://b/d/", alias="p")
+    assert inherited["freeze"] == {"policy": "last_n_stages", "n": 2}
+    head = RetrainPolicy.model_validate({"every_n_labels": 10, "freeze": {"policy": "head_only"}})
+    spec = retrain_spec(head, served, "s3://b/d/", alias="p")
+    assert spec["freeze"] == {"policy": "head_only", "feature_cache": True}
+    with pytest.raises(ValueError, match="freeze"):
+        RetrainPolicy.model_validate({"every_n_labels": 10, "freeze": {"policy": "most"}})
 
 
 def test_a_second_retrain_takes_the_first_ones_base_not_its_old_feedback(

@@ -14,6 +14,7 @@ from typing import Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from training.freeze import FreezePolicy
 from training.storage.errors import IntegrityError, NotFoundError, SpecError
 from training.storage.ids import is_id
 from training.storage.s3 import ObjectStore
@@ -51,6 +52,10 @@ class RetrainPolicy(BaseModel):
     base_dataset: str | None = Field(default=None, max_length=1024)
     """The dataset of the original fine-tune (``s3://`` under the bucket and prefix); the
     feedback dataset is trained on together with it, so old classes are not forgotten."""
+    freeze: FreezePolicy | None = None
+    """What the retrain trains (unset: what trained the serving version). ``head_only``
+    (feature cache on) retrains in seconds: the trunk's features of images seen before are
+    stored, so only the head is fitted, on new images' features and stored ones."""
     epochs: int = Field(default=5, ge=1, le=1000)
     lr: float = Field(default=1e-3, gt=0, le=10)
     batch_size: int = Field(default=32, ge=1, le=4096)
