@@ -89,10 +89,24 @@ _POLICY_FIELDS = (
     "cooldown_s",
     "max_concurrent",
     "base_dataset",
+    "freeze",
     "epochs",
     "lr",
     "batch_size",
 )
+
+
+def _freeze(value: str) -> dict[str, Any]:
+    """A freeze policy from its name (no parameters) or JSON (the server validates it)."""
+    if not value.lstrip().startswith("{"):
+        return {"policy": value}
+    try:
+        parsed = json.loads(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(parsed, dict):
+        raise argparse.ArgumentTypeError('a JSON object, e.g. {"policy": "head_only"}')
+    return parsed
 
 
 def cmd_policy(args: argparse.Namespace, settings: RefitSettings) -> int:
@@ -187,6 +201,13 @@ def add_loop_commands(sub: Any) -> None:
     pol.add_argument("--cooldown-s", type=float, default=None)
     pol.add_argument("--max-concurrent", type=int, default=None)
     pol.add_argument("--base-dataset", default=None)
+    pol.add_argument(
+        "--freeze",
+        type=_freeze,
+        default=None,
+        help="what a retrain trains: head_only (seconds, on stored features), full, or a "
+        'freeze policy as JSON (e.g. \'{"policy": "last_n_stages", "n": 2}\')',
+    )
     pol.add_argument("--epochs", type=int, default=None)
     pol.add_argument("--lr", type=float, default=None)
     pol.add_argument("--batch-size", type=int, default=None)

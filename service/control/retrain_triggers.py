@@ -21,7 +21,7 @@ from typing import Any
 from training.retrain_dataset import write_retrain_dataset
 from training.storage.drift_scores import DriftScore, DriftScores
 from training.storage.errors import IntegrityError, RefitError
-from training.storage.feedback import Feedback, FeedbackItem
+from training.storage.feedback import Feedback, FeedbackItem, judgements
 from training.storage.job_records import JobTrigger, TriggerKind
 from training.storage.registry import Manifest, Registry
 from training.storage.retrain_policies import PolicyState, RetrainPolicies, RetrainPolicy
@@ -34,18 +34,13 @@ def live_accuracy(
     items: list[FeedbackItem], version: str, window: int, since: datetime | None = None
 ) -> tuple[float, int]:
     """Accuracy of ``version`` over its last ``window`` labelled predictions (labelled after
-    ``since``, when given), and how many there were (fewer than ``window``: not enough to
-    judge yet)."""
-    judged = sorted(
-        (
-            i
-            for i in items
-            if i.version == version
-            and i.predicted is not None
-            and (since is None or i.labelled_at > since)
-        ),
-        key=lambda i: i.labelled_at,
-    )[-window:]
+    ``since``, when given; relabels of an image count, each prediction once), and how many
+    there were (fewer than ``window``: not enough to judge yet)."""
+    judged = [
+        j
+        for j in judgements(items)
+        if j.version == version and (since is None or j.labelled_at > since)
+    ][-window:]
     if not judged:
         return 0.0, 0
     return sum(i.label == i.predicted for i in judged) / len(judged), len(judged)
@@ -90,7 +85,9 @@ def decide_trigger(
                 f"(in distribution: about {drift.expected:g})"
             )
     if policy.every_n_labels is not None:
-        new = sum(i.labelled_at > state.counted_from for i in items)
+        # an image's label counts once: when it was first given (or changed), not again
+        # each time someone sends the same label
+        new = sum(i.new_label_at > state.counted_from for i in items)
         if new >= policy.every_n_labels:
             return "every_n_labels", (
                 f"{new} labels since {state.counted_from.isoformat(timespec='seconds')} "

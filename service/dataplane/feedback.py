@@ -21,10 +21,12 @@ from training.storage.feedback import (
     FeedbackItem,
     content_hash,
     dataset_key,
+    replaced_judgement,
     split_of,
     summary,
     trainable_splits,
 )
+from training.storage.quality_index import QualityIndexes
 from training.storage.registry import Manifest, Registry
 
 
@@ -46,6 +48,7 @@ class FeedbackUseCases:
     def __init__(self, registry: Registry, settings: RefitSettings) -> None:
         self.registry, self.settings = registry, settings
         self.feedback = Feedback(registry.store)
+        self.quality = QualityIndexes(registry.store)
         self.captures = Captures(registry.store)
         self.counts: Counter[tuple[str, str]] = Counter()
         """(model, outcome) -> labels taken here: ``correct`` or ``wrong`` (the label of a
@@ -70,11 +73,12 @@ class FeedbackUseCases:
                 "send new_class: true to add one",
                 field="label",
             )
-        predicted = version = None
+        predicted = version = score = None
         if req.prediction_id is not None:
             record = self.captures.get(model, req.prediction_id, req.index)
             data = self.captures.image(record, max_bytes=s.max_image_bytes)
-            predicted = record.predictions[0].label if record.predictions else None
+            if record.predictions:
+                predicted, score = record.predictions[0].label, record.predictions[0].score
             version = record.version
         else:
             assert req.image is not None
@@ -110,8 +114,12 @@ class FeedbackUseCases:
             index=req.index if req.prediction_id is not None else None,
             predicted=predicted,
             version=version,
+            predicted_score=score,
         )
-        previous = self.feedback.put(item, data)
+        stored, previous = self.feedback.put(item, data)
+        judgement = stored.judgement()
+        if judgement.judged:  # the live-quality counters: one read per report
+            self.quality.record(model, judgement, replaced_judgement(stored, previous))
         outcome = (
             "upload" if predicted is None else "correct" if predicted == req.label else "wrong"
         )
@@ -120,7 +128,7 @@ class FeedbackUseCases:
             "model": model,
             "sha256": sha,
             "label": item.label,
-            "split": item.split,
+            "split": stored.split,
             "new_class": item.new_class,
             "predicted": predicted,
             "previous_label": previous.label if previous else None,

@@ -124,36 +124,45 @@ def test_policy_bounds(policy: dict[str, Any]) -> None:
 
 def test_quality_report_per_version_class_and_hour() -> None:
     from service.dataplane.quality import quality_report
-    from training.storage.feedback import FeedbackItem
+    from training.storage.feedback import FeedbackItem, judgements
+    from training.storage.quality_index import built
 
-    def item(label: str, predicted: str | None, version: str, hours: int) -> FeedbackItem:
+    ids = iter(range(100))
+
+    def item(label: str, predicted: str | None, version: str, hours: int, score: float):
+        n = next(ids)
         return FeedbackItem(
             model="m",
-            sha256=f"{len(label + version) + hours:064x}",
+            sha256=f"{n:064x}",
             image="png",
             label=label,
             split="train",
             labelled_at=NOW + timedelta(hours=hours, minutes=len(label)),
+            prediction_id=f"p{n}" if predicted else None,
+            index=0 if predicted else None,
             predicted=predicted,
+            predicted_score=score if predicted else None,
             version=version if predicted else None,
         )
 
     items = [
-        item("a", "a", "v1", 0),
-        item("a", "b", "v1", 0),
-        item("b", "b", "v1", 1),
-        item("b", "b", "v2", 2),
-        item("a", None, "v2", 2),  # an upload: not a measurement
+        item("a", "a", "v1", 0, 0.9),
+        item("a", "b", "v1", 0, 0.4),
+        item("b", "b", "v1", 1, 0.3),
+        item("b", "b", "v2", 2, 0.8),
+        item("a", None, "v2", 2, 0.0),  # an upload: not a measurement
     ]
-    r = quality_report(items, last=2)
+    r = quality_report(built(judgements(items)), last=2)
     assert r["labels"] == 4
-    assert r["last"] == {"labels": 2, "accuracy": 1.0}
+    assert r["last"] == {"labels": 2, "accuracy": 1.0, "versions": {"v1": 1, "v2": 1}}
     v1 = r["versions"]["v1"]
     assert v1["accuracy"] == pytest.approx(2 / 3)
+    assert v1["low_confidence_rate"] == pytest.approx(2 / 3)  # 0.4 and 0.3 below 0.5
     assert v1["confusion"] == {"a": {"a": 1, "b": 1}, "b": {"b": 1}}
     assert v1["per_class_accuracy"] == {"a": 0.5, "b": 1.0}
     assert [h["labels"] for h in r["hours"]] == [2, 1, 1]
-    assert quality_report([], last=10)["last"] == {"labels": 0, "accuracy": None}
+    empty = quality_report(built([]), last=10)
+    assert empty["last"] == {"labels": 0, "accuracy": None, "versions": {}}
 
 
 def test_the_stored_policy_applies_from_a_models_first_request(store: ObjectStore) -> None:

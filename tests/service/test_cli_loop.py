@@ -95,6 +95,17 @@ def test_the_loop_from_the_command_line(
         400,
         50,
     )
+    assert _run(url, "policy", "--model", "digits", "--freeze", "head_only") == 0
+    freeze = json.loads(capsys.readouterr().out)["policy"]["freeze"]
+    assert freeze == {"policy": "head_only", "feature_cache": True}
+    assert (
+        _run(url, "policy", "--model", "digits", "--freeze", '{"policy": "last_n_stages", "n": 2}')
+        == 0
+    )
+    assert json.loads(capsys.readouterr().out)["policy"]["freeze"]["n"] == 2
+    with pytest.raises(ClientError) as unknown:
+        _run(url, "policy", "--model", "digits", "--freeze", "most")
+    assert unknown.value.status == 400
     with pytest.raises(ClientError) as refused:  # a cooldown that could retrain in a loop
         _run(url, "policy", "--model", "digits", "--cooldown-s", "5")
     assert refused.value.status == 400

@@ -37,7 +37,8 @@ def _label(n: int, label: str, predicted: str | None, *, version: str = "v1", at
         labelled_at=at + timedelta(seconds=n),
         predicted=predicted,
         version=version if predicted else None,
-        prediction_id=None,
+        prediction_id=f"p{n}-{version}" if predicted else None,
+        index=0 if predicted else None,
     )
 
 
@@ -51,6 +52,22 @@ def test_new_labels_fire_once_enough_arrived() -> None:
     fired = decide_trigger(policy, state, [*old, *new, _label(50, "b", None)], "v1", NOW)
     assert fired is not None
     assert fired[0] == "every_n_labels"
+    assert fired[1].startswith("10 labels since")
+
+
+def test_the_same_label_sent_again_is_not_a_new_label() -> None:
+    """A relabel keeps the time the image first got its label: every_n_labels counts new
+    evidence (a new image, a changed label), not repeats of the same word."""
+    policy = RetrainPolicy(every_n_labels=10)
+    state = PolicyState(counted_from=NOW)
+    repeats = [
+        _label(i, "a", "a").model_copy(update={"label_since": NOW - timedelta(hours=1)})
+        for i in range(1, 21)
+    ]
+    assert decide_trigger(policy, state, repeats, "v1", NOW) is None
+    changed = [r.model_copy(update={"label_since": r.labelled_at}) for r in repeats[:10]]
+    fired = decide_trigger(policy, state, changed + repeats[10:], "v1", NOW)
+    assert fired is not None
     assert fired[1].startswith("10 labels since")
 
 
@@ -124,6 +141,8 @@ def _feedback(
             labelled_at=datetime.now(UTC),
             predicted=(drawn or label) if version else None,
             version=version,
+            prediction_id=f"p{n}-{seed}" if version else None,
+            index=0 if version else None,
         ),
         data,
     )
