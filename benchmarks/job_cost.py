@@ -46,6 +46,7 @@ PHASES = (
     "ray_stop_s",
     "train_other_s",
     "score_s",
+    "reference_s",
     "score_serving_s",
     "graphs_s",
     "publish_s",

@@ -214,7 +214,7 @@ def publish_tiny_model(
             features = trunk(net, "resnet18")(normalize(pre, ref))
             stats = FeatureStats.fit(features, net.fc(features).argmax(dim=1))
         assert stats is not None
-        extra = {"extra_files": {FILE: stats.to_bytes()}, "drift": stats.record(60)}
+        extra = {"extra_files": {FILE: stats.to_bytes()}, "drift": stats.record()}
     manifest = registry.publish(
         net.state_dict(),
         model=name,

@@ -1,10 +1,12 @@
 """Statistics of a version's penultimate-layer features: the reference of the drift score.
 
-At publish time the job records them from the candidate's own pass over the validation split
-(held-out images of the training data: what unseen in-distribution inputs look like; the
-training images' features are pulled toward their classes by training, which would make the
-threshold too tight): the mean features of each class the model predicted, each feature's
-pooled spread around them, and the distance within which ``QUANTILE`` of those images lie. A
+At publish time the job fits them on the candidate's features of a sample of its training
+images (up to ``REFIT_TRAINING__DRIFT_FIT_IMAGES``: many more than a small validation split
+has): the mean features of each class the model predicted and each feature's pooled spread
+around them; and it sets the threshold, the distance within which ``QUANTILE`` of the images
+lie, on the validation split, held out from the fit (what unseen in-distribution inputs look
+like: a quantile measured on the images the means were fitted on, and on training images whose
+features training pulled toward their classes, would be too tight). A
 live input's distance is the root mean square of its standardised features' difference from
 the nearest class mean (a class-conditional diagonal Mahalanobis distance, as in Lee et al.
 2018's out-of-distribution detector, without the full covariance); the drift score of a
@@ -45,13 +47,28 @@ class FeatureStats:
     std: torch.Tensor
     """``[D]``: each feature's spread around its image's class mean."""
     threshold: float
+    images: int = 0
+    """Images the means and spreads were fitted on."""
+    held_out: int = 0
+    """Images, not fitted on, the threshold was measured on."""
 
     @classmethod
     def fit(
-        cls, features: torch.Tensor, predicted: torch.Tensor, quantile: float = QUANTILE
+        cls,
+        features: torch.Tensor,
+        predicted: torch.Tensor,
+        held_out: torch.Tensor | None = None,
+        quantile: float = QUANTILE,
     ) -> FeatureStats | None:
         """The statistics of ``features`` ``[N, D]`` grouped by ``predicted`` ``[N]`` (the
-        model's own top-1); None for fewer than ``MIN_IMAGES``."""
+        model's own top-1), the threshold measured on ``held_out`` ``[M, D]`` (unset, or
+        fewer than ``MIN_IMAGES`` rows: every fourth row of ``features`` is held out instead);
+        None for fewer than ``MIN_IMAGES`` to fit on or to measure on."""
+        if held_out is None or held_out.shape[0] < MIN_IMAGES:
+            if features.ndim != 2 or features.shape[0] < 2 * MIN_IMAGES:
+                return None
+            keep = torch.arange(features.shape[0]) % 4 != 3
+            features, predicted, held_out = features[keep], predicted[keep], features[~keep]
         if features.ndim != 2 or features.shape[0] < MIN_IMAGES:
             return None
         f = features.double()
@@ -63,8 +80,8 @@ class FeatureStats:
         # infinitely far: give it a floor of a hundredth of the typical spread
         std = std.clamp_min(max(float(std.mean()) * 0.01, 1e-6))
         stats = cls(centroids.float(), std.float(), 0.0)
-        threshold = float(torch.quantile(stats.distances(features).double(), quantile))
-        return cls(stats.centroids, stats.std, threshold)
+        threshold = float(torch.quantile(stats.distances(held_out).double(), quantile))
+        return cls(stats.centroids, stats.std, threshold, len(f), int(held_out.shape[0]))
 
     def distances(self, features: torch.Tensor) -> torch.Tensor:
         """Distance of every row of ``features`` ``[N, D]`` from its nearest class mean.
@@ -78,11 +95,12 @@ class FeatureStats:
         d2 = f.pow(2).sum(1, keepdim=True) - 2 * f @ c.T + c.pow(2).sum(1)
         return (d2.clamp_min(0) / f.shape[1]).min(dim=1).values.sqrt()
 
-    def record(self, images: int) -> DriftReference:
+    def record(self) -> DriftReference:
         """What the manifest says of this file."""
         return DriftReference(
             file=FILE,
-            images=images,
+            images=self.images,
+            held_out=self.held_out,
             features=int(self.std.numel()),
             classes=int(self.centroids.shape[0]),
             quantile=QUANTILE,
@@ -110,7 +128,7 @@ class FeatureStats:
         finite = bool(torch.isfinite(centroids).all() and torch.isfinite(std).all())
         if not finite or bool((std <= 0).any()) or not math.isfinite(record.threshold):
             raise IntegrityError(f"{record.file} holds non-finite or zero statistics")
-        return cls(centroids, std, record.threshold)
+        return cls(centroids, std, record.threshold, record.images, record.held_out or 0)
 
 
 @contextmanager

@@ -28,7 +28,7 @@ from torch import nn
 from training.backbones import build_backbone, head_module, trunk
 from training.data import DatasetIndex, Sample, index_dataset
 from training.feature_stats import FILE as FEATURES_FILE
-from training.feature_stats import FeatureStats, collect_features
+from training.feature_stats import MIN_IMAGES, FeatureStats, collect_features
 from training.feature_store import FeatureStore, trunk_id
 from training.freeze import HeadOnly
 from training.gate import GateDecision, SourceScore, class_drops, decide, with_sources
@@ -37,7 +37,7 @@ from training.openvino_ir import ExportChild
 from training.preprocess import Preprocessing, eval_transform
 from training.ray_train import fit
 from training.run_context import RunInputs
-from training.scoring import Scores, score_features, score_parts
+from training.scoring import Scores, evaluate_model, score_features, score_parts
 from training.spec import FinetuneSpec
 from training.storage.errors import (
     DataError,
@@ -54,6 +54,7 @@ from training.version_crops import (
     calibration_crops,
     capped_dataset,
     publish_graphs,
+    spread,
     store_graph_set,
 )
 from training.weights import ResolvedBase, resolve_base
@@ -288,14 +289,12 @@ class _Pipeline:
                 if stored
                 else self.score(trained.model, val, preprocessing, index.classes)
             )
-        reference = (
-            FeatureStats.fit(
-                torch.cat([f for f, _ in features]), torch.cat([p for _, p in features])
-            )
-            if features
-            else None
-        )
         lap("score_s")
+        train = [s for s in index.train if s.key not in trained.skipped]
+        reference = self.drift_reference(
+            trained.model, base.backbone, preprocessing, index, train, features
+        )
+        lap("reference_s")
         incumbent = self.incumbent(val, index.classes, preprocessing, stored)
         lap("score_serving_s")
         gate = self.gate(scores, incumbent)
@@ -436,6 +435,39 @@ class _Pipeline:
             return None
         return trunk_key, {s.key: found[sha] for s, sha in zip(val, shas, strict=True)}
 
+    def drift_reference(
+        self,
+        model: nn.Module,
+        backbone: str,
+        pre: Preprocessing,
+        index: DatasetIndex,
+        train: list[Sample],
+        val_features: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> FeatureStats | None:
+        """The version's drift reference: fitted on the candidate's features of up to
+        ``drift_fit_images`` training images (spread over the classes), its threshold
+        measured on the validation features of the scoring pass (held out from the fit);
+        with too few training images, fitted and measured on disjoint parts of the
+        validation split."""
+        held = torch.cat([f for f, _ in val_features]) if val_features else None
+        sample = spread(train, self.training.drift_fit_images)
+        if held is None:
+            return None
+        if len(sample) < MIN_IMAGES:
+            return FeatureStats.fit(held, torch.cat([p for _, p in val_features]))
+        with collect_features(model, backbone) as fitted:
+            evaluate_model(
+                model,
+                sample,
+                store=self.store,
+                preprocessing=pre,
+                classes=index.classes,
+                training=self.training,
+            )
+        return FeatureStats.fit(
+            torch.cat([f for f, _ in fitted]), torch.cat([p for _, p in fitted]), held
+        )
+
     def incumbent(
         self,
         val: list[Sample],
@@ -529,7 +561,7 @@ class _Pipeline:
             calibration=calibration_crops(val, self.store, preprocessing, self.training),
             extra_files=files | ({FEATURES_FILE: reference.to_bytes()} if reference else {}),
             graphs=graphs,
-            drift=reference.record(len(val)) if reference else None,
+            drift=reference.record() if reference else None,
             backbone=base.backbone,
             num_classes=len(index.classes),
             class_names=index.classes,

@@ -59,6 +59,11 @@ class TrainingSettings(BaseModel):
     """Head-only runs keep their images' penultimate features on the store per trunk and
     image content (``features/``), so a retrain computes only new images' features; this
     bounds what one run reads of them (0: off, every feature computed)."""
+    drift_fit_images: int = Field(default=256, ge=0, le=100_000)
+    """Training images (spread over the classes) a version's drift reference is fitted on
+    (one extra forward pass over them at publish); its threshold is measured on the
+    validation split, held out. Below ten (0: off), it is fitted and measured on disjoint
+    parts of the validation split."""
     loader_workers: int = Field(default=0, ge=0)
     """DataLoader worker processes per training worker (0: decode in the training process)."""
     export_graphs: tuple[Literal["openvino", "int8"], ...] = ("openvino", "int8")

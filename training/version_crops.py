@@ -37,8 +37,8 @@ def capped_dataset(
     )
 
 
-def _spread(samples: list[Sample], n: int) -> list[Sample]:
-    """Up to ``n`` samples taken round-robin over the classes."""
+def spread(samples: list[Sample], n: int) -> list[Sample]:
+    """Up to ``n`` samples taken round-robin over the classes (in their order)."""
     by_class: dict[int, list[Sample]] = {}
     for s in samples:
         by_class.setdefault(s.label, []).append(s)
@@ -62,7 +62,7 @@ def calibration_crops(
 ) -> torch.Tensor:
     """Up to 32 validation crops (uint8), spread over the classes, stored with the version
     (the replicas' load-time checks run on them)."""
-    return _crops(_spread(samples, CALIBRATION_IMAGES), store, pre, training)
+    return _crops(spread(samples, CALIBRATION_IMAGES), store, pre, training)
 
 
 def split_for_graphs(n: int, quantize_images: int) -> tuple[int, int]:
@@ -126,7 +126,7 @@ def publish_graphs(
     modes = tuple(dict.fromkeys(training.export_graphs))
     if not modes or not val:
         return {}, {}
-    ordered = _spread(list(val), len(val))
+    ordered = spread(list(val), len(val))
     n_cal, n_held = split_for_graphs(len(ordered), training.quantize_images)
     cal_samples, held_samples = ordered[:n_cal], ordered[n_cal : n_cal + n_held]
     calibration = normalize(pre, _crops(cal_samples, store, pre, training))

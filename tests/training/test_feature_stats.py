@@ -42,8 +42,34 @@ def test_inputs_between_the_classes_are_outliers() -> None:
 
 
 def test_too_few_images_give_no_reference() -> None:
-    assert FeatureStats.fit(*_features(MIN_IMAGES - 1)) is None
-    assert FeatureStats.fit(*_features(MIN_IMAGES)) is not None
+    held = _features(MIN_IMAGES, seed=5)[0]
+    assert FeatureStats.fit(*_features(MIN_IMAGES - 1), held_out=held) is None
+    assert FeatureStats.fit(*_features(MIN_IMAGES), held_out=held[:-1]) is None  # both short
+    assert FeatureStats.fit(*_features(MIN_IMAGES), held_out=held) is not None
+    # none held out: a quarter of the images is, so twice the minimum is needed
+    assert FeatureStats.fit(*_features(2 * MIN_IMAGES - 1)) is None
+    assert FeatureStats.fit(*_features(2 * MIN_IMAGES)) is not None
+
+
+def test_a_held_out_threshold_is_not_too_tight() -> None:
+    """Fitted on few images, a threshold measured on those same images is too tight (fresh
+    in-distribution inputs are outliers far more often than 1 - QUANTILE); measured on
+    images held out of the fit it is close to it, on average over draws."""
+    same, held = [], []
+    for seed in range(20):
+        f, cls = _features(40, seed=100 + seed)
+        fresh = _features(400, seed=200 + seed)[0]
+        reference = FeatureStats.fit(f, cls, held_out=_features(40, seed=300 + seed)[0])
+        assert reference is not None
+        held.append(_share(reference, fresh))
+        stats = FeatureStats.fit(f, cls)
+        assert stats is not None
+        in_sample = FeatureStats(stats.centroids, stats.std, 0.0)
+        threshold = float(torch.quantile(in_sample.distances(f).double(), 0.95))
+        same.append(_share(FeatureStats(stats.centroids, stats.std, threshold), fresh))
+    mean_held, mean_same = sum(held) / len(held), sum(same) / len(same)
+    assert 0.02 < mean_held < 0.12, mean_held
+    assert mean_same > mean_held + 0.05, (mean_same, mean_held)
 
 
 def test_a_feature_that_never_varied_does_not_make_every_input_an_outlier() -> None:
@@ -59,8 +85,10 @@ def test_a_feature_that_never_varied_does_not_make_every_input_an_outlier() -> N
 def test_round_trip_and_damage() -> None:
     stats = FeatureStats.fit(*_features(100))
     assert stats is not None
-    record = stats.record(100)
+    record = stats.record()
+    assert (record.images, record.held_out) == (75, 25)  # every fourth row held out
     back = FeatureStats.from_bytes(stats.to_bytes(), record)
+    assert (back.images, back.held_out) == (75, 25)
     assert torch.equal(back.centroids, stats.centroids)
     assert back.threshold == stats.threshold
     with pytest.raises(IntegrityError, match="not a feature statistics file"):

@@ -79,9 +79,11 @@ def test_two_worker_ddp_publishes_then_finetunes_from_it(
         assert (graph.images, graph.held_out_agreement is not None) == (14, True)
         assert set(graph.files) <= set(full.files)
         reg.read_file(full, graph.files[1])  # sha256-checked
-    # the drift reference: the candidate's penultimate features on the 18 validation images
+    # the drift reference: fitted on the candidate's penultimate features of the 48 training
+    # images, its threshold measured on the 18 validation images (held out of the fit)
     assert manifest.drift is not None
-    assert (manifest.drift.images, manifest.drift.features) == (18, 512)
+    drift = manifest.drift
+    assert (drift.images, drift.held_out, drift.features) == (48, 18, 512)
     assert 1 <= manifest.drift.classes <= 3
     stats = FeatureStats.from_bytes(reg.read_file(manifest, manifest.drift.file), manifest.drift)
     assert stats.threshold > 0

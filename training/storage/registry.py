@@ -112,7 +112,10 @@ class DriftReference(BaseModel):
     file: str
     """Its file in ``Manifest.files`` (class means and the spread of each feature)."""
     images: int
-    """Validation images the statistics come from."""
+    """Images the class means and spreads were fitted on."""
+    held_out: int | None = None
+    """Images, not fitted on, the threshold was measured on (None: versions published before
+    the threshold was held out, fitted and measured on the same validation images)."""
     features: int
     classes: int
     """Class means in the file (the classes the version predicted on its validation split)."""
