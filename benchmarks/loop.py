@@ -9,13 +9,15 @@ the base dataset plus the feedback, the gate passes it, and the new version goes
 Reported, all from this one run:
 
 * latency at concurrency 1 with capture off, at rate 1.0 (every prediction stored: the worst
-  case) and at rate 0.1, alternated twice; the capture figures are the baseline's plus what
-  capture adds;
+  case) and at rate 0.1, alternated twice, all with drift sampling off (the loop after runs on
+  a deployment that samples it); the capture figures are the baseline's plus what capture
+  adds;
 * the input drift score of the serving version (``GET .../quality``): on unshifted digits,
   on the shift before the retrain, and of the new version on the same shifted traffic;
 * accuracy of the served model on held-out shifted (and unshifted) digits before and after,
   and the live accuracy from labels per version (``GET /v1/models/{model}/quality``);
-* labels needed, and the time from the triggering label to the new version answering, split
+* labels needed (sent until the policy's job existed, as measured: the client labels on until
+  it sees the job), and the time from the triggering label to the new version answering, split
   into detection, queueing, the job itself and the hot load, beside the job's own duration;
   the loop's own cost is everything but the job (goal <= 2 s);
 * the fast path, the same way: a head-only model on the adapted trunk, fitted once on the
@@ -170,6 +172,43 @@ def labelling_client(
     raise RuntimeError(f"ran out of images after {sent} labels")
 
 
+def label_until_fired(
+    url: str,
+    images: list[bytes],
+    labels: list[str],
+    *,
+    fraction: float,
+    model: str = MODEL,
+    timeout: float = 300,
+) -> tuple[int, int, float, dict[str, Any]]:
+    """Predict and label ``fraction`` of the answers, looking for the policy's job after
+    every label, until it exists: returns the predictions made and the labels sent before
+    the job was created (the labels the policy needed, as measured), the time the last of
+    them was taken, and the job."""
+    rng = random.Random(7)  # which predictions a person labels: reproducible
+    order = list(range(len(images)))
+    rng.shuffle(order)
+    sent: list[tuple[float, int]] = []  # when each label was taken, after how many predictions
+    deadline = time.monotonic() + timeout
+    for predicted, i in enumerate(order * 3, start=1):
+        if time.monotonic() > deadline:
+            break
+        body = {"images": [_b64(images[i])], "top_k": 1}
+        r = requests.post(f"{url}/v1/models/{model}/predict", json=body, timeout=30)
+        r.raise_for_status()
+        if rng.random() >= fraction:
+            continue
+        _label(url, r.json()["prediction_id"], labels[i], model)
+        sent.append((time.time(), predicted))
+        jobs = _admin("GET", f"{url}/v1/finetune-jobs?limit=5")["jobs"]
+        fired = [j for j in jobs if j.get("trigger") and j["model"] == model]
+        if fired:
+            created = _ts(fired[0]["created_at"])
+            before = [s for s in sent if s[0] <= created] or sent[:1]
+            return before[-1][1], len(before), before[-1][0], dict(fired[0])
+    raise RuntimeError(f"the policy did not fire after {len(sent)} labels")
+
+
 def _admin(method: str, url: str, **kw: Any) -> Any:
     headers = {"Authorization": f"Bearer {ADMIN}"}
     r = requests.request(method, url, headers=headers, timeout=60, **kw)
@@ -291,10 +330,9 @@ def head_only_loop(
     _policy_seen(url, HEAD)
     time.sleep(2.5)  # the replicas apply the capture policy (REFIT_CAPTURE__REFRESH_S)
     with Background(url, images, model=HEAD) as load:
-        predicted, labelled, t_trigger = labelling_client(
-            url, images, labels, wanted=args.head_labels, fraction=1.0, model=HEAD
+        predicted, labelled, t_trigger, job = label_until_fired(
+            url, images, labels, fraction=1.0, model=HEAD
         )
-        job = _wait_for_job(url, HEAD)
         job = _wait_until_ended(url, job["job_id"])
         if not job["result"]["published"]:
             raise RuntimeError(f"head-only retrain not published: {job['reason']}")
@@ -375,10 +413,16 @@ def main() -> int:
             )
             store = ObjectStore(settings.s3)
             demo_base(settings, store, args.base_epochs)
-            deployments.run(settings)
             url = f"http://127.0.0.1:{settings.serve.port}"
+            # capture's cost alone: every latency window with drift sampling off, like with
+            # like; then the loop on a deployment that samples drift
+            quiet = settings.model_copy(update={"drift": DriftSettings(sample_rate=0.0)})
+            deployments.run(quiet)
             run_load(f"{url}/v1/models/{MODEL}/predict", plain[:64], concurrency=2, seconds=2)
             rows = latency(url, plain[:200], args.window)
+            deployments.shutdown()
+            deployments.run(settings)
+            run_load(f"{url}/v1/models/{MODEL}/predict", plain[:64], concurrency=2, seconds=2)
             # every prediction captured from here on: the labelling client labels any of them
             policy = {"rate": 1.0, "max_per_hour": 1_000_000, "max_per_class_per_hour": None}
             _admin("PUT", f"{url}/v1/models/{MODEL}/capture", json=policy)
@@ -400,15 +444,10 @@ def main() -> int:
             _admin("PUT", f"{url}/v1/models/{MODEL}/retrain-policy", json=policy)
             _policy_seen(url, MODEL)
             with Background(url, stream) as load:  # the shift: every client sends it now
-                predicted, labelled, t_trigger = labelling_client(
-                    url,
-                    stream,
-                    stream_labels,
-                    wanted=args.labels,
-                    fraction=args.label_fraction,
+                predicted, labelled, t_trigger, job = label_until_fired(
+                    url, stream, stream_labels, fraction=args.label_fraction
                 )
-                _log(f"{labelled} labels on {predicted} predictions; waiting for the policy")
-                job = _wait_for_job(url)
+                _log(f"{labelled} labels on {predicted} predictions fired the policy")
                 _log(f"job {job['job_id']}: {job['trigger']['detail']}")
                 job = _wait_until_ended(url, job["job_id"], on_wait=lambda: drift(url))
                 drifts["shifted, serving version"] = job.pop("last_wait")
@@ -483,17 +522,6 @@ def main() -> int:
     }
     report("loop", rows, extra)
     return 0
-
-
-def _wait_for_job(url: str, model: str = MODEL, timeout: float = 120) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        jobs = _admin("GET", f"{url}/v1/finetune-jobs?limit=5")["jobs"]
-        fired = [j for j in jobs if j.get("trigger") and j["model"] == model]
-        if fired:
-            return dict(fired[0])
-        time.sleep(0.05)
-    raise RuntimeError("the retrain policy did not fire")
 
 
 def _wait_until_ended(
