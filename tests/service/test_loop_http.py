@@ -72,19 +72,21 @@ def _call(app: dict[str, Any], method: str, path: str, token: str, **kw: Any) ->
     return requests.request(method, app["url"] + path, headers=headers, timeout=60, **kw)
 
 
-def _predict(app: dict[str, Any], image: bytes) -> dict[str, Any]:
+def _predict(app: dict[str, Any], image: bytes, model: str = "shapes") -> dict[str, Any]:
     body = {"images": [base64.b64encode(image).decode()]}
-    r = _call(app, "POST", "/v1/models/shapes/predict", PREDICT, json=body)
+    r = _call(app, "POST", f"/v1/models/{model}/predict", PREDICT, json=body)
     assert r.status_code == 200, r.text
     assert r.headers["x-prediction-id"] == r.json()["prediction_id"]
     return dict(r.json())
 
 
-def _label(app: dict[str, Any], prediction_id: str, label: str) -> dict[str, Any]:
+def _label(
+    app: dict[str, Any], prediction_id: str, label: str, model: str = "shapes"
+) -> dict[str, Any]:
     body = {"prediction_id": prediction_id, "index": 0, "label": label}
     deadline = time.monotonic() + 20
     while True:  # the capture is stored off the request path: it may land a moment later
-        r = _call(app, "POST", "/v1/models/shapes/feedback", LABEL, json=body)
+        r = _call(app, "POST", f"/v1/models/{model}/feedback", LABEL, json=body)
         if r.status_code != 404 or time.monotonic() > deadline:
             break
         time.sleep(0.2)
@@ -92,10 +94,11 @@ def _label(app: dict[str, Any], prediction_id: str, label: str) -> dict[str, Any
     return dict(r.json())
 
 
-def _send_labelled(app: dict[str, Any], n: int, seed: int) -> None:
+def _send_labelled(app: dict[str, Any], n: int, seed: int, model: str = "shapes") -> None:
     for i in range(n):
         c = i % 3
-        _label(app, _predict(app, png_bytes(c, seed=seed + i))["prediction_id"], CLASSES[c])
+        answer = _predict(app, png_bytes(c, seed=seed + i), model)
+        _label(app, answer["prediction_id"], CLASSES[c], model)
 
 
 def _triggered_jobs(app: dict[str, Any]) -> list[dict[str, Any]]:
@@ -176,3 +179,77 @@ def test_labels_fire_the_policy_and_the_new_version_answers(loop_app: dict[str, 
     assert drift["version"] == v2
     assert 0 <= drift["score"] <= 1
     assert drift["expected"] == pytest.approx(0.05)
+
+
+def _policy_seen(app: dict[str, Any], model: str) -> None:
+    deadline = time.monotonic() + 30
+    path = f"/v1/models/{model}/retrain-policy"
+    while _call(app, "GET", path, ADMIN).json()["state"] is None:
+        assert time.monotonic() < deadline, "the job runner never evaluated the policy"
+        time.sleep(0.3)
+
+
+def test_accuracy_below_fires_and_its_labels_never_fire_again(loop_app: dict[str, Any]) -> None:
+    """The live-accuracy trigger over HTTP: labels on a model that answers badly fire it once;
+    whatever the gate then decides, the labels it fired on never fire it again, even past the
+    cooldown (judged on the state and labels the real runner stored); new labels on what
+    serves then are new evidence."""
+    from datetime import UTC, datetime, timedelta
+
+    from service.control.retrain_triggers import decide_trigger, live_accuracy
+    from training.storage.feedback import Feedback
+    from training.storage.retrain_policies import RetrainPolicies
+
+    app, model = loop_app, "shapes-acc"
+    store = app["store"]
+    registry = Registry(store)
+    publish_tiny_model(registry, model)  # random weights: far below 0.9 on the shapes
+    policy = {
+        "accuracy_below": 0.9,
+        "window_labels": 20,
+        "cooldown_s": 300,
+        "base_dataset": store.uri("datasets/base/"),
+        "epochs": 2,
+        "lr": 0.003,
+        "batch_size": 8,
+    }
+    r = _call(app, "PUT", f"/v1/models/{model}/retrain-policy", ADMIN, json=policy)
+    assert r.status_code == 200, r.text
+    _policy_seen(app, model)
+    _send_labelled(app, 20, seed=5000, model=model)
+    deadline = time.monotonic() + 30
+    while not (fired := [j for j in _triggered_jobs(app) if j["model"] == model]):
+        assert time.monotonic() < deadline, "the accuracy trigger did not fire"
+        time.sleep(0.3)
+    (job,) = fired
+    assert job["trigger"]["kind"] == "accuracy_below"
+    deadline = time.monotonic() + 400
+    while (job := _call(app, "GET", f"/v1/finetune-jobs/{job['job_id']}", ADMIN).json())[
+        "state"
+    ] not in {"succeeded", "failed", "cancelled"}:
+        assert time.monotonic() < deadline, job
+        time.sleep(0.5)
+    assert job["state"] == "succeeded", job  # published, or refused by the gate
+
+    policies, feedback = RetrainPolicies(store), Feedback(store)
+    stored_policy, state = policies.get(model), policies.state(model)
+    assert stored_policy is not None
+    assert state is not None
+    assert state.fired == 1
+    past_cooldown = datetime.now(UTC) + timedelta(seconds=301)
+
+    def decision() -> Any:
+        serving = registry.serving_manifest(model, "production")
+        items = feedback.items(model)
+        return decide_trigger(stored_policy, state, items, serving.version, past_cooldown)
+
+    assert decision() is None  # the same labels: no second firing, ever
+    _send_labelled(app, 20, seed=6000, model=model)  # new labels on what serves now
+    serving = registry.serving_manifest(model, "production").version
+    accuracy, n = live_accuracy(feedback.items(model), serving, 20, since=state.last_fired_at)
+    assert n == 20
+    again = decision()
+    assert (again is not None) == (accuracy < 0.9), (accuracy, again)
+    if not job["result"]["published"]:  # refused: the same random model still answers
+        assert again is not None
+        assert again[0] == "accuracy_below"

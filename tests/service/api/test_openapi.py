@@ -5,6 +5,7 @@ and schemathesis, generating requests from it, never gets a server error from th
 from __future__ import annotations
 
 import collections
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -32,10 +33,11 @@ BODIES = {
 
 
 @pytest.fixture
-def openapi(settings: RefitSettings) -> dict[str, Any]:
-    app, _ = build_inprocess_app(settings)
+def openapi(settings: RefitSettings) -> Iterator[dict[str, Any]]:
+    app, parts = build_inprocess_app(settings)
     doc: dict[str, Any] = app.openapi()
-    return doc
+    yield doc
+    parts["runner"].close()  # its scheduler thread must not outlive the test's store
 
 
 def test_every_body_and_scope_is_declared(openapi: dict[str, Any]) -> None:
