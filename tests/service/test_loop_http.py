@@ -244,8 +244,12 @@ def test_accuracy_below_fires_and_its_labels_never_fire_again(loop_app: dict[str
         return decide_trigger(stored_policy, state, items, serving.version, past_cooldown)
 
     assert decision() is None  # the same labels: no second firing, ever
-    _send_labelled(app, 20, seed=6000, model=model)  # new labels on what serves now
     serving = registry.serving_manifest(model, "production").version
+    deadline = time.monotonic() + 30  # a published version: the replica switches first
+    while _predict(app, png_bytes(0, seed=9), model)["model_version"] != serving:
+        assert time.monotonic() < deadline, "the serving version never answered"
+        time.sleep(0.2)
+    _send_labelled(app, 20, seed=6000, model=model)  # new labels on what serves now
     accuracy, n = live_accuracy(feedback.items(model), serving, 20, since=state.last_fired_at)
     assert n == 20
     again = decision()
