@@ -144,6 +144,8 @@ class _Phases:
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.details: dict[str, float] = {}
+        """Parts of phases, not added to the whole (the worker's set-up, by part)."""
         self._last = time.perf_counter()
 
     def lap(self, name: str) -> None:
@@ -161,6 +163,7 @@ class _Phases:
         phases = dict(self.seconds)
         parts = ("ray_processes_s", "ray_worker_boot_s")  # of ray_start_s
         details: dict[str, float] = {k: phases.pop(k) for k in parts if k in phases}
+        details.update(self.details)
         phases["epochs_s"] = float(run.get("attempt_epochs_s", run.get("epochs_s", 0.0)))
         train = phases.pop("train_s", None)
         if train is not None:
@@ -186,6 +189,7 @@ class _Phases:
             self.seconds["ray_processes_s"] = round(process - called, 3)
             self.seconds["ray_worker_boot_s"] = round(float(timing["entered_at"]) - process, 3)
         self.seconds["worker_setup_s"] = float(timing["setup_s"])
+        self.details.update(timing.get("setup_parts") or {})  # model, features, scan, loaders
         self.seconds["checkpoints_s"] = float(timing["checkpoints_s"])
         self.seconds["ray_stop_s"] = round(returned - float(timing["ended_at"]), 3)
 

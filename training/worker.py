@@ -258,9 +258,19 @@ def run_worker(inputs: RunInputs, ctx: RunContext) -> dict[str, Any]:
     precision = Precision(
         ctx.device, bf16=spec.bf16 if spec.bf16 is not None else on_gpu, channels_last=on_gpu
     )
+    parts: dict[str, float] = {}  # where the set-up goes (the job's phase_details)
+    lap = time.perf_counter()
+
+    def part(name: str) -> None:
+        nonlocal lap
+        now = time.perf_counter()
+        parts[name] = round(now - lap, 3)
+        lap = now
+
     model, plan = build_model(inputs)
     state, resumed_from = _resume(model, ctx)
     best = _BestWeights(state, ctx, model)
+    part("setup_model_s")
 
     images = WorkerImages(inputs)
     stored = (
@@ -268,7 +278,9 @@ def run_worker(inputs: RunInputs, ctx: RunContext) -> dict[str, Any]:
         if plan.uses_feature_cache and inputs.training.feature_store_mb
         else None
     )
+    part("setup_stored_features_s")
     bad = scan_unreadable(images, inputs, ctx, state, stored.known() if stored else frozenset())
+    part("setup_scan_s")
     train_s = [s for s in inputs.train if s.key not in bad]
     val_s = [s for s in inputs.val if s.key not in bad]
     error = data_error(inputs, bad, train_s, val_s)
@@ -283,6 +295,7 @@ def run_worker(inputs: RunInputs, ctx: RunContext) -> dict[str, Any]:
     else:
         loaders = image_loaders(net, images, train_s, val_s, ctx)
     optimizer, scheduler = _optimizer(model, plan, spec, loaders.steps_per_epoch, ctx)
+    part("setup_loaders_s")
     setup_s, report_s = time.time() - entered, 0.0
 
     interval = 0.0 if inputs.training.legacy_job_path else inputs.training.checkpoint_interval_s
@@ -341,6 +354,7 @@ def run_worker(inputs: RunInputs, ctx: RunContext) -> dict[str, Any]:
     timing = {
         "started_at": entered,
         "setup_s": round(setup_s, 3),
+        "setup_parts": parts,
         "checkpoints_s": round(report_s, 3),
         "ended_at": time.time(),
     }
