@@ -30,6 +30,13 @@ class UnsupportedImageError(RefitError):
     code = "unsupported_image"
 
 
+class UnsupportedMediaTypeError(RefitError):
+    """A body whose ``Content-Type`` the route does not take."""
+
+    status = HTTPStatus.UNSUPPORTED_MEDIA_TYPE
+    code = "unsupported_media_type"
+
+
 class TooLargeError(RefitError):
     """A body, image or pixel count over its cap (decompression bombs included)."""
 

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from service.api.auth import PredictScope, Settings
-from service.api.error_table import error_responses
+from service.api.error_table import RETRY_AFTER_S, error_responses
 from service.api.params import ModelName, Plane, VersionId
 from service.api.predict_v1 import EXAMPLE_IMAGE
 from service.dataplane.oip_codec import (
@@ -101,7 +101,8 @@ async def v2_live() -> LiveResponse:
 async def v2_ready(plane: Plane) -> JSONResponse:
     """Whether the predictor answers (503 while it does not)."""
     ok = await plane.ready()
-    return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+    retry = {} if ok else {"Retry-After": RETRY_AFTER_S[HTTPStatus.SERVICE_UNAVAILABLE]}
+    return JSONResponse({"ready": ok}, status_code=200 if ok else 503, headers=retry)
 
 
 @router.get(
@@ -154,7 +155,12 @@ async def _infer(
     settings: Settings,
     header_length: int | None,
 ) -> Response:
-    req = parse_infer(await request.body(), header_length, max_images=settings.max_images)
+    req = parse_infer(
+        await request.body(),
+        header_length,
+        max_images=settings.max_images,
+        content_type=request.headers.get("content-type"),
+    )
     top_k = min(req.top_k or 5, settings.max_top_k)
     if req.images is not None:
         result = await plane.predict(model, req.images, top_k)

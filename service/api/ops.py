@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from http import HTTPStatus
+
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
 from service.api.auth import MetricsScope
-from service.api.error_table import error_responses
+from service.api.error_table import RETRY_AFTER_S, error_responses
 from service.api.params import Plane
 
 
@@ -35,9 +37,11 @@ async def healthz() -> Health:
 
 @router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
 async def readyz(plane: Plane) -> JSONResponse:
-    """Readiness: 200 when the predictor answers, else 503."""
+    """Readiness: 200 when the predictor answers, else 503 (with ``Retry-After``, like every
+    503)."""
     ok = await plane.ready()
-    return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+    retry = {} if ok else {"Retry-After": RETRY_AFTER_S[HTTPStatus.SERVICE_UNAVAILABLE]}
+    return JSONResponse({"ready": ok}, status_code=200 if ok else 503, headers=retry)
 
 
 @router.get(

@@ -15,13 +15,31 @@ import json
 import math
 import struct
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
-from service.request_errors import BadRequestError, TooLargeError, bad_request
+from service.request_errors import (
+    BadRequestError,
+    TooLargeError,
+    UnsupportedMediaTypeError,
+    bad_request,
+)
+
+INPUTS = {"images": "BYTES", "input": "FP32"}
+"""The model's declared inputs (``GET /v2/models/{model}``) and their datatypes."""
+
+
+def _parameter(value: Any) -> Any:
+    # the protocol's parameter values are string, number or bool: nothing nested, no null
+    if not isinstance(value, str | int | float | bool):
+        raise ValueError("a parameter is a string, a number or a bool")
+    return value
+
+
+Parameters = dict[str, Annotated[str | int | float | bool, BeforeValidator(_parameter)]]
 
 
 class RequestInput(BaseModel):
@@ -31,11 +49,11 @@ class RequestInput(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    name: str
+    name: str = Field(description="``images`` (BYTES) or ``input`` (FP32)")
     shape: list[int] = Field(min_length=1, max_length=4)
     datatype: Literal["BYTES", "FP32"]
     data: list[Any] | None = None
-    parameters: dict[str, Any] = Field(default_factory=dict)
+    parameters: Parameters = Field(default_factory=dict)
 
 
 class RequestOutput(BaseModel):
@@ -45,7 +63,7 @@ class RequestOutput(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     name: Literal["labels", "scores"]
-    parameters: dict[str, Any] = Field(default_factory=dict)
+    parameters: Parameters = Field(default_factory=dict)
 
 
 class InferenceRequest(BaseModel):
@@ -56,7 +74,7 @@ class InferenceRequest(BaseModel):
     id: str | None = Field(default=None, max_length=256)
     inputs: list[RequestInput] = Field(min_length=1, max_length=1)
     outputs: list[RequestOutput] | None = None
-    parameters: dict[str, Any] = Field(
+    parameters: Parameters = Field(
         default_factory=dict, description="``top_k``: labels per image (default 5)"
     )
 
@@ -145,14 +163,39 @@ def _bytes_elements(raw: bytes, n: int) -> list[bytes]:
     return items
 
 
+def _check_content_type(content_type: str | None, binary: bool) -> None:
+    """JSON, or with the binary extension octet-stream; no type at all is taken as the
+    protocol's (tritonclient sends none)."""
+    if content_type is None:
+        return
+    media = content_type.split(";", 1)[0].strip().lower()
+    json_type = media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    )
+    if not (json_type or (binary and media == "application/octet-stream")):
+        wanted = "application/json" + (" or application/octet-stream" if binary else "")
+        raise UnsupportedMediaTypeError(
+            f"{media or 'an empty type'}: an infer request is {wanted}", field="Content-Type"
+        )
+
+
+def _numbers(flat: list[Any]) -> None:
+    # FP32 takes numbers only: a bool or a numeric string is a client bug, not a value
+    if not all(isinstance(x, int | float) and not isinstance(x, bool) for x in flat):
+        raise BadRequestError("FP32 data must be numbers", field="inputs[0].data")
+
+
 def parse_infer(
     body: bytes,
     header_length: int | None,
     *,
     max_images: int,
     max_side: int = 1024,
+    content_type: str | None = None,
 ) -> InferRequest:
-    """Validate an infer request; every error names the field."""
+    """Validate an infer request as strictly as KServe's and Triton's servers do; every
+    error names the field (``Content-Type`` 415; the rest 400 or 413)."""
+    _check_content_type(content_type, header_length is not None)
     if header_length is not None and not 0 < header_length <= len(body):
         raise BadRequestError("outside the body", field="Inference-Header-Content-Length")
     header, binary = (body[:header_length], body[header_length:]) if header_length else (body, b"")
@@ -161,6 +204,15 @@ def parse_infer(
     except ValidationError as exc:
         raise bad_request(exc) from None
     t = req.inputs[0]
+    if t.name not in INPUTS:
+        raise BadRequestError(
+            f"{t.name!r} is not an input of the model (images: BYTES, input: FP32)",
+            field="inputs[0].name",
+        )
+    if t.datatype != INPUTS[t.name]:
+        raise BadRequestError(
+            f"input {t.name!r} is {INPUTS[t.name]}, not {t.datatype}", field="inputs[0].datatype"
+        )
     if any(not 0 <= d <= 1 << 31 for d in t.shape):
         raise BadRequestError("1 to 4 dimensions, each 0..2^31", field="inputs[0].shape")
     n = t.shape[0]
@@ -209,6 +261,7 @@ def parse_infer(
                 raise BadRequestError(
                     f"{len(flat)} values for shape {t.shape}", field="inputs[0].data"
                 )
+            _numbers(flat)
             try:
                 array = np.asarray(flat, dtype=np.float32)
             except (TypeError, ValueError):

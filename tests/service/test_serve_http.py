@@ -309,24 +309,41 @@ def test_oip_tritonclient_binary(app: dict[str, Any]) -> None:
 @pytest.mark.parametrize(
     ("tensor", "status", "field"),
     [
-        ({"name": "x", "shape": [1], "datatype": "INT64", "data": [1]}, 400, "inputs[0].datatype"),
         (
-            {"name": "x", "shape": [2], "datatype": "BYTES", "data": _b64(png_bytes(0))},
+            {"name": "images", "shape": [1], "datatype": "INT64", "data": [1]},
+            400,
+            "inputs[0].datatype",
+        ),
+        (
+            {"name": "images", "shape": [2], "datatype": "BYTES", "data": _b64(png_bytes(0))},
             400,
             "inputs[0].data",
         ),
         (
-            {"name": "x", "shape": [1, 3, 16, 16], "datatype": "FP32", "data": [0.0] * 768},
+            {"name": "input", "shape": [1, 3, 16, 16], "datatype": "FP32", "data": [0.0] * 768},
             400,
             "inputs[0].shape",
         ),
         (
-            {"name": "x", "shape": [1, 3, 32, 32], "datatype": "FP32", "data": [0.0] * 7},
+            {"name": "input", "shape": [1, 3, 32, 32], "datatype": "FP32", "data": [0.0] * 7},
             400,
             "inputs[0].data",
         ),
-        ({"name": "x", "shape": [1000], "datatype": "BYTES", "data": []}, 413, "inputs[0].shape"),
-        ({"name": "x", "shape": [1], "datatype": "BYTES", "data": _b64(b"junk")}, 422, "images[0]"),
+        (
+            {"name": "images", "shape": [1000], "datatype": "BYTES", "data": []},
+            413,
+            "inputs[0].shape",
+        ),
+        (
+            {"name": "images", "shape": [1], "datatype": "BYTES", "data": _b64(b"junk")},
+            422,
+            "images[0]",
+        ),
+        (
+            {"name": "foo", "shape": [1], "datatype": "BYTES", "data": _b64(png_bytes(0))},
+            400,
+            "inputs[0].name",
+        ),
     ],
 )
 def test_oip_errors(app: dict[str, Any], tensor: dict[str, Any], status: int, field: str) -> None:
@@ -351,7 +368,9 @@ def test_oip_binary_header_and_metadata(app: dict[str, Any]) -> None:
         app,
         "versions/19990101-000000-abcdef/infer",
         json={
-            "inputs": [{"name": "i", "shape": [1], "datatype": "BYTES", "data": _b64(png_bytes(0))}]
+            "inputs": [
+                {"name": "images", "shape": [1], "datatype": "BYTES", "data": _b64(png_bytes(0))}
+            ]
         },
     )
     assert r.status_code == 404

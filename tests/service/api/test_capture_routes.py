@@ -47,7 +47,7 @@ async def test_every_answer_has_a_prediction_id(published_client: httpx.AsyncCli
     infer = {
         "inputs": [
             {
-                "name": "image",
+                "name": "images",
                 "datatype": "BYTES",
                 "shape": [1],
                 "data": [base64.b64encode(png_bytes(2)).decode()],

@@ -107,3 +107,4 @@ async def test_frozen_store_under_load(own_store: tuple[EmbeddedStore, Connectio
         assert seconds < 12
     assert ready.status_code == 200
     assert (cold_ready.status_code, cold_ready.json()) == (503, {"ready": False})
+    assert cold_ready.headers["retry-after"] == "1"  # like every 503
