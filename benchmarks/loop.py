@@ -422,7 +422,13 @@ def main() -> int:
             rows = latency(url, plain[:200], args.window)
             deployments.shutdown()
             deployments.run(settings)
-            run_load(f"{url}/v1/models/{MODEL}/predict", plain[:64], concurrency=2, seconds=2)
+            # unshifted traffic first: the drift windows' in-distribution figure
+            run_load(
+                f"{url}/v1/models/{MODEL}/predict",
+                plain[:200],
+                concurrency=2,
+                seconds=3 * args.window,
+            )
             # every prediction captured from here on: the labelling client labels any of them
             policy = {"rate": 1.0, "max_per_hour": 1_000_000, "max_per_class_per_hour": None}
             _admin("PUT", f"{url}/v1/models/{MODEL}/capture", json=policy)

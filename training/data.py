@@ -15,8 +15,10 @@ import io
 import json
 import random
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -258,6 +260,27 @@ def decode_image(
         return img.convert("RGB")
     except Exception as exc:  # truncated, corrupt, or a bomb past the header's claims
         raise ImageDecodeError("corrupt", f"truncated or corrupt image: {exc}") from None
+
+
+_SHARED_BYTES: ContextVar[ByteCache | None] = ContextVar("refit_shared_bytes", default=None)
+
+
+@contextmanager
+def shared_image_bytes(budget_bytes: int) -> Iterator[None]:
+    """Within (this thread): datasets that ask for :func:`shared_cache` share one byte cache
+    of ``budget_bytes`` (0: none), so a job's passes over the same images - its in-process
+    training, scoring, drift reference, calibration and graph crops - fetch each image from
+    the store once."""
+    token = _SHARED_BYTES.set(ByteCache(budget_bytes) if budget_bytes > 0 else None)
+    try:
+        yield
+    finally:
+        _SHARED_BYTES.reset(token)
+
+
+def shared_cache() -> ByteCache | None:
+    """The byte cache of the enclosing :func:`shared_image_bytes`, if any."""
+    return _SHARED_BYTES.get()
 
 
 class ByteCache:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from training.backbones import build_backbone, head_module, trunk
-from training.data import DatasetIndex, Sample, index_dataset
+from training.data import DatasetIndex, Sample, index_dataset, shared_image_bytes
 from training.feature_stats import FILE as FEATURES_FILE
 from training.feature_stats import MIN_IMAGES, FeatureStats, collect_features
 from training.feature_store import FeatureStore, trunk_id
@@ -266,7 +266,9 @@ class _Pipeline:
     def run(self) -> dict[str, Any]:
         ahead = _ExportAhead(self.store, self.job_id) if self.training.export_graphs else None
         try:
-            return self._run(ahead)
+            # one byte cache for every pass of this process over the job's images
+            with shared_image_bytes(self.training.cache_mb * 1024 * 1024):
+                return self._run(ahead)
         finally:
             if ahead is not None:  # unused when the gate refused the candidate or a step failed
                 ahead.close()

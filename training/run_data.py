@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from training.backbones import head_module, trunk
-from training.data import ByteCache, ImageDataset, Sample, make_loader
+from training.data import ByteCache, ImageDataset, Sample, make_loader, shared_cache
 from training.feature_store import FeatureStore, trunk_id
 from training.loop import Precision, extract_features
 from training.preprocess import eval_transform, train_transform
@@ -57,7 +57,9 @@ class WorkerImages:
     def __init__(self, inputs: RunInputs) -> None:
         self.inputs = inputs
         self.store = ObjectStore(inputs.s3)
-        self.cache = ByteCache(inputs.training.cache_mb * 1024 * 1024)
+        # in the job's own process (one worker), the job's cache: what training fetched, its
+        # scoring and drift reference read again from memory
+        self.cache = shared_cache() or ByteCache(inputs.training.cache_mb * 1024 * 1024)
 
     def dataset(self, samples: list[Sample], *, train: bool) -> ImageDataset:
         """A dataset of ``samples`` with the train or the eval transform."""

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from training.data import ImageDataset, Sample
+from training.data import ImageDataset, Sample, shared_cache
 from training.job_settings import TrainingSettings
 from training.openvino_ir import ExportChild, IrMode, ir_files
 from training.preprocess import Preprocessing, crop_transform, normalize
@@ -34,6 +34,7 @@ def capped_dataset(
         transform,
         max_bytes=training.max_image_bytes,
         max_pixels=training.max_image_pixels,
+        cache=shared_cache(),  # the job's passes over the same images fetch each once
     )
 
 
