@@ -354,6 +354,7 @@ def head_only_loop(
         },
         "head_only_retrain": {
             "phases_s": job["result"]["phases"],
+            "phase_details_s": job["result"].get("phase_details"),
             "scored_on": job["result"].get("scored_on"),
             "images": job["trigger"]["dataset"]["images"],
         },
@@ -519,6 +520,7 @@ def main() -> int:
         "gate": result["gate"]["reasons"],
         "forgetting": result["gate"]["forgetting"],
         "job_phases_s": phases,
+        "job_phase_details_s": result.get("phase_details"),
         "fixed_cost_s": round(job_s - epochs_s, 2),
         "fixed_cost_over_epoch_time": round((job_s - epochs_s) / max(epochs_s, 1e-9), 2),
         "epochs": result["epochs_run"],
