@@ -1,4 +1,5 @@
-"""Frozen-layer policies: validated data, turned into a plan and applied in place.
+"""Frozen-layer policies (the data: :mod:`training.freeze_spec`) turned into a plan and applied
+in place.
 
 Two kinds of freezing, kept apart on purpose:
 
@@ -15,90 +16,30 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from training.backbones import Stage, stages
+from training.freeze_spec import (  # the policies as data, re-exported (__all__)
+    LPFT,
+    FreezePolicy,
+    FreezePolicyBase,
+    Full,
+    GradualUnfreeze,
+    HeadOnly,
+    LastNStages,
+    LayerDecay,
+    Patterns,
+)
 from training.storage.errors import SpecError
-
-
-class _Policy(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Full(_Policy):
-    """Train everything."""
-
-    policy: Literal["full"] = "full"
-
-
-class HeadOnly(_Policy):
-    """Linear probe: only the head trains; the backbone's features can be cached."""
-
-    policy: Literal["head_only"] = "head_only"
-    feature_cache: bool = True
-    """Compute backbone features once and train the head on them (no augmentation then)."""
-
-
-class LastNStages(_Policy):
-    """The last ``n`` backbone stages and the head train."""
-
-    policy: Literal["last_n_stages"] = "last_n_stages"
-    n: int = Field(ge=1)
-
-
-class LPFT(_Policy):
-    """Linear probe for ``probe_epochs``, then everything at ``lr * ft_lr_factor``."""
-
-    policy: Literal["lp_ft"] = "lp_ft"
-    probe_epochs: int = Field(default=1, ge=1)
-    ft_lr_factor: float = Field(default=0.1, gt=0, le=1)
-
-
-class GradualUnfreeze(_Policy):
-    """Head first; one more stage (from the top) every ``every`` epochs."""
-
-    policy: Literal["gradual_unfreeze"] = "gradual_unfreeze"
-    every: int = Field(default=1, ge=1)
-
-
-class LayerDecay(_Policy):
-    """Everything trains; stage ``k`` below the head gets ``lr * decay**k``."""
-
-    policy: Literal["layer_decay"] = "layer_decay"
-    decay: float = Field(default=0.75, gt=0, le=1)
-
-
-class Patterns(_Policy):
-    """Parameters whose names match any regex (``re.search``) train; the rest is frozen."""
-
-    policy: Literal["patterns"] = "patterns"
-    trainable: list[str] = Field(min_length=1)
-
-    @field_validator("trainable")
-    @classmethod
-    def _compiles(cls, value: list[str]) -> list[str]:
-        for pattern in value:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ValueError(f"invalid regex {pattern!r}: {exc}") from exc
-        return value
-
-
-FreezePolicy = Annotated[
-    Full | HeadOnly | LastNStages | LPFT | GradualUnfreeze | LayerDecay | Patterns,
-    Field(discriminator="policy"),
-]
 
 
 @dataclass(frozen=True)
 class FreezePlan:
     """A policy resolved against one model: which stages train when, and at what lr factor."""
 
-    policy: _Policy
+    policy: FreezePolicyBase
     stages: tuple[Stage, ...]
     trainable: frozenset[str]
     """Parameter names that train in at least one epoch (``requires_grad=True``)."""
@@ -142,7 +83,7 @@ class FreezePlan:
         return isinstance(self.policy, HeadOnly) and self.policy.feature_cache
 
 
-def plan_freeze(policy: _Policy, model: nn.Module, backbone: str) -> FreezePlan:
+def plan_freeze(policy: FreezePolicyBase, model: nn.Module, backbone: str) -> FreezePlan:
     """Resolve a policy on a model; SpecError (field ``freeze.*``) when it cannot apply."""
     st = tuple(stages(model, backbone))
     head = len(st) - 1
@@ -279,3 +220,26 @@ def drop_frozen_grads(optimizer_groups: list[dict], plan: FreezePlan, epoch: int
         if plan.stage_factor(group["stage"], epoch) == 0.0:
             for p in group["params"]:
                 p.grad = None
+
+
+__all__ = [
+    "LPFT",
+    "FreezePlan",
+    "FreezePolicy",
+    "FreezePolicyBase",
+    "Full",
+    "GradualUnfreeze",
+    "HeadOnly",
+    "LastNStages",
+    "LayerDecay",
+    "Patterns",
+    "StatsFrozenBatchNorm1d",
+    "StatsFrozenBatchNorm2d",
+    "StatsFrozenBatchNorm3d",
+    "StatsFrozenSyncBatchNorm",
+    "apply_freeze",
+    "drop_frozen_grads",
+    "param_groups",
+    "plan_freeze",
+    "set_frozen_batchnorm",
+]

@@ -16,7 +16,7 @@ from pydantic import (
 )
 
 from training.backbones import BACKBONES
-from training.freeze import FreezePolicy, Full
+from training.freeze_spec import FreezePolicy, Full
 from training.job_settings import TrainingSettings
 from training.preprocess import Augmentation, Preprocessing
 from training.storage.errors import SpecError

@@ -14,7 +14,7 @@ from typing import Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from training.freeze import FreezePolicy
+from training.freeze_spec import FreezePolicy
 from training.storage.errors import IntegrityError, NotFoundError, SpecError
 from training.storage.ids import is_id
 from training.storage.s3 import ObjectStore
