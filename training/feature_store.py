@@ -2,6 +2,13 @@
 head-only retrain computes features only for the images its trunk has not seen yet.
 
     features/{trunk}/{pack}.safetensors   "sha256": uint8 [N, 32], "features": float32 [N, D]
+    features/names/{pack}.json            [[key, etag, size, sha256], ...]: contents known
+
+Knowing an image's sha256 takes its bytes; knowing that it did not change takes a listing. The
+names packs remember the sha256 of every object a run hashed, under its key, ETag and size:
+a later run lists its images' folders (a page per thousand objects) and hashes only the objects
+it has no name for, or whose ETag or size changed (a new write gets a new ETag). Like the
+feature packs they are written once, merged at :data:`MAX_PACKS`, read within ``max_bytes``.
 
 ``trunk`` (:func:`trunk_id`) is the sha256 of everything a feature depends on: the backbone,
 the trunk's tensors, the evaluation preprocessing and the precision. Equal content shares
@@ -40,6 +47,13 @@ FORMAT = 1
 """Part of every trunk id: a change of how features are made (decode, transform) bumps it."""
 
 _PACK = re.compile(r"\d{20}-[0-9a-f]{12}\.safetensors")
+_NAMES = re.compile(r"\d{20}-[0-9a-f]{12}\.json")
+NAMES_PREFIX = f"{PREFIX}names/"
+LIST_FACTOR = 4
+"""A folder is listed for its ETags only while it holds at most this many times the objects a
+run wants from it (beyond that, its images are hashed: listing a large bucket costs more)."""
+Name = tuple[str, str, int]
+"""An object's key, ETag and size: what stays equal while its content does."""
 _TRUNK = re.compile(r"[0-9a-f]{64}")
 
 
@@ -154,6 +168,88 @@ class FeatureStore:
                     self.store.delete(pack.key)
         except RefitError as exc:
             log.warning("could not store %d features: %s", len(rows), exc)
+
+    # --- content names ------------------------------------------------------------------
+    def _name_packs(self) -> list[ObjectInfo]:
+        return [
+            o
+            for o in self.store.list(NAMES_PREFIX)
+            if _NAMES.fullmatch(o.key.removeprefix(NAMES_PREFIX))
+        ]
+
+    def _read_names(self, packs: list[ObjectInfo]) -> dict[Name, str]:
+        names: dict[Name, str] = {}
+        budget = self.max_bytes
+        for pack in reversed(packs):  # newest first
+            try:
+                data = self.store.get_bytes(pack.key, max_bytes=budget)
+                rows = json.loads(data)["names"]
+                budget -= len(data)
+                for key, etag, size, sha in rows:
+                    if _TRUNK.fullmatch(sha):  # a sha256 (hex), the same shape
+                        names.setdefault((str(key), str(etag), int(size)), sha)
+            except NotFoundError:
+                continue
+            except (ValueError, KeyError, TypeError) as exc:
+                log.warning("names pack %s skipped: %s", pack.key, exc)
+        return names
+
+    def listed(self, keys: list[str]) -> dict[str, Name]:
+        """The current ETag and size of ``keys``, from listings of their folders (the
+        first two parts of a key: ``datasets/{name}/``); a key whose folder holds too many
+        other objects, or that is not there, is left out."""
+        folders: dict[str, set[str]] = {}
+        for key in keys:
+            parts = key.split("/")
+            folder = "/".join(parts[:2]) + "/" if len(parts) > 2 else ""
+            folders.setdefault(folder, set()).add(key)
+        out: dict[str, Name] = {}
+        try:
+            for folder, wanted in folders.items():
+                if not folder:
+                    continue
+                for seen, obj in enumerate(self.store.list(folder), start=1):
+                    if seen > LIST_FACTOR * len(wanted) + 1000:
+                        break
+                    if obj.key in wanted:
+                        out[obj.key] = (obj.key, obj.etag, obj.size)
+        except RefitError as exc:
+            log.warning("could not list images' folders, hashing them: %s", exc)
+        return out
+
+    def known_contents(self, keys: list[str]) -> tuple[dict[str, str], dict[str, Name]]:
+        """The sha256 of those ``keys`` whose key, ETag and size a names pack holds, and the
+        names (key, ETag, size) of all listed keys (for :meth:`add_names` once the rest are
+        hashed). A store that cannot be read knows none."""
+        listed = self.listed(keys)
+        if not listed:
+            return {}, listed
+        try:
+            names = self._read_names(self._name_packs())
+        except RefitError as exc:
+            log.warning("names unreadable, hashing every image: %s", exc)
+            return {}, listed
+        return {k: names[n] for k, n in listed.items() if n in names}, listed
+
+    def add_names(self, rows: dict[Name, str]) -> None:
+        """Remember the sha256 of objects hashed now (merging the packs at
+        :data:`MAX_PACKS`). Best effort: a failed write costs a later hash."""
+        if not rows:
+            return
+        try:
+            packs = self._name_packs()
+            merge = len(packs) >= MAX_PACKS and sum(p.size for p in packs) <= self.max_bytes
+            merged = self._read_names(packs) if merge else {}
+            merged.update(rows)
+            body = {"names": [[k, e, s, sha] for (k, e, s), sha in sorted(merged.items())]}
+            name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:12]}.json"
+            data = json.dumps(body, separators=(",", ":")).encode()
+            self.store.put_bytes(f"{NAMES_PREFIX}{name}", data, if_none_match=True)
+            if merge:
+                for pack in packs:
+                    self.store.delete(pack.key)
+        except RefitError as exc:
+            log.warning("could not store %d names: %s", len(rows), exc)
 
 
 __all__ = ["FeatureStore", "trunk_id"]

@@ -95,12 +95,17 @@ class StoredFeatures:
             bf16=precision.bf16,
         )
         samples = (inputs.train + inputs.val)[ctx.rank :: ctx.world_size]
+        # contents whose key, ETag and size were hashed before need no fetch (names packs)
+        known, listed = self.kept.known_contents([s.key for s in samples])
+        unknown = [s for s in samples if s.key not in known]
         shas: list[str | None]
         try:
-            shas = list(images.dataset(samples, train=False).sha256s())
+            shas = list(images.dataset(unknown, train=False).sha256s())
         except ValueError:  # an image that cannot be fetched: hashed one by one below
-            shas = [_sha_or_none(images, s) for s in samples]
-        mine = [f"{s.key}\0{sha}" for s, sha in zip(samples, shas, strict=True) if sha]
+            shas = [_sha_or_none(images, s) for s in unknown]
+        hashed = {s.key: sha for s, sha in zip(unknown, shas, strict=True) if sha}
+        self.kept.add_names({listed[k]: sha for k, sha in hashed.items() if k in listed})
+        mine = [f"{key}\0{sha}" for key, sha in {**known, **hashed}.items()]
         self.sha_of = dict(item.split("\0") for item in _gather_lists(mine))
         self.found = self.kept.lookup(self.trunk, set(self.sha_of.values()))
 

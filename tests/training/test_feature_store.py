@@ -14,7 +14,7 @@ import torch
 from conftest import SMALL_PRE, png_bytes, small_run_inputs, write_imagefolder
 from service.settings import RefitSettings
 from training.backbones import build_backbone, trunk
-from training.feature_store import MAX_PACKS, PREFIX, FeatureStore, trunk_id
+from training.feature_store import MAX_PACKS, NAMES_PREFIX, PREFIX, FeatureStore, trunk_id
 from training.local_fit import fit_here
 from training.storage.s3 import ObjectStore
 
@@ -106,7 +106,10 @@ def test_a_head_only_retrain_computes_only_new_images_features(
 ) -> None:
     write_imagefolder(store, "heads", classes=2, train=6, val=3)
     first = _head_only(store, settings, tmp_path, "heads-1", mb=64)
-    packs = [o.key for o in store.list(PREFIX)]
+    packs = [o.key for o in store.list(PREFIX) if not o.key.startswith(NAMES_PREFIX)]
+    names = [o.key for o in store.list(NAMES_PREFIX)]
+    assert len(names) == 1  # every image it hashed, under its key, ETag and size
+    assert len(store.get_json(names[0])["names"]) == 18
     # one trunk, one pack: 12 rows for 18 images, since write_imagefolder's val images are
     # byte-identical to its first train images (by content, they share their rows)
     assert len(packs) == 1
@@ -117,8 +120,15 @@ def test_a_head_only_retrain_computes_only_new_images_features(
             f"datasets/heads/train/c{i % 2}/new-{i}.png", png_bytes(i % 2, seed=900 + i)
         )
     cached = _head_only(store, settings, tmp_path, "heads-2", mb=64)
-    new = [o.key for o in store.list(PREFIX) if o.key not in packs]
+    new = [
+        o.key
+        for o in store.list(PREFIX)
+        if o.key not in packs and not o.key.startswith(NAMES_PREFIX)
+    ]
     assert len(new) == 1
+    # it hashed only the four new images: the others' contents were known by their ETags
+    added = [o.key for o in store.list(NAMES_PREFIX) if o.key not in names]
+    assert [len(store.get_json(k)["names"]) for k in added] == [4]
     trunk_key = new[0].split("/")[1]
     assert len(FeatureStore(store, max_bytes=1 << 20)._read(trunk_key, None)) == 16
     assert new[0] != packs[0]
@@ -131,3 +141,23 @@ def test_a_head_only_retrain_computes_only_new_images_features(
     diff = max(float((fresh[k] - cached[k]).abs().max()) for k in fresh)
     assert diff < 1e-4, diff  # batch shapes differ: float noise, not other features
     assert not all(torch.equal(first[k], cached[k]) for k in first)  # it did see more data
+
+
+def test_contents_are_known_by_key_etag_and_size_until_an_object_changes(
+    store: ObjectStore,
+) -> None:
+    kept = FeatureStore(store, max_bytes=1 << 20)
+    keys = [f"datasets/named/c0/{i}.png" for i in range(5)]
+    for i, key in enumerate(keys):
+        store.put_bytes(key, png_bytes(0, seed=i))
+    known, listed = kept.known_contents([*keys, "datasets/named/c0/gone.png"])
+    assert known == {}
+    assert set(listed) == set(keys)  # a key that is not there is not listed
+    shas = {k: hashlib.sha256(store.get_bytes(k)).hexdigest() for k in keys}
+    kept.add_names({listed[k]: shas[k] for k in keys})
+    assert kept.known_contents(keys)[0] == shas
+    store.put_bytes(keys[0], png_bytes(1, seed=99))  # rewritten: a new ETag, so unknown
+    known, _ = kept.known_contents(keys)
+    assert set(known) == set(keys[1:])
+    store.put_bytes(f"{NAMES_PREFIX}{'0' * 20}-{'a' * 12}.json", b"{broken")  # skipped
+    assert set(kept.known_contents(keys)[0]) == set(keys[1:])
