@@ -423,9 +423,10 @@ class _Pipeline:
     def stored_features(
         self, model: nn.Module, backbone: str, pre: Preprocessing, val: list[Sample]
     ) -> tuple[str, dict[str, torch.Tensor]] | None:
-        """The trunk id and the validation images' penultimate features (by key) of a
-        head-only candidate, from the feature store, where its run stored them in fp32; None
-        (score on images) for other policies or when any is missing."""
+        """The trunk id and the penultimate features (by key) of a head-only candidate on
+        these images (the validation split, or the drift reference's training sample), from
+        the feature store, where its run stored them in fp32; None (use the images) for
+        other policies or when any is missing."""
         spec = self.spec
         head_only = isinstance(spec.freeze, HeadOnly) and spec.freeze.feature_cache
         if not head_only or not self.training.feature_store_mb or spec.bf16 or not val:
@@ -455,9 +456,10 @@ class _Pipeline:
         val_features: list[tuple[torch.Tensor, torch.Tensor]],
     ) -> FeatureStats | None:
         """The version's drift reference: fitted on the candidate's features of up to
-        ``drift_fit_images`` training images (spread over the classes), its threshold
-        measured on the validation features of the scoring pass (held out from the fit);
-        with too few training images, fitted and measured on disjoint parts of the
+        ``drift_fit_images`` training images (spread over the classes; a head-only
+        candidate's from the feature store, the rest by a pass over the images), its
+        threshold measured on the validation features of the scoring pass (held out from
+        the fit); with too few training images, fitted and measured on disjoint parts of the
         validation split."""
         held = torch.cat([f for f, _ in val_features]) if val_features else None
         sample = spread(train, self.training.drift_fit_images)
@@ -465,6 +467,12 @@ class _Pipeline:
             return None
         if len(sample) < MIN_IMAGES:
             return FeatureStats.fit(held, torch.cat([p for _, p in val_features]))
+        stored = self.stored_features(model, backbone, pre, sample)
+        if stored is not None:  # a head-only candidate: its trunk's features are on the store
+            features = torch.stack([stored[1][s.key] for s in sample])
+            with torch.inference_mode():
+                predicted = head_module(model, backbone)(features).argmax(dim=1)
+            return FeatureStats.fit(features, predicted, held)
         with collect_features(model, backbone) as fitted:
             evaluate_model(
                 model,

@@ -16,9 +16,9 @@ from conftest import train_worker_pids, write_imagefolder
 from service.settings import RefitSettings
 from training.backbones import build_backbone
 from training.data import index_dataset
-from training.feature_stats import FeatureStats
+from training.feature_stats import FeatureStats, collect_features
 from training.finetune import run_finetune
-from training.scoring import score_parts
+from training.scoring import evaluate_model, score_parts
 from training.spec import parse_spec
 from training.storage.errors import DataError, ResourceError
 from training.storage.job_records import JobStore
@@ -240,6 +240,29 @@ def test_a_head_only_retrain_scores_on_stored_features(
     )
     assert abs(retrain["gate"]["incumbent_top1"] - on_images.all["top1"]) < 1e-6
     assert abs(first["metrics"]["top1"] - on_images.all["top1"]) < 1e-6
+    # its drift reference, fitted on its training images' stored features (no pass over the
+    # images): the statistics a pass over the images gives
+    v2, state2 = Registry(store).load("synth", retrain["version"])
+    assert v2.drift is not None
+    assert (v2.drift.images, v2.drift.held_out) == (24, 12)
+    stats = FeatureStats.from_bytes(Registry(store).read_file(v2, v2.drift.file), v2.drift)
+    model.load_state_dict(state2)
+    passes = []
+    for samples in (index.train, index.val):
+        with collect_features(model, "resnet18") as seen:
+            evaluate_model(
+                model,
+                samples,
+                store=store,
+                preprocessing=v2.preprocessing,
+                classes=index.classes,
+                training=settings.training,
+            )
+        passes.append((torch.cat([f for f, _ in seen]), torch.cat([p for _, p in seen])))
+    expected = FeatureStats.fit(*passes[0], passes[1][0])
+    assert expected is not None
+    assert torch.allclose(stats.centroids, expected.centroids, atol=1e-4)
+    assert abs(stats.threshold - expected.threshold) < 1e-3
 
 
 def _phases_add_up(result: dict[str, Any], record: Any) -> None:
