@@ -298,3 +298,15 @@ def small_run_inputs(
         preprocessing=SMALL_PRE,
         base_state=base_state,
     )
+
+
+def until(predicate: Any, timeout: float = 10.0) -> bool:
+    """Whether ``predicate()`` turns true within ``timeout`` seconds (polled every 50 ms)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return bool(predicate())

@@ -4,11 +4,11 @@ watches a job another owner runs instead of running it again (issue 10, class 11
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 
+from conftest import until
 from fake_launcher import RecordingLauncher
 from service.control.scheduler import JobRunner
 from service.settings import RefitSettings
@@ -25,15 +25,6 @@ def _spec(store: ObjectStore) -> Any:
     return parse_spec(
         {"model": "cats", "base": {"backbone": "resnet18"}, "dataset": store.uri("datasets/c/")}
     )
-
-
-def _until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 @pytest.fixture
@@ -83,7 +74,7 @@ def test_lease_runs_out_unrenewed_and_cancel_is_seen(store: ObjectStore) -> None
         time.sleep(TTL * 2)
         lease.check()  # renewed meanwhile
         jobs.update(record.job_id, lambda r: r.model_copy(update={"cancel_requested": True}))
-        assert _until(lambda: lease.cancel_requested, TTL * 2)
+        assert until(lambda: lease.cancel_requested, TTL * 2)
         with pytest.raises(JobCancelledError):
             lease.check()
     other = JobLease(jobs, jobs.create(_spec(store))[0].job_id, "local:a", TTL)
@@ -116,7 +107,7 @@ def test_runner_watches_a_live_owner_and_takes_over_only_after_expiry(
     try:
         # the owner stopped renewing: the runner takes the job over once, then the next job
         # of the model waits for it
-        assert _until(lambda: launcher.started == [record.job_id], TTL * 6)
+        assert until(lambda: launcher.started == [record.job_id], TTL * 6)
         taken = jobs.get(record.job_id)
         assert (taken.state, taken.attempts) == ("running", 2)
         assert taken.owner == launcher.claim(record.job_id)
@@ -142,7 +133,7 @@ def test_runner_counts_a_watched_job_that_ends(
         with local.heartbeat():
             assert runner.stats()["watching"] == [record.job_id]
             local.finish("succeeded", reason="published v1", result={"published": False})
-        assert _until(lambda: runner.stats()["finished"] == {"succeeded": 1})
+        assert until(lambda: runner.stats()["finished"] == {"succeeded": 1})
         assert runner.stats()["watching"] == []
     finally:
         runner.close()
@@ -158,13 +149,13 @@ def test_restarted_runner_takes_its_own_jobs_back_at_once(
     first_launcher = RecordingLauncher()
     first = JobRunner(settings, launcher=first_launcher, notify_published=lambda *_: None)
     job_id = first.create(_spec(store).model_dump(mode="json"), None)["record"]["job_id"]
-    assert _until(lambda: first_launcher.started == [job_id])
+    assert until(lambda: first_launcher.started == [job_id])
     first.close()  # "dies" with its lease live for ten minutes
 
     second_launcher = RecordingLauncher()
     second = JobRunner(settings, launcher=second_launcher, notify_published=lambda *_: None)
     try:
-        assert _until(lambda: second_launcher.started == [job_id], 5.0)
+        assert until(lambda: second_launcher.started == [job_id], 5.0)
         assert JobStore(store).get(job_id).attempts == 2
     finally:
         second.close()
@@ -183,11 +174,11 @@ def test_cancel_of_a_job_another_owner_runs_goes_through_its_owner(
         with local.heartbeat():
             flagged = runner.cancel(record.job_id)
             assert (flagged["state"], flagged["cancel_requested"]) == ("running", True)
-            assert _until(lambda: local.cancel_requested, TTL * 2)
+            assert until(lambda: local.cancel_requested, TTL * 2)
             with pytest.raises(JobCancelledError):
                 local.check()
             local.finish("cancelled", reason="cancelled on request")
-        assert _until(lambda: runner.stats()["finished"] == {"cancelled": 1})
+        assert until(lambda: runner.stats()["finished"] == {"cancelled": 1})
         assert jobs.get(record.job_id).state == "cancelled"
     finally:
         runner.close()

@@ -101,6 +101,19 @@ def _send_labelled(app: dict[str, Any], n: int, seed: int, model: str = "shapes"
         _label(app, answer["prediction_id"], CLASSES[c], model)
 
 
+def _ended(app: dict[str, Any], job_id: str, timeout: float = 400) -> dict[str, Any]:
+    """The job once it ended (its record as the API shows it)."""
+    deadline = time.monotonic() + timeout
+    while (job := _call(app, "GET", f"/v1/finetune-jobs/{job_id}", ADMIN).json())["state"] not in {
+        "succeeded",
+        "failed",
+        "cancelled",
+    }:
+        assert time.monotonic() < deadline, job
+        time.sleep(0.5)
+    return dict(job)
+
+
 def _triggered_jobs(app: dict[str, Any]) -> list[dict[str, Any]]:
     jobs = _call(app, "GET", "/v1/finetune-jobs?limit=20", ADMIN).json()["jobs"]
     return [j for j in jobs if j.get("trigger")]
@@ -118,11 +131,7 @@ def test_labels_fire_the_policy_and_the_new_version_answers(loop_app: dict[str, 
     }
     r = _call(app, "PUT", "/v1/models/shapes/retrain-policy", ADMIN, json=policy)
     assert r.status_code == 200, r.text
-    # the runner sees the policy first: labels count from then
-    deadline = time.monotonic() + 30
-    while _call(app, "GET", "/v1/models/shapes/retrain-policy", ADMIN).json()["state"] is None:
-        assert time.monotonic() < deadline, "the job runner never evaluated the policy"
-        time.sleep(0.3)
+    _policy_seen(app, "shapes")  # the runner sees the policy first: labels count from then
     assert _call(app, "POST", "/v1/models/shapes/feedback", PREDICT, json={}).status_code == 403
 
     _send_labelled(app, 9, seed=1000)
@@ -139,12 +148,7 @@ def test_labels_fire_the_policy_and_the_new_version_answers(loop_app: dict[str, 
     assert job["spec"]["base"]["version"] == f"shapes@{app['v1']}"
     assert set(job["trigger"]["dataset"]["images"]) == {"base", "feedback"}
 
-    deadline = time.monotonic() + 400
-    while (job := _call(app, "GET", f"/v1/finetune-jobs/{job['job_id']}", ADMIN).json())[
-        "state"
-    ] not in {"succeeded", "failed", "cancelled"}:
-        assert time.monotonic() < deadline, job
-        time.sleep(0.5)
+    job = _ended(app, job["job_id"])
     assert job["state"] == "succeeded", job
     result = job["result"]
     gate = result["gate"]
@@ -223,12 +227,7 @@ def test_accuracy_below_fires_and_its_labels_never_fire_again(loop_app: dict[str
         time.sleep(0.3)
     (job,) = fired
     assert job["trigger"]["kind"] == "accuracy_below"
-    deadline = time.monotonic() + 400
-    while (job := _call(app, "GET", f"/v1/finetune-jobs/{job['job_id']}", ADMIN).json())[
-        "state"
-    ] not in {"succeeded", "failed", "cancelled"}:
-        assert time.monotonic() < deadline, job
-        time.sleep(0.5)
+    job = _ended(app, job["job_id"])
     assert job["state"] == "succeeded", job  # published, or refused by the gate
 
     policies, feedback = RetrainPolicies(store), Feedback(store)

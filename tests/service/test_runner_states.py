@@ -7,11 +7,12 @@ import itertools
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from conftest import until
 from fake_launcher import RecordingLauncher
 from service.control.launchers import RunEnd
 from service.control.scheduler import JobRunner
@@ -21,15 +22,6 @@ from training.storage.job_records import JobStore
 from training.storage.s3 import ObjectStore
 
 TTL = 1.0
-
-
-def _until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 def _spec(store: ObjectStore, model: str) -> dict[str, Any]:
@@ -79,7 +71,7 @@ def test_one_job_per_model_under_the_cap_and_the_end_is_announced(
 ) -> None:
     runner, launcher, jobs = parts["runner"], parts["launcher"], parts["jobs"]
     a1, a2, b, c = (_create(parts, m) for m in ("a", "a", "b", "c"))
-    assert _until(lambda: launcher.started == [a1, b])
+    assert until(lambda: launcher.started == [a1, b])
     time.sleep(0.6)  # a pass later: a2 waits for its model, c for a slot
     assert launcher.started == [a1, b]
     assert runner.stats()["queued"] == 2
@@ -87,12 +79,12 @@ def test_one_job_per_model_under_the_cap_and_the_end_is_announced(
     # the run's process recorded its end; the launcher then reports the run over
     jobs.transition(a1, "succeeded", reason="published", result={"published": True})
     launcher.end(a1)
-    assert _until(lambda: launcher.started == [a1, b, a2])
+    assert until(lambda: launcher.started == [a1, b, a2])
     assert parts["notified"] == ["a"]
     jobs.transition(b, "succeeded", reason="gated", result={"published": False})
     launcher.end(b)
-    assert _until(lambda: launcher.started == [a1, b, a2, c])
-    assert _until(lambda: runner.stats()["finished"] == {"succeeded": 2})
+    assert until(lambda: launcher.started == [a1, b, a2, c])
+    assert until(lambda: runner.stats()["finished"] == {"succeeded": 2})
     assert parts["notified"] == ["a"]  # nothing published by b
     assert launcher.idle_calls > 0
 
@@ -103,11 +95,11 @@ def test_a_run_whose_process_died_is_retried_until_attempts_run_out(
     launcher, jobs = parts["launcher"], parts["jobs"]
     job = _create(parts, "a")
     for attempt in (1, 2, 3):
-        assert _until(lambda n=attempt: launcher.started == [job] * n), launcher.started
+        assert until(lambda n=attempt: launcher.started == [job] * n), launcher.started
         assert jobs.get(job).attempts == attempt
         launcher.end(job, RunEnd("ActorDiedError: killed", process_died=True))
     record = jobs.get(job)
-    assert _until(lambda: jobs.get(job).terminal)
+    assert until(lambda: jobs.get(job).terminal)
     record = jobs.get(job)
     assert record.state == "failed"
     assert record.reason == "the job's process ended unexpectedly: ActorDiedError: killed"
@@ -119,9 +111,9 @@ def test_a_run_that_ended_without_recording_fails_and_is_not_retried(
 ) -> None:
     launcher, jobs = parts["launcher"], parts["jobs"]
     job = _create(parts, "a")
-    assert _until(lambda: launcher.started == [job])
+    assert until(lambda: launcher.started == [job])
     launcher.end(job, RunEnd("RayJob ended: Failed"))  # not a dead process: final
-    assert _until(lambda: jobs.get(job).terminal)
+    assert until(lambda: jobs.get(job).terminal)
     record = jobs.get(job)
     assert record.state == "failed"
     assert record.error is not None
@@ -133,14 +125,14 @@ def test_a_run_that_ended_without_recording_fails_and_is_not_retried(
 def test_cancel_stops_a_running_job_and_drops_a_queued_one(parts: dict[str, Any]) -> None:
     runner, launcher, jobs = parts["runner"], parts["launcher"], parts["jobs"]
     running, queued = _create(parts, "a"), _create(parts, "a")
-    assert _until(lambda: launcher.started == [running])
+    assert until(lambda: launcher.started == [running])
     assert runner.cancel(queued)["state"] == "cancelled"
     assert runner.cancel(running)["cancel_requested"]
     assert launcher.stopped == [running]
-    assert _until(lambda: jobs.get(running).state == "cancelled")
+    assert until(lambda: jobs.get(running).state == "cancelled")
     assert "checkpoints kept" in (jobs.get(running).reason or "")
     assert launcher.started == [running]
-    assert _until(lambda: runner.stats()["finished"] == {"cancelled": 2})
+    assert until(lambda: runner.stats()["finished"] == {"cancelled": 2})
 
 
 def test_a_refused_lease_gives_the_claim_back_and_the_job_is_watched(
@@ -152,22 +144,22 @@ def test_a_refused_lease_gives_the_claim_back_and_the_job_is_watched(
         other = JobLease(jobs, job, "local:cli", TTL)
         other.acquire()
     with other.heartbeat():
-        assert _until(lambda: launcher.unclaimed == [job])
+        assert until(lambda: launcher.unclaimed == [job])
         assert runner.stats()["watching"] == [job]
         assert launcher.started == []
         other.finish("succeeded", reason="published", result={"published": True})
-    assert _until(lambda: runner.stats()["finished"] == {"succeeded": 1})
+    assert until(lambda: runner.stats()["finished"] == {"succeeded": 1})
     assert parts["notified"] == ["a"]  # a watched job's version is announced too
 
 
 def test_a_lost_lease_stops_the_run(parts: dict[str, Any]) -> None:
     runner, launcher, jobs = parts["runner"], parts["launcher"], parts["jobs"]
     job = _create(parts, "a")
-    assert _until(lambda: launcher.started == [job])
+    assert until(lambda: launcher.started == [job])
     # another owner took the job (its lease live): the runner's next renewal finds it
     far = time.time() + 600
     jobs.update(job, lambda r: r.model_copy(update={"owner": "local:cli", "lease_expires_at": far}))
-    assert _until(lambda: launcher.stopped == [job], TTL * 4)
+    assert until(lambda: launcher.stopped == [job], TTL * 4)
     assert runner.stats()["running"] == 0
     assert runner.stats()["watching"] == [job]  # its model stays busy meanwhile
     assert jobs.get(job).owner == "local:cli"  # the record is the new owner's to end
@@ -191,12 +183,12 @@ def test_a_label_brings_the_policy_pass_forward_and_a_burst_costs_few(
 
     runner.policy_watch.due = counted  # type: ignore[method-assign]
     try:
-        assert _until(lambda: len(passes) == 1)  # the first pass, at start
+        assert until(lambda: len(passes) == 1)  # the first pass, at start
         time.sleep(1.0)
         assert len(passes) == 1  # the next one is ten minutes away
         sent = time.monotonic()
         runner.labels_arrived("a")
-        assert _until(lambda: len(passes) == 2, 2.0)
+        assert until(lambda: len(passes) == 2, 2.0)
         assert passes[1] - sent < 1.0
         for _ in range(40):  # a burst of labels over about a second
             runner.labels_arrived("a")
