@@ -25,6 +25,7 @@ EXPECTED = {
     "BadRequestError": 400,
     "InvalidImageError": 422,
     "UnsupportedImageError": 415,
+    "UnsupportedMediaTypeError": 415,
     "TooLargeError": 413,
     "NoVersionError": 503,
     "OverloadedError": 503,
