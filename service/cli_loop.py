@@ -90,6 +90,8 @@ _POLICY_FIELDS = (
     "max_concurrent",
     "base_dataset",
     "freeze",
+    "min_accuracy",
+    "max_regression",
     "epochs",
     "lr",
     "batch_size",
@@ -208,6 +210,8 @@ def add_loop_commands(sub: Any) -> None:
         help="what a retrain trains: head_only (seconds, on stored features), full, or a "
         'freeze policy as JSON (e.g. \'{"policy": "last_n_stages", "n": 2}\')',
     )
+    pol.add_argument("--min-accuracy", type=float, default=None, help="its retrains' gate")
+    pol.add_argument("--max-regression", type=float, default=None, help="its retrains' gate")
     pol.add_argument("--epochs", type=int, default=None)
     pol.add_argument("--lr", type=float, default=None)
     pol.add_argument("--batch-size", type=int, default=None)

@@ -131,6 +131,9 @@ def retrain_spec(
         "alias": alias,
         "promote": True,
     }
+    gate = {k: getattr(policy, k) for k in ("min_accuracy", "max_regression")}
+    if any(v is not None for v in gate.values()):
+        spec["gate"] = {k: v for k, v in gate.items() if v is not None}
     if policy.freeze is not None:
         spec["freeze"] = policy.freeze.model_dump(mode="json")
     elif serving.freeze:

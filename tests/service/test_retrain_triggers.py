@@ -192,6 +192,9 @@ def test_the_policys_freeze_wins_over_the_serving_versions(store: ObjectStore) -
     head = RetrainPolicy.model_validate({"every_n_labels": 10, "freeze": {"policy": "head_only"}})
     spec = retrain_spec(head, served, "s3://b/d/", alias="p")
     assert spec["freeze"] == {"policy": "head_only", "feature_cache": True}
+    assert "gate" not in spec  # the settings' gate
+    strict = RetrainPolicy(every_n_labels=10, min_accuracy=0.9)
+    assert retrain_spec(strict, served, "s3://b/d/", alias="p")["gate"] == {"min_accuracy": 0.9}
     with pytest.raises(ValueError, match="freeze"):
         RetrainPolicy.model_validate({"every_n_labels": 10, "freeze": {"policy": "most"}})
 

@@ -56,6 +56,12 @@ class RetrainPolicy(BaseModel):
     """What the retrain trains (unset: what trained the serving version). ``head_only``
     (feature cache on) retrains in seconds: the trunk's features of images seen before are
     stored, so only the head is fitted, on new images' features and stored ones."""
+    min_accuracy: float | None = Field(default=None, ge=0, le=1)
+    """The gate of its retrains: top-1 on the validation split at least this (unset: the
+    settings' ``REFIT_TRAINING__MIN_ACCURACY``)."""
+    max_regression: float | None = Field(default=None, ge=0, le=1)
+    """The gate of its retrains: worse than the serving version by at most this, overall and
+    on each source (unset: ``REFIT_TRAINING__MAX_REGRESSION``)."""
     epochs: int = Field(default=5, ge=1, le=1000)
     lr: float = Field(default=1e-3, gt=0, le=10)
     batch_size: int = Field(default=32, ge=1, le=4096)
