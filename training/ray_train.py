@@ -29,6 +29,9 @@ from ray.train import (
     ScalingConfig,
     UserCallback,
 )
+from ray.train.v2._internal.callbacks.placement_group_callback import (
+    PlacementGroupCleanerCallback,  # pinned Ray 2.60: left out of every run (see _Trainer)
+)
 
 from training.checkpoints import (
     BEST_FILE,
@@ -240,7 +243,7 @@ def fit(inputs: RunInputs, *, job_id: str, workdir: Path) -> FitResult:
     if in_process(inputs):
         with _reserved(store, job_id, cpus):
             return fit_here(inputs, job_id=job_id, workdir=workdir)
-    trainer = ray.train.torch.TorchTrainer(
+    trainer = _Trainer(
         _train_fn,  # type: ignore[arg-type]  # V2 keeps the function's return value
         train_loop_config={"inputs": inputs, "job_id": job_id},
         torch_config=ray.train.torch.TorchConfig(backend="nccl" if spec.use_gpu else "gloo"),
@@ -275,6 +278,21 @@ def fit(inputs: RunInputs, *, job_id: str, workdir: Path) -> FitResult:
     state = load_checkpoint_state(target)
     best = {"epoch": state.get("kept_epoch", state["epoch"]), "val_top1": state.get("kept_top1")}
     return FitResult(metrics, load_best_weights(target), best, store.uri(runs), state)
+
+
+class _Trainer(ray.train.torch.TorchTrainer):
+    """``TorchTrainer`` without Ray Train's placement-group cleaner. The cleaner is a detached
+    actor that watches the controller through the State API, which needs the dashboard (off
+    here: its port must never be exposed), so it logs a failure at every check for as long
+    as it lives (hundreds of lines a run); the job runner frees a run's placement group
+    itself (:func:`release_placement_groups`)."""
+
+    def _create_default_callbacks(self) -> list[Any]:
+        return [
+            c
+            for c in super()._create_default_callbacks()  # type: ignore[misc]  # V2's
+            if not isinstance(c, PlacementGroupCleanerCallback)
+        ]
 
 
 def _run_trainer(trainer: Any) -> Any:

@@ -43,3 +43,28 @@ def test_a_local_start_ignores_another_clusters_address() -> None:
     assert seen["started"] is True
     assert seen["env"] == seen["own"] == seen["actor"]
     assert seen["own"] != "127.0.0.1:1"
+
+
+def test_ray_train_runs_without_its_placement_group_cleaner(tmp_path) -> None:
+    """Ray Train's cleaner watches its controller through the State API (the dashboard, off
+    here) and logs a failure at every check; Refit's trainer leaves it out (the job runner
+    frees placement groups itself), keeping every other default callback."""
+    import ray.train.torch
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.v2._internal.callbacks.placement_group_callback import (
+        PlacementGroupCleanerCallback,
+    )
+
+    from training.ray_train import _Trainer
+
+    kw = {
+        "scaling_config": ScalingConfig(num_workers=2),
+        "run_config": RunConfig(name="x", storage_path=str(tmp_path)),
+    }
+    ours = [type(c) for c in _Trainer(lambda _: None, **kw)._create_default_callbacks()]
+    theirs = [
+        type(c)
+        for c in ray.train.torch.TorchTrainer(lambda _: None, **kw)._create_default_callbacks()
+    ]
+    assert PlacementGroupCleanerCallback in theirs
+    assert ours == [c for c in theirs if c is not PlacementGroupCleanerCallback]
