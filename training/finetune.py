@@ -30,7 +30,7 @@ from training.data import DatasetIndex, Sample, index_dataset, shared_image_byte
 from training.feature_stats import FILE as FEATURES_FILE
 from training.feature_stats import MIN_IMAGES, FeatureStats, collect_features
 from training.feature_store import FeatureStore, trunk_id
-from training.freeze import HeadOnly
+from training.freeze_spec import HeadOnly
 from training.gate import GateDecision, SourceScore, class_drops, decide, with_sources
 from training.job_settings import TrainingSettings
 from training.openvino_ir import ExportChild
@@ -137,6 +137,18 @@ class _Trained:
     metrics: dict[str, Any]
     best_metrics: dict[str, Any]
     storage_uri: str
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    """What the job trained, and what it is scored, published and exported with."""
+
+    trained: _Trained
+    index: DatasetIndex
+    base: ResolvedBase
+    preprocessing: Preprocessing
+    val: list[Sample]
+    """The readable validation images."""
 
 
 class _Phases:
@@ -316,16 +328,9 @@ class _Pipeline:
         if gate.passed:
             self.still_owner()
             exporter = ahead.take() if ahead else None
+            published = _Candidate(trained, index, base, preprocessing, val)
             manifest = self.publish(
-                trained,
-                index,
-                base,
-                preprocessing,
-                val,
-                metrics,
-                gate,
-                reference,
-                None if self.graphs_after else exporter,
+                published, metrics, gate, reference, None if self.graphs_after else exporter
             )
             version = manifest.version
             lap("publish_s")
@@ -336,9 +341,7 @@ class _Pipeline:
                 self.on_published(spec.model)
             lap("alias_s")
             if self.graphs_after:
-                graphs = self.add_graphs(
-                    manifest, trained, index, base, preprocessing, val, exporter
-                )
+                graphs = self.add_graphs(manifest, published, exporter)
                 lap("graphs_after_s")
                 if graphs and promoted:
                     self.on_published(spec.model)  # replicas switch to the faster mode
@@ -350,39 +353,26 @@ class _Pipeline:
         return result
 
     def graphs(
-        self,
-        trained: _Trained,
-        index: DatasetIndex,
-        base: ResolvedBase,
-        preprocessing: Preprocessing,
-        val: list[Sample],
-        exporter: ExportChild | None,
+        self, c: _Candidate, exporter: ExportChild | None
     ) -> tuple[dict[str, bytes], dict[str, Any]]:
         """The candidate's graphs (``training.export_graphs``) as files and records."""
         return publish_graphs(
-            trained.model,
-            base.backbone,
-            len(index.classes),
-            val,
+            c.trained.model,
+            c.base.backbone,
+            len(c.index.classes),
+            c.val,
             self.store,
-            preprocessing,
+            c.preprocessing,
             self.training,
             exporter,
         )
 
     def add_graphs(
-        self,
-        manifest: Manifest,
-        trained: _Trained,
-        index: DatasetIndex,
-        base: ResolvedBase,
-        preprocessing: Preprocessing,
-        val: list[Sample],
-        exporter: ExportChild | None,
+        self, manifest: Manifest, c: _Candidate, exporter: ExportChild | None
     ) -> list[str]:
         """The version's graphs, made after it went live and stored as its graph set; the
         modes made (none when the export failed: the version serves fp32)."""
-        files, records = self.graphs(trained, index, base, preprocessing, val, exporter)
+        files, records = self.graphs(c, exporter)
         return store_graph_set(self.registry, manifest, files, records)
 
     def train(
@@ -554,11 +544,7 @@ class _Pipeline:
 
     def publish(
         self,
-        trained: _Trained,
-        index: DatasetIndex,
-        base: ResolvedBase,
-        preprocessing: Preprocessing,
-        val: list[Sample],
+        c: _Candidate,
         metrics: dict[str, Any],
         gate: GateDecision,
         reference: FeatureStats | None,
@@ -566,24 +552,20 @@ class _Pipeline:
     ) -> Manifest:
         """A new immutable version (weights, calibration crops, graphs unless they come after,
         feature statistics, then the manifest)."""
-        spec = self.spec
-        files, graphs = (
-            ({}, {})
-            if self.graphs_after
-            else self.graphs(trained, index, base, preprocessing, val, exporter)
-        )
+        spec, trained, index, base = self.spec, c.trained, c.index, c.base
+        files, graphs = ({}, {}) if self.graphs_after else self.graphs(c, exporter)
         self.phases.lap("graphs_s")  # the rest of the step (the store's writes): publish_s
         return self.registry.publish(
             trained.model.state_dict(),
             model=spec.model,
-            calibration=calibration_crops(val, self.store, preprocessing, self.training),
+            calibration=calibration_crops(c.val, self.store, c.preprocessing, self.training),
             extra_files=files | ({FEATURES_FILE: reference.to_bytes()} if reference else {}),
             graphs=graphs,
             drift=reference.record() if reference else None,
             backbone=base.backbone,
             num_classes=len(index.classes),
             class_names=index.classes,
-            preprocessing=preprocessing,
+            preprocessing=c.preprocessing,
             freeze=spec.freeze.model_dump(mode="json"),
             hyperparameters=spec.model_dump(
                 mode="json", exclude={"model", "base", "dataset", "freeze"}
