@@ -16,7 +16,8 @@ from common import digits_store, report
 from training import demo
 from training.backbones import build_backbone, head_module, trunk
 from training.data import ByteCache, ImageDataset, index_dataset, make_loader
-from training.freeze import HeadOnly, apply_freeze, param_groups, plan_freeze
+from training.freeze import apply_freeze, param_groups, plan_freeze
+from training.freeze_spec import HeadOnly
 from training.loop import (
     Precision,
     build_optimizer,

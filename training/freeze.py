@@ -21,11 +21,9 @@ from typing import Any
 from torch import nn
 
 from training.backbones import Stage, stages
-from training.freeze_spec import (  # the policies as data, re-exported (__all__)
+from training.freeze_spec import (
     LPFT,
-    FreezePolicy,
     FreezePolicyBase,
-    Full,
     GradualUnfreeze,
     HeadOnly,
     LastNStages,
@@ -223,16 +221,7 @@ def drop_frozen_grads(optimizer_groups: list[dict], plan: FreezePlan, epoch: int
 
 
 __all__ = [
-    "LPFT",
     "FreezePlan",
-    "FreezePolicy",
-    "FreezePolicyBase",
-    "Full",
-    "GradualUnfreeze",
-    "HeadOnly",
-    "LastNStages",
-    "LayerDecay",
-    "Patterns",
     "StatsFrozenBatchNorm1d",
     "StatsFrozenBatchNorm2d",
     "StatsFrozenBatchNorm3d",

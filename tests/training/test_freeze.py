@@ -10,6 +10,12 @@ from torch import nn
 
 from training.backbones import build_backbone
 from training.freeze import (
+    apply_freeze,
+    param_groups,
+    plan_freeze,
+    set_frozen_batchnorm,
+)
+from training.freeze_spec import (
     LPFT,
     Full,
     GradualUnfreeze,
@@ -17,10 +23,6 @@ from training.freeze import (
     LastNStages,
     LayerDecay,
     Patterns,
-    apply_freeze,
-    param_groups,
-    plan_freeze,
-    set_frozen_batchnorm,
 )
 from training.loop import Precision, build_optimizer, build_scheduler, train_one_epoch
 from training.storage.errors import SpecError
