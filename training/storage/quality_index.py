@@ -5,7 +5,9 @@ Each label of a captured prediction (a judgement of the version that answered it
 the counters by compare-and-swap (a writer that lost the race reads again); relabelling the
 same prediction moves its judgement, it does not add one. The index is derived data: when it
 is missing or damaged, or an update could not be stored, the next reader rebuilds it from the
-label records (one listing) and stores it again.
+label records (one listing) and creates it (never over an index that exists by then). A label
+stored while the first index is being built, and counted before that index exists, is missed
+by it (the record keeps it; dropping the index rebuilds it).
 
 Bounded: the last ``RECENT`` judgements (the live window), ``HOURS`` hours and ``VERSIONS``
 versions (the oldest dropped beyond them).
@@ -13,6 +15,7 @@ versions (the oldest dropped beyond them).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import Counter
 from datetime import datetime
@@ -149,9 +152,15 @@ class QualityIndexes:
             pass
         except (ValueError, ValidationError) as exc:
             log.warning("quality index %s is damaged (%s); rebuilding it", key, exc)
+            with contextlib.suppress(RefitError):
+                self.store.delete(key)
         index = built(judgements(self.feedback.items(model)))
         try:
-            self.store.put_json(key, index.model_dump(mode="json"))
+            # created only where none is: an index another reader built, or a label counted
+            # into, meanwhile is never overwritten by this (older) listing
+            self.store.put_json(key, index.model_dump(mode="json"), if_none_match=True)
+        except ConflictError:
+            pass
         except RefitError as exc:  # served from the rebuild; the next read tries again
             log.warning("quality index %s not stored: %s", key, exc)
         return index
