@@ -47,7 +47,12 @@ COPY --chown=1000:100 service ./service
 # PRETRAINED is a list: word splitting is wanted there
 # hadolint ignore=SC2086
 RUN pip install . \
+    && ln -s "$(command -v refit-haproxy)" /home/ray/refit/refit-haproxy \
     && if [ -n "${PRETRAINED}" ]; then refit weights prefetch ${PRETRAINED}; fi
+
+# Ray Serve starts HAProxy through Refit's launcher: Ray's config narrowed (stats page and
+# exporter on loopback, admin socket mode 600, body limits refused at HAProxy).
+ENV RAY_SERVE_HAPROXY_BINARY_PATH=/home/ray/refit/refit-haproxy
 
 # jemalloc for every process Ray starts in this container (Ray's workers inherit it).
 ENV LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2

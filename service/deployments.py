@@ -19,13 +19,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import sys
+from pathlib import Path
 from typing import Any
 
 import torch
 from ray import serve
 
+from service import haproxy_guard
 from service.allocator import without_preloaded_allocator
 from service.api import create_app
+from service.body_limits import BodyLimits
 from service.control.notices import events_actor, notify_async
 from service.control.runner_clients import RunnerScheduler
 from service.dataplane.dataplane import DataPlane, capture_tap, drift_monitor, loop_use_cases
@@ -238,10 +243,12 @@ def controller_env(settings: RefitSettings) -> dict[str, str]:
     """Environment of the Serve controller (and of the proxies it starts): how soon a dead
     HTTP proxy is noticed and replaced, and the ingress (:func:`serve_env`).
 
-    With HAProxy, its side ports (a read-only stats page and a Prometheus exporter, both on
-    every interface; Serve's fallback proxy on ``host``) are chosen free here: Ray's fixed
-    defaults (8404, 9101, 8500) collide when two clusters share a host. HAProxy's files are
-    already per Ray node (``/tmp/haproxy-serve/{node_id}``)."""
+    With HAProxy, its side ports (a read-only stats page and a Prometheus exporter; Serve's
+    fallback proxy on ``host``) are chosen free here: Ray's fixed defaults (8404, 9101, 8500)
+    collide when two clusters share a host. HAProxy's files are already per Ray node
+    (``/tmp/haproxy-serve/{node_id}``). Ray starts HAProxy through ``refit-haproxy``
+    (:mod:`service.haproxy_guard`), which binds the side ports to ``ingress_stats_host`` and
+    closes the admin socket to other users."""
     s = settings.serve
     env = {"RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S": f"{s.proxy_health_check_period_s:g}"}
     env |= serve_env(settings)
@@ -250,8 +257,24 @@ def controller_env(settings: RefitSettings) -> dict[str, str]:
             "RAY_SERVE_HAPROXY_STATS_PORT": str(listen_port()),
             "RAY_SERVE_HAPROXY_METRICS_PORT": str(listen_port()),
             "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(listen_port()),
+            "RAY_SERVE_HAPROXY_BINARY_PATH": haproxy_guard_path(),
+            haproxy_guard.SIDE_HOST_ENV: s.ingress_stats_host,
+            haproxy_guard.BODY_LIMITS_ENV: BodyLimits.of(s).to_json(),
         }
     return env
+
+
+def haproxy_guard_path() -> str:
+    """The ``refit-haproxy`` program installed beside this Python (``pip install`` puts
+    console scripts there). FileNotFoundError when it is missing: HAProxy is never started
+    with Ray's side doors open instead."""
+    path = Path(sys.executable).with_name("refit-haproxy")
+    if not os.access(path, os.X_OK):
+        raise FileNotFoundError(
+            f"{path} is missing: install Refit (pip install -e .), or serve with "
+            "REFIT_SERVE__INGRESS=proxy"
+        )
+    return str(path)
 
 
 def run(settings: RefitSettings, *, name: str = "refit") -> dict[str, str]:

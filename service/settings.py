@@ -161,6 +161,11 @@ class ServeSettings(BaseModel):
     """With the ``haproxy`` ingress: how long a stopping replica keeps answering after HAProxy
     stops sending it requests (Ray's ``RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S``: 30 s
     by default, sized for remote load balancers; HAProxy is told at once)."""
+    ingress_stats_host: str = Field(default="127.0.0.1", pattern=r"^$|^[0-9A-Za-z.:\[\]-]{1,253}$")
+    """With the ``haproxy`` ingress: the address HAProxy's stats page and Prometheus exporter
+    listen on (their ports are chosen free at start); empty: neither listens. Ray binds them
+    to every interface without auth; ``refit-haproxy`` (service/haproxy_guard.py) narrows
+    Ray's config to this address, and its admin socket to mode 600 in a 0700 directory."""
     proxy_health_check_period_s: float = Field(default=2.0, gt=0)
     """How often Serve's controller checks each HTTP proxy (Ray's
     ``RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S``, 10 s by default); a proxy is replaced after 3

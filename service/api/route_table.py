@@ -27,14 +27,12 @@ from service.api import (
 )
 from service.api.error_table import EXCEPTION_HANDLERS
 from service.api.middleware import BodyLimit, HeaderLimit, ObserveRequests
+from service.body_limits import BodyLimits
 from service.dataplane.dataplane import DataPlane
 from service.dataplane.oip_codec import InferenceRequest
 from service.metrics import ScrapeCollector
 from service.settings import RefitSettings
 from training.spec import FinetuneSpec
-
-ADMIN_BODY_BYTES = 1024 * 1024
-"""Bodies of every route but predict and infer: specs and alias moves are small."""
 
 _BODY_SCHEMAS: list[type[BaseModel]] = [predict_v1.PredictRequest, InferenceRequest, FinetuneSpec]
 """Models that routes declare in ``openapi_extra`` (two content types, or validation with
@@ -100,17 +98,9 @@ def create_app(settings: RefitSettings, dataplane: DataPlane) -> FastAPI:
         registry=metrics,
         buckets=(0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 5),
     )
-    predict_paths = r"/v1/models/[^/]+/predict|/v2/models/[^/]+(/versions/[^/]+)?/infer"
     # added last = outermost: the counter sees the 413s of the body limit too
-    app.add_middleware(
-        BodyLimit,
-        default=ADMIN_BODY_BYTES,
-        limits=[
-            (predict_paths, settings.serve.max_body_bytes),
-            (r"/v1/models/[^/]+/feedback", settings.serve.max_body_bytes),
-            (r"/v1/models/[^/]+/versions", settings.serve.max_import_bytes),
-        ],
-    )
+    limits = BodyLimits.of(settings.serve)
+    app.add_middleware(BodyLimit, default=limits.default, limits=limits.limits)
     app.add_middleware(
         HeaderLimit,
         max_headers=settings.serve.max_headers,

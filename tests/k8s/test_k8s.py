@@ -398,6 +398,10 @@ def test_dockerfile_rules() -> None:
             assert not re.search(r"(TOKEN|SECRET|PASSWORD|ACCESS_KEY)\w*=\S", line), line
     assert not re.search(r"^(COPY|ADD) .*(\.refit|connection\.json|\.env)\b", text, re.M)
     assert "refit weights prefetch" in text  # PRETRAINED fills the hub cache at build time
+    # Serve's HAProxy starts through Refit's launcher (side ports on loopback, socket 600)
+    link = re.search(r'ln -s "\$\(command -v refit-haproxy\)" (\S+)', text)
+    assert link, "the image links refit-haproxy to a fixed path"
+    assert f"ENV RAY_SERVE_HAPROXY_BINARY_PATH={link[1]}" in text
 
 
 def test_readme_deploy_section_matches_the_manifests() -> None:

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+import socket
+import stat
 import threading
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -476,3 +480,86 @@ def test_replica_metrics_and_memory_over_20_swaps(app: dict[str, Any]) -> None:
     # one model object per loaded name: every replaced version was freed (no leak)
     assert _metric(text, "refit_classifier_models_alive") <= 2
     assert after <= 1.10 * baseline, (baseline, after)
+
+
+def _haproxy_dir(env: dict[str, str]) -> Path:
+    """The per-node directory of this Serve's HAProxy (its config names the stats port)."""
+    port = env["RAY_SERVE_HAPROXY_STATS_PORT"]
+    for cfg in Path("/tmp/haproxy-serve").glob("*/haproxy.cfg"):  # Ray's fixed location
+        if f":{port}\n" in cfg.read_text():
+            return cfg.parent
+    raise AssertionError(f"no HAProxy config with stats port {port}")
+
+
+def test_haproxy_side_doors_are_closed(app: dict[str, Any]) -> None:
+    """The config HAProxy runs binds the stats page and the exporter to 127.0.0.1 only, and
+    its admin socket is mode 600 in a directory only this user can enter."""
+    env = app["env"]
+    directory = _haproxy_dir(env)
+    text = (directory / "haproxy.cfg").read_text()
+    assert text.startswith("# narrowed by refit-haproxy")
+    stats, metrics = env["RAY_SERVE_HAPROXY_STATS_PORT"], env["RAY_SERVE_HAPROXY_METRICS_PORT"]
+    assert f"bind 127.0.0.1:{stats}\n" in text
+    assert f"bind 127.0.0.1:{metrics}\n" in text
+    assert stat.S_IMODE((directory / "admin.sock").stat().st_mode) == 0o600
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    # the stats page answers on 127.0.0.1 and nowhere else (127.0.0.2 is this host too)
+    assert requests.get(f"http://127.0.0.1:{stats}/stats", timeout=10).status_code == 200
+    with pytest.raises(OSError), socket.create_connection(("127.0.0.2", int(stats)), timeout=5):
+        pass
+
+
+def _raw_request(app: dict[str, Any], head: str) -> tuple[bytes, bool]:
+    """Send a raw request head; the response bytes, and whether the server closed the
+    connection within 5 s of answering."""
+    port = int(app["url"].rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(head.encode())
+        s.settimeout(5)
+        data = b""
+        try:
+            while chunk := s.recv(65536):
+                data += chunk
+        except TimeoutError:
+            return data, False
+        return data, True
+
+
+@pytest.mark.parametrize(
+    ("extra", "status", "field"),
+    [
+        ("".join(f"X-H{i}: v\r\n" for i in range(80)), 431, "headers"),  # the app's cap (64)
+        ("Content-Type: application/json\r\nContent-Length: 900000000\r\n", 413, "body"),
+        ("Content-Type: application/json\r\nContent-Length: 400001\r\n", 413, "body"),
+        # HAProxy's own parser (over 101 fields): its plain 400, before any rule applies
+        ("".join(f"X-H{i}: v\r\n" for i in range(120)), 400, None),
+    ],
+)
+def test_a_refusal_before_the_request_was_read_closes_the_connection(
+    app: dict[str, Any], extra: str, status: int, field: str | None
+) -> None:
+    """A 413/431 (the body or headers were not read) answers JSON naming the field and closes
+    the client's connection at once; HAProxy would otherwise keep it open, waiting for a body
+    nobody reads. A body over its route's limit (here 400,000 bytes) is refused by HAProxy
+    from the declared length, before a replica sees it."""
+    head = f"POST /v1/models/digits/predict HTTP/1.1\r\nHost: x\r\n{extra}\r\n"
+    data, closed = _raw_request(app, head)
+    assert data.startswith(f"HTTP/1.1 {status} ".encode()), data[:200]
+    if field is not None:
+        assert _json_body(data)["error"]["field"] == field
+    assert closed, data[:300]
+
+
+def _json_body(response: bytes) -> Any:
+    """The JSON body of a raw HTTP/1.1 response (chunked or not)."""
+    head, body = response.split(b"\r\n\r\n", 1)
+    if b"transfer-encoding: chunked" in head.lower():
+        out = b""
+        while True:
+            size_line, body = body.split(b"\r\n", 1)
+            size = int(size_line, 16)
+            if size == 0:
+                break
+            out, body = out + body[:size], body[size + 2 :]
+        body = out
+    return json.loads(body)
