@@ -247,8 +247,11 @@ def cmd_up(args: argparse.Namespace, settings: RefitSettings) -> int:
 
     from service import deployments
     from service.allocator import reexec_with_jemalloc
+    from service.console import JobConsole, ray_output_to_files
     from service.embedded_store import update_connection_file
-    from training.ray_train import ensure_ray
+    from training.ray_train import ensure_ray, session_logs
+    from training.storage.job_records import JobStore
+    from training.storage.s3 import ObjectStore
 
     # before anything starts: the preload must be in place when the process begins
     allocator = reexec_with_jemalloc(
@@ -257,8 +260,11 @@ def cmd_up(args: argparse.Namespace, settings: RefitSettings) -> int:
     _log(f"allocator: {allocator}")
     _stop_on_sigterm()
     data_dir = Path(args.data_dir)
+    logs = data_dir / "logs"
+    ray_log = ray_output_to_files(logs, None)
     embedded = EmbeddedStore(data_dir, bucket=settings.s3.bucket)
     deployed = False
+    console: JobConsole | None = None
     try:
         conn = embedded.start()
         tokens = _tokens(data_dir)
@@ -270,25 +276,39 @@ def cmd_up(args: argparse.Namespace, settings: RefitSettings) -> int:
                 "metrics_token": SecretStr(tokens["metrics_token"]),
             }
         )
+        # Ray's output to files (the console is for what a user acts on); the demo's epochs
+        # are printed once, by the job console, like every other job's
+        quiet = {"log_to_driver": False}
         settings = _local_ray(settings).model_copy(
-            update={"s3": conn.s3_settings(settings.s3.prefix), "serve": serve_conf}
+            update={
+                "s3": conn.s3_settings(settings.s3.prefix),
+                "serve": serve_conf,
+                "ray": _local_ray(settings).ray.model_copy(update=quiet),
+                "training": settings.training.model_copy(update={"echo_progress": False}),
+            }
         )
+        _log("starting Ray and the service")
         ensure_ray(settings.ray)
         _stop_on_sigterm()
+        ray_output_to_files(logs, session_logs())
         deployed = True
         deployments.run(settings)
+        ray_output_to_files(logs, session_logs())  # Serve's logger has its own handler
         _stop_on_sigterm()
         url = f"http://{settings.serve.host}:{settings.serve.port}"
         update_connection_file(data_dir, {"url": url, **tokens})
+        console = JobConsole(JobStore(ObjectStore(settings.s3)), emit=_log)
+        console.start()
         print(
-            json.dumps(
-                {"url": url, **tokens, "connection_file": str(data_dir / "connection.json")}
-            ),
+            json.dumps({"url": url, "connection_file": str(data_dir / "connection.json")}),
             flush=True,
         )
+        _log(f"serving on {url}; the API tokens are in {data_dir / 'connection.json'}")
+        _log(f"Ray's output: {ray_log} and {logs / 'ray'}")
         if not args.no_demo:
             _bootstrap_demo(settings, few=20, base_epochs=6, workers=2, always=False)
-        _log(f"serving on {url}; Ctrl-C stops everything")
+        console.poll()  # the demo's end is reported before "ready"
+        _log(f"ready on {url}; Ctrl-C stops everything")
         _serve_until_signal()
     except (KeyboardInterrupt, SystemExit):  # SystemExit: Ray's handler, before ours is back
         _log("signal received")
@@ -297,6 +317,8 @@ def cmd_up(args: argparse.Namespace, settings: RefitSettings) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         _log("stopping Serve, Ray and the object store")
+        if console is not None:
+            console.stop()
         try:
             if deployed:
                 with contextlib.suppress(Exception):

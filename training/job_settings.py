@@ -24,6 +24,10 @@ class RaySettings(BaseModel):
     """Logical CPUs of a locally started Ray; unset means the machine's count."""
     include_dashboard: bool = False
     """The dashboard is off by default: its port must never be exposed (CVE-2023-48022)."""
+    log_to_driver: bool = True
+    """Output of Ray's worker processes (prints, logs) copied to the console of the process
+    that started Ray. ``refit up`` turns it off: its console shows the service, the demo and
+    each job, and Ray's output stays in Ray's session logs (linked from ``{data_dir}/logs``)."""
 
 
 class TrainingSettings(BaseModel):
@@ -31,6 +35,10 @@ class TrainingSettings(BaseModel):
 
     max_epochs: int = Field(default=200, ge=1)
     """Upper bound on ``epochs`` in a spec."""
+    echo_progress: bool = True
+    """Each epoch's line (loss, top-1, throughput, ETA) printed by the process that trains
+    (the job's log). ``refit up`` turns it off for the demo it trains itself: its console
+    prints every job's epochs from the job records instead, once."""
     max_batch_size: int = Field(default=1024, ge=1)
     """Upper bound on ``batch_size`` in a spec."""
     max_workers: int = Field(default=64, ge=1)

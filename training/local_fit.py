@@ -106,7 +106,9 @@ def _resume_dir(store: ObjectStore, job_id: str, workdir: Path) -> Path | None:
 def fit_here(inputs: RunInputs, *, job_id: str, workdir: Path) -> FitResult:
     """Train one worker in this process; the best epoch's weights come back in memory."""
     store = ObjectStore(inputs.s3)
-    progress = EpochProgress(store, JobStore.progress_key(job_id))
+    progress = EpochProgress(
+        store, JobStore.progress_key(job_id), echo=inputs.training.echo_progress
+    )
     uploads = _Uploads(store, job_id)
     last: dict[str, Any] = {}
     kept: dict[str, Any] = {}

@@ -19,8 +19,8 @@ CURVE_KEYS = ("train_loss", "val_loss", "val_top1", "images_per_s", "epoch_s")
 class EpochProgress:
     """Logs each epoch's report and stores it with the history of all epochs."""
 
-    def __init__(self, store: ObjectStore, key: str) -> None:
-        self.store, self.key = store, key
+    def __init__(self, store: ObjectStore, key: str, *, echo: bool = True) -> None:
+        self.store, self.key, self.echo = store, key, echo
         self.history: dict[int, dict[str, float]] = {}
 
     def record(self, metrics: dict[str, Any]) -> None:
@@ -30,6 +30,7 @@ class EpochProgress:
             # keyed by epoch: an epoch repeated after a resume replaces the lost attempt
             self.history[int(m["epoch"])] = {k: float(m[k]) for k in CURVE_KEYS if k in m}
             m["history"] = [{"epoch": e, **h} for e, h in sorted(self.history.items())]
+        if "epoch" in m and self.echo:
             print(
                 f"[refit] epoch {m['epoch']}/{m['epochs']} loss {m['train_loss']:.4f} "
                 f"val top1 {m['val_top1']:.4f} {m['images_per_s']:.1f} img/s "

@@ -62,15 +62,28 @@ def ensure_ray(settings: RaySettings) -> bool:
     """
     if ray.is_initialized():
         return False
-    kwargs: dict[str, Any] = {"include_dashboard": settings.include_dashboard}
+    kwargs: dict[str, Any] = {
+        "include_dashboard": settings.include_dashboard,
+        "log_to_driver": settings.log_to_driver,
+    }
     if settings.address:
-        ray.init(address=settings.address, **kwargs)
+        context = ray.init(address=settings.address, **kwargs)
         started = False
     else:
-        ray.init(address="local", num_cpus=settings.num_cpus, **kwargs)
+        context = ray.init(address="local", num_cpus=settings.num_cpus, **kwargs)
         started = True
+    _SESSION["dir"] = getattr(context, "address_info", {}).get("session_dir")
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     return started
+
+
+_SESSION: dict[str, str | None] = {"dir": None}
+
+
+def session_logs() -> Path | None:
+    """The logs folder of the Ray session this process joined (None: not joined here)."""
+    found = _SESSION["dir"]
+    return Path(found) / "logs" if found else None
 
 
 CONTROLLER_POLL_S = 0.25

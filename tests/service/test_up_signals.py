@@ -6,11 +6,14 @@ own process tree and session, sampled while it runs, and killed by pid if a test
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -146,6 +149,29 @@ def test_sigterm_while_ray_starts(up: type[_Run]) -> None:
 def test_sigterm_during_the_demo_training(up: type[_Run]) -> None:
     run = up()
     run.wait_for("training the pretrained base", 180)
-    run.wait_for("[refit] epoch 1/", 240)  # Ray Train's controller and workers are up
+    run.wait_for("(digits-base) epoch 1/", 240)  # the base job trains
     _stop_and_check(run)
     assert "signal received" in run.log.read_text()
+
+
+def test_a_fresh_up_with_the_demo_has_a_quiet_console(up: type[_Run]) -> None:
+    """The console of a fresh ``refit up`` shows the URL, where the tokens are, and each
+    demo job's start, epochs and end; no line repeats more than 3 times, no token is printed,
+    and Ray's output is in the data dir's log files."""
+    run = up()
+    run.wait_for("[refit] ready on", 420)
+    text = run.log.read_text(errors="replace")
+    lines = [line for line in text.splitlines() if line.strip()]
+    repeated = {line: n for line, n in Counter(lines).items() if n > 3}
+    assert repeated == {}, text[-3000:]
+    tokens = json.loads((run.data_dir / "connection.json").read_text())
+    assert tokens["admin_token"] not in text
+    assert tokens["predict_token"] not in text
+    assert "connection.json" in text
+    assert re.search(r"job \S+ \(digits-base\) epoch 6/6", text), text[-3000:]
+    assert re.search(r"job \S+ \(digits-5to9\) started", text), text[-3000:]
+    assert re.search(r"job \S+ \(digits-5to9\) succeeded: version \S+ is live", text)
+    assert "(TrainController" not in text  # Ray's workers write to their own logs
+    assert (run.data_dir / "logs" / "ray-driver.log").exists()
+    assert (run.data_dir / "logs" / "ray").is_dir()
+    _stop_and_check(run)

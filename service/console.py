@@ -1,0 +1,165 @@
+"""What ``refit up`` shows on its console, and where the rest goes.
+
+The console carries what a user acts on: the URL, where the tokens are, the demo's progress,
+and each job's start, epochs and end (:class:`JobConsole`, read from the job records, so jobs
+run by the service's job processes show too). Ray's own output goes to files under the data
+dir (:func:`ray_output_to_files`): its driver loggers to ``logs/ray-driver.log``, and a link
+``logs/ray`` to the session's logs, where every Ray process writes (``log_to_driver`` off).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from training.storage.errors import RefitError
+from training.storage.job_records import JobRecord, JobStore
+
+log = logging.getLogger(__name__)
+
+POLL_S = 1.0
+"""How often the job records are read: one list of the active markers, plus a read of each
+running job's record and progress."""
+
+
+def ray_output_to_files(logs: Path, session_logs: Path | None) -> Path:
+    """Send the ``ray`` loggers of this process to ``logs/ray-driver.log`` instead of the
+    console, and link ``logs/ray`` to the session's logs (when known). Call it after ``import
+    ray`` (which adds Ray's console handler) and before ``ray.init``, and again after a Ray
+    library adds its own (Serve does when it starts). Returns the driver log's path."""
+    logs.mkdir(parents=True, exist_ok=True)
+    path = logs / "ray-driver.log"
+    to_file = logging.FileHandler(path)
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    names = [n for n in logging.root.manager.loggerDict if n == "ray" or n.startswith("ray.")]
+    for name in names:
+        logger = logging.getLogger(name)
+        consoles = [
+            h
+            for h in logger.handlers
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+        ]
+        for handler in consoles:
+            logger.removeHandler(handler)
+        files = [h for h in logger.handlers if getattr(h, "baseFilename", None) == str(path)]
+        if (consoles or name == "ray") and not files:
+            logger.addHandler(to_file)
+    link = logs / "ray"
+    if session_logs is not None:
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(session_logs, target_is_directory=True)
+    return path
+
+
+@dataclass
+class _Seen:
+    state: str
+    epochs: int = 0
+
+
+class JobConsole:
+    """Prints each job's start, epochs and end from the store's records (``poll`` once, or
+    ``start`` a thread). Jobs that end between two polls are still reported, from the record
+    of every job id newer than the last one seen."""
+
+    def __init__(self, jobs: JobStore, emit: Callable[[str], None]) -> None:
+        self.jobs, self.emit = jobs, emit
+        self.seen: dict[str, _Seen] = {}
+        self.newest: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()  # the thread's polls and a caller's
+
+    def _new_ids(self) -> list[str]:
+        """Ids of records created since the last poll (all existing ones at the first)."""
+        start = f"jobs/{self.newest}.json" if self.newest else None
+        ids = []
+        for obj in self.jobs.store.list("jobs/", start_after=start):
+            name = obj.key.removeprefix("jobs/")
+            if "/" not in name and name.endswith(".json"):
+                ids.append(name.removesuffix(".json"))
+        return ids
+
+    def poll(self) -> None:
+        """Report what changed since the last call (from any thread)."""
+        with self._lock:
+            self._poll()
+
+    def _poll(self) -> None:
+        first = self.newest is None
+        new = self._new_ids()
+        if new:
+            self.newest = max(new)
+        if first:  # jobs that ended before this console started are history, not news
+            for job_id in new:
+                record = self.jobs.get(job_id)
+                if record.terminal:
+                    self.seen[job_id] = _Seen(record.state)
+            new = [j for j in new if j not in self.seen]
+        watch = set(new) | {j for j, s in self.seen.items() if s.state in ("queued", "running")}
+        for job_id in sorted(watch):
+            self._report(self.jobs.get(job_id))
+
+    def _report(self, record: JobRecord) -> None:
+        seen = self.seen.get(record.job_id)
+        name = f"job {record.job_id} ({record.model})"
+        if seen is None:
+            seen = self.seen[record.job_id] = _Seen("new")
+            why = f", trigger: {record.trigger.detail}" if record.trigger else ""
+            self.emit(f"{name} queued{why}")
+        if record.state != "queued" and seen.state in ("new", "queued"):
+            self.emit(f"{name} started")
+        progress = self.jobs.progress(record.job_id).get("progress") or {}
+        for epoch in progress.get("history", []):
+            if int(epoch["epoch"]) > seen.epochs:
+                seen.epochs = int(epoch["epoch"])
+                self.emit(f"{name} {_epoch_line(epoch, progress)}")
+        if record.terminal and seen.state not in ("succeeded", "failed", "cancelled"):
+            self.emit(f"{name} {_end_line(record)}")
+        seen.state = record.state
+
+    def start(self) -> None:
+        """Poll every :data:`POLL_S` in a daemon thread until :meth:`stop`."""
+        self._thread = threading.Thread(target=self._run, name="job-console", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(POLL_S):
+            try:
+                self.poll()
+            except (RefitError, OSError) as exc:  # the console never stops the service
+                log.debug("job console: %s", exc)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the thread (bounded)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+
+def _epoch_line(epoch: dict[str, Any], progress: dict[str, Any]) -> str:
+    parts = [f"epoch {epoch['epoch']}/{progress.get('epochs', '?')}"]
+    if "train_loss" in epoch:
+        parts.append(f"loss {epoch['train_loss']:.4f}")
+    if "val_top1" in epoch:
+        parts.append(f"val top1 {epoch['val_top1']:.4f}")
+    if "images_per_s" in epoch:
+        parts.append(f"{epoch['images_per_s']:.0f} img/s")
+    return " ".join(parts)
+
+
+def _end_line(record: JobRecord) -> str:
+    result = record.result or {}
+    if record.state == "succeeded" and result.get("published"):
+        return f"succeeded: version {result.get('version')} is live"
+    if record.state == "succeeded":
+        return f"succeeded, not published: {record.reason or 'the gate refused it'}"
+    if record.state == "failed":
+        error = record.error or {}
+        return f"failed: {error.get('message') or record.reason}"
+    return f"{record.state}: {record.reason or ''}".rstrip(": ")
