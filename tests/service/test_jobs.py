@@ -66,13 +66,13 @@ def test_active_markers_follow_unfinished_jobs(
     assert [o.key for o in store.list("jobs/active/")] == [f"jobs/active/{a.job_id}"]
     # the queued listing reads the marked records only, not every job ever run
     read: list[str] = []
-    real_get = store.get_json
+    real_get = store.get_with_etag
 
-    def counting_get(key: str) -> Any:
+    def counting_get(key: str, **kw: Any) -> Any:
         read.append(key)
-        return real_get(key)
+        return real_get(key, **kw)
 
-    monkeypatch.setattr(store, "get_json", counting_get)
+    monkeypatch.setattr(store, "get_with_etag", counting_get)
     assert [r.job_id for r in jobs.list_jobs(state="queued")] == [a.job_id]
     assert read == [f"jobs/{a.job_id}.json"]
     assert {r.job_id for r in jobs.list_jobs(state="failed")} == {b.job_id}

@@ -16,9 +16,9 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from typing import Literal
+from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from training.storage.errors import IntegrityError, NotFoundError, SpecError
 from training.storage.ids import is_id, is_prediction_id
@@ -26,8 +26,6 @@ from training.storage.s3 import ObjectStore
 
 ImageKind = Literal["jpg", "png", "webp"]
 CaptureReason = Literal["random", "low_confidence", "low_margin"]
-MAX_RECORD_BYTES = 64 * 1024
-"""A capture record is a few hundred bytes; a larger one was not written by Refit."""
 _ITEM = re.compile(r"^captures/([^/]+)/items/([^/]+)/(\d+)\.json$")
 
 
@@ -38,6 +36,8 @@ class CapturePolicy(BaseModel):
     captured (the default)."""
 
     model_config = ConfigDict(extra="forbid")
+    MAX_BYTES: ClassVar[int] = 64 * 1024
+    """A stored one is a few hundred bytes; a larger one was not written by Refit."""
 
     rate: float = Field(default=0.0, ge=0.0, le=1.0)
     """Share of predictions kept at random (0: none, 1: every one)."""
@@ -71,6 +71,8 @@ class CaptureRecord(BaseModel):
     """One captured image's prediction: what answered, what it said, why it was kept."""
 
     model_config = ConfigDict(extra="forbid")
+    MAX_BYTES: ClassVar[int] = 64 * 1024
+    """A stored one is a few hundred bytes; a larger one was not written by Refit."""
 
     model: str
     prediction_id: str
@@ -107,20 +109,14 @@ class Captures:
         applies). A damaged policy object is an IntegrityError, not a crash."""
         _check(model, "model")
         try:
-            raw = self.store.get_bytes(f"captures/{model}/policy.json", max_bytes=MAX_RECORD_BYTES)
+            return self.store.get_record(f"captures/{model}/policy.json", CapturePolicy)
         except NotFoundError:
             return None
-        except ValueError as exc:
-            raise IntegrityError(f"capture policy of {model!r}: {exc}", field="model") from None
-        try:
-            return CapturePolicy.model_validate_json(raw)
-        except ValidationError as exc:
-            raise IntegrityError(f"capture policy of {model!r} is damaged: {exc}") from None
 
     def set_policy(self, model: str, policy: CapturePolicy) -> CapturePolicy:
         """Store the model's policy (replaces the previous one)."""
         _check(model, "model")
-        self.store.put_json(f"captures/{model}/policy.json", policy.model_dump(mode="json"))
+        self.store.put_record(f"captures/{model}/policy.json", policy)
         return policy
 
     # --- captures --------------------------------------------------------------------------
@@ -132,28 +128,20 @@ class Captures:
         self.store.put_bytes(
             f"{key}.{kind}", image, content_type=f"image/{'jpeg' if kind == 'jpg' else kind}"
         )
-        self.store.put_json(f"{key}.json", record.model_dump(mode="json"), if_none_match=True)
+        self.store.put_record(f"{key}.json", record, if_none_match=True)
 
     def get(self, model: str, prediction_id: str, index: int = 0) -> CaptureRecord:
         """One capture's record; NotFoundError when it was not captured (or does not exist),
         IntegrityError when the stored record is damaged."""
         key = self._item(model, prediction_id, index)
+        names = {"model": model, "prediction_id": prediction_id, "index": index}
         try:
-            raw = self.store.get_bytes(f"{key}.json", max_bytes=MAX_RECORD_BYTES)
+            return self.store.get_record(f"{key}.json", CaptureRecord, names=names)
         except NotFoundError:
             raise NotFoundError(
                 f"no captured prediction {prediction_id!r} (image {index}) of model {model!r}",
                 field="prediction_id",
             ) from None
-        except ValueError as exc:
-            raise IntegrityError(f"capture {key}: {exc}") from None
-        try:
-            record = CaptureRecord.model_validate_json(raw)
-        except ValidationError as exc:
-            raise IntegrityError(f"capture {key} is damaged: {exc}") from None
-        if (record.model, record.prediction_id, record.index) != (model, prediction_id, index):
-            raise IntegrityError(f"capture {key} names another prediction")
-        return record
 
     def image(self, record: CaptureRecord, *, max_bytes: int) -> bytes:
         """A capture's image bytes (at most ``max_bytes``: the request cap it was sent under)."""

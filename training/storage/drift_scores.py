@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import logging
 from datetime import UTC, datetime, timedelta
+from typing import ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from training.storage.errors import NotFoundError
+from training.storage.errors import IntegrityError, NotFoundError
 from training.storage.ids import check_ids
 from training.storage.s3 import ObjectStore
 
@@ -26,13 +27,13 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 300.0
 MAX_AGE_S = 900.0
-MAX_RECORD_BYTES = 16 * 1024
 
 
 class DriftWindow(BaseModel):
     """One replica's last sampled images of one version, measured against its reference."""
 
     model_config = ConfigDict(extra="forbid")
+    MAX_BYTES: ClassVar[int] = 16 * 1024
 
     model: str
     version: str
@@ -80,23 +81,22 @@ class DriftScores:
         """Write (replace) one replica's window."""
         check_ids(model=window.model, version=window.version, replica=window.replica)
         key = f"drift/{window.model}/{window.version}/{window.replica}.json"
-        self.store.put_json(key, window.model_dump(mode="json"))
+        self.store.put_record(key, window)
 
     def windows(self, model: str, version: str) -> list[DriftWindow]:
         """The version's windows, fresh or not; a damaged one is logged and skipped."""
         check_ids(model=model, version=version)
         out = []
         for obj in self.store.list(f"drift/{model}/{version}/"):
+            names = {"model": model, "version": version}
             try:
-                raw = self.store.get_bytes(obj.key, max_bytes=MAX_RECORD_BYTES)
-                window = DriftWindow.model_validate_json(raw)
+                window = self.store.get_record(obj.key, DriftWindow, names=names)
             except NotFoundError:
                 continue  # replaced between the listing and the read
-            except (ValueError, ValidationError) as exc:
-                log.warning("drift window %s is damaged: %s", obj.key, exc)
+            except IntegrityError as exc:
+                log.warning("drift window skipped: %s", exc)
                 continue
-            if window.model == model and window.version == version:
-                out.append(window)
+            out.append(window)
         return out
 
     def score(self, model: str, version: str, *, now: datetime | None = None) -> DriftScore | None:

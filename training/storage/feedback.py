@@ -27,16 +27,15 @@ import json
 import re
 from collections import Counter
 from datetime import datetime
-from typing import Literal
+from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from training.storage.captures import ImageKind
 from training.storage.errors import ConflictError, IntegrityError, NotFoundError, SpecError
-from training.storage.ids import is_id
+from training.storage.ids import check_ids
 from training.storage.s3 import ObjectStore
 
-MAX_RECORD_BYTES = 64 * 1024
 _SHA = re.compile(r"[0-9a-f]{64}")
 _LABEL_KEY = re.compile(r"^feedback/([^/]+)/labels/([0-9a-f]{64})\.json$")
 Split = Literal["train", "val"]
@@ -75,6 +74,8 @@ class FeedbackItem(BaseModel):
     prediction) what the model had answered."""
 
     model_config = ConfigDict(extra="forbid")
+    MAX_BYTES: ClassVar[int] = 64 * 1024
+    """With its history of at most ``MAX_HISTORY`` labels, a few KB."""
 
     model: str
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
@@ -182,8 +183,7 @@ class Feedback:
 
     @staticmethod
     def _base(model: str) -> str:
-        if not is_id(model):
-            raise SpecError(f"{model!r} is not a valid id", field="model")
+        check_ids(model=model)
         return f"feedback/{model}"
 
     def quality_key(self, model: str) -> str:
@@ -198,20 +198,12 @@ class Feedback:
         """The label record of an image, or None when it was never labelled."""
         if not _SHA.fullmatch(sha256):
             raise SpecError("not a sha256", field="sha256")
-        key = f"{self._base(model)}/labels/{sha256}.json"
+        key = self._record_key(model, sha256)
+        names = {"model": model, "sha256": sha256}
         try:
-            raw = self.store.get_bytes(key, max_bytes=MAX_RECORD_BYTES)
+            return self.store.get_record(key, FeedbackItem, names=names)
         except NotFoundError:
             return None
-        except ValueError as exc:
-            raise IntegrityError(f"feedback record {key}: {exc}") from None
-        try:
-            item = FeedbackItem.model_validate_json(raw)
-        except ValidationError as exc:
-            raise IntegrityError(f"feedback record {key} is damaged: {exc}") from None
-        if (item.model, item.sha256) != (model, sha256):
-            raise IntegrityError(f"feedback record {key} names another image")
-        return item
 
     def _record_key(self, model: str, sha256: str) -> str:
         return f"{self._base(model)}/labels/{sha256}.json"
@@ -227,9 +219,7 @@ class Feedback:
         if previous is None or previous.image != item.image or not self.store.exists(image_key):
             self.store.put_bytes(image_key, image)
         stored = merged(item, previous)
-        self.store.put_json(
-            self._record_key(item.model, item.sha256), stored.model_dump(mode="json")
-        )
+        self.store.put_record(self._record_key(item.model, item.sha256), stored)
         return stored, previous
 
     def _lend(self, item: FeedbackItem) -> None:
@@ -237,15 +227,14 @@ class Feedback:
         record changed meanwhile (a new label: its next snapshot lends again if needed)."""
         key = self._record_key(item.model, item.sha256)
         try:
-            raw, etag = self.store.get_with_etag(key, max_bytes=MAX_RECORD_BYTES)
-            current = FeedbackItem.model_validate_json(raw)
-        except (NotFoundError, ValueError, ValidationError):
+            current, etag = self.store.get_record_with_etag(key, FeedbackItem)
+        except (NotFoundError, IntegrityError):
             return
         if current.label != item.label or current.lent:
             return
         lent = current.model_copy(update={"split": item.split, "lent": True})
         with contextlib.suppress(ConflictError):
-            self.store.put_json(key, lent.model_dump(mode="json"), if_match=etag)
+            self.store.put_record(key, lent, if_match=etag)
 
     def items(
         self, model: str, cache: dict[str, tuple[str, FeedbackItem]] | None = None

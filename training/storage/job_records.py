@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
-from training.storage.errors import ConflictError, NotFoundError, StorageError
+from training.storage.errors import ConflictError, IntegrityError, NotFoundError, StorageError
 from training.storage.ids import is_id, new_job_id
 from training.storage.s3 import ObjectStore
 
@@ -32,6 +33,7 @@ TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 STATES: tuple[str, ...] = ("queued", "running", "succeeded", "failed", "cancelled")
 _RECORD_KEY = re.compile(r"^jobs/([^/]+)\.json$")
 _ACTIVE = "jobs/active/"
+log = logging.getLogger(__name__)
 
 
 def now_iso() -> str:
@@ -79,6 +81,9 @@ class JobRecord(BaseModel):
     """One job: what was asked, where it stands, and how it ended."""
 
     model_config = ConfigDict(extra="ignore")
+    MAX_BYTES: ClassVar[int] = 1024 * 1024
+    """The spec, the result (metrics with a confusion matrix, the gate's reasons) and the
+    error fit in a few tens of KB; a larger object was not written by Refit."""
 
     job_id: str
     model: str
@@ -206,16 +211,15 @@ class JobStore:
         # marker first: a crash between the writes leaves a marker without a record (removed
         # by the next scan), never a queued record that no scan would find
         self.store.put_bytes(_ACTIVE + record.job_id, b"")
-        self.store.put_json(self.key(record.job_id), record.model_dump(), if_none_match=True)
+        self.store.put_record(self.key(record.job_id), record, if_none_match=True)
         return record, True
 
     def get(self, job_id: str) -> JobRecord:
         """The record (NotFoundError naming ``job_id``)."""
         try:
-            data = self.store.get_json(self.key(job_id))
+            return self.store.get_record(self.key(job_id), JobRecord, names={"job_id": job_id})
         except NotFoundError:
             raise NotFoundError(f"no job {job_id!r}", field="job_id") from None
-        return JobRecord.model_validate(data)
 
     def update(
         self, job_id: str, change: Callable[[JobRecord], JobRecord | None], *, attempts: int = 8
@@ -225,15 +229,16 @@ class JobStore:
         key = self.key(job_id)
         for _ in range(attempts):
             try:
-                raw, etag = self.store.get_with_etag(key)
+                current, etag = self.store.get_record_with_etag(
+                    key, JobRecord, names={"job_id": job_id}
+                )
             except NotFoundError:
                 raise NotFoundError(f"no job {job_id!r}", field="job_id") from None
-            current = JobRecord.model_validate_json(raw)
             updated = change(current.model_copy(deep=True))
             if updated is None:
                 return current
             try:
-                self.store.put_json(key, updated.model_dump(), if_match=etag)
+                self.store.put_record(key, updated, if_match=etag)
             except ConflictError:
                 continue
             if updated.terminal and not current.terminal:
@@ -271,6 +276,9 @@ class JobStore:
                 record = self.get(job_id)
             except NotFoundError:
                 continue
+            except IntegrityError as exc:  # one damaged record does not hide the others
+                log.warning("job record skipped: %s", exc)
+                continue
             if state is None or record.state == state:
                 out.append(record)
             if len(out) >= limit:
@@ -286,6 +294,9 @@ class JobStore:
                 record = self.get(job_id)
             except NotFoundError:
                 record = None
+            except IntegrityError as exc:  # left as it is: nothing can run it
+                log.warning("job record skipped: %s", exc)
+                continue
             if record is None or record.terminal:
                 self.store.delete(_ACTIVE + job_id)
                 continue

@@ -19,12 +19,12 @@ import contextlib
 import logging
 from collections import Counter
 from datetime import datetime
-from typing import Any
+from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from training.storage.captures import hour_of
-from training.storage.errors import ConflictError, NotFoundError, RefitError
+from training.storage.errors import ConflictError, IntegrityError, NotFoundError, RefitError
 from training.storage.feedback import Feedback, Judgement, judgements
 from training.storage.s3 import ObjectStore
 
@@ -36,7 +36,6 @@ HOURS = 24 * 14
 VERSIONS = 100
 LOW_CONFIDENCE = 0.5
 """A judged prediction whose top-1 score is below this counts as low-confidence."""
-MAX_INDEX_BYTES = 4 * 1024 * 1024
 _ATTEMPTS = 8
 
 
@@ -70,6 +69,8 @@ class QualityIndex(BaseModel):
     """Counters over every judgement of a model (see the module)."""
 
     model_config = ConfigDict(extra="forbid")
+    MAX_BYTES: ClassVar[int] = 4 * 1024 * 1024
+    """Counters per class and version and the last ``RECENT`` judgements: well under this."""
 
     labels: int = 0
     versions: dict[str, Tally] = Field(default_factory=dict)
@@ -146,19 +147,18 @@ class QualityIndexes:
         missing or damaged (then stored)."""
         key = self._key(model)
         try:
-            raw = self.store.get_bytes(key, max_bytes=MAX_INDEX_BYTES)
-            return QualityIndex.model_validate_json(raw)
+            return self.store.get_record(key, QualityIndex)
         except NotFoundError:
             pass
-        except (ValueError, ValidationError) as exc:
-            log.warning("quality index %s is damaged (%s); rebuilding it", key, exc)
+        except IntegrityError as exc:
+            log.warning("rebuilding a damaged quality index: %s", exc)
             with contextlib.suppress(RefitError):
                 self.store.delete(key)
         index = built(judgements(self.feedback.items(model)))
         try:
             # created only where none is: an index another reader built, or a label counted
             # into, meanwhile is never overwritten by this (older) listing
-            self.store.put_json(key, index.model_dump(mode="json"), if_none_match=True)
+            self.store.put_record(key, index, if_none_match=True)
         except ConflictError:
             pass
         except RefitError as exc:  # served from the rebuild; the next read tries again
@@ -171,15 +171,14 @@ class QualityIndexes:
         key = self._key(model)
         for _ in range(_ATTEMPTS):
             try:
-                raw, etag = self.store.get_with_etag(key, max_bytes=MAX_INDEX_BYTES)
-                index = QualityIndex.model_validate_json(raw)
+                index, etag = self.store.get_record_with_etag(key, QualityIndex)
             except NotFoundError:
                 return  # the first reader builds it, this label included
-            except (ValueError, ValidationError):
+            except IntegrityError:
                 break
             index.moved(new, old)
             try:
-                self.store.put_json(key, index.model_dump(mode="json"), if_match=etag)
+                self.store.put_record(key, index, if_match=etag)
                 return
             except ConflictError:
                 continue  # another label landed first: count on top of it

@@ -18,7 +18,7 @@ import logging
 import re
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -40,8 +40,6 @@ _GRAPH_FILE = re.compile(r"graphs/[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 log = logging.getLogger(__name__)
 
 _HISTORY = 20
-MAX_RECORD_BYTES = 1024 * 1024
-"""Largest manifest or alias object read: anything larger is damaged, never parsed."""
 
 Verify = Callable[["Manifest", dict[str, torch.Tensor]], None]
 """A check of a version's weights before an alias may point at it (the service passes one
@@ -64,6 +62,8 @@ class Manifest(BaseModel):
     """Everything needed to rebuild, verify and explain a published version."""
 
     model_config = ConfigDict(extra="forbid")
+    MAX_BYTES: ClassVar[int] = 1024 * 1024
+    """Largest manifest read: anything larger is damaged, never parsed."""
 
     schema_version: int = 1
     model: str
@@ -131,6 +131,7 @@ class GraphSet(BaseModel):
     belongs to exactly one version's content."""
 
     model_config = ConfigDict(extra="forbid")
+    MAX_BYTES: ClassVar[int] = 1024 * 1024
 
     manifest_sha256: str
     files: dict[str, FileEntry]
@@ -140,6 +141,9 @@ class GraphSet(BaseModel):
 
 class AliasRecord(BaseModel):
     """An alias pointer; ``sha256`` is the manifest's, ``history`` the earlier versions."""
+
+    MAX_BYTES: ClassVar[int] = 64 * 1024
+    """A version, a digest and at most 20 earlier versions: well under this."""
 
     version: str
     sha256: str
@@ -221,7 +225,7 @@ class Registry:
         check_ids(model=model, version=version)
         try:
             raw = self.store.get_bytes(
-                self._vkey(model, version, MANIFEST_FILE), max_bytes=MAX_RECORD_BYTES
+                self._vkey(model, version, MANIFEST_FILE), max_bytes=Manifest.MAX_BYTES
             )
         except NotFoundError:
             raise NotFoundError(
@@ -313,11 +317,10 @@ class Registry:
         another manifest is ignored (logged): the version serves without it."""
         key = self._vkey(manifest.model, manifest.version, GRAPH_SET_FILE)
         try:
-            raw = self.store.get_bytes(key, max_bytes=MAX_RECORD_BYTES)
-            record = GraphSet.model_validate_json(raw)
+            record = self.store.get_record(key, GraphSet)
         except NotFoundError:
             return manifest
-        except (ValueError, ValidationError) as exc:
+        except IntegrityError as exc:
             log.warning("graph set of %s@%s ignored: %s", manifest.model, manifest.version, exc)
             return manifest
         _, digest = self.read_manifest(manifest.model, manifest.version)
@@ -358,17 +361,10 @@ class Registry:
         check_ids(model=model, alias=alias)
         key = self._akey(model, alias)
         try:
-            raw, etag = self.store.get_with_etag(key, max_bytes=MAX_RECORD_BYTES)
+            # one damaged object must not break anything but its model (field: model)
+            return self.store.get_record_with_etag(key, AliasRecord, field="model")
         except NotFoundError:
             return None, None
-        except ValueError as exc:  # one damaged object must not break anything but its model
-            raise IntegrityError(f"alias object {key} is damaged: {exc}", field="model") from None
-        try:
-            return AliasRecord.model_validate_json(raw), etag
-        except ValidationError:
-            raise IntegrityError(
-                f"alias object {key} is damaged: not an alias record", field="model"
-            ) from None
 
     def serving(self, model: str, alias: str) -> AliasRecord:
         """The alias record a model serves under; NotFoundError naming ``model`` when the
@@ -428,11 +424,8 @@ class Registry:
 
     def _write_alias(self, model: str, alias: str, record: AliasRecord, etag: str | None) -> None:
         try:
-            self.store.put_json(
-                self._akey(model, alias),
-                record.model_dump(mode="json"),
-                if_none_match=etag is None,
-                if_match=etag,
+            self.store.put_record(
+                self._akey(model, alias), record, if_none_match=etag is None, if_match=etag
             )
         except ConflictError:
             raise ConflictError(

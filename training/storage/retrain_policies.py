@@ -10,16 +10,15 @@ a loop (no cooldown, or a schedule shorter than it).
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Self
+from typing import ClassVar, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from training.freeze_spec import FreezePolicy
-from training.storage.errors import IntegrityError, NotFoundError, SpecError
-from training.storage.ids import is_id
+from training.storage.errors import NotFoundError
+from training.storage.ids import check_ids, is_id
 from training.storage.s3 import ObjectStore
 
-MAX_RECORD_BYTES = 64 * 1024
 MIN_COOLDOWN_S = 300.0
 """Shortest cooldown: a retrain whose trigger still holds after it (accuracy the new version
 cannot lift) would otherwise start again at once, for ever."""
@@ -30,6 +29,7 @@ class RetrainPolicy(BaseModel):
     datasets are filled in when it fires)."""
 
     model_config = ConfigDict(extra="forbid")
+    MAX_BYTES: ClassVar[int] = 64 * 1024
 
     enabled: bool = True
     every_n_labels: int | None = Field(default=None, ge=10, le=1_000_000)
@@ -85,6 +85,7 @@ class PolicyState(BaseModel):
     ``policies/{model}/state.json``, written by the runner alone."""
 
     model_config = ConfigDict(extra="forbid")
+    MAX_BYTES: ClassVar[int] = 64 * 1024
 
     counted_from: datetime
     """Labels after this count toward ``every_n_labels``; the schedule runs from it too (the
@@ -110,23 +111,15 @@ class RetrainPolicies:
 
     @staticmethod
     def _key(model: str) -> str:
-        if not is_id(model):
-            raise SpecError(f"{model!r} is not a valid id", field="model")
+        check_ids(model=model)
         return f"policies/{model}/retrain.json"
 
     def get(self, model: str) -> RetrainPolicy | None:
         """The model's policy, or None; a damaged object is an IntegrityError."""
-        key = self._key(model)
         try:
-            raw = self.store.get_bytes(key, max_bytes=MAX_RECORD_BYTES)
+            return self.store.get_record(self._key(model), RetrainPolicy)
         except NotFoundError:
             return None
-        except ValueError as exc:
-            raise IntegrityError(f"retrain policy {key}: {exc}") from None
-        try:
-            return RetrainPolicy.model_validate_json(raw)
-        except ValidationError as exc:
-            raise IntegrityError(f"retrain policy {key} is damaged: {exc}") from None
 
     def models(self) -> list[str]:
         """The models that have a policy (one listing)."""
@@ -142,22 +135,18 @@ class RetrainPolicies:
         when damaged."""
         key = self._key(model).replace("retrain.json", "state.json")
         try:
-            return PolicyState.model_validate_json(
-                self.store.get_bytes(key, max_bytes=MAX_RECORD_BYTES)
-            )
+            return self.store.get_record(key, PolicyState)
         except NotFoundError:
             return None
-        except ValueError as exc:  # too large, or a ValidationError (a ValueError)
-            raise IntegrityError(f"policy state {key} is damaged: {exc}") from None
 
     def set_state(self, model: str, state: PolicyState) -> None:
         """Store the runner's state of the model's policy."""
         key = self._key(model).replace("retrain.json", "state.json")
-        self.store.put_json(key, state.model_dump(mode="json"))
+        self.store.put_record(key, state)
 
     def set(self, model: str, policy: RetrainPolicy) -> RetrainPolicy:
         """Store the model's policy (replacing the previous one)."""
-        self.store.put_json(self._key(model), policy.model_dump(mode="json"))
+        self.store.put_record(self._key(model), policy)
         return policy
 
     def delete(self, model: str) -> None:

@@ -9,21 +9,33 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import boto3
 import boto3.exceptions
 import botocore.exceptions
 from botocore.config import Config
+from pydantic import BaseModel, ValidationError
 
-from training.storage.errors import ConflictError, NotFoundError, SpecError, StorageError
+from training.storage.errors import (
+    ConflictError,
+    IntegrityError,
+    NotFoundError,
+    SpecError,
+    StorageError,
+)
 from training.storage.location import S3Settings
 
 if TYPE_CHECKING:
     import pyarrow.fs
+
+R = TypeVar("R", bound=BaseModel)
+
+DEFAULT_RECORD_BYTES = 64 * 1024
+"""The byte cap of a record kind that declares none (``MAX_BYTES`` on its model)."""
 
 # Keys under our prefix: no "..", no empty segments, a conservative character set.
 _KEY_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]{0,254}$")
@@ -171,6 +183,51 @@ class ObjectStore:
             return bytes(resp["Body"].read()), str(resp["ETag"])
         except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
             raise self._translate(exc, key) from exc
+
+    # --- records: pydantic models stored as JSON ---------------------------------------------
+    def get_record(
+        self,
+        key: str,
+        model: type[R],
+        *,
+        names: Mapping[str, Any] | None = None,
+        field: str | None = None,
+    ) -> R:
+        """One stored record: NotFoundError when absent; IntegrityError (naming ``field``)
+        when it is over its kind's byte cap (``model.MAX_BYTES``, declared beside the model;
+        checked before the body is read), does not parse as ``model``, or names another record
+        than asked for (``names``: field -> the value the key was made from)."""
+        return self.get_record_with_etag(key, model, names=names, field=field)[0]
+
+    def get_record_with_etag(
+        self,
+        key: str,
+        model: type[R],
+        *,
+        names: Mapping[str, Any] | None = None,
+        field: str | None = None,
+    ) -> tuple[R, str]:
+        """:meth:`get_record` and the object's ETag (for a later conditional write)."""
+        cap = int(getattr(model, "MAX_BYTES", DEFAULT_RECORD_BYTES))
+        try:
+            raw, etag = self.get_with_etag(key, max_bytes=cap)
+        except ValueError as exc:  # over the cap: no record of this kind is that large
+            raise IntegrityError(f"{key} is damaged: {exc}", field=field) from None
+        try:
+            record = model.model_validate_json(raw)
+        except ValidationError as exc:
+            kind = model.__name__
+            raise IntegrityError(f"{key} is damaged: not a {kind}: {exc}", field=field) from None
+        for name, value in (names or {}).items():
+            if getattr(record, name) != value:
+                found = getattr(record, name)
+                raise IntegrityError(f"{key} names another {name}: {found!r}", field=field)
+        return record, etag
+
+    def put_record(self, key: str, record: BaseModel, **kwargs: Any) -> str:
+        """Write one record as JSON (``put_json``'s conditions: ``if_match``,
+        ``if_none_match``); returns the new ETag."""
+        return self.put_json(key, record.model_dump(mode="json"), **kwargs)
 
     def head(self, key: str) -> ObjectInfo | None:
         """Size and ETag of an object, or None when it does not exist."""
