@@ -179,7 +179,7 @@ def _publish(reg: Any) -> None:
     import torch
 
     from training.backbones import build_backbone
-    from training.preprocess import Preprocessing
+    from training.preprocessing_spec import Preprocessing
 
     torch.manual_seed(0)
     model = build_backbone("resnet18", num_classes=10)

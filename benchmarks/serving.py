@@ -54,7 +54,8 @@ def build_model(threads: int, epochs: int = 4) -> tuple[Any, Any, Any, list[byte
 
     from service.dataplane.images import decode_request_images
     from training.backbones import build_backbone, head_module, trunk
-    from training.preprocess import Preprocessing, normalize
+    from training.preprocess import normalize
+    from training.preprocessing_spec import Preprocessing
 
     torch.manual_seed(0)
     torch.set_num_threads(threads)

@@ -19,7 +19,7 @@ from service.embedded_store import Connection, EmbeddedStore
 from service.settings import RefitSettings
 from training.data import index_dataset
 from training.job_settings import TrainingSettings
-from training.preprocess import Preprocessing
+from training.preprocessing_spec import Preprocessing
 from training.run_context import RunInputs
 from training.spec import parse_spec
 from training.storage.s3 import ObjectStore
@@ -190,7 +190,8 @@ def publish_tiny_model(
     from service.dataplane.images import decode_request_images
     from training.backbones import build_backbone, trunk
     from training.feature_stats import FILE, FeatureStats
-    from training.preprocess import Preprocessing, normalize
+    from training.preprocess import normalize
+    from training.preprocessing_spec import Preprocessing
 
     pre = preprocessing or Preprocessing(
         resize_size=32, crop_size=32, mean=(0.5,) * 3, std=(0.5,) * 3

@@ -15,6 +15,7 @@ that only a convention keeps is broken by the first hurried change.
 from __future__ import annotations
 
 import ast
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,13 +25,17 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 STDLIB = set(sys.stdlib_module_names)
 
-STORAGE_MAY_IMPORT = {"pydantic", "training.storage", "training.freeze_spec"}
+STORAGE_MAY_IMPORT = {
+    "pydantic",
+    "training.storage",
+    "training.freeze_spec",
+    "training.preprocessing_spec",
+}
 STORAGE_EXCEPTIONS = {
     # the one module that talks to S3
     "training/storage/s3.py": {"boto3", "botocore", "pyarrow"},
-    # loads weights for its callers and names Preprocessing (torchvision below it): moved
-    # below storage by the house's step 2 (issue 27, item 2)
-    "training/storage/registry.py": {"torch", "safetensors", "training.preprocess"},
+    # loads weights (tensors) for its callers
+    "training/storage/registry.py": {"torch", "safetensors"},
 }
 
 
@@ -113,3 +118,14 @@ def test_a_deliberate_violation_is_caught(path: str, source: str, rule: str) -> 
     found = violations(path, source)
     assert found, f"{source!r} in {path} passed"
     assert rule in found[0]
+
+
+def test_the_registry_imports_no_torchvision() -> None:
+    """Every registry user (the job runner's actor, the CLI) reads manifests, whose
+    preprocessing is pydantic only: torchvision (and its CUDA-built import shim) stays out."""
+    code = "import sys, training.storage.registry; print('torchvision' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from training.preprocess import Augmentation, Preprocessing
+from training.preprocessing_spec import Augmentation, Preprocessing
 from training.storage.s3 import ObjectStore
 
 SOURCE = "digits-0to4"

@@ -34,7 +34,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import nn
 
-from training.preprocess import Preprocessing
+from training.preprocessing_spec import Preprocessing
 from training.storage.errors import NotFoundError, RefitError
 from training.storage.s3 import ObjectInfo, ObjectStore
 

@@ -34,7 +34,8 @@ from training.freeze_spec import HeadOnly
 from training.gate import GateDecision, SourceScore, class_drops, decide, with_sources
 from training.job_settings import TrainingSettings
 from training.openvino_ir import ExportChild
-from training.preprocess import Preprocessing, eval_transform
+from training.preprocess import eval_transform
+from training.preprocessing_spec import Preprocessing
 from training.ray_train import fit
 from training.run_context import RunInputs
 from training.scoring import Scores, evaluate_model, score_features, score_parts

@@ -14,7 +14,7 @@ from torch import nn
 
 from training.data import Sample
 from training.job_settings import TrainingSettings
-from training.preprocess import Preprocessing
+from training.preprocessing_spec import Preprocessing
 from training.spec import FinetuneSpec
 from training.storage.location import S3Settings
 

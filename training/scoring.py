@@ -14,7 +14,8 @@ from training.classification_metrics import MetricAccumulator
 from training.data import Sample, make_loader
 from training.job_settings import TrainingSettings
 from training.loop import Precision, evaluate
-from training.preprocess import Preprocessing, eval_transform
+from training.preprocess import eval_transform
+from training.preprocessing_spec import Preprocessing
 from training.storage.s3 import ObjectStore
 from training.version_crops import capped_dataset
 

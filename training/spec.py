@@ -18,7 +18,7 @@ from pydantic import (
 from training.backbones import BACKBONES
 from training.freeze_spec import FreezePolicy, Full
 from training.job_settings import TrainingSettings
-from training.preprocess import Augmentation, Preprocessing
+from training.preprocessing_spec import Augmentation, Preprocessing
 from training.storage.errors import SpecError
 from training.storage.ids import ID_PATTERN, is_id
 

@@ -13,7 +13,8 @@ from torch import nn
 from training.data import ImageDataset, Sample, shared_cache
 from training.job_settings import TrainingSettings
 from training.openvino_ir import ExportChild, IrMode, ir_files
-from training.preprocess import Preprocessing, crop_transform, normalize
+from training.preprocess import crop_transform, normalize
+from training.preprocessing_spec import Preprocessing
 from training.storage.errors import RefitError
 from training.storage.registry import GraphRecord, Manifest, Registry
 from training.storage.s3 import ObjectStore

@@ -22,7 +22,7 @@ from torch import nn
 
 from training.backbones import HEAD_MODULE, family_of
 from training.job_settings import TrainingSettings
-from training.preprocess import Preprocessing
+from training.preprocessing_spec import Preprocessing
 from training.spec import BaseModelSpec
 from training.storage.errors import IntegrityError, SpecError, WeightsUnavailableError
 from training.storage.registry import Registry

@@ -12,7 +12,7 @@ from service.api.error_table import error_responses
 from service.api.params import ModelName, Plane, VersionId, check_id
 from service.dataplane.model_import import ImportRequest
 from service.request_errors import TooLargeError
-from training.preprocess import Preprocessing
+from training.preprocessing_spec import Preprocessing
 from training.storage.ids import ID_PATTERN
 
 Id = Annotated[str, Field(pattern=ID_PATTERN, max_length=64), AfterValidator(check_id)]

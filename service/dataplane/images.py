@@ -6,7 +6,8 @@ import torch
 
 from service.request_errors import InvalidImageError, TooLargeError, UnsupportedImageError
 from training.data import ImageDecodeError, decode_image
-from training.preprocess import Preprocessing, crop_transform
+from training.preprocess import crop_transform
+from training.preprocessing_spec import Preprocessing
 
 
 def decode_request_images(

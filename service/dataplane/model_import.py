@@ -23,7 +23,8 @@ from service.dataplane.served_model import architecture_problems
 from service.settings import ServeSettings
 from training.backbones import BACKBONES
 from training.openvino_ir import IrMode
-from training.preprocess import Preprocessing, normalize
+from training.preprocess import normalize
+from training.preprocessing_spec import Preprocessing
 from training.storage.errors import SpecError
 from training.storage.registry import Manifest, Registry
 from training.version_crops import (

@@ -21,7 +21,8 @@ from service.settings import NumericMode
 from training.backbones import build_backbone, trunk
 from training.feature_stats import FeatureStats
 from training.openvino_ir import compile_graph
-from training.preprocess import Preprocessing, normalize
+from training.preprocess import normalize
+from training.preprocessing_spec import Preprocessing
 from training.storage.errors import IntegrityError, RefitError
 from training.storage.registry import Manifest, Registry
 

@@ -14,7 +14,8 @@ from service.dataplane.images import decode_request_images
 from service.dataplane.served_model import load_served_model
 from training.backbones import build_backbone
 from training.openvino_ir import ExportChild, ir_files
-from training.preprocess import Preprocessing, normalize
+from training.preprocess import normalize
+from training.preprocessing_spec import Preprocessing
 from training.storage.errors import ConflictError, IntegrityError, SpecError
 from training.storage.registry import GRAPH_SET_FILE, GraphRecord, Manifest, Registry
 from training.storage.s3 import ObjectStore

@@ -21,7 +21,7 @@ from PIL import Image
 from conftest import free_port, png_bytes, publish_tiny_model
 from service.embedded_store import Connection
 from service.settings import RefitSettings, ServeSettings
-from training.preprocess import Preprocessing
+from training.preprocessing_spec import Preprocessing
 from training.storage.registry import Registry
 from training.storage.s3 import ObjectStore
 

@@ -15,7 +15,8 @@ from service.dataplane.images import decode_request_images
 from service.dataplane.served_model import load_served_model
 from service.request_errors import InvalidImageError, TooLargeError, UnsupportedImageError
 from service.settings import NumericMode
-from training.preprocess import Preprocessing, normalize
+from training.preprocess import normalize
+from training.preprocessing_spec import Preprocessing
 from training.storage.errors import IntegrityError
 from training.storage.registry import CALIBRATION_FILE, Registry
 from training.storage.s3 import ObjectStore

@@ -6,7 +6,8 @@ import pytest
 
 from conftest import png_bytes, write_imagefolder
 from training.data import ImageDataset, decode_image, index_dataset
-from training.preprocess import Preprocessing, eval_transform
+from training.preprocess import eval_transform
+from training.preprocessing_spec import Preprocessing
 from training.storage.errors import DataError
 from training.storage.s3 import ObjectStore
 

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from training.preprocess import Preprocessing
+from training.preprocessing_spec import Preprocessing
 from training.storage.errors import ConflictError, IntegrityError, NotFoundError, SpecError
 from training.storage.ids import check_ids, is_id, new_version_id
 from training.storage.s3 import ObjectStore

@@ -495,7 +495,7 @@ async def test_header_limits(client: httpx.AsyncClient) -> None:
 
 def _publish_weights(reg: Registry, name: str, state: dict[str, Any]) -> str:
     """A version whose files hash correctly, whatever its weights are."""
-    from training.preprocess import Preprocessing
+    from training.preprocessing_spec import Preprocessing
 
     pre = Preprocessing(resize_size=32, crop_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
     manifest = reg.publish(

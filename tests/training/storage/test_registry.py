@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from training.backbones import build_backbone
-from training.preprocess import Preprocessing
+from training.preprocessing_spec import Preprocessing
 from training.storage.errors import ConflictError, IntegrityError, NotFoundError, SpecError
 from training.storage.registry import MANIFEST_FILE, WEIGHTS_FILE, Registry
 from training.storage.s3 import ObjectStore
