@@ -129,3 +129,14 @@ def test_the_registry_imports_no_torchvision() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_each_class_name_is_defined_once() -> None:
+    """One name per thing: two classes of one name (an API ``Label`` and a use case's) make
+    every import and every OpenAPI schema name ambiguous."""
+    where: dict[str, list[str]] = {}
+    for path in sorted([*ROOT.glob("service/**/*.py"), *ROOT.glob("training/**/*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                where.setdefault(node.name, []).append(str(path.relative_to(ROOT)))
+    assert {name: paths for name, paths in where.items() if len(paths) > 1} == {}

@@ -20,7 +20,7 @@ PredictionId = Annotated[
 ImageIndex = Annotated[int, Path(ge=0, le=10_000, description="the image's index in the request")]
 
 
-class PolicyView(BaseModel):
+class CapturePolicyView(BaseModel):
     """The policy in force for a model: its stored one, or the settings' default."""
 
     model: str
@@ -49,7 +49,7 @@ router = APIRouter(tags=["capture"], dependencies=[AdminScope])
 
 @router.get(
     "/v1/models/{model}/capture",
-    response_model=PolicyView,
+    response_model=CapturePolicyView,
     responses=error_responses(400, 401, 403, 404),
 )
 async def get_capture_policy(model: ModelName, plane: Plane) -> dict[str, Any]:
@@ -59,7 +59,7 @@ async def get_capture_policy(model: ModelName, plane: Plane) -> dict[str, Any]:
 
 @router.put(
     "/v1/models/{model}/capture",
-    response_model=PolicyView,
+    response_model=CapturePolicyView,
     responses=error_responses(400, 401, 403, 404, 422),
 )
 async def set_capture_policy(

@@ -12,7 +12,7 @@ from service.api.auth import AdminScope, LabelScope
 from service.api.error_table import error_responses
 from service.api.params import ModelName, Plane
 from service.api.predict_v1 import Base64Image
-from service.dataplane.feedback import Label
+from service.dataplane.feedback import FeedbackLabel
 from training.storage.ids import PREDICTION_ID_PATTERN
 
 
@@ -79,7 +79,7 @@ admin = APIRouter(tags=["feedback"], dependencies=[AdminScope])
 async def send_feedback(model: ModelName, body: FeedbackRequest, plane: Plane) -> dict[str, Any]:
     """Label a captured prediction, or an image: stored once per content, the latest label
     winning, in a train/val split fixed by the image's hash."""
-    label = Label(
+    label = FeedbackLabel(
         label=body.label,
         new_class=body.new_class,
         prediction_id=body.prediction_id,

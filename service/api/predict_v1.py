@@ -61,7 +61,7 @@ class PredictForm(BaseModel):
     top_k: int = Field(default=5, ge=1, description="labels per image")
 
 
-class Label(BaseModel):
+class ScoredLabel(BaseModel):
     """One label and its probability."""
 
     label: str
@@ -76,7 +76,7 @@ class PredictResponse(BaseModel):
     model: str
     model_version: str
     prediction_id: str
-    predictions: list[list[Label]]
+    predictions: list[list[ScoredLabel]]
 
 
 _FORM_SCHEMA = {

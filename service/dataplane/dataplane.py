@@ -19,7 +19,7 @@ import torch
 from service.dataplane.capture import CaptureTap
 from service.dataplane.captures import CaptureUseCases
 from service.dataplane.drift import DriftMonitor
-from service.dataplane.feedback import FeedbackUseCases, Label
+from service.dataplane.feedback import FeedbackLabel, FeedbackUseCases
 from service.dataplane.jobs import JobsUseCases, Scheduler
 from service.dataplane.model_host import ModelHost
 from service.dataplane.model_import import ImportRequest, PendingGraphs, import_version
@@ -113,7 +113,7 @@ class DataPlane:
         self._graph_tasks: set[asyncio.Task[None]] = set()
         self._graph_exports = asyncio.Semaphore(1)
 
-    async def label(self, model: str, label: Label) -> dict[str, Any]:
+    async def label(self, model: str, label: FeedbackLabel) -> dict[str, Any]:
         """Store a label (:meth:`FeedbackUseCases.label`), then tell the job runner, whose
         retrain policies it may fire."""
         out = await self.feedback.label(model, label)

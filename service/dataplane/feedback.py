@@ -31,7 +31,7 @@ from training.storage.registry import Manifest, Registry
 
 
 @dataclass(frozen=True)
-class Label:
+class FeedbackLabel:
     """One label sent back: for a captured prediction (its id and image index) or for an
     uploaded image."""
 
@@ -57,12 +57,12 @@ class FeedbackUseCases:
     def _serving(self, model: str) -> Manifest:
         return self.registry.serving_manifest(model, self.settings.serve.alias)
 
-    async def label(self, model: str, label: Label) -> dict[str, Any]:
+    async def label(self, model: str, label: FeedbackLabel) -> dict[str, Any]:
         """Store a label; the label must be a class of the serving version unless
         ``new_class`` says it is a new one."""
         return await store_call(self._label, model, label)
 
-    def _label(self, model: str, req: Label) -> dict[str, Any]:
+    def _label(self, model: str, req: FeedbackLabel) -> dict[str, Any]:
         s = self.settings.serve
         manifest = self._serving(model)
         if req.label not in manifest.class_names and not req.new_class:
