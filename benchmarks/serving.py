@@ -52,7 +52,7 @@ def build_model(threads: int, epochs: int = 4) -> tuple[Any, Any, Any, list[byte
     (what an import sends as calibration images: 256 calibrate, 244 are held out)."""
     import torch
 
-    from service.dataplane.images import decode_request_images
+    from service.runtime.images import decode_request_images
     from training.backbones import build_backbone, head_module, trunk
     from training.preprocess import normalize
     from training.preprocessing_spec import Preprocessing
@@ -124,7 +124,7 @@ def _prepared(model: Any, mode: str, x: Any, threads: int) -> Any:
     """A copy of ``model`` made ready for ``mode`` exactly as the service does it."""
     import copy
 
-    from service.dataplane.served_model import prepare
+    from service.runtime.served_model import prepare
 
     # the graph modes are measured in a child process (_graph_in_child), never here
     return prepare(copy.deepcopy(model), mode, x[:8])
@@ -136,7 +136,7 @@ def raw_forward(
     """Images/s of a bare forward pass (no HTTP, no decode) in ``mode``."""
     import torch
 
-    from service.dataplane.served_model import forward
+    from service.runtime.served_model import forward
 
     m = _prepared(model, mode, x, threads)
     xb = x[:batch]
@@ -181,7 +181,7 @@ def _raw_graph_main(tmp: str, mode: str, seconds: float, threads: int) -> None:
     import torch
     from safetensors.torch import load_file
 
-    from service.dataplane.served_model import forward
+    from service.runtime.served_model import forward
     from training.openvino_ir import compile_graph
 
     work = Path(tmp)
@@ -206,7 +206,7 @@ def agreement(model: Any, x: Any, mode: str, threads: int) -> tuple[float, int]:
     predicts among them (a collapsed model would agree trivially)."""
     import torch
 
-    from service.dataplane.served_model import forward
+    from service.runtime.served_model import forward
 
     with torch.inference_mode():
         ref = forward(model, x, "fp32").argmax(1)
@@ -288,9 +288,9 @@ def main() -> int:
     import ray
     import torch
 
-    from service.dataplane.images import decode_request_images
-    from service.dataplane.served_model import GRAPH_MODES
     from service.embedded_store import EmbeddedStore
+    from service.runtime.images import decode_request_images
+    from service.runtime.served_model import GRAPH_MODES
     from service.settings import RefitSettings, ServeSettings
     from training.openvino_ir import ExportedGraph
     from training.preprocess import normalize

@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from service.deployments import application
+from service.deployments import Application, application
 from service.settings import RefitSettings, ServeSettings, get_settings
 
 
@@ -39,6 +39,6 @@ def settings_with(args: AppArgs, base: RefitSettings | None = None) -> RefitSett
     return base.model_copy(update={"serve": merged})
 
 
-def build_app(args: AppArgs) -> Any:
-    """Build the Refit Serve application."""
+def build_app(args: AppArgs) -> Application:
+    """Build the Refit Serve application (what ``serve run`` and ``serveConfigV2`` deploy)."""
     return application(settings_with(args))

@@ -6,7 +6,7 @@ One deployment, ``Classifier``, is the whole HTTP API (``@serve.ingress`` over
 validates, decodes, batches and runs the model in the same process, so a prediction crosses
 one Ray hop, not two. In each replica:
 
-* a :class:`~service.dataplane.model_host.ModelHost` decodes (in threads, off the event loop)
+* a :class:`~service.runtime.model_host.ModelHost` decodes (in threads, off the event loop)
   and runs the forward lane; ``@serve.batch`` forms the batches that the lane merges;
 * ``@serve.multiplexed`` holds the followers (an LRU per replica, by model name; a gateway
   that sets ``serve_multiplexed_model_id`` routes to a replica holding the model);
@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from ray import serve
+from ray.serve import Application
 
 from service import haproxy_guard
 from service.allocator import without_preloaded_allocator
@@ -33,13 +34,12 @@ from service.api import create_app
 from service.body_limits import BodyLimits
 from service.control.notices import events_actor, notify_async
 from service.control.runner_clients import RunnerScheduler
-from service.dataplane.dataplane import DataPlane, capture_tap, drift_monitor, loop_use_cases
-from service.dataplane.hotload import Follower
-from service.dataplane.jobs import JobsUseCases
-from service.dataplane.model_host import Item, ModelHost, Ranked
-from service.dataplane.served_model import GRAPH_MODES
+from service.dataplane.dataplane import build_dataplane
 from service.dataplane.store_calls import store_call
 from service.ports import listen_port
+from service.runtime.hotload import Follower
+from service.runtime.model_host import Item, Ranked, build_model_host
+from service.runtime.served_model import GRAPH_MODES
 from service.settings import RefitSettings
 from training.storage.registry import Registry
 from training.storage.s3 import ObjectStore
@@ -97,13 +97,7 @@ class Classifier:
         # application() resolved classifier_cpus: as many threads as this replica reserved
         torch.set_num_threads(s.torch_threads)
         models = Registry(ObjectStore(settings.s3))  # hot-loads and imports: large objects
-        self.host = ModelHost(
-            s,
-            models,
-            submit=self._submit,
-            capture=capture_tap(settings, models.store),
-            drift=drift_monitor(settings, models.store),
-        )
+        self.host = build_model_host(settings, models, submit=self._submit)
         logging.getLogger("ray.serve").addFilter(_LaneWarningFilter())
         # Serve forms the batches; the lane merges those that queue behind a running forward
         # pass. Every batch must reach the lane at once (one request is the smallest batch,
@@ -121,19 +115,16 @@ class Classifier:
         # per replica, so the builder's models_per_replica override takes effect
         self._follower = serve.multiplexed(max_num_models_per_replica=s.models_per_replica)(load)
         self._listener: asyncio.Task[None] | None = None
-        store = ObjectStore(settings.s3, request_path=True)  # what HTTP requests wait on
 
         async def notify(model: str) -> None:
             await notify_async(settings, model)
 
-        self._dataplane = DataPlane(
-            registry=Registry(store),
+        self._dataplane = build_dataplane(
+            settings,
             predictor=ReplicaPredictor(self),
-            jobs=JobsUseCases(store, RunnerScheduler(settings)),
-            alias=s.alias,
-            notify=notify,
+            scheduler=RunnerScheduler(settings),
             bulk=models,
-            loop=loop_use_cases(settings, Registry(store)),
+            notify=notify,
         )
         if s.start_job_runner:  # now: queued jobs resume without waiting for a request
             try:
@@ -179,7 +170,7 @@ class Classifier:
                     await self.host.refresh(name)
 
 
-def application(settings: RefitSettings) -> Any:
+def application(settings: RefitSettings) -> Application:
     """The Serve application (one deployment, the API and the model) with options from
     settings."""
     # resolve the replicas' CPUs here, where the app is built: every replica then runs as

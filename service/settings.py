@@ -51,7 +51,7 @@ class CaptureSettings(CapturePolicy):
 
 
 class DriftSettings(BaseModel):
-    """The input-drift score of every replica (``service.dataplane.drift``)."""
+    """The input-drift score of every replica (``service.runtime.drift``)."""
 
     sample_rate: float = Field(default=0.05, ge=0.0, le=1.0)
     """Share of served images whose penultimate features are measured against the version's

@@ -187,7 +187,7 @@ def publish_tiny_model(
     penultimate-feature statistics of 60 ``png_bytes`` images (the drift reference)."""
     import torch
 
-    from service.dataplane.images import decode_request_images
+    from service.runtime.images import decode_request_images
     from training.backbones import build_backbone, trunk
     from training.feature_stats import FILE, FeatureStats
     from training.preprocess import normalize

@@ -5,8 +5,12 @@ that only a convention keeps is broken by the first hurried change.
 * FastAPI (and Starlette) only under ``service/api/``; ``ray.serve`` only in
   ``service/deployments.py``; ``ray.train`` only in ``training/ray_train.py``; boto3 (and
   botocore) only in ``training/storage/s3.py``;
-* ``service/dataplane/`` imports neither Ray nor FastAPI (its use cases run in a test without
-  either); the job runner (``service/control/scheduler.py``, ``launchers.py``) imports no Ray;
+* ``service/dataplane/`` (the API's use cases) and ``service/runtime/`` (what runs in a
+  replica: served models, hot-load, the lane, decoding, drift, the capture tap) import neither
+  Ray nor FastAPI (they run in a test without either); the job runner
+  (``service/control/scheduler.py``, ``launchers.py``) imports no Ray;
+* the layers point one way: ``api`` -> ``dataplane`` -> ``runtime``; the runtime imports no
+  use case or route, the use cases no route;
 * ``training/storage/`` imports the standard library, pydantic and itself, and the few
   pydantic-level modules named below; the exceptions left are listed with the issue that
   removes them.
@@ -76,7 +80,13 @@ def violations(path: str, source: str) -> list[str]:
             broke("ray.train only in training/ray_train.py")
         if top in {"boto3", "botocore"} and path != "training/storage/s3.py":
             broke("boto3 only in training/storage/s3.py")
-        ray_free = path.startswith("service/dataplane/") or path in {
+        if path.startswith("service/runtime/") and any(
+            _within(module, p) for p in ("service.dataplane", "service.api", "service.control")
+        ):
+            broke("the runtime imports no use case, route or control plane")
+        if path.startswith("service/dataplane/") and _within(module, "service.api"):
+            broke("the use cases import no route")
+        ray_free = path.startswith(("service/dataplane/", "service/runtime/")) or path in {
             "service/control/scheduler.py",
             "service/control/launchers.py",
         }
@@ -108,8 +118,11 @@ def test_the_code_keeps_the_layering_rules() -> None:
         ("service/app.py", "from ray import serve", "ray.serve only"),
         ("training/worker.py", "import ray.train.torch", "ray.train only"),
         ("service/dataplane/jobs.py", "import boto3", "boto3 only"),
-        ("service/dataplane/hotload.py", "import ray", "neither Ray"),
+        ("service/runtime/hotload.py", "import ray", "neither Ray"),
         ("service/control/scheduler.py", "from ray.util import placement_group", "neither Ray"),
+        ("service/dataplane/quality.py", "import ray", "neither Ray"),
+        ("service/runtime/model_host.py", "from service.dataplane import jobs", "the runtime"),
+        ("service/dataplane/jobs.py", "from service.api.params import Plane", "no route"),
         ("training/storage/feedback.py", "import torch", "storage imports"),
         ("training/storage/captures.py", "from training.data import Sample", "storage imports"),
     ],
@@ -140,3 +153,23 @@ def test_each_class_name_is_defined_once() -> None:
             if isinstance(node, ast.ClassDef):
                 where.setdefault(node.name, []).append(str(path.relative_to(ROOT)))
     assert {name: paths for name, paths in where.items() if len(paths) > 1} == {}
+
+
+@pytest.mark.parametrize(
+    "package",
+    [
+        "service",
+        "service/api",
+        "service/dataplane",
+        "service/runtime",
+        "service/control",
+        "training",
+        "training/storage",
+    ],
+)
+def test_a_package_docstring_names_every_module(package: str) -> None:
+    """The map at the top of each package stays true: every module is named in it."""
+    init = ROOT / package / "__init__.py"
+    doc = ast.get_docstring(ast.parse(init.read_text())) or ""
+    modules = sorted(p.stem for p in (ROOT / package).glob("*.py") if p.stem != "__init__")
+    assert [m for m in modules if f"``{m}``" not in doc] == []

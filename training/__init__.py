@@ -1,49 +1,32 @@
 """Refit's training library: fine-tune a torchvision backbone on labelled images and publish
 the result to the model registry. No web or serving code lives here (``service`` imports
-``training``, never the reverse).
+``training``, never the reverse); import the modules themselves.
 
-=======================  ==============================================================
-``training.storage``     the storage contract shared with the service: object store,
-                         registry, job records, ids, errors, the ``s3`` settings section
-``spec``                 the validated fine-tune request (:class:`FinetuneSpec`)
-``freeze``               frozen-layer policies, parameter groups, frozen BatchNorm
-``backbones``, ``tv``    torchvision builders by name, stages per family
-``weights``              base weights: torchvision enums, safetensors URIs, published versions
-``data``, ``preprocess``  dataset indexing and decoding, transforms
-``loop``                 ``train_one_epoch`` / ``evaluate`` (plain torch)
-``worker``               one worker's whole run (:func:`run_worker`), Ray-free
-``ray_train``            the Ray Train edge (:func:`fit`, :func:`ensure_ray`)
-``finetune``             the job pipeline: train, score, gate, publish (:func:`run_finetune`)
-``job_settings``         the ``ray`` and ``training`` settings sections
-=======================  ==============================================================
-
-The names below load their module on first use, so ``import training`` stays cheap (Ray and
-torchvision are imported only by the code that needs them).
+==============================  =======================================================
+``storage``                     the storage contract shared with the service (its own
+                                package: object store, registry, records, ids, errors)
+``spec``                        the validated fine-tune request (:class:`FinetuneSpec`)
+``freeze_spec``, ``freeze``     frozen-layer policies as data; their plan, applied
+``preprocessing_spec``          a model's preprocessing and augmentation, as data
+``preprocess``                  the torchvision transforms that apply them
+``backbones``, ``tv``           torchvision builders by name, stages per family; the one
+                                torchvision import
+``weights``                     base weights: torchvision enums, safetensors, versions
+``data``                        dataset indexing, splits, streaming and decoding
+``run_context``, ``run_data``   what a run is given; what one worker trains on
+``loop``, ``worker``            ``train_one_epoch``/``evaluate``; one worker's whole run
+``checkpoints``, ``progress``   checkpoint files; a job's progress records
+``local_fit``                   a one-worker CPU run in the job's own process
+``ray_train``                   the Ray Train edge (:func:`fit`, :func:`ensure_ray`)
+``feature_store``               head-only features per trunk content and image sha256
+``feature_stats``               a version's feature statistics (the drift reference)
+``scoring``, ``gate``           scoring on validation splits; the publish gate
+``classification_metrics``      loss, top-1/5, per-class P/R/F1 from a confusion matrix
+``version_crops``               the validation crops a version is published with
+``openvino_ir``                 OpenVINO and INT8 graphs (the one openvino/nncf module)
+``retrain_dataset``             a retrain policy's dataset: base plus feedback
+``finetune``                    the job pipeline: train, score, gate, publish
+``job_settings``                the ``ray`` and ``training`` settings sections
+``demo``                        the offline digits demo: datasets and jobs
+==============================  =======================================================
 """
-
-from __future__ import annotations
-
-import importlib
-from typing import Any
-
-_PUBLIC = {
-    "FinetuneSpec": "training.spec",
-    "parse_spec": "training.spec",
-    "RaySettings": "training.job_settings",
-    "TrainingSettings": "training.job_settings",
-    "build_backbone": "training.backbones",
-    "run_worker": "training.worker",
-    "RunInputs": "training.run_context",
-    "RunContext": "training.run_context",
-    "ensure_ray": "training.ray_train",
-    "fit": "training.ray_train",
-    "run_finetune": "training.finetune",
-}
-
-__all__ = sorted(_PUBLIC)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _PUBLIC:
-        raise AttributeError(f"module 'training' has no attribute {name!r}")
-    return getattr(importlib.import_module(_PUBLIC[name]), name)

@@ -2,10 +2,12 @@
 
 * ``route_table``: :func:`create_app`, the routers over one data plane;
 * routes by resource: ``predict_v1`` (v1 predict), ``inference_v2`` (Open Inference
-  Protocol v2), ``model_admin`` (listing, promote, rollback), ``finetune_jobs``, ``ops``
-  (probes, metrics);
+  Protocol v2; ``oip_codec`` parses and builds its tensors), ``model_admin`` (listing,
+  import, promote, rollback), ``finetune_jobs``, ``captures``, ``feedback``, ``quality``,
+  ``retrain_policy``, ``ops`` (probes, metrics);
 * ``auth`` (bearer scopes as dependencies), ``error_table`` (the one error table),
-  ``middleware`` (body caps, request metrics), ``params`` (typed path parameters).
+  ``middleware`` (header and body caps, request metrics), ``params`` (typed path
+  parameters and the data plane dependency).
 """
 
 from service.api.route_table import create_app

@@ -18,15 +18,15 @@ from pydantic import BaseModel
 
 from service.api.auth import PredictScope, Settings
 from service.api.error_table import RETRY_AFTER_S, error_responses
-from service.api.params import ModelName, Plane, VersionId
-from service.api.predict_v1 import EXAMPLE_IMAGE
-from service.dataplane.oip_codec import (
+from service.api.oip_codec import (
     InferenceResponse,
     MetadataModelResponse,
     MetadataTensor,
     build_response,
     parse_infer,
 )
+from service.api.params import ModelName, Plane, VersionId
+from service.api.predict_v1 import EXAMPLE_IMAGE
 from training.storage.errors import NotFoundError, RefitError
 
 _EXAMPLE = {

@@ -27,9 +27,9 @@ from service.api import (
 )
 from service.api.error_table import EXCEPTION_HANDLERS
 from service.api.middleware import BodyLimit, HeaderLimit, ObserveRequests
+from service.api.oip_codec import InferenceRequest
 from service.body_limits import BodyLimits
 from service.dataplane.dataplane import DataPlane
-from service.dataplane.oip_codec import InferenceRequest
 from service.metrics import ScrapeCollector
 from service.settings import RefitSettings
 from training.spec import FinetuneSpec

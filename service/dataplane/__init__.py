@@ -1,29 +1,30 @@
-"""The data plane: the use cases of the HTTP API with no Ray and no FastAPI in them.
+"""The data plane: the use cases of the HTTP API, with no Ray and no FastAPI in them.
 
-* ``dataplane``: :class:`DataPlane` (predict, list, metadata, promote, rollback) and the
-  :class:`Predictor` it runs models through;
-* ``model_host``: the models one process serves (decode, batch, forward per version);
-* ``hotload``: slot, follower and swap; ``served_model``: loading, numeric modes;
-* ``batching``: the forward lane; ``images``: bounded request decoding;
-* ``oip_codec``: Open Inference Protocol v2 tensors; ``jobs``: fine-tune job use cases;
-  ``curve``: the training-curve PNG.
+* ``dataplane``: :class:`DataPlane` (predict, list, metadata, import, promote, rollback),
+  the :class:`Predictor` it runs models through, :func:`build_dataplane` (the one way to
+  make one: the Serve edge's and the in-process one);
+* ``jobs``: fine-tune jobs through a :class:`Scheduler`; ``model_import``: bring your own
+  weights;
+* the loop's use cases: ``captures`` (capture admin), ``feedback`` (labels back),
+  ``quality`` (live accuracy), ``policies`` (retrain policies);
+* ``curve``: the training-curve PNG; ``store_calls``: store calls off the event loop.
 """
 
 from service.dataplane.dataplane import (
     DataPlane,
     InProcessPredictor,
     Predictor,
+    build_dataplane,
     in_process_dataplane,
 )
 from service.dataplane.jobs import JobsUseCases, Scheduler
-from service.dataplane.model_host import ModelHost
 
 __all__ = [
     "DataPlane",
     "InProcessPredictor",
     "JobsUseCases",
-    "ModelHost",
     "Predictor",
     "Scheduler",
+    "build_dataplane",
     "in_process_dataplane",
 ]

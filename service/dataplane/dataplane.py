@@ -2,7 +2,7 @@
 
 The API receives one :class:`DataPlane` (``create_app(settings, dataplane)``); the Serve
 deployments build one whose :class:`Predictor` calls the classifier replicas, tests and tools
-one whose predictor is an in-process :class:`~service.dataplane.model_host.ModelHost`. Store
+one whose predictor is an in-process :class:`~service.runtime.model_host.ModelHost`. Store
 calls run in threads (``asyncio.to_thread``), never on the event loop.
 """
 
@@ -16,21 +16,17 @@ from typing import Any, Protocol
 
 import torch
 
-from service.dataplane.capture import CaptureTap
 from service.dataplane.captures import CaptureUseCases
-from service.dataplane.drift import DriftMonitor
 from service.dataplane.feedback import FeedbackLabel, FeedbackUseCases
 from service.dataplane.jobs import JobsUseCases, Scheduler
-from service.dataplane.model_host import ModelHost
 from service.dataplane.model_import import ImportRequest, PendingGraphs, import_version
 from service.dataplane.policies import RetrainPolicyUseCases
 from service.dataplane.quality import QualityUseCases
-from service.dataplane.served_model import check_loadable
 from service.dataplane.store_calls import store_call
 from service.request_errors import NoVersionError
+from service.runtime.model_host import ModelHost, build_model_host
+from service.runtime.served_model import check_loadable
 from service.settings import RefitSettings, ServeSettings
-from training.storage.captures import Captures
-from training.storage.drift_scores import DriftScores
 from training.storage.errors import NotFoundError, RefitError
 from training.storage.registry import AliasRecord, Manifest, Registry
 from training.storage.s3 import ObjectStore
@@ -276,53 +272,43 @@ class DataPlane:
         }
 
 
+def build_dataplane(
+    settings: RefitSettings,
+    *,
+    predictor: Predictor,
+    scheduler: Scheduler,
+    bulk: Registry,
+    notify: Notifier = _no_notice,
+) -> DataPlane:
+    """The API's data plane over ``predictor`` (models in this process, or the classifier
+    replicas), with jobs queued on ``scheduler``. Reads and writes that HTTP requests wait on
+    go through a store with the request-path timeouts; ``bulk`` (large reads: imports,
+    hot-loads) through one without."""
+    store = ObjectStore(settings.s3, request_path=True)
+    return DataPlane(
+        registry=Registry(store),
+        predictor=predictor,
+        jobs=JobsUseCases(store, scheduler),
+        alias=settings.serve.alias,
+        notify=notify,
+        bulk=bulk,
+        loop=loop_use_cases(settings, Registry(store)),
+    )
+
+
 def in_process_dataplane(
     settings: RefitSettings, scheduler: Scheduler, *, notify: Notifier = _no_notice
 ) -> DataPlane:
     """A data plane whose models run in this process (a :class:`ModelHost`), with jobs
     queued on ``scheduler``: for tests and tools that need the API without Ray Serve."""
-    store = ObjectStore(settings.s3, request_path=True)  # what HTTP requests wait on
     models = Registry(ObjectStore(settings.s3))  # hot-loads: large reads, in the background
-    host = ModelHost(
-        settings.serve,
-        models,
-        capture=capture_tap(settings, models.store),
-        drift=drift_monitor(settings, models.store),
-    )
-    return DataPlane(
-        registry=Registry(store),
+    host = build_model_host(settings, models)
+    return build_dataplane(
+        settings,
         predictor=InProcessPredictor(host),
-        jobs=JobsUseCases(store, scheduler),
-        alias=settings.serve.alias,
-        notify=notify,
+        scheduler=scheduler,
         bulk=models,
-        loop=loop_use_cases(settings, Registry(store)),
-    )
-
-
-def capture_tap(settings: RefitSettings, store: ObjectStore) -> CaptureTap:
-    """The capture writer of one serving process (``store``: one without the request-path
-    timeouts: its writes run on the tap's own thread)."""
-    c = settings.capture
-    return CaptureTap(
-        Captures(store),
-        c.policy(),
-        queue_size=c.queue_size,
-        refresh_s=c.refresh_s,
-        low_confidence_below=c.low_confidence_metric_below,
-    )
-
-
-def drift_monitor(settings: RefitSettings, store: ObjectStore) -> DriftMonitor:
-    """The drift score of one serving process (``store``: one without the request-path
-    timeouts: its writes run on the monitor's own thread)."""
-    d = settings.drift
-    return DriftMonitor(
-        DriftScores(store),
-        sample_rate=d.sample_rate,
-        queue_size=d.queue_size,
-        window=d.window,
-        flush_s=d.flush_s,
+        notify=notify,
     )
 
 

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from service.dataplane.capture import image_kind
-from service.dataplane.images import decode_request_images
 from service.dataplane.store_calls import store_call
 from service.request_errors import BadRequestError, TooLargeError, UnsupportedImageError
+from service.runtime.capture import image_kind
+from service.runtime.images import decode_request_images
 from service.settings import RefitSettings
 from training.storage.captures import Captures
 from training.storage.errors import RefitError

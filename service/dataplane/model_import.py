@@ -18,8 +18,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 
-from service.dataplane.images import decode_request_images
-from service.dataplane.served_model import architecture_problems
+from service.runtime.images import decode_request_images
+from service.runtime.served_model import architecture_problems
 from service.settings import ServeSettings
 from training.backbones import BACKBONES
 from training.openvino_ir import IrMode

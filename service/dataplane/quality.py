@@ -3,7 +3,7 @@ accuracy, confusion and low-confidence rate per version, accuracy per class, and
 hour, read from the model's quality counters (``training.storage.quality_index``). A label for an
 uploaded image (no prediction) is a training example, not a measurement, and is not counted.
 The input drift comes from the replicas' windows of sampled feature distances
-(``service.dataplane.drift``). Every store call runs off the event loop."""
+(``service.runtime.drift``). Every store call runs off the event loop."""
 
 from __future__ import annotations
 

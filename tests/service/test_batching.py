@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from service.dataplane.batching import ForwardLane
+from service.runtime.batching import ForwardLane
 
 
 class _Model:

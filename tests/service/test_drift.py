@@ -10,9 +10,9 @@ from datetime import UTC, datetime, timedelta
 import torch
 
 from conftest import inverted_png, png_bytes, publish_tiny_model
-from service.dataplane.drift import DriftMonitor
-from service.dataplane.images import decode_request_images
-from service.dataplane.served_model import ServedModel, load_served_model
+from service.runtime.drift import DriftMonitor
+from service.runtime.images import decode_request_images
+from service.runtime.served_model import ServedModel, load_served_model
 from training.feature_stats import FILE
 from training.preprocess import normalize
 from training.storage.drift_scores import MAX_AGE_S, DriftScores, DriftWindow

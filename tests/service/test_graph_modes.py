@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from conftest import png_bytes
-from service.dataplane.hotload import Follower
-from service.dataplane.images import decode_request_images
-from service.dataplane.served_model import load_served_model
+from service.runtime.hotload import Follower
+from service.runtime.images import decode_request_images
+from service.runtime.served_model import load_served_model
 from training.backbones import build_backbone
 from training.openvino_ir import ExportChild, ir_files
 from training.preprocess import normalize

@@ -8,8 +8,8 @@ import asyncio
 import pytest
 
 from conftest import publish_tiny_model
-from service.dataplane.hotload import Follower
-from service.dataplane.model_host import ModelHost
+from service.runtime.hotload import Follower
+from service.runtime.model_host import ModelHost
 from service.settings import ServeSettings
 from training.storage.errors import IntegrityError, NotFoundError
 from training.storage.registry import Registry

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import png_bytes
-from service.dataplane.oip_codec import InferRequest, build_response, parse_infer
+from service.api.oip_codec import InferRequest, build_response, parse_infer
 from service.request_errors import BadRequestError, TooLargeError
 from training.storage.errors import RefitError
 

@@ -9,11 +9,11 @@ import torch
 from PIL import Image
 
 from conftest import png_bytes, publish_tiny_model
-from service.dataplane import served_model as model_module
-from service.dataplane.hotload import ModelSlot
-from service.dataplane.images import decode_request_images
-from service.dataplane.served_model import load_served_model
 from service.request_errors import InvalidImageError, TooLargeError, UnsupportedImageError
+from service.runtime import served_model as model_module
+from service.runtime.hotload import ModelSlot
+from service.runtime.images import decode_request_images
+from service.runtime.served_model import load_served_model
 from service.settings import NumericMode
 from training.preprocess import normalize
 from training.preprocessing_spec import Preprocessing
@@ -163,7 +163,7 @@ def test_request_image_errors_name_the_item(bad: bytes, error: type, status: int
 
 @pytest.mark.parametrize("backbone", ["resnet18", "regnet_x_400mf"])
 def test_check_loadable_accepts_the_architecture_and_names_a_mismatch(backbone: str) -> None:
-    from service.dataplane.served_model import check_loadable
+    from service.runtime.served_model import check_loadable
     from training.backbones import build_backbone
     from training.storage.registry import Manifest
 

@@ -4,7 +4,7 @@ one (with Serve's batching and multiplexing in front); in-process tests and tool
 it is.
 
 * ``predict`` decodes against the version the request will run on (off the event loop),
-  then queues the crops in the :class:`~service.dataplane.batching.ForwardLane`.
+  then queues the crops in the :class:`~service.runtime.batching.ForwardLane`.
 * ``_forward`` groups the merged requests by loaded model object: one forward per version,
   never a mixed batch.
 * Followers are held in an LRU of ``models_per_replica`` names; a caller (the Serve edge)
@@ -25,15 +25,17 @@ from typing import Any
 import torch
 
 from service.allocator import current_allocator
-from service.dataplane.batching import ForwardLane
-from service.dataplane.capture import CaptureTap
-from service.dataplane.drift import DriftMonitor
-from service.dataplane.hotload import Follower
-from service.dataplane.images import decode_request_images
-from service.dataplane.served_model import ServedModel
 from service.request_errors import BadRequestError, OverloadedError
-from service.settings import ServeSettings
+from service.runtime.batching import ForwardLane
+from service.runtime.capture import CaptureTap
+from service.runtime.drift import DriftMonitor
+from service.runtime.hotload import Follower
+from service.runtime.images import decode_request_images
+from service.runtime.served_model import ServedModel
+from service.settings import RefitSettings, ServeSettings
 from training.preprocess import normalize
+from training.storage.captures import Captures
+from training.storage.drift_scores import DriftScores
 from training.storage.errors import IntegrityError, RefitError
 from training.storage.ids import new_prediction_id
 from training.storage.registry import Registry
@@ -289,3 +291,47 @@ class ModelHost:
             else {},
             "drift": self.drift.snapshot() if self.drift else {},
         }
+
+
+def build_model_host(
+    settings: RefitSettings,
+    models: Registry,
+    *,
+    submit: Callable[[Item], Awaitable[Ranked]] | None = None,
+) -> ModelHost:
+    """The models one serving process runs, from the settings: its capture tap and drift
+    monitor write through ``models``' store (no request-path timeouts: they write on their
+    own threads). The Serve edge passes ``submit`` (its ``@serve.batch``)."""
+    return ModelHost(
+        settings.serve,
+        models,
+        submit=submit,
+        capture=capture_tap(settings, models.store),
+        drift=drift_monitor(settings, models.store),
+    )
+
+
+def capture_tap(settings: RefitSettings, store: ObjectStore) -> CaptureTap:
+    """The capture writer of one serving process (``store``: one without the request-path
+    timeouts: its writes run on the tap's own thread)."""
+    c = settings.capture
+    return CaptureTap(
+        Captures(store),
+        c.policy(),
+        queue_size=c.queue_size,
+        refresh_s=c.refresh_s,
+        low_confidence_below=c.low_confidence_metric_below,
+    )
+
+
+def drift_monitor(settings: RefitSettings, store: ObjectStore) -> DriftMonitor:
+    """The drift score of one serving process (``store``: one without the request-path
+    timeouts: its writes run on the monitor's own thread)."""
+    d = settings.drift
+    return DriftMonitor(
+        DriftScores(store),
+        sample_rate=d.sample_rate,
+        queue_size=d.queue_size,
+        window=d.window,
+        flush_s=d.flush_s,
+    )

@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 
 import torch
 
-from service.dataplane.served_model import ServedModel
+from service.runtime.served_model import ServedModel
 from training.storage.drift_scores import HEARTBEAT_S, DriftScores, DriftWindow
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 the alias' version, and the swap between batches.
 
 A follower reads the alias record (version *and* the manifest's sha256), loads that exact
-version off the request path (:func:`~service.dataplane.served_model.load_served_model`:
+version off the request path (:func:`~service.runtime.served_model.load_served_model`:
 every hash verified, warmed up, numeric mode checked), and swaps it into the slot. A batch
 takes the slot's reference once and finishes on it, so no batch mixes versions and the old
 model is freed after its last batch. A failed load keeps the old model and is counted.
@@ -19,8 +19,8 @@ import gc
 import logging
 import threading
 
-from service.dataplane.served_model import GRAPH_MODES, ServedModel, load_served_model
 from service.request_errors import NoVersionError
+from service.runtime.served_model import GRAPH_MODES, ServedModel, load_served_model
 from service.settings import NumericMode
 from training.storage.errors import NotFoundError
 from training.storage.registry import Registry
