@@ -154,7 +154,7 @@ def main() -> int:
 
     from service.control.runner_clients import existing_runner, runner_actor, stop_actors
     from training import demo
-    from training.storage.job_records import JobStore
+    from training.storage.jobs import JobStore
 
     runs = [("legacy", 1)] + [("fast", 1)] * args.jobs
     if args.workers > 1:

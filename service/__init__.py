@@ -15,9 +15,7 @@ CLI. It imports ``training``, never the reverse. The layers point one way: ``api
 ``body_limits``            request body caps by path, for the app and HAProxy
 ``haproxy_guard``          ``refit-haproxy``: Ray's HAProxy config with its side doors shut
 ``metrics``                Prometheus families read from replicas and the job runner
-``cli``, ``cli_loop``      ``refit`` (the loop's commands in ``cli_loop``)
-``client``                 the HTTP client of the CLI's remote commands
-``console``                what ``refit up`` prints, and Ray's output sent to files
+``cli``                    ``refit``: its commands, HTTP client, and ``refit up``'s console
 ``embedded_store``         the embedded SeaweedFS
 ``allocator``, ``ports``   jemalloc for ``refit up``; free ports for the servers it starts
 =========================  ============================================================

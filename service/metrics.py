@@ -19,7 +19,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from training.storage.job_records import STATES, TERMINAL
+from training.storage.jobs import STATES, TERMINAL
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 

@@ -47,7 +47,7 @@ from training.storage.errors import (
     TrainingError,
 )
 from training.storage.job_lease import JobCancelledError, JobLease, LeaseLostError, new_owner
-from training.storage.job_records import JobState, JobStore
+from training.storage.jobs import JobState, JobStore
 from training.storage.location import S3Settings
 from training.storage.registry import Manifest, Registry
 from training.storage.s3 import ObjectStore

@@ -26,7 +26,7 @@ import torch
 from training.checkpoints import STATE_FILE
 from training.progress import EpochProgress, StepProgress
 from training.run_context import FitResult, RunContext, RunInputs
-from training.storage.job_records import JobStore
+from training.storage.jobs import JobStore
 from training.storage.s3 import ObjectStore
 from training.worker import run_worker
 

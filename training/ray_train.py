@@ -45,7 +45,7 @@ from training.local_fit import fit_here
 from training.progress import EpochProgress, StepProgress
 from training.run_context import FitResult, RunContext, RunInputs
 from training.storage.errors import ResourceError, TrainingError
-from training.storage.job_records import JobStore
+from training.storage.jobs import JobStore
 from training.storage.s3 import ObjectStore
 from training.worker import run_worker
 

@@ -17,13 +17,13 @@ from pydantic.json_schema import models_json_schema
 from service.api import (
     captures,
     feedback,
-    finetune_jobs,
     inference_v2,
+    jobs,
     model_admin,
     ops,
     predict_v1,
     quality,
-    retrain_policy,
+    retrain_policies,
 )
 from service.api.error_table import EXCEPTION_HANDLERS
 from service.api.middleware import BodyLimit, HeaderLimit, ObserveRequests
@@ -77,8 +77,8 @@ def create_app(settings: RefitSettings, dataplane: DataPlane) -> FastAPI:
         feedback.labels,
         feedback.admin,
         quality.router,
-        retrain_policy.router,
-        finetune_jobs.router,
+        retrain_policies.router,
+        jobs.router,
         ops.router,
     ):
         app.include_router(router)

@@ -61,7 +61,7 @@ def run_job_record(job_id: str, settings: RefitSettings, *, owner: str | None = 
     """Run the job a record describes (its spec, its id) under the lease token ``owner`` (a
     RayJob's, given by the runner that launched it); the record ends succeeded or failed
     either way. A job another live owner runs is refused (exit 2)."""
-    from training.storage.job_records import JobStore
+    from training.storage.jobs import JobStore
     from training.storage.s3 import ObjectStore
 
     try:

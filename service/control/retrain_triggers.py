@@ -22,7 +22,7 @@ from training.retrain_dataset import write_retrain_dataset
 from training.storage.drift_scores import DriftScore, DriftScores
 from training.storage.errors import IntegrityError, RefitError
 from training.storage.feedback import Feedback, FeedbackItem, judgements
-from training.storage.job_records import JobTrigger, TriggerKind
+from training.storage.jobs import JobTrigger, TriggerKind
 from training.storage.registry import Manifest, Registry
 from training.storage.retrain_policies import PolicyState, RetrainPolicies, RetrainPolicy
 from training.storage.s3 import ObjectStore

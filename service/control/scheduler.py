@@ -38,7 +38,7 @@ from training.spec import FinetuneSpec, parse_spec
 from training.storage.errors import ConflictError, DataError, RefitError, TooManyJobsError
 from training.storage.ids import new_job_id
 from training.storage.job_lease import JobLease, lease_live
-from training.storage.job_records import JobRecord, JobState, JobStore
+from training.storage.jobs import JobRecord, JobState, JobStore
 from training.storage.s3 import ObjectStore
 
 log = logging.getLogger(__name__)

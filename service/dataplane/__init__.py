@@ -6,7 +6,7 @@
 * ``jobs``: fine-tune jobs through a :class:`Scheduler`; ``model_import``: bring your own
   weights;
 * the loop's use cases: ``captures`` (capture admin), ``feedback`` (labels back),
-  ``quality`` (live accuracy), ``policies`` (retrain policies);
+  ``quality`` (live accuracy), ``retrain_policies``;
 * ``curve``: the training-curve PNG; ``store_calls``: store calls off the event loop.
 """
 

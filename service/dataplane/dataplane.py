@@ -20,8 +20,8 @@ from service.dataplane.captures import CaptureUseCases
 from service.dataplane.feedback import FeedbackLabel, FeedbackUseCases
 from service.dataplane.jobs import JobsUseCases, Scheduler
 from service.dataplane.model_import import ImportRequest, PendingGraphs, import_version
-from service.dataplane.policies import RetrainPolicyUseCases
 from service.dataplane.quality import QualityUseCases
+from service.dataplane.retrain_policies import RetrainPolicyUseCases
 from service.dataplane.store_calls import store_call
 from service.request_errors import NoVersionError
 from service.runtime.model_host import ModelHost, build_model_host

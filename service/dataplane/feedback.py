@@ -11,7 +11,7 @@ from typing import Any
 
 from service.dataplane.store_calls import store_call
 from service.request_errors import BadRequestError, TooLargeError, UnsupportedImageError
-from service.runtime.capture import image_kind
+from service.runtime.capture_tap import image_kind
 from service.runtime.images import decode_request_images
 from service.settings import RefitSettings
 from training.storage.captures import Captures

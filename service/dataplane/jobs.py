@@ -9,7 +9,7 @@ from typing import Any, Protocol
 
 from service.dataplane.curve import render_curve
 from service.dataplane.store_calls import store_call
-from training.storage.job_records import JobRecord, JobStore, progress_view
+from training.storage.jobs import JobRecord, JobStore, progress_view
 from training.storage.s3 import ObjectStore
 
 

@@ -5,7 +5,7 @@
 * ``hotload``: slot, follower (alias version + manifest sha256), swap; ``served_model``:
   loading a version, numeric modes and their agreement gate;
 * ``batching``: the forward lane; ``images``: bounded request decoding;
-* ``drift``: the drift score of served inputs; ``capture``: the capture tap (sampling and
+* ``drift``: the drift score of served inputs; ``capture_tap``: the capture tap (sampling and
   a bounded queue, off the request path).
 
 It imports no use case (``dataplane``), route (``api``) or control plane.

@@ -27,7 +27,7 @@ import torch
 from service.allocator import current_allocator
 from service.request_errors import BadRequestError, OverloadedError
 from service.runtime.batching import ForwardLane
-from service.runtime.capture import CaptureTap
+from service.runtime.capture_tap import CaptureTap
 from service.runtime.drift import DriftMonitor
 from service.runtime.hotload import Follower
 from service.runtime.images import decode_request_images

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from conftest import png_bytes
-from service.runtime.capture import CaptureTap, Sampler, image_kind
+from service.runtime.capture_tap import CaptureTap, Sampler, image_kind
 from training.storage.captures import CapturePolicy, CaptureRecord, Captures
 from training.storage.s3 import ObjectStore
 

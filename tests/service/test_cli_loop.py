@@ -17,8 +17,8 @@ from pydantic import SecretStr
 
 from api_app import ADMIN, PREDICT, build_inprocess_app
 from conftest import free_port, png_bytes
-from service.cli import build_parser
-from service.client import ClientError
+from service.cli.client import ClientError
+from service.cli.main import build_parser
 from service.settings import RefitSettings
 
 

@@ -7,9 +7,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from service.console import JobConsole, ray_output_to_files
+from service.cli.console import JobConsole, ray_output_to_files
 from training.spec import parse_spec
-from training.storage.job_records import JobStore
+from training.storage.jobs import JobStore
 from training.storage.s3 import ObjectStore
 
 

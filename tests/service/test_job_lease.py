@@ -15,7 +15,7 @@ from service.settings import RefitSettings
 from training.spec import parse_spec
 from training.storage.errors import ConflictError
 from training.storage.job_lease import JobCancelledError, JobLease, LeaseLostError
-from training.storage.job_records import JobStore
+from training.storage.jobs import JobStore
 from training.storage.s3 import ObjectStore
 
 TTL = 1.0

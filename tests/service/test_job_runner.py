@@ -19,7 +19,7 @@ from training.finetune import run_finetune
 from training.job_settings import TrainingSettings
 from training.local_fit import stored_checkpoints
 from training.spec import parse_spec
-from training.storage.job_records import JobStore
+from training.storage.jobs import JobStore
 from training.storage.s3 import ObjectStore
 
 pytestmark = [pytest.mark.ray, pytest.mark.trains, pytest.mark.usefixtures("ray_session")]

@@ -8,12 +8,12 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from service.client import Client, ClientError, progress_line
+from service.cli.client import Client, ClientError, progress_line
 from service.dataplane.curve import render_curve
 from service.metrics import batch_histogram
 from training.spec import parse_spec
 from training.storage.errors import ConflictError, NotFoundError
-from training.storage.job_records import JobStore, progress_view
+from training.storage.jobs import JobStore, progress_view
 from training.storage.s3 import ObjectStore
 
 

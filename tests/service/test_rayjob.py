@@ -24,7 +24,7 @@ from service.control.scheduler import JobRunner
 from service.settings import RefitSettings, env_names
 from training.job_settings import TrainingSettings
 from training.spec import parse_spec
-from training.storage.job_records import JobStore
+from training.storage.jobs import JobStore
 from training.storage.s3 import ObjectStore
 
 

@@ -18,7 +18,7 @@ from service.control.launchers import RunEnd
 from service.control.scheduler import JobRunner
 from service.settings import RefitSettings
 from training.storage.job_lease import JobLease
-from training.storage.job_records import JobStore
+from training.storage.jobs import JobStore
 from training.storage.s3 import ObjectStore
 
 TTL = 1.0

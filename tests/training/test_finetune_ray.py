@@ -21,7 +21,7 @@ from training.finetune import run_finetune
 from training.scoring import evaluate_model, score_parts
 from training.spec import parse_spec
 from training.storage.errors import DataError, ResourceError
-from training.storage.job_records import JobStore
+from training.storage.jobs import JobStore
 from training.storage.registry import Registry
 from training.storage.s3 import ObjectStore
 

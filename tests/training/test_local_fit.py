@@ -14,7 +14,7 @@ from service.settings import RefitSettings
 from training.checkpoints import STATE_FILE
 from training.local_fit import checkpoint_prefix, fit_here, stored_checkpoints
 from training.run_context import FitResult
-from training.storage.job_records import JobStore
+from training.storage.jobs import JobStore
 from training.storage.s3 import ObjectStore
 
 

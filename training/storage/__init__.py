@@ -4,11 +4,11 @@ One bucket (and an optional key prefix) holds everything; each key prefix has on
 
 =====================  ===============================================================
 ``models/``            ``registry``: versions, manifests, graph sets, aliases
-``jobs/``              ``job_records``: records, progress, step reports, active markers,
+``jobs/``              ``jobs``: records, progress, step reports, active markers,
                        idempotency claims, a run's placement groups; ``job_lease``: who
                        runs a job
 ``runs/``              checkpoints of a job's runs (``runs/{job_id}``, named by
-                       ``job_records``)
+                       ``jobs``)
 ``captures/``          ``captures``: capture policies and captured predictions
 ``feedback/``          ``feedback``: labels and their images; ``quality_index``: a model's
                        live-quality counters beside them

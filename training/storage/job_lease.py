@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from training.storage.errors import ConflictError, RefitError
-from training.storage.job_records import JobRecord, JobState, JobStore, now_iso
+from training.storage.jobs import JobRecord, JobState, JobStore, now_iso
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 from training.spec import parse_spec
 from training.storage.errors import IntegrityError, NotFoundError
-from training.storage.job_records import JobStore
+from training.storage.jobs import JobStore
 from training.storage.s3 import ObjectStore
 
 

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from service.client import Client
+from service.cli.client import Client
 from service.settings import RefitSettings
 
 

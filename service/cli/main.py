@@ -26,8 +26,8 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from service.cli_loop import add_loop_commands
-from service.client import Client, ClientError, progress_line
+from service.cli.client import Client, ClientError, progress_line
+from service.cli.loop import add_loop_commands
 from service.embedded_store import Connection, EmbeddedStore
 from service.settings import RefitSettings, get_settings
 from training.storage.errors import RefitError
@@ -247,10 +247,10 @@ def cmd_up(args: argparse.Namespace, settings: RefitSettings) -> int:
 
     from service import deployments
     from service.allocator import reexec_with_jemalloc
-    from service.console import JobConsole, ray_output_to_files
+    from service.cli.console import JobConsole, ray_output_to_files
     from service.embedded_store import update_connection_file
     from training.ray_train import ensure_ray, session_logs
-    from training.storage.job_records import JobStore
+    from training.storage.jobs import JobStore
     from training.storage.s3 import ObjectStore
 
     # before anything starts: the preload must be in place when the process begins
@@ -446,7 +446,3 @@ def main(argv: list[str] | None = None) -> int:
     except ClientError as exc:
         print(json.dumps(exc.body), file=sys.stderr)
         return 2 if 400 <= exc.status < 500 else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from training.storage.errors import RefitError
-from training.storage.job_records import JobRecord, JobStore
+from training.storage.jobs import JobRecord, JobStore
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from service.api.error_table import error_responses
 from service.api.params import JobId, Plane
 from service.request_errors import BadRequestError
 from training.spec import parse_spec
-from training.storage.job_records import JobRecord
+from training.storage.jobs import JobRecord
 
 _SPEC_OBJECT = TypeAdapter(dict[str, Any])
 
