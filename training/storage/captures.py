@@ -20,8 +20,8 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from training.storage.errors import IntegrityError, NotFoundError, SpecError
-from training.storage.ids import is_id, is_prediction_id
+from training.storage.errors import IntegrityError, NotFoundError
+from training.storage.ids import check_ids, is_prediction_id
 from training.storage.s3 import ObjectStore
 
 ImageKind = Literal["jpg", "png", "webp"]
@@ -85,12 +85,6 @@ class CaptureRecord(BaseModel):
     predictions: list[CapturedLabel]
 
 
-def _check(value: str, field: str) -> None:
-    ok = is_prediction_id(value) if field in ("prediction_id", "after") else is_id(value)
-    if not ok:
-        raise SpecError(f"{value!r} is not a valid {field.replace('_', ' ')}", field=field)
-
-
 class Captures:
     """Captured predictions and capture policies of every model, on one store."""
 
@@ -99,15 +93,14 @@ class Captures:
 
     @staticmethod
     def _item(model: str, prediction_id: str, index: int) -> str:
-        _check(model, "model")
-        _check(prediction_id, "prediction_id")
+        check_ids(model=model, prediction_id=prediction_id)
         return f"captures/{model}/items/{prediction_id}/{int(index)}"
 
     # --- policies --------------------------------------------------------------------------
     def policy(self, model: str) -> CapturePolicy | None:
         """The model's stored policy, or None when it has none (the settings' default
         applies). A damaged policy object is an IntegrityError, not a crash."""
-        _check(model, "model")
+        check_ids(model=model)
         try:
             return self.store.get_record(f"captures/{model}/policy.json", CapturePolicy)
         except NotFoundError:
@@ -115,7 +108,7 @@ class Captures:
 
     def set_policy(self, model: str, policy: CapturePolicy) -> CapturePolicy:
         """Store the model's policy (replaces the previous one)."""
-        _check(model, "model")
+        check_ids(model=model)
         self.store.put_record(f"captures/{model}/policy.json", policy)
         return policy
 
@@ -157,9 +150,9 @@ class Captures:
         """``(prediction_id, index)`` of the model's captures, oldest first, after the
         prediction id ``after`` (exclusive): at most ``limit`` predictions, each with all of
         its captured images (so a page never ends inside one prediction)."""
-        _check(model, "model")
+        check_ids(model=model)
         if after is not None:
-            _check(after, "after")
+            check_ids(after=after)
         seen: list[str] = []
         base = f"captures/{model}/items/"
         # "/~" sorts after every key of that prediction: the listing starts past it

@@ -20,11 +20,19 @@ def is_id(value: object) -> bool:
     return isinstance(value, str) and bool(_ID.fullmatch(value)) and ".." not in value
 
 
+PREDICTION_ID_FIELDS = frozenset({"prediction_id", "after"})
+"""Fields that hold a prediction id (``after``: a listing's cursor) rather than an id."""
+
+
 def check_ids(**ids: str) -> None:
-    """SpecError naming the first field whose value is not a valid id."""
+    """SpecError naming the first field whose value is not a valid id (a prediction id for
+    the fields of :data:`PREDICTION_ID_FIELDS`): the one check every store module uses before
+    a value becomes part of a key."""
     for field, value in ids.items():
-        if not is_id(value):
-            raise SpecError(f"{value!r} is not a valid id", field=field)
+        prediction = field in PREDICTION_ID_FIELDS
+        if not (is_prediction_id(value) if prediction else is_id(value)):
+            kind = "prediction id" if prediction else "id"
+            raise SpecError(f"{value!r} is not a valid {kind}", field=field)
 
 
 def is_prediction_id(value: object) -> bool:
