@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from service.settings import RefitSettings
+    pass
 
 
 @dataclass(frozen=True)
@@ -80,15 +80,4 @@ class Launcher(Protocol):
         ...
 
 
-def make_launcher(settings: RefitSettings) -> Launcher:
-    """The launcher the settings name (``REFIT_TRAINING__LAUNCHER``)."""
-    if settings.training.launcher == "rayjob":
-        from service.control.rayjob import RayJobLauncher
-
-        return RayJobLauncher(settings)
-    from service.control.in_cluster import InClusterLauncher
-
-    return InClusterLauncher(settings)
-
-
-__all__ = ["Launcher", "RunEnd", "make_launcher"]
+__all__ = ["Launcher", "RunEnd"]

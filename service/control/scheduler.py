@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from service.control.launchers import Launcher, RunEnd, make_launcher
+from service.control.launchers import Launcher, RunEnd
 from service.control.retrain_triggers import Firing, PolicyWatch
 from service.settings import RefitSettings
 from training.spec import FinetuneSpec, parse_spec
@@ -398,3 +398,15 @@ def _flag_cancel(r: JobRecord) -> JobRecord:
 
 
 __all__ = ["JobRunner"]
+
+
+def make_launcher(settings: RefitSettings) -> Launcher:
+    """The launcher the settings name (``REFIT_TRAINING__LAUNCHER``), imported here only when
+    chosen (the runner itself stays Ray-free)."""
+    if settings.training.launcher == "rayjob":
+        from service.control.rayjob import RayJobLauncher
+
+        return RayJobLauncher(settings)
+    from service.control.in_cluster import InClusterLauncher
+
+    return InClusterLauncher(settings)
