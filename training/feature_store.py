@@ -35,6 +35,7 @@ from safetensors.torch import save as save_tensors
 from torch import nn
 
 from training.preprocessing_spec import Preprocessing
+from training.stage_digests import update_with_tensors
 from training.storage.errors import NotFoundError, RefitError
 from training.storage.s3 import ObjectInfo, ObjectStore
 
@@ -63,10 +64,7 @@ def trunk_id(body: nn.Module, backbone: str, pre: Preprocessing, *, bf16: bool) 
     h = hashlib.sha256()
     meta = {"format": FORMAT, "backbone": backbone, "pre": pre.model_dump(mode="json")}
     h.update(json.dumps({**meta, "bf16": bf16}, sort_keys=True).encode())
-    for name, tensor in sorted(body.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    update_with_tensors(h, body.state_dict().items())
     return h.hexdigest()
 
 

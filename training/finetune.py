@@ -40,6 +40,7 @@ from training.ray_train import fit
 from training.run_context import RunInputs
 from training.scoring import Scores, evaluate_model, score_features, score_parts
 from training.spec import FinetuneSpec
+from training.stage_digests import stage_digests
 from training.storage.errors import (
     DataError,
     NotFoundError,
@@ -563,6 +564,7 @@ class _Pipeline:
             extra_files=files | ({FEATURES_FILE: reference.to_bytes()} if reference else {}),
             graphs=graphs,
             drift=reference.record() if reference else None,
+            stages=stage_digests(trained.model.state_dict(), base.backbone, len(index.classes)),
             backbone=base.backbone,
             num_classes=len(index.classes),
             class_names=index.classes,

@@ -14,6 +14,7 @@ from service.dataplane.model_import import ImportRequest
 from service.request_errors import TooLargeError
 from training.preprocessing_spec import Preprocessing
 from training.storage.ids import ID_PATTERN
+from training.storage.registry import StageDigest
 
 Id = Annotated[str, Field(pattern=ID_PATTERN, max_length=64), AfterValidator(check_id)]
 
@@ -128,6 +129,11 @@ class VersionDetail(BaseModel):
     job_id: str | None
     metrics: dict[str, Any]
     graphs: dict[str, GraphSummary]
+    stages: list[StageDigest] = Field(
+        description="The sha256 of each stage's tensors, in stage order, head last: versions "
+        "whose leading stages hash the same share them exactly (empty: published before "
+        "they were recorded)"
+    )
 
 
 reads = APIRouter(tags=["models"], dependencies=[PredictScope])

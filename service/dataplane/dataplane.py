@@ -231,7 +231,7 @@ class DataPlane:
         return {
             **manifest.model_dump(
                 include={"model", "version", "created_at", "backbone", "class_names"}
-                | {"parent", "job_id", "metrics"}
+                | {"parent", "job_id", "metrics", "stages"}
             ),
             "graphs": {m: g.model_dump() for m, g in manifest.graphs.items()},
         }

@@ -23,8 +23,9 @@ from training.feature_stats import FeatureStats
 from training.openvino_ir import compile_graph
 from training.preprocess import normalize
 from training.preprocessing_spec import Preprocessing
+from training.stage_digests import stage_digests
 from training.storage.errors import IntegrityError, RefitError
-from training.storage.registry import Manifest, Registry
+from training.storage.registry import Manifest, Registry, StageDigest
 
 log = logging.getLogger(__name__)
 
@@ -296,6 +297,16 @@ def _build_with(backbone: str, num_classes: int, state: dict[str, torch.Tensor])
     return module
 
 
+def _stage_digests(manifest: Manifest, state: dict[str, torch.Tensor]) -> list[StageDigest]:
+    """The digests of a version that has none recorded (empty when its tensors do not fit
+    the backbone's stages: such a version shares nothing)."""
+    try:
+        return stage_digests(state, manifest.backbone, manifest.num_classes)
+    except ValueError as exc:
+        log.warning("%s@%s: no stage digests: %s", manifest.model, manifest.version, exc)
+        return []
+
+
 def load_served_model(
     registry: Registry,
     name: str,
@@ -319,6 +330,8 @@ def load_served_model(
     else:
         manifest, state = registry.load(name, ref)
     check_loadable(manifest, state)
+    if not manifest.stages:  # published before stage digests were recorded
+        manifest = manifest.model_copy(update={"stages": _stage_digests(manifest, state)})
     if mode in GRAPH_MODES and mode not in manifest.graphs:
         manifest = registry.with_graph_set(manifest)  # graphs made after it was published
     module = _build_with(manifest.backbone, manifest.num_classes, state)

@@ -17,6 +17,7 @@ from service.runtime.served_model import load_served_model
 from service.settings import NumericMode
 from training.preprocess import normalize
 from training.preprocessing_spec import Preprocessing
+from training.stage_digests import stage_digests
 from training.storage.errors import IntegrityError
 from training.storage.registry import CALIBRATION_FILE, Registry
 from training.storage.s3 import ObjectStore
@@ -45,6 +46,16 @@ def test_fp32_model_matches_direct_forward(store: ObjectStore) -> None:
     assert [len(t) for t in top] == [2, 2]
     assert top[0][0]["label"] in {"a", "b", "c"}
     assert served.top_k(images, k=10)[0][-1]["score"] >= 0
+
+
+def test_a_version_without_stage_digests_gets_them_at_load(store: ObjectStore) -> None:
+    """Published without them (``publish_tiny_model`` calls the registry directly, as
+    versions before them did): the replica computes them from the weights it loaded."""
+    reg, version, net = _publish(store)
+    manifest, _ = reg.load("svc", version)
+    assert manifest.stages == []
+    served = load_served_model(reg, "svc", version)
+    assert served.manifest.stages == stage_digests(net.state_dict(), "resnet18", 3)
 
 
 def test_bf16_mode_is_checked_and_falls_back(store: ObjectStore) -> None:

@@ -20,6 +20,7 @@ from training.feature_stats import FeatureStats, collect_features
 from training.finetune import run_finetune
 from training.scoring import evaluate_model, score_parts
 from training.spec import parse_spec
+from training.stage_digests import stage_digests
 from training.storage.errors import DataError, ResourceError
 from training.storage.jobs import JobStore
 from training.storage.registry import Registry
@@ -243,6 +244,10 @@ def test_a_head_only_retrain_scores_on_stored_features(
     # its drift reference, fitted on its training images' stored features (no pass over the
     # images): the statistics a pass over the images gives
     v2, state2 = Registry(store).load("synth", retrain["version"])
+    # each stage's content recorded at publish: a head-only retrain shares every stage but
+    # the head with the version it started from, byte for byte
+    assert v2.stages == stage_digests(state2, "resnet18", 3)
+    assert [a == b for a, b in zip(manifest.stages, v2.stages, strict=True)] == [True] * 5 + [False]
     assert v2.drift is not None
     assert (v2.drift.images, v2.drift.held_out) == (24, 12)
     stats = FeatureStats.from_bytes(Registry(store).read_file(v2, v2.drift.file), v2.drift)

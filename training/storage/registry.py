@@ -86,6 +86,10 @@ class Manifest(BaseModel):
     drift: DriftReference | None = None
     """Penultimate-feature statistics of the validation split: the drift score's reference
     (``training.feature_stats``; None for versions with too few validation images)."""
+    stages: list[StageDigest] = Field(default_factory=list)
+    """The sha256 of each stage's tensors, in stage order, head last
+    (``training.stage_digests``): versions whose leading stages hash the same share them
+    exactly. Empty for versions published before they were recorded (computed at load)."""
 
 
 class GraphRecord(BaseModel):
@@ -102,6 +106,15 @@ class GraphRecord(BaseModel):
     """Top-1 agreement with fp32 on validation crops not used for calibration."""
     images: int
     """Calibration crops it was measured (and, for INT8, calibrated) on."""
+
+
+class StageDigest(BaseModel):
+    """One stage of a version's backbone and the sha256 of its tensors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
 class DriftReference(BaseModel):

@@ -18,6 +18,7 @@ from api_app import ADMIN, PREDICT, build_inprocess_app
 from conftest import png_bytes
 from service.settings import RefitSettings
 from training.backbones import build_backbone
+from training.stage_digests import stage_digests
 
 pytestmark = pytest.mark.anyio
 PRE = {"resize_size": 32, "crop_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3}
@@ -88,6 +89,12 @@ async def test_import_publishes_a_version_that_serves(client, parts) -> None:
     assert set(detail.json()["graphs"]) == {"openvino", "int8"}
     assert detail.json()["graphs"]["openvino"]["images"] == 9  # a quarter held out
     assert detail.json()["class_names"] == META["class_names"]
+    # the content identity of each stage, recorded at publish
+    torch.manual_seed(0)
+    uploaded = build_backbone("resnet18", num_classes=3).state_dict()
+    expected = [d.model_dump() for d in stage_digests(uploaded, "resnet18", 3)]
+    assert detail.json()["stages"] == expected
+    assert [d["name"] for d in expected] == ["stem", "layer1", "layer2", "layer3", "layer4", "head"]
     missing = await client.get("/v1/models/byo/versions/v999", headers=admin)
     assert missing.status_code == 404
     assert missing.json()["error"]["field"] == "version"

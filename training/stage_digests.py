@@ -1,0 +1,75 @@
+"""The content identity of a version's stages: the sha256 of each stage's tensors.
+
+Freeze policies keep frozen tensors byte-identical to the parent's, so two versions of one
+backbone whose leading stages hash the same share those stages exactly: one copy in a
+replica's memory, one trunk pass for both (issue 28). Every version records the digests at
+publish (``Manifest.stages``, the stages of :func:`training.backbones.stages`, head last); a
+version published before they were recorded gets them computed when it is loaded.
+
+A stage's digest covers its parameters and buffers, sorted by name, each as its name, dtype,
+shape and bytes (the dtype stored: a bf16 copy is other content). :func:`prefix_digests`
+chains them: the k-th is the identity of the first k stages together, what a trunk cache keys
+on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+
+import torch
+
+from training.backbones import build_backbone, stages
+from training.storage.registry import StageDigest
+
+
+def update_with_tensors(h: hashlib._Hash, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Feed named tensors to a hash in name order: name, dtype, shape, then the bytes."""
+    for name, tensor in sorted(tensors, key=lambda item: item[0]):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+def stage_digests(
+    state: Mapping[str, torch.Tensor], backbone: str, num_classes: int
+) -> list[StageDigest]:
+    """The digest of every stage of ``state`` (a state dict of ``backbone``), in stage order,
+    head last. ValueError when a tensor belongs to no stage or to two: the stages must
+    partition the model, or two versions could share a stage that differs."""
+    groups = stages(_structure(backbone, num_classes), backbone)
+    owned: dict[str, list[str]] = {name: [] for name in state}
+    for stage in groups:
+        for name in state:
+            if stage.owns(name):
+                owned[name].append(stage.name)
+    wrong = {n: s for n, s in owned.items() if len(s) != 1}
+    if wrong:
+        sample = dict(list(wrong.items())[:3])
+        raise ValueError(f"tensors not in exactly one stage of {backbone}: {sample}")
+    out = []
+    for stage in groups:
+        h = hashlib.sha256()
+        update_with_tensors(h, ((n, t) for n, t in state.items() if owned[n] == [stage.name]))
+        out.append(StageDigest(name=stage.name, sha256=h.hexdigest()))
+    return out
+
+
+def _structure(backbone: str, num_classes: int) -> torch.nn.Module:
+    """The module structure the stages are read from: built on the meta device (nothing
+    allocated), or on the CPU for a builder that reads tensor values (RegNet's init)."""
+    try:
+        with torch.device("meta"):
+            return build_backbone(backbone, num_classes=num_classes)
+    except NotImplementedError:
+        return build_backbone(backbone, num_classes=num_classes)
+
+
+def prefix_digests(digests: list[StageDigest]) -> list[str]:
+    """The identity of the first k stages, for k = 1..n: each chains the one before with the
+    next stage's name and digest."""
+    out, previous = [], ""
+    for d in digests:
+        previous = hashlib.sha256(f"{previous}/{d.name}:{d.sha256}".encode()).hexdigest()
+        out.append(previous)
+    return out
