@@ -23,6 +23,7 @@ the result to the model registry. No web or serving code lives here (``service``
 ``scoring``, ``gate``           scoring on validation splits; the publish gate
 ``classification_metrics``      loss, top-1/5, per-class P/R/F1 from a confusion matrix
 ``version_crops``               the validation crops a version is published with
+``stage_digests``               the sha256 of each stage's tensors (content identity)
 ``openvino_ir``                 OpenVINO and INT8 graphs (the one openvino/nncf module)
 ``retrain_dataset``             a retrain policy's dataset: base plus feedback
 ``finetune``                    the job pipeline: train, score, gate, publish

@@ -287,7 +287,7 @@ def test_cli_talks_to_the_service(app: dict[str, Any], tmp_path: Path, capsys) -
     """refit jobs / predict / finetune --wait, with the URL and token from connection.json."""
     import json
 
-    from service import cli
+    from service.cli import main as cli
 
     (tmp_path / "connection.json").write_text(json.dumps({"url": app["url"], "admin_token": ADMIN}))
     where = ["--data-dir", str(tmp_path)]
@@ -317,7 +317,7 @@ def test_cli_imports_weights_trained_elsewhere(app: dict[str, Any], tmp_path: Pa
 
     from safetensors.torch import save_file
 
-    from service import cli
+    from service.cli import main as cli
     from training.backbones import build_backbone
 
     (tmp_path / "connection.json").write_text(json.dumps({"url": app["url"], "admin_token": ADMIN}))
