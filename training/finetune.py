@@ -557,14 +557,15 @@ class _Pipeline:
         spec, trained, index, base = self.spec, c.trained, c.index, c.base
         files, graphs = ({}, {}) if self.graphs_after else self.graphs(c, exporter)
         self.phases.lap("graphs_s")  # the rest of the step (the store's writes): publish_s
+        state = trained.model.state_dict()
         return self.registry.publish(
-            trained.model.state_dict(),
+            state,
             model=spec.model,
             calibration=calibration_crops(c.val, self.store, c.preprocessing, self.training),
             extra_files=files | ({FEATURES_FILE: reference.to_bytes()} if reference else {}),
             graphs=graphs,
             drift=reference.record() if reference else None,
-            stages=stage_digests(trained.model.state_dict(), base.backbone, len(index.classes)),
+            stages=stage_digests(state, base.backbone, len(index.classes)),
             backbone=base.backbone,
             num_classes=len(index.classes),
             class_names=index.classes,

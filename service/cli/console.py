@@ -33,11 +33,17 @@ def ray_output_to_files(logs: Path, session_logs: Path | None) -> Path:
     library adds its own (Serve does when it starts). Returns the driver log's path."""
     logs.mkdir(parents=True, exist_ok=True)
     path = logs / "ray-driver.log"
-    to_file = logging.FileHandler(path)
-    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     names = [n for n in logging.root.manager.loggerDict if n == "ray" or n.startswith("ray.")]
-    for name in names:
-        logger = logging.getLogger(name)
+    loggers = [logging.getLogger(n) for n in names]
+    # one handler for every call and logger: the file is opened once, written in order
+    to_file = next(
+        (h for lg in loggers for h in lg.handlers if getattr(h, "baseFilename", None) == str(path)),
+        None,
+    )
+    if to_file is None:
+        to_file = logging.FileHandler(path, delay=True)
+        to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    for logger in loggers:
         consoles = [
             h
             for h in logger.handlers
@@ -45,8 +51,7 @@ def ray_output_to_files(logs: Path, session_logs: Path | None) -> Path:
         ]
         for handler in consoles:
             logger.removeHandler(handler)
-        files = [h for h in logger.handlers if getattr(h, "baseFilename", None) == str(path)]
-        if (consoles or name == "ray") and not files:
+        if (consoles or logger.name == "ray") and to_file not in logger.handlers:
             logger.addHandler(to_file)
     link = logs / "ray"
     if session_logs is not None:
@@ -74,6 +79,7 @@ class JobConsole:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # the thread's polls and a caller's
+        self._started = False
 
     def _new_ids(self) -> list[str]:
         """Ids of records created since the last poll (all existing ones at the first)."""
@@ -91,16 +97,15 @@ class JobConsole:
             self._poll()
 
     def _poll(self) -> None:
-        first = self.newest is None
         new = self._new_ids()
         if new:
             self.newest = max(new)
-        if first:  # jobs that ended before this console started are history, not news
-            for job_id in new:
-                record = self.jobs.get(job_id)
-                if record.terminal:
-                    self.seen[job_id] = _Seen(record.state)
-            new = [j for j in new if j not in self.seen]
+        if not self._started:
+            # jobs that ended before this console started are history, not news: only the
+            # marked (queued or running) ones are read, never every record ever written
+            self._started = True
+            active = set(self.jobs.active_ids())
+            new = [j for j in new if j in active]
         watch = set(new) | {j for j, s in self.seen.items() if s.state in ("queued", "running")}
         for job_id in sorted(watch):
             self._report(self.jobs.get(job_id))
@@ -112,7 +117,7 @@ class JobConsole:
             seen = self.seen[record.job_id] = _Seen("new")
             why = f", trigger: {record.trigger.detail}" if record.trigger else ""
             self.emit(f"{name} queued{why}")
-        if record.state != "queued" and seen.state in ("new", "queued"):
+        if record.started_at is not None and seen.state in ("new", "queued"):
             self.emit(f"{name} started")
         progress = self.jobs.progress(record.job_id).get("progress") or {}
         for epoch in progress.get("history", []):

@@ -37,10 +37,24 @@ def test_job_console_reports_start_epochs_and_end_once(store: ObjectStore) -> No
     jobs = JobStore(store)
     old, _ = jobs.create(_spec(store, "old"))
     jobs.transition(old.job_id, "succeeded")  # history before the console started
+    waiting, _ = jobs.create(_spec(store, "owls"))  # queued before it started: news
     lines: list[str] = []
     console = JobConsole(jobs, emit=lines.append)
+    read: list[str] = []
+    real_get = jobs.get
+
+    def counting_get(job_id: str) -> Any:
+        read.append(job_id)
+        return real_get(job_id)
+
+    jobs.get = counting_get  # type: ignore[method-assign]
     console.poll()
-    assert lines == []
+    assert lines == [f"job {waiting.job_id} (owls) queued"]
+    assert old.job_id not in read  # history is not read at start-up
+    jobs.transition(waiting.job_id, "cancelled", reason="test")
+    console.poll()
+    assert lines[1:] == [f"job {waiting.job_id} (owls) cancelled: test"]  # it never started
+    del lines[:]
 
     a, _ = jobs.create(_spec(store, "cats"))
     console.poll()

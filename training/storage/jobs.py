@@ -285,11 +285,16 @@ class JobStore:
                 break
         return out
 
+    def active_ids(self) -> list[str]:
+        """Ids of the jobs marked queued or running (one listing; nothing read or removed:
+        a marker may outlive its record's end for a moment)."""
+        return sorted(o.key[len(_ACTIVE) :] for o in self.store.list(_ACTIVE))
+
     def unfinished(self) -> list[JobRecord]:
         """Queued and running records, oldest first (a runner's start-up scan), from the
         active markers; stale markers are removed."""
         out = []
-        for job_id in sorted(o.key[len(_ACTIVE) :] for o in self.store.list(_ACTIVE)):
+        for job_id in self.active_ids():
             try:
                 record = self.get(job_id)
             except NotFoundError:
