@@ -13,6 +13,7 @@ the result to the model registry. No web or serving code lives here (``service``
                                 torchvision import
 ``weights``                     base weights: torchvision enums, safetensors, versions
 ``data``                        dataset indexing, splits, streaming and decoding
+``image_cache``                 image bytes on the node's disk between jobs, by ETag
 ``run_context``, ``run_data``   what a run is given; what one worker trains on
 ``loop``, ``worker``            ``train_one_epoch``/``evaluate``; one worker's whole run
 ``checkpoints``, ``progress``   checkpoint files; a job's progress records

@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from training.image_cache import DiskImageCache, Name, list_names
 from training.storage.errors import DataError, NotFoundError, SpecError
 from training.storage.s3 import ObjectStore
 
@@ -266,12 +267,12 @@ _SHARED_BYTES: ContextVar[ByteCache | None] = ContextVar("refit_shared_bytes", d
 
 
 @contextmanager
-def shared_image_bytes(budget_bytes: int) -> Iterator[None]:
+def shared_image_bytes(budget_bytes: int, disk: DiskImageCache | None = None) -> Iterator[None]:
     """Within (this thread): datasets that ask for :func:`shared_cache` share one byte cache
     of ``budget_bytes`` (0: none), so a job's passes over the same images - its in-process
     training, scoring, drift reference, calibration and graph crops - fetch each image from
-    the store once."""
-    token = _SHARED_BYTES.set(ByteCache(budget_bytes) if budget_bytes > 0 else None)
+    the store once (and not at all where the node's ``disk`` cache has it)."""
+    token = _SHARED_BYTES.set(ByteCache(budget_bytes, disk) if budget_bytes > 0 else None)
     try:
         yield
     finally:
@@ -285,25 +286,48 @@ def shared_cache() -> ByteCache | None:
 
 class ByteCache:
     """Encoded image bytes kept in memory up to a budget; once full, new items are not kept
-    (a stable working set beats churn for epoch-after-epoch passes over the same data)."""
+    (a stable working set beats churn for epoch-after-epoch passes over the same data).
+    Behind it, optionally, the node's ``disk`` cache (``training.image_cache``): read for keys
+    whose current name (key, ETag, size) :meth:`know` listed, written with every fetch."""
 
-    def __init__(self, budget_bytes: int) -> None:
+    def __init__(self, budget_bytes: int, disk: DiskImageCache | None = None) -> None:
         self.budget = budget_bytes
         self.used = 0
         self._items: dict[str, bytes] = {}
+        self.disk = disk
+        self.names: dict[str, Name] = {}
+        """Keys' current ETag and size, as listed by :meth:`know`."""
+
+    def know(self, store: ObjectStore, keys: list[str]) -> dict[str, Name]:
+        """List the folders of ``keys`` not named yet (one page per thousand objects); the
+        names of ``keys`` now known."""
+        missing = [k for k in keys if k not in self.names]
+        if missing:
+            self.names.update(list_names(store, missing))
+        return {k: self.names[k] for k in keys if k in self.names}
 
     def get(self, key: str) -> bytes | None:
-        """Cached bytes of a key, or None."""
-        return self._items.get(key)
+        """Cached bytes of a key (memory, else the node's disk), or None."""
+        data = self._items.get(key)
+        if data is None and self.disk is not None and key in self.names:
+            data = self.disk.read(self.names[key])
+            if data is not None:
+                self._keep(key, data)
+        return data
 
-    def put(self, key: str, data: bytes) -> None:
-        """Keep bytes if the budget allows."""
+    def put(self, key: str, data: bytes, etag: str | None = None) -> None:
+        """Keep bytes fetched from the store (with their ``etag``: on the node's disk too)."""
+        self._keep(key, data)
+        if etag is not None and self.disk is not None:
+            self.disk.write(key, etag, data)
+
+    def _keep(self, key: str, data: bytes) -> None:
         if key not in self._items and self.used + len(data) <= self.budget:
             self._items[key] = data
             self.used += len(data)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"budget": self.budget, "used": 0, "_items": {}}
+        return {**self.__dict__, "used": 0, "_items": {}}
 
 
 @dataclass
@@ -328,11 +352,11 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
         data = self.cache.get(sample.key) if self.cache is not None else None
         if data is None:
             try:
-                data = self.store.get_bytes(sample.key, max_bytes=self.max_bytes)
+                data, etag = self.store.get_with_etag(sample.key, max_bytes=self.max_bytes)
             except NotFoundError:
                 raise ValueError("missing") from None
             if self.cache is not None:
-                self.cache.put(sample.key, data)
+                self.cache.put(sample.key, data, etag)
         return data
 
     def load(self, sample: Sample) -> Image.Image:

@@ -34,6 +34,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import nn
 
+from training.image_cache import Name, list_names
 from training.preprocessing_spec import Preprocessing
 from training.stage_digests import update_with_tensors
 from training.storage.errors import NotFoundError, RefitError
@@ -50,11 +51,6 @@ FORMAT = 1
 _PACK = re.compile(r"\d{20}-[0-9a-f]{12}\.safetensors")
 _NAMES = re.compile(r"\d{20}-[0-9a-f]{12}\.json")
 NAMES_PREFIX = f"{PREFIX}names/"
-LIST_FACTOR = 4
-"""A folder is listed for its ETags only while it holds at most this many times the objects a
-run wants from it (beyond that, its images are hashed: listing a large bucket costs more)."""
-Name = tuple[str, str, int]
-"""An object's key, ETag and size: what stays equal while its content does."""
 _TRUNK = re.compile(r"[0-9a-f]{64}")
 
 
@@ -192,34 +188,14 @@ class FeatureStore:
                 log.warning("names pack %s skipped: %s", pack.key, exc)
         return names
 
-    def listed(self, keys: list[str]) -> dict[str, Name]:
-        """The current ETag and size of ``keys``, from listings of their folders (the
-        first two parts of a key: ``datasets/{name}/``); a key whose folder holds too many
-        other objects, or that is not there, is left out."""
-        folders: dict[str, set[str]] = {}
-        for key in keys:
-            parts = key.split("/")
-            folder = "/".join(parts[:2]) + "/" if len(parts) > 2 else ""
-            folders.setdefault(folder, set()).add(key)
-        out: dict[str, Name] = {}
-        try:
-            for folder, wanted in folders.items():
-                if not folder:
-                    continue
-                for seen, obj in enumerate(self.store.list(folder), start=1):
-                    if seen > LIST_FACTOR * len(wanted) + 1000:
-                        break
-                    if obj.key in wanted:
-                        out[obj.key] = (obj.key, obj.etag, obj.size)
-        except RefitError as exc:
-            log.warning("could not list images' folders, hashing them: %s", exc)
-        return out
-
-    def known_contents(self, keys: list[str]) -> tuple[dict[str, str], dict[str, Name]]:
+    def known_contents(
+        self, keys: list[str], listed: dict[str, Name] | None = None
+    ) -> tuple[dict[str, str], dict[str, Name]]:
         """The sha256 of those ``keys`` whose key, ETag and size a names pack holds, and the
         names (key, ETag, size) of all listed keys (for :meth:`add_names` once the rest are
-        hashed). A store that cannot be read knows none."""
-        listed = self.listed(keys)
+        hashed; ``listed``: named already, no listing). A store that cannot be read knows
+        none."""
+        listed = list_names(self.store, keys) if listed is None else listed
         if not listed:
             return {}, listed
         try:

@@ -26,12 +26,13 @@ import torch
 from torch import nn
 
 from training.backbones import build_backbone, head_module, trunk
-from training.data import DatasetIndex, Sample, index_dataset, shared_image_bytes
+from training.data import DatasetIndex, Sample, index_dataset, shared_cache, shared_image_bytes
 from training.feature_stats import FILE as FEATURES_FILE
 from training.feature_stats import MIN_IMAGES, FeatureStats, collect_features
 from training.feature_store import FeatureStore, trunk_id
 from training.freeze_spec import HeadOnly
 from training.gate import GateDecision, SourceScore, class_drops, decide, with_sources
+from training.image_cache import DiskImageCache
 from training.job_settings import TrainingSettings
 from training.openvino_ir import ExportChild
 from training.preprocess import eval_transform
@@ -281,7 +282,10 @@ class _Pipeline:
         ahead = _ExportAhead(self.store, self.job_id) if self.training.export_graphs else None
         try:
             # one byte cache for every pass of this process over the job's images
-            with shared_image_bytes(self.training.cache_mb * 1024 * 1024):
+            disk = DiskImageCache.for_store(
+                self.store, self.training.image_cache_dir, self.training.image_cache_mb
+            )
+            with shared_image_bytes(self.training.cache_mb * 1024 * 1024, disk):
                 return self._run(ahead)
         finally:
             if ahead is not None:  # unused when the gate refused the candidate or a step failed
@@ -292,6 +296,9 @@ class _Pipeline:
         index = index_dataset(
             self.store, spec.dataset, val_fraction=spec.val_fraction, seed=spec.seed
         )
+        cache = shared_cache()
+        if cache is not None:  # what the node's disk holds of them: read, not fetched
+            cache.know(self.store, [s.key for s in index.train + index.val])
         lap("index_s")
         base = resolve_base(spec.base, store=self.store, training=self.training)
         preprocessing = spec.preprocess or base.preprocessing
@@ -425,7 +432,9 @@ class _Pipeline:
             return None
         kept = FeatureStore(self.store, max_bytes=self.training.feature_store_mb * 1024 * 1024)
         trunk_key = trunk_id(trunk(model, backbone), backbone, pre, bf16=False)
-        known, _ = kept.known_contents([s.key for s in val])  # hashed before, unchanged
+        keys, cache = [s.key for s in val], shared_cache()
+        # hashed before, unchanged (named by the job's listing where it made one)
+        known, _ = kept.known_contents(keys, cache.know(self.store, keys) if cache else None)
         missing = [s for s in val if s.key not in known]
         try:
             ds = capped_dataset(self.store, missing, eval_transform(pre), self.training)

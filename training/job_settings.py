@@ -63,6 +63,13 @@ class TrainingSettings(BaseModel):
     """The only directory ``file://`` weight URIs may point into; unset refuses them."""
     cache_mb: int = Field(default=512, ge=0)
     """Encoded image bytes each training worker keeps in memory across epochs (0: none)."""
+    image_cache_mb: int = Field(default=2048, ge=0)
+    """Image bytes kept on each node's disk between jobs (``training.image_cache``): a retrain
+    reads the images its last run fetched from disk, verified against their ETags, and
+    fetches only new or changed ones (0: off, every job fetches every image)."""
+    image_cache_dir: Path | None = None
+    """Where the node's image cache lives; unset: ``refit-image-cache-{uid}`` in the system's
+    temporary directory. It must be this user's alone (0700), else it is not used."""
     feature_store_mb: int = Field(default=256, ge=0)
     """Head-only runs keep their images' penultimate features on the store per trunk and
     image content (``features/``), so a retrain computes only new images' features; this

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from training.backbones import head_module, trunk
 from training.data import ByteCache, ImageDataset, Sample, make_loader, shared_cache
 from training.feature_store import FeatureStore, trunk_id
+from training.image_cache import DiskImageCache
 from training.loop import Precision, extract_features
 from training.preprocess import eval_transform, train_transform
 from training.run_context import RunContext, RunInputs
@@ -59,7 +60,13 @@ class WorkerImages:
         self.store = ObjectStore(inputs.s3)
         # in the job's own process (one worker), the job's cache: what training fetched, its
         # scoring and drift reference read again from memory
-        self.cache = shared_cache() or ByteCache(inputs.training.cache_mb * 1024 * 1024)
+        t = inputs.training
+        self.cache = shared_cache() or ByteCache(
+            t.cache_mb * 1024 * 1024,
+            DiskImageCache.for_store(self.store, t.image_cache_dir, t.image_cache_mb),
+        )
+        # the images' current names: the node's disk cache serves those it holds unchanged
+        self.cache.know(self.store, [s.key for s in inputs.train + inputs.val])
 
     def dataset(self, samples: list[Sample], *, train: bool) -> ImageDataset:
         """A dataset of ``samples`` with the train or the eval transform."""
@@ -96,7 +103,8 @@ class StoredFeatures:
         )
         samples = (inputs.train + inputs.val)[ctx.rank :: ctx.world_size]
         # contents whose key, ETag and size were hashed before need no fetch (names packs)
-        known, listed = self.kept.known_contents([s.key for s in samples])
+        keys = [s.key for s in samples]
+        known, listed = self.kept.known_contents(keys, images.cache.know(images.store, keys))
         unknown = [s for s in samples if s.key not in known]
         shas: list[str | None]
         try:
