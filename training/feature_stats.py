@@ -132,17 +132,15 @@ class FeatureStats:
 
 
 @contextmanager
-def collect_features(
+def collect_outputs(
     model: nn.Module, backbone: str
 ) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
-    """``(features, top-1)`` of every forward pass of ``model`` while inside: the head's
-    input (penultimate features) and the class it chose, collected by a hook (no second pass
-    over the data)."""
+    """``(features, logits)`` of every forward pass of ``model`` while inside: the head's
+    input (penultimate features) and output, collected by a hook (no second pass)."""
     out: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def keep(_module: nn.Module, args: tuple[Any, ...], logits: torch.Tensor) -> None:
-        features = args[0].detach().flatten(1).float().cpu()
-        out.append((features, logits.detach().argmax(dim=1).cpu()))
+        out.append((args[0].detach().flatten(1).float().cpu(), logits.detach().float().cpu()))
 
     handle = head_module(model, backbone).register_forward_hook(keep)
     try:

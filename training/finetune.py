@@ -28,7 +28,7 @@ from torch import nn
 from training.backbones import build_backbone, head_module, trunk
 from training.data import DatasetIndex, Sample, index_dataset, shared_cache, shared_image_bytes
 from training.feature_stats import FILE as FEATURES_FILE
-from training.feature_stats import MIN_IMAGES, FeatureStats, collect_features
+from training.feature_stats import MIN_IMAGES, FeatureStats, collect_outputs
 from training.feature_store import FeatureStore, trunk_id
 from training.freeze_spec import HeadOnly
 from training.gate import GateDecision, SourceScore, class_drops, decide, with_sources
@@ -38,8 +38,8 @@ from training.openvino_ir import ExportChild
 from training.preprocess import eval_transform
 from training.preprocessing_spec import Preprocessing
 from training.ray_train import fit
-from training.run_context import RunInputs
-from training.scoring import Scores, evaluate_model, score_features, score_parts
+from training.run_context import RunInputs, ValOutputs
+from training.scoring import Scores, evaluate_model, score_features, score_logits, score_parts
 from training.spec import FinetuneSpec
 from training.stage_digests import stage_digests
 from training.storage.errors import (
@@ -140,6 +140,7 @@ class _Trained:
     metrics: dict[str, Any]
     best_metrics: dict[str, Any]
     storage_uri: str
+    val_outputs: ValOutputs | None = None
 
 
 @dataclass(frozen=True)
@@ -308,21 +309,30 @@ class _Pipeline:
         self.still_owner()
         val = [s for s in index.val if s.key not in trained.skipped]
         stored = self.stored_features(trained.model, base.backbone, preprocessing, val)
-        with collect_features(trained.model, base.backbone) as features:
-            scores = (
-                score_features(
-                    head_module(trained.model, base.backbone), val, stored[1], index.classes
+        kept = trained.val_outputs
+        if not stored and kept is not None and kept.keys == [s.key for s in val]:
+            # the best epoch's validation pass: the same weights on the same images, in fp32
+            scored_on = "validation pass"
+            scores = score_logits(val, kept.logits, index.classes)
+            features = [(kept.features, kept.logits.argmax(dim=1))]
+        else:
+            scored_on = "stored features" if stored else "images"
+            with collect_outputs(trained.model, base.backbone) as seen:
+                scores = (
+                    score_features(
+                        head_module(trained.model, base.backbone), val, stored[1], index.classes
+                    )
+                    if stored
+                    else self.score(trained.model, val, preprocessing, index.classes)
                 )
-                if stored
-                else self.score(trained.model, val, preprocessing, index.classes)
-            )
+            features = [(f, logits.argmax(dim=1)) for f, logits in seen]
         lap("score_s")
         train = [s for s in index.train if s.key not in trained.skipped]
         reference = self.drift_reference(
             trained.model, base.backbone, preprocessing, index, train, features
         )
         lap("reference_s")
-        incumbent = self.incumbent(val, index.classes, preprocessing, stored)
+        incumbent = self.incumbent(val, index.classes, preprocessing, base, stored)
         lap("score_serving_s")
         gate = self.gate(scores, incumbent)
         candidate = scores.all
@@ -358,7 +368,7 @@ class _Pipeline:
                 exporter.close()
         result = self.result(trained, index, base, metrics, gate, version, promoted)
         result["graphs_after_publish"] = graphs
-        result["scored_on"] = "stored features" if stored else "images"
+        result["scored_on"] = scored_on
         return result
 
     def graphs(
@@ -411,7 +421,14 @@ class _Pipeline:
             model = build_backbone(base.backbone, num_classes=len(index.classes))
             model.load_state_dict(result.best_weights)
             skipped = set(result.state.get("bad_keys", []))
-        return _Trained(model, skipped, result.metrics, result.best_metrics, result.storage_uri)
+        return _Trained(
+            model,
+            skipped,
+            result.metrics,
+            result.best_metrics,
+            result.storage_uri,
+            result.val_outputs,
+        )
 
     def score(
         self, model: nn.Module, val: list[Sample], pre: Preprocessing, classes: list[str]
@@ -474,7 +491,7 @@ class _Pipeline:
             with torch.inference_mode():
                 predicted = head_module(model, backbone)(features).argmax(dim=1)
             return FeatureStats.fit(features, predicted, held)
-        with collect_features(model, backbone) as fitted:
+        with collect_outputs(model, backbone) as fitted:
             evaluate_model(
                 model,
                 sample,
@@ -484,7 +501,9 @@ class _Pipeline:
                 training=self.training,
             )
         return FeatureStats.fit(
-            torch.cat([f for f, _ in fitted]), torch.cat([p for _, p in fitted]), held
+            torch.cat([f for f, _ in fitted]),
+            torch.cat([logits.argmax(dim=1) for _, logits in fitted]),
+            held,
         )
 
     def incumbent(
@@ -492,16 +511,28 @@ class _Pipeline:
         val: list[Sample],
         classes: list[str],
         pre: Preprocessing,
+        base: ResolvedBase,
         stored: tuple[str, dict[str, torch.Tensor]] | None = None,
     ) -> _Incumbent:
         """The alias' current version scored on the same split (when it has the same
         classes): on the ``stored`` features when it has the candidate's trunk and
-        preprocessing (a head-only retrain of it), else on the images."""
+        preprocessing (a head-only retrain of it), else on the images. A retrain of the
+        serving version (its ``base``) scores the weights loaded and verified as its base."""
         spec = self.spec
-        if self.registry.get_alias(spec.model, spec.alias)[0] is None:
+        record, _ = self.registry.get_alias(spec.model, spec.alias)
+        if record is None:
             return _Incumbent()
+        model_id, version = spec.model, record.version
         try:
-            manifest, state = self.registry.load(spec.model, spec.alias)
+            if base.state_dict is not None and base.parent == f"{model_id}@{version}":
+                manifest, _ = self.registry.read_manifest(
+                    model_id, version, expect_sha256=record.sha256
+                )
+                state = base.state_dict
+            else:
+                manifest, state = self.registry.load_version(
+                    model_id, version, expect_sha256=record.sha256
+                )
         except NotFoundError:
             return _Incumbent()
         if manifest.class_names != classes:

@@ -25,7 +25,7 @@ import torch
 
 from training.checkpoints import STATE_FILE
 from training.progress import EpochProgress, StepProgress
-from training.run_context import FitResult, RunContext, RunInputs
+from training.run_context import FitResult, RunContext, RunInputs, ValOutputs
 from training.storage.jobs import JobStore
 from training.storage.s3 import ObjectStore
 from training.worker import run_worker
@@ -120,8 +120,10 @@ def fit_here(inputs: RunInputs, *, job_id: str, workdir: Path) -> FitResult:
         if checkpoint is not None:
             uploads.submit(int(metrics["epoch"]), checkpoint)
 
-    def keep_best(weights: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
-        kept.update(weights=weights, state=state)
+    def keep_best(
+        weights: dict[str, torch.Tensor], state: dict[str, Any], outputs: ValOutputs | None
+    ) -> None:
+        kept.update(weights=weights, state=state, outputs=outputs)
 
     ctx = RunContext(
         rank=0,
@@ -150,7 +152,7 @@ def fit_here(inputs: RunInputs, *, job_id: str, workdir: Path) -> FitResult:
         return FitResult(metrics, None, {}, storage)
     state = kept["state"]
     best = {"epoch": state.get("kept_epoch", state["epoch"]), "val_top1": state.get("kept_top1")}
-    return FitResult(metrics, kept["weights"], best, storage, state)
+    return FitResult(metrics, kept["weights"], best, storage, state, kept["outputs"])
 
 
 __all__ = ["checkpoint_prefix", "fit_here", "stored_checkpoints"]

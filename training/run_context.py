@@ -33,10 +33,24 @@ class RunContext:
     resume_from: Path | None = None
     on_step: Callable[[dict[str, Any]], None] | None = None
     """Called after every optimizer step on this rank with epoch, step and images/s."""
-    keep_best: Callable[[dict[str, torch.Tensor], dict[str, Any]], None] | None = None
+    keep_best: (
+        Callable[[dict[str, torch.Tensor], dict[str, Any], ValOutputs | None], None] | None
+    ) = None
     """Set where the run's own process publishes (the in-process path): rank 0 hands it the
-    best epoch's weights and the run's state at the end, and the last epoch then needs no
-    checkpoint of its own (a failure after it repeats at most ``checkpoint_interval_s``)."""
+    best epoch's weights, the run's state and (when that epoch ran in this attempt, in fp32)
+    its validation outputs at the end, and the last epoch then needs no checkpoint of its own
+    (a failure after it repeats at most ``checkpoint_interval_s``)."""
+
+
+@dataclass
+class ValOutputs:
+    """The best epoch's validation pass, image by image (in the order of ``keys``): the
+    head's input (penultimate features) and its logits. The publishing process scores the
+    candidate and measures its drift threshold on them instead of a second pass."""
+
+    keys: list[str]
+    features: torch.Tensor
+    logits: torch.Tensor
 
 
 @dataclass
@@ -68,3 +82,6 @@ class FitResult:
     best_metrics: dict[str, Any]
     storage_uri: str
     state: dict[str, Any] = field(default_factory=dict)
+    val_outputs: ValOutputs | None = None
+    """The best epoch's validation outputs, where the run kept them (see
+    :class:`ValOutputs`)."""

@@ -101,6 +101,22 @@ def score_features(
     return _merged(parts, classes)
 
 
+def score_logits(samples: list[Sample], logits: torch.Tensor, classes: list[str]) -> Scores:
+    """:func:`score_parts` from the model's logits on the samples (in their order), kept
+    from a pass that already ran (the best epoch's validation)."""
+    index = {id(s): n for n, s in enumerate(samples)}
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    parts = {}
+    for name, part in parts_of(samples).items():
+        acc = MetricAccumulator(len(classes))
+        if part:
+            rows = logits[[index[id(s)] for s in part]].float()
+            y = torch.tensor([s.label for s in part], dtype=torch.long)
+            acc.update(rows, y, float(criterion(rows, y)))
+        parts[name] = acc
+    return _merged(parts, classes)
+
+
 def _merged(parts: dict[str, MetricAccumulator], classes: list[str]) -> Scores:
     total = MetricAccumulator(len(classes))
     for acc in parts.values():

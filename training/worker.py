@@ -20,6 +20,8 @@ import resource
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,8 @@ from training.checkpoints import (
     load_optimizer_state,
     save_checkpoint,
 )
+from training.data import Sample
+from training.feature_stats import collect_outputs
 from training.freeze import (
     FreezePlan,
     apply_freeze,
@@ -51,7 +55,7 @@ from training.loop import (
     evaluate,
     train_one_epoch,
 )
-from training.run_context import RunContext, RunInputs
+from training.run_context import RunContext, RunInputs, ValOutputs
 from training.run_data import (
     Loaders,
     StoredFeatures,
@@ -95,6 +99,45 @@ def _copy(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
 
 
+class _Outputs:
+    """One validation pass's outputs as :class:`ValOutputs` (None when not collected)."""
+
+    def __init__(self, keys: list[str] | None, seen: list[tuple[torch.Tensor, torch.Tensor]]):
+        self.keys, self.seen = keys, seen
+
+    def done(self) -> ValOutputs | None:
+        if self.keys is None or not self.seen:
+            return None
+        features = torch.cat([f for f, _ in self.seen])
+        if len(features) != len(self.keys):
+            return None
+        return ValOutputs(self.keys, features, torch.cat([o for _, o in self.seen]))
+
+
+@contextmanager
+def _val_outputs(
+    model: nn.Module,
+    inputs: RunInputs,
+    ctx: RunContext,
+    loaders: Loaders,
+    precision: Precision,
+    val: list[Sample],
+) -> Iterator[_Outputs]:
+    """Collect the validation pass's outputs where the publishing process can use them: the
+    run's own process (one worker), the whole model on images, in fp32."""
+    wanted = (
+        ctx.keep_best is not None
+        and ctx.world_size == 1
+        and not loaders.feature_cache
+        and not precision.bf16
+    )
+    if not wanted:
+        yield _Outputs(None, [])
+        return
+    with collect_outputs(model, inputs.backbone) as seen:
+        yield _Outputs([s.key for s in val], seen)
+
+
 class _BestWeights:
     """Rank 0's copy of the best epoch's weights by val top-1 (the later epoch wins a tie:
     it has seen more data), recorded in the run's state as ``kept_epoch``/``kept_top1``."""
@@ -103,16 +146,20 @@ class _BestWeights:
         self.keeps = ctx.rank == 0
         self.state = state
         self.weights: dict[str, torch.Tensor] | None = None
+        self.outputs: ValOutputs | None = None  # of the best epoch, when this attempt ran it
         if self.keeps and ctx.resume_from is not None and "kept_epoch" in state:
             has_own = (ctx.resume_from / BEST_FILE).exists()
             self.weights = load_best_weights(ctx.resume_from) if has_own else _copy(model)
 
-    def offer(self, model: nn.Module, epoch: int, top1: float) -> None:
-        """Keep this epoch's weights if they are the best so far."""
+    def offer(
+        self, model: nn.Module, epoch: int, top1: float, outputs: ValOutputs | None = None
+    ) -> None:
+        """Keep this epoch's weights (and validation ``outputs``) if they are the best so
+        far."""
         if top1 >= self.state.get("kept_top1", -1.0):
             self.state["kept_epoch"], self.state["kept_top1"] = epoch, top1
             if self.keeps:
-                self.weights = _copy(model)
+                self.weights, self.outputs = _copy(model), outputs
 
     def beside(self, epoch: int) -> dict[str, torch.Tensor] | None:
         """The weights a checkpoint of ``epoch`` carries besides its model (None: that
@@ -316,9 +363,10 @@ def run_worker(inputs: RunInputs, ctx: RunContext) -> dict[str, Any]:
             label_smoothing=spec.label_smoothing,
             on_step=_StepReporter(ctx, spec, epoch, loaders.steps_per_epoch),
         )
-        val = evaluate(
-            loaders.trained, loaders.val, num_classes=len(inputs.classes), precision=precision
-        ).compute(inputs.classes)
+        with _val_outputs(model, inputs, ctx, loaders, precision, val_s) as outputs:
+            val = evaluate(
+                loaders.trained, loaders.val, num_classes=len(inputs.classes), precision=precision
+            ).compute(inputs.classes)
         per_epoch = (time.perf_counter() - started) / max(1, epoch + 1 - resumed_from)
         metrics, stop = _epoch_metrics(
             spec=spec,
@@ -340,7 +388,7 @@ def run_worker(inputs: RunInputs, ctx: RunContext) -> dict[str, Any]:
         metrics["attempt_epochs_s"] = round(
             sum(h.get("epoch_s", 0.0) for h in state["history"] if h["epoch"] > resumed_from), 3
         )
-        best.offer(model, int(state["epoch"]), float(val["top1"]))
+        best.offer(model, int(state["epoch"]), float(val["top1"]), outputs.done())
         # the last epoch's checkpoint hands the weights over, unless this process keeps them
         last = (stop or epoch + 1 == spec.epochs) and ctx.keep_best is None
         due = last or time.perf_counter() - last_checkpoint >= interval
@@ -350,7 +398,8 @@ def run_worker(inputs: RunInputs, ctx: RunContext) -> dict[str, Any]:
         if stop:
             break
     if ctx.keep_best is not None and ctx.rank == 0:
-        ctx.keep_best(best.weights if best.weights is not None else _copy(model), dict(state))
+        weights = best.weights if best.weights is not None else _copy(model)
+        ctx.keep_best(weights, dict(state), best.outputs)
     timing = {
         "started_at": entered,
         "setup_s": round(setup_s, 3),

@@ -16,7 +16,7 @@ from conftest import train_worker_pids, write_imagefolder
 from service.settings import RefitSettings
 from training.backbones import build_backbone
 from training.data import index_dataset
-from training.feature_stats import FeatureStats, collect_features
+from training.feature_stats import FeatureStats, collect_outputs
 from training.finetune import run_finetune
 from training.scoring import evaluate_model, score_parts
 from training.spec import parse_spec
@@ -254,7 +254,7 @@ def test_a_head_only_retrain_scores_on_stored_features(
     model.load_state_dict(state2)
     passes = []
     for samples in (index.train, index.val):
-        with collect_features(model, "resnet18") as seen:
+        with collect_outputs(model, "resnet18") as seen:
             evaluate_model(
                 model,
                 samples,
@@ -263,7 +263,7 @@ def test_a_head_only_retrain_scores_on_stored_features(
                 classes=index.classes,
                 training=settings.training,
             )
-        passes.append((torch.cat([f for f, _ in seen]), torch.cat([p for _, p in seen])))
+        passes.append((torch.cat([f for f, _ in seen]), torch.cat([o.argmax(1) for _, o in seen])))
     expected = FeatureStats.fit(*passes[0], passes[1][0])
     assert expected is not None
     assert torch.allclose(stats.centroids, expected.centroids, atol=1e-4)

@@ -9,11 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import small_run_inputs, write_imagefolder
+from conftest import SMALL_PRE, small_run_inputs, write_imagefolder
 from service.settings import RefitSettings
+from training.backbones import build_backbone
 from training.checkpoints import STATE_FILE
+from training.data import index_dataset
+from training.feature_stats import collect_outputs
 from training.local_fit import checkpoint_prefix, fit_here, stored_checkpoints
 from training.run_context import FitResult
+from training.scoring import score_logits, score_parts
 from training.storage.jobs import JobStore
 from training.storage.s3 import ObjectStore
 
@@ -95,3 +99,27 @@ def test_a_data_error_trains_nothing(
     assert result.best_weights is None
     assert "data_error" in result.metrics
     assert stored_checkpoints(store, "bad") == []
+
+
+def test_the_best_epochs_validation_pass_scores_as_a_second_pass_would(
+    dataset: ObjectStore, settings: RefitSettings, tmp_path: Path
+) -> None:
+    """The run hands back its best epoch's validation outputs (features and logits, image by
+    image): the publishing process scores on them instead of a second pass, with the same
+    metrics and the same features for the drift threshold."""
+    result = _fit(dataset, settings, tmp_path, job_id="outputs", epochs=3, interval=3600)
+    kept = result.val_outputs
+    index = index_dataset(dataset, dataset.uri("datasets/local/"))
+    assert kept is not None
+    assert kept.keys == [s.key for s in index.val]
+    assert result.best_weights is not None
+    model = build_backbone("resnet18", num_classes=3)
+    model.load_state_dict(result.best_weights)
+    with collect_outputs(model, "resnet18") as seen:
+        again = score_parts(model, index.val, dataset, SMALL_PRE, index.classes, settings.training)
+    scored = score_logits(index.val, kept.logits, index.classes)
+    assert scored.all["confusion"] == again.all["confusion"]
+    assert scored.all["top1"] == again.all["top1"]
+    assert scored.all["loss"] == pytest.approx(again.all["loss"], rel=1e-4, abs=1e-5)
+    assert torch.allclose(kept.features, torch.cat([f for f, _ in seen]), atol=1e-4)
+    assert torch.allclose(kept.logits, torch.cat([o for _, o in seen]), atol=1e-4)
