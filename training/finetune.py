@@ -18,6 +18,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,7 @@ from training.storage.errors import (
 from training.storage.job_lease import JobCancelledError, JobLease, LeaseLostError, new_owner
 from training.storage.jobs import JobState, JobStore
 from training.storage.location import S3Settings
-from training.storage.registry import Manifest, Registry
+from training.storage.registry import Manifest, Registry, WeightsUpload
 from training.storage.s3 import ObjectStore
 from training.version_crops import (
     calibration_crops,
@@ -250,6 +251,35 @@ class _ExportAhead:
             child.close()
 
 
+class _WeightsAhead:
+    """The candidate's weights written while it is scored and gated: the store's write, the
+    slowest part of publishing, overlaps that CPU work. Removed again unless published."""
+
+    def __init__(self, registry: Registry, model: str, state: dict[str, torch.Tensor]) -> None:
+        self.registry = registry
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="refit-weights")
+        self._upload = self._pool.submit(registry.upload_weights, model, state)
+        self._kept = False
+
+    def take(self) -> WeightsUpload:
+        """The written weights (the write's error, if it failed)."""
+        return self._upload.result()
+
+    def keep(self) -> None:
+        """The version was published: its weights stay."""
+        self._kept = True
+
+    def close(self) -> None:
+        """Remove the weights unless their version was published (best effort)."""
+        try:
+            if not self._kept:
+                self.registry.discard(self._upload.result())
+        except RefitError as exc:
+            log.warning("weights written ahead of a version not published stay: %s", exc)
+        finally:
+            self._pool.shutdown(wait=False)
+
+
 @dataclass
 class _Incumbent:
     version: str | None = None
@@ -278,6 +308,7 @@ class _Pipeline:
         self.registry = Registry(store)
         self.started = time.time()
         self.phases = _Phases()
+        self.weights_ahead: _WeightsAhead | None = None
 
     def run(self) -> dict[str, Any]:
         ahead = _ExportAhead(self.store, self.job_id) if self.training.export_graphs else None
@@ -291,6 +322,8 @@ class _Pipeline:
         finally:
             if ahead is not None:  # unused when the gate refused the candidate or a step failed
                 ahead.close()
+            if self.weights_ahead is not None:
+                self.weights_ahead.close()
 
     def _run(self, ahead: _ExportAhead | None) -> dict[str, Any]:
         spec, lap = self.spec, self.phases.lap
@@ -307,6 +340,9 @@ class _Pipeline:
         trained = self.train(index, base, preprocessing)
         lap("train_s")
         self.still_owner()
+        if not self.training.legacy_job_path:  # written while the candidate is scored
+            state = trained.model.state_dict()
+            self.weights_ahead = _WeightsAhead(self.registry, spec.model, state)
         val = [s for s in index.val if s.key not in trained.skipped]
         stored = self.stored_features(trained.model, base.backbone, preprocessing, val)
         kept = trained.val_outputs
@@ -598,8 +634,9 @@ class _Pipeline:
         files, graphs = ({}, {}) if self.graphs_after else self.graphs(c, exporter)
         self.phases.lap("graphs_s")  # the rest of the step (the store's writes): publish_s
         state = trained.model.state_dict()
-        return self.registry.publish(
-            state,
+        weights = self.weights_ahead.take() if self.weights_ahead else state
+        manifest = self.registry.publish(
+            weights,
             model=spec.model,
             calibration=calibration_crops(c.val, self.store, c.preprocessing, self.training),
             extra_files=files | ({FEATURES_FILE: reference.to_bytes()} if reference else {}),
@@ -620,6 +657,9 @@ class _Pipeline:
             gate=gate.model_dump(mode="json"),
             job_id=self.job_id,
         )
+        if self.weights_ahead is not None:
+            self.weights_ahead.keep()
+        return manifest
 
     def result(
         self,

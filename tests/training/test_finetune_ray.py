@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import train_worker_pids, write_imagefolder
+from conftest import png_bytes, train_worker_pids, write_imagefolder
 from service.settings import RefitSettings
 from training.backbones import build_backbone
 from training.data import index_dataset
@@ -306,3 +306,39 @@ def test_an_in_process_run_reserves_its_cpus_on_its_own_node(store: ObjectStore)
     while ray.available_resources().get("CPU", 0) < free:
         assert time.monotonic() < deadline, "the reservation was not freed"
         time.sleep(0.1)
+
+
+def test_a_one_worker_job_scores_on_its_validation_pass_and_a_refused_one_leaves_nothing(
+    store: ObjectStore, settings: RefitSettings
+) -> None:
+    """A one-worker job (its own process) scores its candidate on the best epoch's
+    validation pass: the top-1 a pass over the images gives. Its weights are written while
+    it is scored; a candidate the gate refuses leaves no file under ``models/``."""
+    write_imagefolder(store, "synth", classes=3, train=8, val=4)
+    one = {"workers": 1, "epochs": 2}
+    first = run_finetune(_spec(store, "synth", **one), s3=settings.s3, training=settings.training)
+    assert first["published"]
+    assert first["scored_on"] == "validation pass"
+    manifest, state = Registry(store).load("synth", first["version"])
+    model = build_backbone("resnet18", num_classes=3)
+    model.load_state_dict(state)
+    index = index_dataset(store, store.uri("datasets/synth/"))
+    on_images = score_parts(
+        model, index.val, store, manifest.preprocessing, index.classes, settings.training
+    )
+    assert abs(first["metrics"]["top1"] - on_images.all["top1"]) < 1e-6
+    _phases_add_up(first, JobStore(store).get(first["job_id"]))
+    # every validation image labelled as its neighbour class: refused by construction
+    for c in range(3):
+        for i in range(4):
+            data = png_bytes((c + 1) % 3, seed=500 + i)
+            store.put_bytes(f"datasets/wrong/val/c{c}/{i:03d}.png", data)
+            store.put_bytes(f"datasets/wrong/train/c{c}/{i:03d}.png", png_bytes(c, seed=i))
+    before = {o.key for o in store.list("models/")}
+    refused = run_finetune(
+        _spec(store, "wrong", gate={"min_accuracy": 0.9}, **one),
+        s3=settings.s3,
+        training=settings.training,
+    )
+    assert not refused["published"]
+    assert {o.key for o in store.list("models/")} == before

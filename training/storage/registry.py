@@ -17,6 +17,7 @@ import json
 import logging
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
@@ -164,6 +165,20 @@ class AliasRecord(BaseModel):
     history: list[str] = Field(default_factory=list)
 
 
+def _weights_file(model: str, version: str, state_dict: dict[str, torch.Tensor]) -> bytes:
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    return st_save(tensors, metadata={"refit.model": model, "refit.version": version})
+
+
+@dataclass(frozen=True)
+class WeightsUpload:
+    """A version's weights file, written before its manifest (:meth:`Registry.upload_weights`)."""
+
+    model: str
+    version: str
+    entry: FileEntry
+
+
 class Registry:
     """Publish, load and point at model versions in the object store."""
 
@@ -179,9 +194,23 @@ class Registry:
         return f"models/{model}/aliases/{alias}.json"
 
     # --- publish -----------------------------------------------------------------------------
+    def upload_weights(self, model: str, state_dict: dict[str, torch.Tensor]) -> WeightsUpload:
+        """Write a new version's weights ahead of the rest of it (while the job still scores
+        and gates the candidate): no version exists until :meth:`publish` writes its
+        manifest; :meth:`discard` removes weights that will not be published."""
+        check_ids(model=model)
+        version = new_version_id()
+        blob = _weights_file(model, version, state_dict)
+        self.store.put_bytes(self._vkey(model, version, WEIGHTS_FILE), blob, if_none_match=True)
+        return WeightsUpload(model, version, FileEntry(sha256=sha256_hex(blob), size=len(blob)))
+
+    def discard(self, upload: WeightsUpload) -> None:
+        """Remove weights uploaded ahead of a version that will not be published."""
+        self.store.delete(self._vkey(upload.model, upload.version, WEIGHTS_FILE))
+
     def publish(
         self,
-        state_dict: dict[str, torch.Tensor],
+        state_dict: dict[str, torch.Tensor] | WeightsUpload,
         *,
         model: str,
         calibration: torch.Tensor | None = None,
@@ -191,27 +220,37 @@ class Registry:
         """Write a new immutable version: files first, manifest last (it makes the version
         exist). Returns the manifest. No object can overwrite an existing one.
 
+        ``state_dict``: the weights, or their :meth:`upload_weights` (written already).
         ``calibration``: uint8 images ``[N, 3, H, W]`` (validation crops) kept with the version.
         ``extra_files``: more files of the version (the graphs that ``graphs`` describes),
         listed with their sha256 like the weights.
         """
         check_ids(model=model)
-        version = new_version_id()
+        files: dict[str, bytes] = {}
+        entries: dict[str, FileEntry] = {}
+        if isinstance(state_dict, WeightsUpload):
+            if state_dict.model != model:
+                raise SpecError("weights uploaded for another model", field="model")
+            version = state_dict.version
+            entries[WEIGHTS_FILE] = state_dict.entry
+        else:
+            version = new_version_id()
         meta = {"refit.model": model, "refit.version": version}
-        tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-        files = {WEIGHTS_FILE: st_save(tensors, metadata=meta)}
+        if not isinstance(state_dict, WeightsUpload):
+            files[WEIGHTS_FILE] = _weights_file(model, version, state_dict)
         if calibration is not None:
             images = calibration.to(torch.uint8).contiguous()
             files[CALIBRATION_FILE] = st_save({"images": images}, metadata=meta)
         for name, blob in (extra_files or {}).items():
-            if name in files or name == MANIFEST_FILE or not is_id(name):
+            if name in files or name in entries or name == MANIFEST_FILE or not is_id(name):
                 raise SpecError(f"{name!r} cannot be a file of a version", field="extra_files")
             files[name] = blob
+        entries.update({n: FileEntry(sha256=sha256_hex(b), size=len(b)) for n, b in files.items()})
         manifest = Manifest(
             model=model,
             version=version,
             created_at=datetime.now(UTC).isoformat(),
-            files={n: FileEntry(sha256=sha256_hex(b), size=len(b)) for n, b in files.items()},
+            files=dict(sorted(entries.items())),
             **manifest_fields,
         )
         for name, blob in files.items():

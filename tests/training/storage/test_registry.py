@@ -97,3 +97,34 @@ def test_ids_are_not_paths(store: ObjectStore) -> None:
         reg.load("../m1", "production")
     with pytest.raises(NotFoundError):
         reg.load("nobody", "production")
+
+
+def test_weights_written_ahead_make_no_version_until_published(store: ObjectStore) -> None:
+    """A job writes the candidate's weights while it scores and gates it: no version exists
+    until the manifest; published, the version loads as any other; discarded, nothing
+    stays."""
+    reg = Registry(store)
+    net = build_backbone("resnet18", num_classes=3)
+    upload = reg.upload_weights("m1", net.state_dict())
+    assert reg.list_versions("m1") == []
+    with pytest.raises(NotFoundError):
+        reg.load("m1", upload.version)
+    fields = {
+        "backbone": "resnet18",
+        "num_classes": 3,
+        "class_names": ["a", "b", "c"],
+        "preprocessing": Preprocessing(),
+        "job_id": "job-1",
+    }
+    with pytest.raises(SpecError):
+        reg.publish(upload, model="m2", **fields)
+    manifest = reg.publish(upload, model="m1", **fields)
+    assert manifest.version == upload.version
+    assert manifest.files[WEIGHTS_FILE] == upload.entry
+    _, state = reg.load("m1", manifest.version)
+    assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
+    refused = reg.upload_weights("m1", net.state_dict())
+    assert store.exists(f"models/m1/versions/{refused.version}/{WEIGHTS_FILE}")
+    reg.discard(refused)
+    assert [o.key for o in store.list(f"models/m1/versions/{refused.version}/")] == []
+    assert reg.list_versions("m1") == [manifest.version]
