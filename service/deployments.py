@@ -203,7 +203,7 @@ def application(settings: RefitSettings) -> Application:
     # router assigns them (bursts), never for work.
     admitted = s.max_ongoing_requests + max(0, s.max_queued_requests)
     env = serve_env(settings)
-    if s.numeric_mode in GRAPH_MODES:  # OpenVINO aborts under a preloaded jemalloc
+    if s.numeric_mode in (*GRAPH_MODES, "auto"):  # OpenVINO aborts under a preloaded jemalloc
         env |= without_preloaded_allocator()
     actor: dict[str, Any] = {"num_cpus": s.replica_cpus}
     if env:

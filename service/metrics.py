@@ -63,6 +63,13 @@ class ScrapeCollector(Collector):
             "version has no graph for it (unavailable)",
             labels=["model", "reason"],
         )
+        passed_over = GaugeMetricFamily(
+            "refit_model_mode_passed_over",
+            "1 for each mode numeric mode auto weighed and does not serve: it disagreed with "
+            "fp32 (agreement), ran slower here than the mode chosen (speed), or the version "
+            "has no graph for it (unavailable)",
+            labels=["model", "mode", "reason"],
+        )
         swaps = GaugeMetricFamily(
             "refit_model_swaps", "Hot swaps of a model (replica lifetime)", labels=["model"]
         )
@@ -76,9 +83,12 @@ class ScrapeCollector(Collector):
                 agreement.add_metric([name], m["agreement"])
             if m.get("fallback_kind") in ("agreement", "speed", "unavailable"):  # fixed labels
                 fallback.add_metric([name, m["fallback_kind"]], 1)
+            for mode, why in (m.get("passed_over") or {}).items():
+                if why.get("reason") in ("agreement", "speed", "unavailable"):  # fixed labels
+                    passed_over.add_metric([name, mode, why["reason"]], 1)
             swaps.add_metric([name], m.get("swaps", 0))
             failed.add_metric([name], m.get("failed_loads", 0))
-        yield from (loaded, agreement, fallback, swaps, failed)
+        yield from (loaded, agreement, fallback, passed_over, swaps, failed)
         if "rss_bytes" not in c:
             return
         yield GaugeMetricFamily(

@@ -21,7 +21,9 @@ from training.job_settings import RaySettings, TrainingSettings
 from training.storage.captures import CapturePolicy
 from training.storage.location import S3Settings
 
-NumericMode = Literal["fp32", "channels_last", "fp32_jit", "bf16", "bf16_jit", "openvino", "int8"]
+NumericMode = Literal[
+    "auto", "fp32", "channels_last", "fp32_jit", "bf16", "bf16_jit", "openvino", "int8"
+]
 """How a classifier replica runs a model. fp32: eager, contiguous. channels_last: fp32 in
 NHWC. fp32_jit: channels_last, traced and frozen (batch norm folded into the convolutions).
 bf16 / bf16_jit: the same under bf16 autocast."""
@@ -200,12 +202,16 @@ class ServeSettings(BaseModel):
         return max(1, int(self.replica_cpus))
 
     numeric_mode: NumericMode = "fp32"
-    """fp32, channels_last, fp32_jit (channels_last, traced and frozen), bf16 or bf16_jit
-    (autocast), openvino (OpenVINO runtime, fp32) or int8 (OpenVINO, NNCF post-training
-    quantization); the last two run graphs made at publish time and stored with the version.
-    A mode other than fp32 is used only where it keeps >= 99 % top-1 agreement with fp32 on
-    the version's calibration images and runs faster than fp32 on this CPU (checked at load
-    time); else fp32 serves and the reason is exported."""
+    """``auto``: per version, the fastest mode on this CPU that keeps the agreement below,
+    among fp32, fp32_jit, bf16_jit and the graphs the version has (timed once per
+    architecture and replica; the graphs come after publishing, and the version switches to
+    them when they verify). Or one mode: fp32, channels_last, fp32_jit (channels_last,
+    traced and frozen), bf16 or bf16_jit (autocast), openvino (OpenVINO runtime, fp32) or
+    int8 (OpenVINO, NNCF post-training quantization); the last two run graphs made at
+    publish time and stored with the version. A mode other than fp32 is used only where it
+    keeps >= 99 % top-1 agreement with fp32 on the version's calibration images and runs
+    faster than fp32 on this CPU (checked at load time); else fp32 serves and the reason is
+    exported."""
 
 
 class RefitSettings(BaseSettings):
@@ -240,7 +246,11 @@ class RefitSettings(BaseSettings):
         # job's publish each), unless REFIT_TRAINING__EXPORT_GRAPHS names them itself.
         if "export_graphs" not in self.training.model_fields_set:
             mode = self.serve.numeric_mode
-            graphs = (mode,) if mode in ("openvino", "int8") else ()
+            graphs: tuple[Literal["openvino", "int8"], ...] = ()
+            if mode == "auto":  # it weighs every graph against the torch modes
+                graphs = ("openvino", "int8")
+            elif mode in ("openvino", "int8"):
+                graphs = (mode,)
             training = self.training.model_copy(update={"export_graphs": graphs})
             training.model_fields_set.discard("export_graphs")  # still derived, not chosen
             object.__setattr__(self, "training", training)  # frozen: set once, here

@@ -19,6 +19,26 @@ from training.storage.registry import StageDigest
 Id = Annotated[str, Field(pattern=ID_PATTERN, max_length=64), AfterValidator(check_id)]
 
 
+class PassedOverView(BaseModel):
+    """Why numeric mode ``auto`` does not serve a mode."""
+
+    reason: Literal["agreement", "speed", "unavailable"]
+    detail: str
+
+
+class ServingView(BaseModel):
+    """How the replica that answered serves a model it has loaded (replicas on one kind of
+    CPU choose alike): the version, the numeric mode and its top-1 agreement with fp32,
+    why a configured mode fell back to fp32, and (``auto``) why each other mode does not
+    serve."""
+
+    version: str
+    mode: str | None = None
+    agreement: float | None = None
+    fallback: str | None = None
+    passed_over: dict[str, PassedOverView] = Field(default_factory=dict)
+
+
 class ModelSummary(BaseModel):
     """A published model and, under the served alias' name (``production``), the version
     it points at."""
@@ -26,6 +46,8 @@ class ModelSummary(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     name: str
+    serving: ServingView | None = None
+    """Absent where the answering replica has not loaded the model."""
 
 
 class ModelList(BaseModel):

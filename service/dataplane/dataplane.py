@@ -140,8 +140,16 @@ class DataPlane:
 
     # --- the registry ----------------------------------------------------------------------
     async def list_models(self) -> list[dict[str, Any]]:
-        """Published models and the version the served alias points at."""
-        return await store_call(self._list_models)
+        """Published models, the version the served alias points at, and how the replica
+        that answers serves the models it has loaded (numeric mode, and why not others)."""
+        models = await store_call(self._list_models)
+        loaded = (await self.predictor.stats()).get("models", {})
+        for entry in models:
+            served = loaded.get(entry["name"]) or {}
+            if served.get("version"):
+                keys = ("version", "mode", "agreement", "fallback", "passed_over")
+                entry["serving"] = {k: served.get(k) for k in keys}
+        return models
 
     def _list_models(self) -> list[dict[str, Any]]:
         out = []

@@ -135,12 +135,14 @@ class Follower:
         log.info("model %s now serves %s", self.name, record.version)
 
     def _graphs_arrived(self, current: ServedModel) -> bool:
-        # a version published before its graphs serves fp32 ("unavailable") until its graph
-        # set is stored; then it is loaded again (once), and the mode gate decides as for
-        # any graph
+        # a version published before its graphs serves fp32 ("unavailable"; auto: the
+        # fastest torch mode) until its graph set is stored; then it is loaded again (once),
+        # and the mode gate decides as for any graph
+        waiting = (self.mode in GRAPH_MODES and current.fallback_kind == "unavailable") or (
+            self.mode == "auto" and not current.manifest.graphs
+        )
         arrived = (
-            self.mode in GRAPH_MODES
-            and current.fallback_kind == "unavailable"
+            waiting
             and current.version not in self._graphs_tried
             and self.registry.has_graph_set(self.name, current.version)
         )

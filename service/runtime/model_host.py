@@ -268,6 +268,10 @@ class ModelHost:
                 "agreement": current.agreement if current else None,
                 "fallback": current.fallback if current else None,
                 "fallback_kind": current.fallback_kind if current else None,
+                "passed_over": {
+                    m: {"reason": p.reason, "detail": p.detail}
+                    for m, p in (current.passed_over if current else {}).items()
+                },
                 "swaps": f.slot.swaps,
                 "failed_loads": f.failed_loads,
                 "last_error": f.last_error,

@@ -31,15 +31,28 @@ log = logging.getLogger(__name__)
 
 _JIT_MODES = ("fp32_jit", "bf16_jit")
 _BF16_MODES = ("bf16", "bf16_jit")
-GRAPH_MODES = ("openvino", "int8")
+GRAPH_MODES: tuple[NumericMode, ...] = ("openvino", "int8")
 """Modes that run a graph made at publish time (``training.openvino_ir``)."""
+
+AUTO_TORCH_MODES: tuple[NumericMode, ...] = ("bf16_jit", "fp32_jit")
+"""The torch modes ``auto`` weighs against fp32, besides the graphs a version has (the other
+torch modes are slower versions of these: eager bf16, channels_last)."""
 
 FallbackKind = Literal["agreement", "speed", "unavailable"]
 
-# (backbone, crop, mode) -> None when the mode is faster than fp32 here, else the reason it
-# is not. Speed depends on the architecture, input size and CPU, not on the weights: time it
-# once per replica process, not on every hot-load.
-_SPEED_VERDICTS: dict[tuple[str, int, str], str | None] = {}
+
+@dataclass(frozen=True)
+class PassedOver:
+    """Why ``auto`` did not serve a mode: its kind (a fixed label) and the detail."""
+
+    reason: FallbackKind
+    detail: str
+
+
+# (backbone, crop, mode) -> seconds per forward of a small batch here. Speed depends on the
+# architecture, input size and CPU, not on the weights: timed once per replica process, not on
+# every hot-load.
+_SECONDS: dict[tuple[str, int, str], float] = {}
 
 
 @dataclass
@@ -64,6 +77,9 @@ class ServedModel:
     """The eager fp32 model without its head, for the drift score off the request path
     (shares the weights of ``module`` in the eager modes; a copy of them in the traced and
     graph modes, whose graphs end at the logits)."""
+    passed_over: dict[str, PassedOver] = field(default_factory=dict)
+    """``auto``: every other mode weighed, and why it does not serve (it disagreed with
+    fp32, the version has no graph for it, or it runs slower here than the one chosen)."""
 
     @property
     def name(self) -> str:
@@ -200,26 +216,102 @@ def _seconds_per_forward(module: Any, x: torch.Tensor, mode: NumericMode) -> flo
     return best
 
 
+def _timed(backbone: str, runnable: Any, x: torch.Tensor, mode: NumericMode) -> float:
+    """Seconds per forward of ``x`` in ``mode`` here (timed once per architecture, input
+    size and mode in this process)."""
+    key = (backbone, int(x.shape[-1]), mode)
+    if key not in _SECONDS:
+        _SECONDS[key] = _seconds_per_forward(runnable, x, mode)
+    return _SECONDS[key]
+
+
+def _slower(mode: str, mode_s: float, than: str, than_s: float, n: int) -> str:
+    return (
+        f"{mode} is slower than {than} on this CPU ({mode_s * 1e3:.0f} ms vs "
+        f"{than_s * 1e3:.0f} ms for {n} images)"
+    )
+
+
 def speed_verdict(
     backbone: str, module: nn.Module, candidate: Any, x: torch.Tensor, mode: NumericMode
 ) -> str | None:
     """None if ``candidate`` (``module`` prepared for ``mode``) runs ``x`` faster than fp32
     here, else why not. bf16 is emulated, and slower than fp32, on CPUs without
     AVX512-BF16/AMX: such a mode must not be served."""
-    key = (backbone, int(x.shape[-1]), mode)
-    if key not in _SPEED_VERDICTS:
+    if (backbone, int(x.shape[-1]), "fp32") not in _SECONDS:
         # a contiguous copy: the non-jit modes turned ``module`` itself channels_last
         reference = _memory_format(copy.deepcopy(module), torch.contiguous_format)
-        fp32_s = _seconds_per_forward(reference, x, "fp32")
+        _timed(backbone, reference, x, "fp32")
         del reference
-        mode_s = _seconds_per_forward(candidate, x, mode)
-        _SPEED_VERDICTS[key] = (
-            None
-            if mode_s < fp32_s
-            else f"{mode} is slower than fp32 on this CPU ({mode_s * 1e3:.0f} ms vs "
-            f"{fp32_s * 1e3:.0f} ms for {x.shape[0]} images)"
-        )
-    return _SPEED_VERDICTS[key]
+    fp32_s = _timed(backbone, module, x, "fp32")
+    mode_s = _timed(backbone, candidate, x, mode)
+    return None if mode_s < fp32_s else _slower(mode, mode_s, "fp32", fp32_s, len(x))
+
+
+def _auto_mode(
+    registry: Registry, manifest: Manifest, module: nn.Module, x: torch.Tensor, min_agreement: float
+) -> tuple[Any, NumericMode, float, dict[str, PassedOver]]:
+    """``auto``: the fastest mode here, among fp32, :data:`AUTO_TORCH_MODES` and the graphs
+    the version has, that keeps top-1 agreement >= ``min_agreement`` with fp32 on its
+    calibration images: ``(runnable, mode, agreement, passed_over)``. The first load of an
+    architecture in this process times every mode; later loads prepare the modes fastest
+    first and stop at the first that agrees. ``module`` stays the contiguous fp32 model."""
+    backbone, sample = manifest.backbone, x[:8]
+    reference = forward(module, x, "fp32").argmax(dim=1)
+    passed_over: dict[str, PassedOver] = {}
+    prepared: dict[str, tuple[Any, float]] = {}
+
+    def ready(mode: NumericMode) -> tuple[Any, float] | None:
+        """The mode's runnable and agreement, or None (why: in ``passed_over``)."""
+        if mode in prepared:
+            return prepared[mode]
+        if mode in GRAPH_MODES:
+            graph, agreement, why, kind = _graph_mode(
+                registry, manifest, module, x, mode, min_agreement, check_speed=False
+            )
+            if why is not None or graph is None or agreement is None:
+                passed_over[mode] = PassedOver(kind or "unavailable", why or f"no {mode} graph")
+                return None
+            prepared[mode] = (graph, agreement)
+            return prepared[mode]
+        runnable = prepare(module, mode, sample)
+        _memory_format(module, torch.contiguous_format)  # prepare turned it channels_last
+        agreement = float((forward(runnable, x, mode).argmax(dim=1) == reference).float().mean())
+        if agreement < min_agreement:
+            why = f"top-1 agreement with fp32 {agreement:.3f} < {min_agreement}"
+            passed_over[mode] = PassedOver("agreement", why)
+            return None
+        prepared[mode] = (runnable, agreement)
+        return prepared[mode]
+
+    fp32_s = _timed(backbone, module, sample, "fp32")
+    candidates: list[NumericMode] = [*AUTO_TORCH_MODES]
+    for mode in GRAPH_MODES:
+        if mode in manifest.graphs:
+            candidates.insert(0, mode)
+        else:
+            why = f"version {manifest.version} has no {mode} graph"
+            passed_over[mode] = PassedOver("unavailable", why)
+    seconds: dict[NumericMode, float] = {}
+    for mode in candidates:  # timed once per architecture here; a refused mode is not timed
+        key = (backbone, int(sample.shape[-1]), mode)
+        got = None if key in _SECONDS else ready(mode)
+        if key in _SECONDS or got is not None:
+            seconds[mode] = _timed(backbone, got[0] if got else None, sample, mode)
+    chosen: tuple[Any, NumericMode, float] = (module, "fp32", 1.0)
+    for mode in sorted(seconds, key=seconds.__getitem__):
+        if seconds[mode] >= fp32_s:
+            break
+        got = ready(mode)
+        if got is not None:
+            chosen = (got[0], mode, got[1])
+            break
+    chosen_s = seconds.get(chosen[1], fp32_s)
+    for mode, mode_s in [*seconds.items(), ("fp32", fp32_s)]:
+        if mode != chosen[1] and mode not in passed_over:
+            why = _slower(mode, mode_s, chosen[1], chosen_s, len(sample))
+            passed_over[mode] = PassedOver("speed", why)
+    return chosen[0], chosen[1], chosen[2], dict(sorted(passed_over.items()))
 
 
 def _memory_format(module: nn.Module, fmt: torch.memory_format) -> nn.Module:
@@ -320,7 +412,9 @@ def load_served_model(
 ) -> ServedModel:
     """Load, verify, warm up and mode-check one version: ``ref`` is a version id whose
     manifest must hash to ``expect_sha256`` (the alias' record) when that is given, else a
-    version id or alias name. A mode other than fp32 is served only if it keeps top-1
+    version id or alias name. ``auto``: the fastest mode here that keeps the agreement
+    (:func:`_auto_mode`; ``passed_over`` says why each other mode does not serve). A mode
+    other than fp32 is served only if it keeps top-1
     agreement >= ``min_agreement`` with fp32 on the version's calibration images and
     (``check_speed``) runs faster than fp32 here; otherwise fp32 serves, and ``fallback``
     says why. ``drift``: keep the version's feature statistics and an eager trunk for the
@@ -332,7 +426,9 @@ def load_served_model(
     check_loadable(manifest, state)
     if not manifest.stages:  # published before stage digests were recorded
         manifest = manifest.model_copy(update={"stages": _stage_digests(manifest, state)})
-    if mode in GRAPH_MODES and mode not in manifest.graphs:
+    if (mode in GRAPH_MODES and mode not in manifest.graphs) or (
+        mode == "auto" and not manifest.graphs
+    ):
         manifest = registry.with_graph_set(manifest)  # graphs made after it was published
     module = _build_with(manifest.backbone, manifest.num_classes, state)
     module.eval()
@@ -343,8 +439,13 @@ def load_served_model(
     x = normalize(manifest.preprocessing, calibration)
     agreement, fallback, served = None, None, module
     kind: FallbackKind | None = None
+    passed_over: dict[str, PassedOver] = {}
     with torch.inference_mode():
-        if mode in GRAPH_MODES:
+        if mode == "auto":
+            served, mode, agreement, passed_over = _auto_mode(
+                registry, manifest, module, x, min_agreement
+            )
+        elif mode in GRAPH_MODES:
             served, agreement, fallback, kind = _graph_mode(
                 registry, manifest, module, x, mode, min_agreement, check_speed
             )
@@ -377,6 +478,7 @@ def load_served_model(
         fallback_kind=kind,
         reference=stats,
         trunk=trunk(module, manifest.backbone) if stats is not None else None,
+        passed_over=passed_over,
     )
 
 

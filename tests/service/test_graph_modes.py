@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import png_bytes
+from service.runtime import served_model as model_module
 from service.runtime.hotload import Follower
 from service.runtime.images import decode_request_images
 from service.runtime.served_model import load_served_model
@@ -209,3 +210,90 @@ def test_a_graph_set_of_another_manifest_or_tampered_is_never_served(
         load_served_model(reg, "ov", versions[0].version, mode="int8", check_speed=False)
     with pytest.raises(SpecError):  # only files under graphs/
         reg.publish_graph_set(versions[1], {"model.safetensors": b"x"}, {})
+
+
+def _fake_speeds(monkeypatch: pytest.MonkeyPatch, seconds: dict[str, float]) -> list[str]:
+    """Timings that rank the modes as given (real timings on a shared 2-core runner rank
+    them by chance); the list records what was timed."""
+    timed: list[str] = []
+
+    def fake(module: object, x: torch.Tensor, mode: str) -> float:
+        timed.append(mode)
+        return seconds[mode]
+
+    monkeypatch.setattr(model_module, "_SECONDS", {})
+    monkeypatch.setattr(model_module, "_seconds_per_forward", fake)
+    return timed
+
+
+def test_auto_serves_the_fastest_mode_that_agrees_and_says_why_not_the_others(
+    store: ObjectStore, exported, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``auto`` weighs fp32, the torch modes and the version's graphs: the fastest that keeps
+    the agreement serves, every other is listed with its reason; the first load of the
+    architecture times every mode, later loads time none."""
+    net, graphs = exported
+    reg = Registry(store)
+    speeds = {"int8": 0.1, "openvino": 0.3, "bf16_jit": 0.2, "fp32_jit": 0.5, "fp32": 1.0}
+    timed = _fake_speeds(monkeypatch, speeds)
+    low = _publish(reg, net, graphs, int8=0.95)  # the job measured int8 at 95 %
+    served = load_served_model(reg, "ov", low.version, mode="auto", min_agreement=0.0)
+    assert served.mode == "int8"  # no floor: the fastest
+    assert sorted(timed) == sorted(speeds)
+    strict = load_served_model(reg, "ov", low.version, mode="auto")  # min_agreement 0.99
+    assert len(timed) == 5  # the same architecture: timed once
+    # int8 disagrees; bf16_jit is next fastest but random-ish logits round differently in
+    # bf16: whichever of it and openvino agrees first serves; fp32_jit and fp32 are slower
+    assert strict.mode in ("bf16_jit", "openvino")
+    reasons = {m: p.reason for m, p in strict.passed_over.items()}
+    assert reasons["int8"] == "agreement"
+    assert "0.950 < 0.99" in strict.passed_over["int8"].detail
+    assert reasons["fp32"] == reasons["fp32_jit"] == "speed"
+    assert set(reasons) == set(speeds) - {strict.mode}
+    if strict.mode == "openvino":
+        assert reasons["bf16_jit"] == "agreement"
+    x = _crops(6, offset=300)
+    with torch.no_grad():
+        expected = net(normalize(PRE, x)).argmax(dim=1)
+    assert torch.equal(strict.logits(x).argmax(dim=1), expected)
+    # a version without graphs: the torch modes alone, the graphs 'unavailable'
+    plain = _publish(reg, net, [])
+    torch_only = load_served_model(reg, "ov", plain.version, mode="auto", min_agreement=0.0)
+    assert torch_only.mode == "bf16_jit"
+    assert {m: p.reason for m, p in torch_only.passed_over.items()} == {
+        "int8": "unavailable",
+        "openvino": "unavailable",
+        "fp32_jit": "speed",
+        "fp32": "speed",
+    }
+    assert len(timed) == 5
+
+
+def test_auto_switches_to_a_graph_once_the_version_has_one(
+    store: ObjectStore, exported, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under ``auto`` a version goes live in the fastest torch mode; once its graph set is
+    stored the follower loads it once more and serves a faster graph."""
+    net, graphs = exported
+    _fake_speeds(
+        monkeypatch, {"int8": 0.1, "openvino": 0.3, "bf16_jit": 2.0, "fp32_jit": 0.5, "fp32": 1.0}
+    )
+    reg = Registry(store)
+    plain = _publish(reg, net, [])
+    reg.set_alias("ov", "production", plain.version)
+    follower = Follower(reg, "ov", alias="production", mode="auto", poll_interval_s=60)
+    follower.load_now()
+    first = follower.current
+    assert first is not None
+    assert first.mode == "fp32_jit"
+    follower.load_now()
+    assert follower.current is first
+    reg.publish_graph_set(plain, *_graph_set(graphs))
+    follower.load_now()
+    switched = follower.current
+    assert switched is not None
+    int8 = next(g for g in graphs if g.mode == "int8")
+    fastest = "int8" if int8.calibration_agreement >= 0.99 else "openvino"
+    assert (switched.version, switched.mode) == (plain.version, fastest)
+    follower.load_now()
+    assert follower.slot.swaps == 2

@@ -219,6 +219,15 @@ def test_mode_fallback_metric_uses_fixed_reasons_only() -> None:
             "b": {"version": "v2", "mode": "fp32", "fallback_kind": "agreement"},
             "c": {"version": "v3", "mode": "fp32_jit", "fallback_kind": None},
             "d": {"version": "v4", "mode": "fp32", "fallback_kind": "made up by a bug"},
+            "e": {
+                "version": "v5",
+                "mode": "openvino",
+                "passed_over": {
+                    "int8": {"reason": "agreement", "detail": "0.988 < 0.99"},
+                    "fp32": {"reason": "speed", "detail": "slower"},
+                    "bf16_jit": {"reason": "made up", "detail": "x"},
+                },
+            },
         }
     }
     text = generate_latest(registry).decode()
@@ -227,3 +236,8 @@ def test_mode_fallback_metric_uses_fixed_reasons_only() -> None:
     assert 'model="c",reason' not in text
     assert "made up" not in text
     assert 'refit_model_loaded_info{mode="fp32_jit",model="c",version="v3"} 1.0' in text
+    # auto: each mode it passed over, with a fixed reason
+    passed = 'refit_model_mode_passed_over{mode="%s",model="e",reason="%s"} 1.0'
+    assert passed % ("int8", "agreement") in text
+    assert passed % ("fp32", "speed") in text
+    assert 'mode="bf16_jit",model="e"' not in text

@@ -150,7 +150,10 @@ def test_auth_models_and_routes(app: dict[str, Any]) -> None:
     assert r.json()["error"]["code"] == "not_found"
     auth = {"Authorization": f"Bearer {PREDICT}"}
     models = requests.get(f"{app['url']}/v1/models", headers=auth, timeout=10).json()
-    assert {"name": "digits", "production": app["v1"]} in models["models"]
+    digits = next(m for m in models["models"] if m["name"] == "digits")
+    assert digits["production"] == app["v1"]
+    # this replica served it just now: its version and numeric mode
+    assert (digits["serving"]["version"], digits["serving"]["mode"]) == (app["v1"], "fp32")
     versions = requests.get(
         f"{app['url']}/v1/models/digits/versions", headers=auth, timeout=10
     ).json()

@@ -147,9 +147,21 @@ async def test_predict_auth_unknown_and_unserved(client: httpx.AsyncClient, digi
 
 
 async def test_listing(client: httpx.AsyncClient, digits: dict) -> None:
+    body = {"images": _b64(png_bytes(0))}
+    assert (await client.post("/v1/models/digits/predict", json=body, headers=_auth())).is_success
     r = await client.get("/v1/models", headers=_auth())
     assert r.status_code == 200
-    assert {"name": "digits", "production": digits["first"]} in r.json()["models"]
+    listed = {m["name"]: m for m in r.json()["models"]}
+    assert listed["digits"]["production"] == digits["first"]
+    # how this replica serves what it loaded: the version, the mode (fp32 configured here)
+    assert listed["digits"]["serving"] == {
+        "version": digits["first"],
+        "mode": "fp32",
+        "agreement": None,
+        "fallback": None,
+        "passed_over": {},
+    }
+    assert listed["unpromoted"] == {"name": "unpromoted", "production": None, "serving": None}
     r = await client.get("/v1/models/digits/versions", headers=_auth())
     assert r.json()["versions"] == sorted([digits["first"], digits["second"]])
     assert r.json()["aliases"] == {"production": digits["first"]}
