@@ -8,8 +8,10 @@ thing on every family. Every parameter and buffer belongs to exactly one stage.
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from training.storage.errors import SpecError
@@ -75,6 +77,33 @@ def build_backbone(backbone: str, *, num_classes: int) -> nn.Module:
         raise SpecError("a classifier needs at least 2 classes", field="num_classes")
     model: nn.Module = models.get_model(backbone, weights=None, num_classes=num_classes)
     return model
+
+
+def structure(backbone: str, *, num_classes: int) -> nn.Module:
+    """The model's structure built on the meta device (nothing allocated, no random init),
+    or on the CPU for a builder that computes with tensor values (RegNet's init)."""
+    try:
+        with torch.device("meta"):
+            return build_backbone(backbone, num_classes=num_classes)
+    except NotImplementedError:
+        return build_backbone(backbone, num_classes=num_classes)
+
+
+def build_with_weights(
+    backbone: str, state: Mapping[str, torch.Tensor], *, num_classes: int
+) -> nn.Module:
+    """The model holding ``state`` (strict): built on the meta device and filled by
+    assignment where the builder allows it, so no random init is computed only to be
+    overwritten (a fifth of a second for resnet18 on a busy CPU). The module then holds
+    ``state``'s tensors themselves: hand it tensors nothing else changes."""
+    module = structure(backbone, num_classes=num_classes)
+    if any(t.is_meta for t in (*module.parameters(), *module.buffers())):
+        module.load_state_dict(state, strict=True, assign=True)
+        if not any(t.is_meta for t in (*module.parameters(), *module.buffers())):
+            return module
+        module = build_backbone(backbone, num_classes=num_classes)
+    module.load_state_dict(state, strict=True)
+    return module
 
 
 def _has_stride2(module: nn.Module) -> bool:

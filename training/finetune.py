@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from training.backbones import build_backbone, head_module, trunk
+from training.backbones import build_with_weights, head_module, trunk
 from training.data import DatasetIndex, Sample, index_dataset, shared_cache, shared_image_bytes
 from training.feature_stats import FILE as FEATURES_FILE
 from training.feature_stats import MIN_IMAGES, FeatureStats, collect_outputs
@@ -454,8 +454,10 @@ class _Pipeline:
                 raise DataError(result.metrics["data_error"], field="dataset")
             if result.best_weights is None:
                 raise TrainingError("training finished without a checkpoint")
-            model = build_backbone(base.backbone, num_classes=len(index.classes))
-            model.load_state_dict(result.best_weights)
+            # the run's own copy of the best weights: the model holds them (no random init)
+            model = build_with_weights(
+                base.backbone, result.best_weights, num_classes=len(index.classes)
+            )
             skipped = set(result.state.get("bad_keys", []))
         return _Trained(
             model,
@@ -573,8 +575,7 @@ class _Pipeline:
             return _Incumbent()
         if manifest.class_names != classes:
             return _Incumbent(note=f"serving {manifest.version} has other classes; not compared")
-        model = build_backbone(manifest.backbone, num_classes=len(classes))
-        model.load_state_dict(state)
+        model = build_with_weights(manifest.backbone, state, num_classes=len(classes))
         if (
             stored is not None
             and manifest.preprocessing == pre

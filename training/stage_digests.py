@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from training.backbones import build_backbone, stages
+from training.backbones import stages, structure
 from training.storage.registry import StageDigest
 
 
@@ -37,7 +37,7 @@ def stage_digests(
     """The digest of every stage of ``state`` (a state dict of ``backbone``), in stage order,
     head last. ValueError when a tensor belongs to no stage or to two: the stages must
     partition the model, or two versions could share a stage that differs."""
-    groups = stages(_structure(backbone, num_classes), backbone)
+    groups = stages(structure(backbone, num_classes=num_classes), backbone)
     owned: dict[str, list[str]] = {name: [] for name in state}
     for stage in groups:
         for name in state:
@@ -53,16 +53,6 @@ def stage_digests(
         update_with_tensors(h, ((n, t) for n, t in state.items() if owned[n] == [stage.name]))
         out.append(StageDigest(name=stage.name, sha256=h.hexdigest()))
     return out
-
-
-def _structure(backbone: str, num_classes: int) -> torch.nn.Module:
-    """The module structure the stages are read from: built on the meta device (nothing
-    allocated), or on the CPU for a builder that reads tensor values (RegNet's init)."""
-    try:
-        with torch.device("meta"):
-            return build_backbone(backbone, num_classes=num_classes)
-    except NotImplementedError:
-        return build_backbone(backbone, num_classes=num_classes)
 
 
 def prefix_digests(digests: list[StageDigest]) -> list[str]:

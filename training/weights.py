@@ -171,10 +171,17 @@ def resolve_base(
 
 
 def load_base_weights(
-    model: nn.Module, backbone: str, state: dict[str, torch.Tensor], *, keep_head: bool
+    model: nn.Module,
+    backbone: str,
+    state: dict[str, torch.Tensor],
+    *,
+    keep_head: bool,
+    assign: bool = False,
 ) -> None:
     """Load base weights into a freshly built model. The head is skipped unless ``keep_head``
-    (same classes); every other tensor must fit exactly, else a SpecError says which."""
+    (same classes); every other tensor must fit exactly, else a SpecError says which.
+    ``assign``: the model takes ``state``'s tensors themselves (a model built on the meta
+    device; with ``keep_head``, every tensor is there)."""
     head = HEAD_MODULE[family_of(backbone)]
 
     def is_head(k: str) -> bool:
@@ -188,4 +195,6 @@ def load_base_weights(
     if wrong or missing or unexpected:
         detail = {"shape_mismatch": wrong[:5], "missing": missing[:5], "unexpected": unexpected[:5]}
         raise SpecError(f"weights do not fit {backbone}: {detail}", field="base.weights")
-    model.load_state_dict(body, strict=False)
+    if assign:  # the model's dtypes, as a copying load would give
+        body = {k: v.to(own[k].dtype) for k, v in body.items()}
+    model.load_state_dict(body, strict=False, assign=assign)

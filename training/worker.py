@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DistributedSampler
 
-from training.backbones import build_backbone
+from training.backbones import build_backbone, structure
 from training.checkpoints import (
     BEST_FILE,
     load_best_weights,
@@ -78,9 +78,19 @@ def _sum(values: list[float]) -> list[float]:
 
 def build_model(inputs: RunInputs) -> tuple[nn.Module, FreezePlan]:
     """The model with base weights loaded and the freeze policy applied."""
-    model = build_backbone(inputs.backbone, num_classes=len(inputs.classes))
-    if inputs.base_state is not None:
-        load_base_weights(model, inputs.backbone, inputs.base_state, keep_head=inputs.keep_head)
+    model = None
+    if inputs.base_state is not None and inputs.keep_head:
+        # every tensor comes from the base (a retrain with the same classes): no random init
+        # computed only to be overwritten; copies, since training changes them
+        model = structure(inputs.backbone, num_classes=len(inputs.classes))
+        base = {k: v.clone() for k, v in inputs.base_state.items()}
+        load_base_weights(model, inputs.backbone, base, keep_head=True, assign=True)
+        if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+            model = None  # a tensor outside the state dict: built and loaded the plain way
+    if model is None:
+        model = build_backbone(inputs.backbone, num_classes=len(inputs.classes))
+        if inputs.base_state is not None:
+            load_base_weights(model, inputs.backbone, inputs.base_state, keep_head=inputs.keep_head)
     plan = plan_freeze(inputs.spec.freeze, model, inputs.backbone)
     apply_freeze(model, plan)
     return model, plan

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from service.settings import NumericMode
-from training.backbones import build_backbone, trunk
+from training.backbones import build_with_weights, structure, trunk
 from training.feature_stats import FeatureStats
 from training.openvino_ir import compile_graph
 from training.preprocess import normalize
@@ -320,13 +320,9 @@ def _memory_format(module: nn.Module, fmt: torch.memory_format) -> nn.Module:
 
 
 def _reference_state(backbone: str, num_classes: int) -> dict[str, torch.Tensor]:
-    """The state dict of the architecture (shapes and dtypes are what count): built on the
-    meta device, allocating nothing, where the builder allows it."""
-    try:
-        with torch.device("meta"):
-            return build_backbone(backbone, num_classes=num_classes).state_dict()
-    except NotImplementedError:  # a builder that computes with tensors (regnet)
-        return build_backbone(backbone, num_classes=num_classes).state_dict()
+    """The state dict of the architecture (shapes and dtypes are what count), allocating
+    nothing where the builder allows it."""
+    return structure(backbone, num_classes=num_classes).state_dict()
 
 
 def architecture_problems(
@@ -372,23 +368,6 @@ def check_loadable(manifest: Manifest, state: dict[str, torch.Tensor]) -> None:
         )
 
 
-def _build_with(backbone: str, num_classes: int, state: dict[str, torch.Tensor]) -> nn.Module:
-    """The module with ``state`` loaded. Built on the meta device and filled by assignment
-    where the builder allows it: no random init that the weights overwrite anyway (the
-    slowest step of a hot-load on a busy CPU)."""
-    try:
-        with torch.device("meta"):
-            module = build_backbone(backbone, num_classes=num_classes)
-        module.load_state_dict(state, strict=True, assign=True)
-        if not any(t.is_meta for t in (*module.parameters(), *module.buffers())):
-            return module
-    except NotImplementedError:  # a builder that computes with tensors (regnet)
-        pass
-    module = build_backbone(backbone, num_classes=num_classes)
-    module.load_state_dict(state, strict=True)
-    return module
-
-
 def _stage_digests(manifest: Manifest, state: dict[str, torch.Tensor]) -> list[StageDigest]:
     """The digests of a version that has none recorded (empty when its tensors do not fit
     the backbone's stages: such a version shares nothing)."""
@@ -430,7 +409,7 @@ def load_served_model(
         mode == "auto" and not manifest.graphs
     ):
         manifest = registry.with_graph_set(manifest)  # graphs made after it was published
-    module = _build_with(manifest.backbone, manifest.num_classes, state)
+    module = build_with_weights(manifest.backbone, state, num_classes=manifest.num_classes)
     module.eval()
     calibration = registry.load_calibration(manifest)
     if calibration is None:

@@ -5,9 +5,23 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import SMALL_PRE
 from training import tv
-from training.backbones import BACKBONES, build_backbone, head_module, stages, trunk
+from training.backbones import (
+    BACKBONES,
+    build_backbone,
+    build_with_weights,
+    head_module,
+    stages,
+    structure,
+    trunk,
+)
+from training.job_settings import TrainingSettings
+from training.run_context import RunInputs
+from training.spec import parse_spec
 from training.storage.errors import SpecError
+from training.storage.location import S3Settings
+from training.worker import build_model
 
 REQUIRED = [
     "resnet18",
@@ -54,3 +68,59 @@ def test_unknown_backbone_lists_valid_names() -> None:
     for name in REQUIRED:
         assert name in err.value.message
     assert set(REQUIRED) <= set(BACKBONES)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "regnet_x_400mf"])
+def test_a_model_built_with_weights_holds_them_without_a_random_init(name: str) -> None:
+    """Built on the meta device and filled by assignment (RegNet's builder computes with
+    tensors: built on the CPU, then loaded): the same forward as a loaded model."""
+    source = build_backbone(name, num_classes=4).eval()
+    state = {k: v.clone() for k, v in source.state_dict().items()}
+    built = build_with_weights(name, state, num_classes=4).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(built(x), source(x), atol=1e-6)
+    assert not any(t.is_meta for t in built.state_dict().values())
+    if name != "regnet_x_400mf":  # assigned: the model holds the given tensors
+        first = next(iter(state))
+        assert built.state_dict()[first].data_ptr() == state[first].data_ptr()
+    with pytest.raises(RuntimeError):
+        build_with_weights(name, {**state, "extra.weight": torch.zeros(1)}, num_classes=4)
+    assert all(t.is_meta for t in structure("resnet18", num_classes=4).parameters())
+
+
+def test_a_retrain_with_the_same_classes_starts_from_copies_of_the_base() -> None:
+    """``keep_head``: every tensor of the model is the base's value, in its own storage
+    (training changes the model, never the base it came from; the serving version's score
+    reuses the base's tensors)."""
+    base = build_backbone("resnet18", num_classes=3).state_dict()
+    spec = parse_spec(
+        {
+            "model": "m",
+            "base": {"backbone": "resnet18"},
+            "dataset": "s3://b/datasets/d/",
+            "freeze": {"policy": "last_n_stages", "n": 1},
+            "preprocess": SMALL_PRE.model_dump(),
+        }
+    )
+    for keep_head in (True, False):
+        inputs = RunInputs(
+            spec=spec,
+            s3=S3Settings(bucket="b"),
+            training=TrainingSettings(),
+            backbone="resnet18",
+            classes=["a", "b", "c"],
+            train=[],
+            val=[],
+            preprocessing=SMALL_PRE,
+            base_state=base,
+            keep_head=keep_head,
+        )
+        model, _ = build_model(inputs)
+        own = model.state_dict()
+        for k, v in base.items():
+            if keep_head or not k.startswith("fc."):
+                assert torch.equal(own[k], v), k
+                assert own[k].data_ptr() != v.data_ptr(), k
+        assert any(p.requires_grad for p in model.parameters())
+        assert not all(p.requires_grad for p in model.parameters())  # the freeze applied
