@@ -201,17 +201,17 @@ class ServeSettings(BaseModel):
         """Torch threads per serving replica: its whole reserved CPUs, at least one."""
         return max(1, int(self.replica_cpus))
 
-    numeric_mode: NumericMode = "fp32"
-    """``auto``: per version, the fastest mode on this CPU that keeps the agreement below,
-    among fp32, fp32_jit, bf16_jit and the graphs the version has (timed once per
-    architecture and replica; the graphs come after publishing, and the version switches to
-    them when they verify). Or one mode: fp32, channels_last, fp32_jit (channels_last,
-    traced and frozen), bf16 or bf16_jit (autocast), openvino (OpenVINO runtime, fp32) or
-    int8 (OpenVINO, NNCF post-training quantization); the last two run graphs made at
-    publish time and stored with the version. A mode other than fp32 is used only where it
-    keeps >= 99 % top-1 agreement with fp32 on the version's calibration images and runs
-    faster than fp32 on this CPU (checked at load time); else fp32 serves and the reason is
-    exported."""
+    numeric_mode: NumericMode = "auto"
+    """``auto`` (the default): per version, the fastest mode on this CPU that keeps the
+    agreement below, among fp32, fp32_jit, bf16_jit and the graphs the version has (timed
+    once per architecture and replica; the graphs come after publishing, and the version
+    switches to them when they verify). Or one mode: fp32, channels_last, fp32_jit
+    (channels_last, traced and frozen), bf16 or bf16_jit (autocast), openvino (OpenVINO
+    runtime, fp32) or int8 (OpenVINO, NNCF post-training quantization); the last two run
+    graphs made at publish time and stored with the version. A mode other than fp32 is used
+    only where it keeps >= 99 % top-1 agreement with fp32 on the version's calibration images
+    and runs faster than fp32 on this CPU (checked at load time); else fp32 serves and the
+    reason is exported."""
 
 
 class RefitSettings(BaseSettings):

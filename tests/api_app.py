@@ -29,6 +29,7 @@ def build_inprocess_app(
     """The app and its parts (``store``, ``registry``, ``plane``, ``notified``, ``launcher``,
     ``runner``: close it when done). ``publish``: a served model ``digits`` first."""
     serve = ServeSettings(
+        numeric_mode="fp32",  # the suite's mode (conftest)
         admin_token=SecretStr(ADMIN),
         predict_token=SecretStr(PREDICT),
         metrics_token=SecretStr(METRICS),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import io
+import os
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -14,6 +15,12 @@ from typing import Any
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
+
+# The suite serves in fp32 unless a test chooses a mode: numeric mode auto (the default) times
+# every mode at a replica's first load and has every job make both graphs, seconds per test
+# on two cores; auto has its own tests (tests/service/test_graph_modes.py). Set before any
+# settings are read, so subprocesses (``refit up``) inherit it too.
+os.environ.setdefault("REFIT_SERVE__NUMERIC_MODE", "fp32")
 
 from service.embedded_store import Connection, EmbeddedStore
 from service.settings import RefitSettings

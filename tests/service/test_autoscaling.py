@@ -36,6 +36,7 @@ def scaling_app(seaweed: Connection) -> Iterator[str]:
         s3=seaweed.s3_settings(prefix=f"scale-{uuid.uuid4().hex[:8]}"),
         serve=ServeSettings(
             port=free_port(),
+            numeric_mode="fp32",  # the suite's mode (conftest)
             classifier_cpus=1,
             classifier_replicas=1,
             classifier_max_replicas=2,

@@ -45,7 +45,9 @@ def test_model_host_keeps_an_lru_of_followers(store: ObjectStore) -> None:
     reg = Registry(store)
     for name in ("m1", "m2"):
         publish_tiny_model(reg, name)
-    host = ModelHost(ServeSettings(models_per_replica=1, poll_interval_s=60), reg)
+    host = ModelHost(
+        ServeSettings(models_per_replica=1, poll_interval_s=60, numeric_mode="fp32"), reg
+    )
 
     async def follow() -> tuple[Follower, Follower]:
         first = await host.follower("m1")
@@ -60,7 +62,7 @@ def test_model_host_keeps_an_lru_of_followers(store: ObjectStore) -> None:
 
 
 def test_unknown_models_leave_nothing_behind(store: ObjectStore) -> None:
-    host = ModelHost(ServeSettings(poll_interval_s=60), Registry(store))
+    host = ModelHost(ServeSettings(poll_interval_s=60, numeric_mode="fp32"), Registry(store))
 
     async def ask(n: int) -> None:
         for i in range(n):

@@ -42,6 +42,7 @@ def app(seaweed: Connection) -> Iterator[dict[str, Any]]:
         s3=seaweed.s3_settings(prefix=f"jobs-{uuid.uuid4().hex[:8]}"),
         serve=ServeSettings(
             port=free_port(),
+            numeric_mode="fp32",  # the suite's mode (conftest)
             admin_token=ADMIN,
             predict_token=PREDICT,
             poll_interval_s=30,  # long: a prompt swap proves the push, not the poll

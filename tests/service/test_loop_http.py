@@ -41,6 +41,7 @@ def loop_app(seaweed: Connection) -> Iterator[dict[str, Any]]:
         s3=seaweed.s3_settings(prefix=f"loop-{uuid.uuid4().hex[:8]}"),
         serve=ServeSettings(
             port=free_port(),
+            numeric_mode="fp32",  # the suite's mode (conftest)
             admin_token=ADMIN,
             predict_token=PREDICT,
             label_token=LABEL,

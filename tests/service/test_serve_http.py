@@ -48,6 +48,7 @@ def app(seaweed: Connection) -> Iterator[dict[str, Any]]:
             metrics_token=METRICS,
             max_body_bytes=400_000,
             poll_interval_s=0.5,
+            numeric_mode="fp32",
             classifier_cpus=1,
             classifier_replicas=1,  # /metrics scrapes see the one replica
         ),

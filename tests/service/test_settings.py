@@ -32,7 +32,12 @@ def test_env_and_aws_fallbacks(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_jobs_make_the_graphs_the_serving_mode_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     """Unless the training section names them, a job makes only the graphs that the
-    configured numeric mode serves: none for fp32 (the default), that one for a graph mode."""
+    configured numeric mode serves: both for auto (the default), none for fp32, that one for
+    a graph mode."""
+    monkeypatch.delenv("REFIT_SERVE__NUMERIC_MODE", raising=False)  # the suite pins fp32
+    assert RefitSettings().serve.numeric_mode == "auto"
+    assert RefitSettings().training.export_graphs == ("openvino", "int8")
+    monkeypatch.setenv("REFIT_SERVE__NUMERIC_MODE", "fp32")
     assert RefitSettings().training.export_graphs == ()
     monkeypatch.setenv("REFIT_SERVE__NUMERIC_MODE", "int8")
     assert RefitSettings().training.export_graphs == ("int8",)
