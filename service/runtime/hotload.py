@@ -23,7 +23,7 @@ from service.request_errors import NoVersionError
 from service.runtime.served_model import GRAPH_MODES, ServedModel, load_served_model
 from service.settings import NumericMode
 from training.storage.errors import NotFoundError
-from training.storage.registry import Registry
+from training.storage.registry import AliasRecord, Registry
 
 log = logging.getLogger("refit.hotload")
 
@@ -82,6 +82,7 @@ class Follower:
         self._thread: threading.Thread | None = None
         self._loading = threading.Lock()  # a push and a poll never load the same version twice
         self._graphs_tried: set[str] = set()  # versions loaded again for their graph set
+        self._choosing: threading.Thread | None = None  # auto's choice, after fp32 went live
 
     def load_now(self) -> None:
         """Load the alias' version if it differs from the slot's (raises on failure)."""
@@ -112,27 +113,55 @@ class Follower:
             and not self._graphs_arrived(current)
         ):
             return
+        # auto times and prepares the modes (a trace, a graph compile: seconds on a busy
+        # CPU): a new version answers in fp32 first, then in the mode auto chooses
+        quick = self.mode == "auto" and (current is None or current.version != record.version)
+        del current
+        self._swap(record, "fp32" if quick else self.mode)
+        if quick:  # off this call: a request waiting for a cold model waits for fp32 alone
+            self._choosing = threading.Thread(
+                target=self._choose_mode, args=(record,), daemon=True, name=f"auto-{self.name}"
+            )
+            self._choosing.start()
+
+    def _choose_mode(self, record: AliasRecord) -> None:
+        """auto's choice for a version that went live in fp32 (unless another version or a
+        graph reload came first)."""
+        with self._loading:
+            current = self.slot.current
+            if current is None or current.version != record.version or current.mode != "fp32":
+                return
+            try:
+                self._swap(record, self.mode)
+            except Exception as exc:  # the version keeps answering in fp32
+                log.warning("%s %s: fp32 serves, auto failed: %s", self.name, record.version, exc)
+
+    def settled(self, timeout_s: float) -> bool:
+        """Wait (at most ``timeout_s``) for auto's choice of the version that went live in
+        fp32; whether none is pending."""
+        choosing = self._choosing
+        if choosing is not None:
+            choosing.join(timeout_s)
+        return choosing is None or not choosing.is_alive()
+
+    def _swap(self, record: AliasRecord, mode: NumericMode) -> None:
         served = load_served_model(
             self.registry,
             self.name,
             record.version,
             expect_sha256=record.sha256,
-            mode=self.mode,
+            mode=mode,
             drift=self.drift,
         )
         if served.fallback:
             log.warning(
-                "%s %s: fp32 serves, not %s: %s",
-                self.name,
-                record.version,
-                self.mode,
-                served.fallback,
+                "%s %s: fp32 serves, not %s: %s", self.name, record.version, mode, served.fallback
             )
         self.slot.swap(served)
-        del served, current  # the old model is freed once its last batch returns
+        del served  # the old model is freed once its last batch returns
         gc.collect()
         trim_heap()
-        log.info("model %s now serves %s", self.name, record.version)
+        log.info("model %s now serves %s (%s)", self.name, record.version, mode)
 
     def _graphs_arrived(self, current: ServedModel) -> bool:
         # a version published before its graphs serves fp32 ("unavailable"; auto: the

@@ -272,8 +272,9 @@ def test_auto_serves_the_fastest_mode_that_agrees_and_says_why_not_the_others(
 def test_auto_switches_to_a_graph_once_the_version_has_one(
     store: ObjectStore, exported, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Under ``auto`` a version goes live in the fastest torch mode; once its graph set is
-    stored the follower loads it once more and serves a faster graph."""
+    """Under ``auto`` a new version answers in fp32 at once, then in the fastest torch mode
+    auto chooses (off the load); once its graph set is stored the follower loads it once
+    more and serves a faster graph."""
     net, graphs = exported
     _fake_speeds(
         monkeypatch, {"int8": 0.1, "openvino": 0.3, "bf16_jit": 2.0, "fp32_jit": 0.5, "fp32": 1.0}
@@ -282,7 +283,12 @@ def test_auto_switches_to_a_graph_once_the_version_has_one(
     plain = _publish(reg, net, [])
     reg.set_alias("ov", "production", plain.version)
     follower = Follower(reg, "ov", alias="production", mode="auto", poll_interval_s=60)
+    swapped: list[str] = []
+    swap = follower.slot.swap
+    follower.slot.swap = lambda m: (swapped.append(m.mode), swap(m))[1]  # type: ignore[method-assign]
     follower.load_now()
+    assert swapped == ["fp32"]  # live at once; auto chooses off the load
+    assert follower.settled(60)
     first = follower.current
     assert first is not None
     assert first.mode == "fp32_jit"
@@ -296,4 +302,5 @@ def test_auto_switches_to_a_graph_once_the_version_has_one(
     fastest = "int8" if int8.calibration_agreement >= 0.99 else "openvino"
     assert (switched.version, switched.mode) == (plain.version, fastest)
     follower.load_now()
-    assert follower.slot.swaps == 2
+    assert follower.settled(1)
+    assert swapped == ["fp32", "fp32_jit", fastest]
