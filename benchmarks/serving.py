@@ -229,6 +229,9 @@ def _scrape(url: str) -> dict[str, float]:
             out["mode:" + line.split('mode="')[1].split('"')[0]] = 1.0
         if line.startswith("refit_model_mode_fallback{"):
             out["refused:" + line.split('reason="')[1].split('"')[0]] = 1.0
+        if line.startswith("refit_model_mode_passed_over{"):  # auto: each mode it did not pick
+            mode, reason = (line.split(f'{k}="')[1].split('"')[0] for k in ("mode", "reason"))
+            out[f"passed:{mode}={reason}"] = 1.0
     return out
 
 
@@ -345,7 +348,11 @@ def main() -> int:
         )
         raw = {}
         checks = {}
-        for mode in dict.fromkeys(["fp32", *modes]):  # raw fp32 eager: the common yardstick
+        # raw fp32 eager: the common yardstick; auto's raw rate is that of the mode it serves
+        raw_modes = [m for m in dict.fromkeys(["fp32", *modes]) if m != "auto"]
+        if "auto" in modes:  # every mode auto weighs
+            raw_modes += [m for m in ("fp32_jit", "bf16_jit", *GRAPH_MODES) if m not in raw_modes]
+        for mode in raw_modes:
             if mode in GRAPH_MODES:
                 raw[mode], checks[mode] = _graph_in_child(model, x_held, mode, 6, threads)
             else:
@@ -415,8 +422,8 @@ def main() -> int:
         {
             "allocator": malloc,  # of this process and the Ray processes it started
             "raw_threads": threads,
-            "agreement_with_fp32_held_out": {m: checks[m][0] for m in modes},
-            "fp32_classes_predicted": {m: checks[m][1] for m in modes},
+            "agreement_with_fp32_held_out": {m: checks[m][0] for m in checks},
+            "fp32_classes_predicted": {m: checks[m][1] for m in checks},
             "graphs": {
                 m: {
                     "calibration_agreement": g.calibration_agreement,
@@ -441,6 +448,22 @@ def main() -> int:
 
 
 ADMIN_TOKEN = "bench-admin"
+
+
+def _auto_chosen(url: str, timeout_s: float = 180.0) -> None:
+    """Wait until numeric mode auto has chosen (``GET /v1/models`` lists the modes it passed
+    over), bounded."""
+    import requests
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:  # the serving runs set no predict token: reads are open
+        models = requests.get(f"{url}/v1/models", timeout=10).json()["models"]
+        serving = next((m.get("serving") for m in models if m["name"] == "bench"), None)
+        if serving and serving.get("passed_over"):
+            print(f"[bench] auto serves {serving['mode']}", file=sys.stderr, flush=True)
+            return
+        time.sleep(1)
+    print("[bench] auto had not chosen within the timeout", file=sys.stderr, flush=True)
 
 
 def _import_over_http(
@@ -552,10 +575,14 @@ def _serve_rows(
     rows = []
     try:
         run_load(predict, jpegs, concurrency=4, seconds=3)  # every replica loads, warms up
+        if mode == "auto":  # it answers in fp32 first: wait for its choice
+            _auto_chosen(url)
         agreement_http = top1_agreement(predict, jpegs[:32], expected[:32])
         state = _scrape(url)
         served_mode = next((k[5:] for k in state if k.startswith("mode:")), "unknown")
         refused = next((k[8:] for k in state if k.startswith("refused:")), "")
+        if mode == "auto":  # the modes it passed over, and why
+            refused = ", ".join(sorted(k[7:] for k in state if k.startswith("passed:")))
         replica_malloc = next((k[10:] for k in state if k.startswith("allocator:")), "?")
         for c in levels:
             before = _scrape(url)
@@ -581,8 +608,8 @@ def _serve_rows(
                     "concurrency": c,
                     **s,
                     "mean_batch": reqs / max(1.0, batches) if replicas == 1 else None,
-                    "raw_img_per_s": raw[mode],
-                    "vs_raw": s["req_per_s"] / raw[mode],
+                    "raw_img_per_s": raw.get(served_mode, raw["fp32"]),
+                    "vs_raw": s["req_per_s"] / raw.get(served_mode, raw["fp32"]),
                     "vs_raw_fp32": s["req_per_s"] / raw["fp32"],
                     "vs_torchserve": s["req_per_s"] / best_peer[c] if best_peer[c] else None,
                     "top1_agreement": agreement_http,

@@ -304,3 +304,23 @@ def test_auto_switches_to_a_graph_once_the_version_has_one(
     follower.load_now()
     assert follower.settled(1)
     assert swapped == ["fp32", "fp32_jit", fastest]
+
+
+def test_the_export_child_yields_the_cpu_to_serving_and_jobs() -> None:
+    """Graphs come after a version is live: their child process runs at a lower priority
+    than the process that started it (bounded wait for it to lower itself)."""
+    import os
+    import time
+
+    from training.openvino_ir import EXPORT_NICENESS
+
+    mine = os.getpriority(os.PRIO_PROCESS, 0)
+    child = ExportChild()
+    try:
+        deadline = time.monotonic() + 30
+        pid = child._proc.pid
+        while os.getpriority(os.PRIO_PROCESS, pid) == mine and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert os.getpriority(os.PRIO_PROCESS, pid) == min(19, mine + EXPORT_NICENESS)
+    finally:
+        child.close()
