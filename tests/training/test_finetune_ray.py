@@ -15,15 +15,15 @@ import torch
 from conftest import png_bytes, train_worker_pids, write_imagefolder
 from service.settings import RefitSettings
 from training.backbones import build_backbone
-from training.data import index_dataset
+from training.data import DatasetIndex, index_dataset
 from training.feature_stats import FeatureStats, collect_outputs
 from training.finetune import run_finetune
-from training.scoring import evaluate_model, score_parts
+from training.scoring import Scores, evaluate_model, score_parts
 from training.spec import parse_spec
 from training.stage_digests import stage_digests
 from training.storage.errors import DataError, ResourceError
 from training.storage.jobs import JobStore
-from training.storage.registry import Registry
+from training.storage.registry import Manifest, Registry
 from training.storage.s3 import ObjectStore
 
 pytestmark = [pytest.mark.ray, pytest.mark.trains, pytest.mark.usefixtures("ray_session")]
@@ -212,6 +212,20 @@ def test_the_legacy_path_makes_graphs_before_publishing(
     assert not reg.has_graph_set("synth", manifest.version)
 
 
+def _scored_on_images(
+    store: ObjectStore, settings: RefitSettings, version: str
+) -> tuple[torch.nn.Module, Manifest, DatasetIndex, Scores]:
+    """A published ``synth`` version, scored by a pass over the validation images."""
+    manifest, state = Registry(store).load("synth", version)
+    model = build_backbone("resnet18", num_classes=3)
+    model.load_state_dict(state)
+    index = index_dataset(store, store.uri("datasets/synth/"))
+    on_images = score_parts(
+        model, index.val, store, manifest.preprocessing, index.classes, settings.training
+    )
+    return model, manifest, index, on_images
+
+
 def test_a_head_only_retrain_scores_on_stored_features(
     store: ObjectStore, settings: RefitSettings
 ) -> None:
@@ -232,13 +246,7 @@ def test_a_head_only_retrain_scores_on_stored_features(
     _phases_add_up(retrain, JobStore(store).get(retrain["job_id"]))
     assert retrain["gate"]["incumbent_version"] == first["version"]
     # the serving version's score on the stored features is its score on the images
-    manifest, state = Registry(store).load("synth", first["version"])
-    model = build_backbone("resnet18", num_classes=3)
-    model.load_state_dict(state)
-    index = index_dataset(store, store.uri("datasets/synth/"))
-    on_images = score_parts(
-        model, index.val, store, manifest.preprocessing, index.classes, settings.training
-    )
+    model, manifest, index, on_images = _scored_on_images(store, settings, first["version"])
     assert abs(retrain["gate"]["incumbent_top1"] - on_images.all["top1"]) < 1e-6
     assert abs(first["metrics"]["top1"] - on_images.all["top1"]) < 1e-6
     # its drift reference, fitted on its training images' stored features (no pass over the
@@ -319,13 +327,7 @@ def test_a_one_worker_job_scores_on_its_validation_pass_and_a_refused_one_leaves
     first = run_finetune(_spec(store, "synth", **one), s3=settings.s3, training=settings.training)
     assert first["published"]
     assert first["scored_on"] == "validation pass"
-    manifest, state = Registry(store).load("synth", first["version"])
-    model = build_backbone("resnet18", num_classes=3)
-    model.load_state_dict(state)
-    index = index_dataset(store, store.uri("datasets/synth/"))
-    on_images = score_parts(
-        model, index.val, store, manifest.preprocessing, index.classes, settings.training
-    )
+    *_, on_images = _scored_on_images(store, settings, first["version"])
     assert abs(first["metrics"]["top1"] - on_images.all["top1"]) < 1e-6
     _phases_add_up(first, JobStore(store).get(first["job_id"]))
     # every validation image labelled as its neighbour class: refused by construction
