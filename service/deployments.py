@@ -85,6 +85,10 @@ class ReplicaPredictor:
         """This replica's loaded models, swaps, failed loads and resident memory."""
         return self.replica.host.stats()
 
+    async def models(self) -> dict[str, dict[str, Any]]:
+        """This replica's loaded models: version, numeric mode and why."""
+        return self.replica.host.models()
+
 
 @serve.deployment
 @serve.ingress()

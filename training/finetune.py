@@ -331,7 +331,7 @@ class _Pipeline:
             self.store, spec.dataset, val_fraction=spec.val_fraction, seed=spec.seed
         )
         cache = shared_cache()
-        if cache is not None:  # what the node's disk holds of them: read, not fetched
+        if cache is not None and cache.disk is not None:  # what the node's disk holds: read
             cache.know(self.store, [s.key for s in index.train + index.val])
         lap("index_s")
         base = resolve_base(spec.base, store=self.store, training=self.training)

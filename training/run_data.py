@@ -65,8 +65,8 @@ class WorkerImages:
             t.cache_mb * 1024 * 1024,
             DiskImageCache.for_store(self.store, t.image_cache_dir, t.image_cache_mb),
         )
-        # the images' current names: the node's disk cache serves those it holds unchanged
-        self.cache.know(self.store, [s.key for s in inputs.train + inputs.val])
+        if self.cache.disk is not None:  # the node's disk serves what it holds unchanged
+            self.cache.know(self.store, [s.key for s in inputs.train + inputs.val])
 
     def dataset(self, samples: list[Sample], *, train: bool) -> ImageDataset:
         """A dataset of ``samples`` with the train or the eval transform."""

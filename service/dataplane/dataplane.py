@@ -56,6 +56,10 @@ class Predictor(Protocol):
         """Loaded models, swaps, failed loads, memory (for /metrics)."""
         ...
 
+    async def models(self) -> dict[str, dict[str, Any]]:
+        """Per loaded model: version, numeric mode and why (cheap, for listings)."""
+        ...
+
 
 class InProcessPredictor:
     """A :class:`Predictor` over a :class:`ModelHost` in this process."""
@@ -78,6 +82,10 @@ class InProcessPredictor:
     async def stats(self) -> dict[str, Any]:
         """The host's statistics."""
         return self.host.stats()
+
+    async def models(self) -> dict[str, dict[str, Any]]:
+        """The host's loaded models."""
+        return self.host.models()
 
 
 async def _no_notice(model: str) -> None:
@@ -143,7 +151,7 @@ class DataPlane:
         """Published models, the version the served alias points at, and how the replica
         that answers serves the models it has loaded (numeric mode, and why not others)."""
         models = await store_call(self._list_models)
-        loaded = (await self.predictor.stats()).get("models", {})
+        loaded = await self.predictor.models()
         for entry in models:
             served = loaded.get(entry["name"]) or {}
             if served.get("version"):

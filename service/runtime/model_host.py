@@ -257,8 +257,9 @@ class ModelHost:
             return True
         return self._probe.ping()
 
-    def stats(self) -> dict[str, Any]:
-        """Loaded models, swaps, failed loads, resident memory, queue depth, batch sizes."""
+    def models(self) -> dict[str, dict[str, Any]]:
+        """Per loaded model: its version, numeric mode and why, swaps and failed loads (cheap:
+        ``GET /v1/models`` reads it on every call)."""
         models = {}
         for name, f in list(self.followers.items()):
             current = f.current
@@ -276,7 +277,12 @@ class ModelHost:
                 "failed_loads": f.failed_loads,
                 "last_error": f.last_error,
             }
-        # a heap walk: only for /metrics, never for readiness probes
+        return models
+
+    def stats(self) -> dict[str, Any]:
+        """Loaded models, swaps, failed loads, resident memory, queue depth, batch sizes."""
+        models = self.models()
+        # a heap walk: only for /metrics, never for readiness probes nor listings
         alive = sum(isinstance(o, ServedModel) for o in gc.get_objects())
         return {
             "ok": True,
