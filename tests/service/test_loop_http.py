@@ -132,6 +132,10 @@ def test_labels_fire_the_policy_and_the_new_version_answers(loop_app: dict[str, 
         "epochs": 4,
         "lr": 0.003,
         "batch_size": 8,
+        # the loop, not the learning: four epochs from a random net on 70 images may score
+        # below the random incumbent (CI saw 0.33 against 0.67); the gate refusing is the
+        # subject of test_accuracy_below_fires_and_its_labels_never_fire_again
+        "max_regression": 1.0,
     }
     r = _call(app, "PUT", "/v1/models/shapes/retrain-policy", ADMIN, json=policy)
     assert r.status_code == 200, r.text
