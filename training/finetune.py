@@ -36,11 +36,11 @@ from training.gate import GateDecision, SourceScore, class_drops, decide, with_s
 from training.image_cache import DiskImageCache
 from training.job_settings import TrainingSettings
 from training.openvino_ir import ExportChild
-from training.preprocess import eval_transform
 from training.preprocessing_spec import Preprocessing
 from training.ray_train import fit
 from training.run_context import RunInputs, ValOutputs
 from training.scoring import Scores, evaluate_model, score_features, score_logits, score_parts
+from training.served_scores import ServedOutputs, content_shas
 from training.spec import FinetuneSpec
 from training.stage_digests import stage_digests
 from training.storage.errors import (
@@ -56,7 +56,6 @@ from training.storage.registry import Manifest, Registry, WeightsUpload
 from training.storage.s3 import ObjectStore
 from training.version_crops import (
     calibration_crops,
-    capped_dataset,
     publish_graphs,
     spread,
     store_graph_set,
@@ -284,6 +283,8 @@ class _WeightsAhead:
 class _Incumbent:
     version: str | None = None
     scores: Scores | None = None
+    forwarded: int | None = None
+    """Validation images the serving version ran on (the rest: its stored logits)."""
     note: str | None = None
 
 
@@ -308,6 +309,8 @@ class _Pipeline:
         self.registry = Registry(store)
         self.started = time.time()
         self.phases = _Phases()
+        # the serving version's logits on images it was run on (not on the legacy path)
+        self.outputs = ServedOutputs(store, training, enabled=not training.legacy_job_path)
         self.weights_ahead: _WeightsAhead | None = None
 
     def run(self) -> dict[str, Any]:
@@ -395,6 +398,11 @@ class _Pipeline:
                 promoted = True
                 self.on_published(spec.model)
             lap("alias_s")
+            if scored_on == "validation pass" and kept is not None:  # for the next retrain
+                self.outputs.remember(
+                    manifest.stages, base.backbone, preprocessing, val, kept.logits
+                )
+                lap("outputs_s")
             if self.graphs_after:
                 graphs = self.add_graphs(manifest, published, exporter)
                 lap("graphs_after_s")
@@ -405,6 +413,7 @@ class _Pipeline:
         result = self.result(trained, index, base, metrics, gate, version, promoted)
         result["graphs_after_publish"] = graphs
         result["scored_on"] = scored_on
+        result["serving_images_forwarded"] = incumbent.forwarded
         return result
 
     def graphs(
@@ -487,16 +496,10 @@ class _Pipeline:
             return None
         kept = FeatureStore(self.store, max_bytes=self.training.feature_store_mb * 1024 * 1024)
         trunk_key = trunk_id(trunk(model, backbone), backbone, pre, bf16=False)
-        keys, cache = [s.key for s in val], shared_cache()
-        # hashed before, unchanged (named by the job's listing where it made one)
-        known, _ = kept.known_contents(keys, cache.know(self.store, keys) if cache else None)
-        missing = [s for s in val if s.key not in known]
-        try:
-            ds = capped_dataset(self.store, missing, eval_transform(pre), self.training)
-            hashed = dict(zip((s.key for s in missing), ds.sha256s(), strict=True))
-        except ValueError:  # an image gone meanwhile: the image path reports it
+        sha_of = content_shas(self.store, val, pre, kept, self.training)
+        if sha_of is None:  # an image gone meanwhile: the image path reports it
             return None
-        shas = [known.get(s.key) or hashed[s.key] for s in val]
+        shas = [sha_of[s.key] for s in val]
         found = kept.lookup(trunk_key, set(shas))
         if not found.keys() >= set(shas):
             return None
@@ -583,8 +586,17 @@ class _Pipeline:
             == stored[0]
         ):
             head = head_module(model, manifest.backbone)
-            return _Incumbent(manifest.version, score_features(head, val, stored[1], classes))
-        return _Incumbent(manifest.version, self.score(model, val, manifest.preprocessing, classes))
+            return _Incumbent(manifest.version, score_features(head, val, stored[1], classes), 0)
+        # its logits kept from its own validation pass (and earlier scorings): new images only
+        stages = manifest.stages or stage_digests(state, manifest.backbone, len(classes))
+        kept = self.outputs.score(
+            model, stages, manifest.backbone, manifest.preprocessing, val, classes
+        )
+        if kept is None:
+            return _Incumbent(
+                manifest.version, self.score(model, val, manifest.preprocessing, classes), len(val)
+            )
+        return _Incumbent(manifest.version, *kept)
 
     def gate(self, candidate: Scores, incumbent: _Incumbent) -> GateDecision:
         """The spec's gate, with the settings' defaults for what it leaves unset; a retrain

@@ -72,8 +72,10 @@ class TrainingSettings(BaseModel):
     temporary directory. It must be this user's alone (0700), else it is not used."""
     feature_store_mb: int = Field(default=256, ge=0)
     """Head-only runs keep their images' penultimate features on the store per trunk and
-    image content (``features/``), so a retrain computes only new images' features; this
-    bounds what one run reads of them (0: off, every feature computed)."""
+    image content (``features/``), so a retrain computes only new images' features; every
+    published version's logits on its validation images are kept the same way, so a retrain
+    runs the serving version only on validation images it has not seen. This bounds what one
+    run reads of them (0: off, every feature and logit computed)."""
     drift_fit_images: int = Field(default=256, ge=0, le=100_000)
     """Training images (spread over the classes) a version's drift reference is fitted on
     (one extra forward pass over them at publish); its threshold is measured on the

@@ -344,3 +344,33 @@ def test_a_one_worker_job_scores_on_its_validation_pass_and_a_refused_one_leaves
     )
     assert not refused["published"]
     assert {o.key for o in store.list("models/")} == before
+
+
+def test_a_retrain_scores_the_serving_version_on_its_kept_logits(
+    store: ObjectStore, settings: RefitSettings
+) -> None:
+    """A published version's logits on its validation images are kept from its own run's
+    validation pass: a retrain from it forwards the serving version over the validation
+    images added since only, and scores it as a pass over all the images does; with the
+    store off (``feature_store_mb`` 0) every image is forwarded."""
+    write_imagefolder(store, "synth", classes=3, train=8, val=4)
+    one = {"workers": 1, "epochs": 1, "gate": {"max_regression": 1.0}}
+    first = run_finetune(_spec(store, "synth", **one), s3=settings.s3, training=settings.training)
+    assert first["scored_on"] == "validation pass"
+    assert first["serving_images_forwarded"] is None  # nothing served yet
+    for c in range(3):  # one new validation image per class since
+        store.put_bytes(f"datasets/synth/val/c{c}/100.png", png_bytes(c, seed=900 + c))
+    retrain = _spec(store, "synth", base={"version": "synth@production"}, **one)
+    second = run_finetune(retrain, s3=settings.s3, training=settings.training)
+    assert second["gate"]["incumbent_version"] == first["version"]
+    assert second["serving_images_forwarded"] == 3
+    *_, on_images = _scored_on_images(store, settings, first["version"])
+    assert on_images.all["images"] == 15
+    assert abs(second["gate"]["incumbent_top1"] - on_images.all["top1"]) < 1e-6
+    assert second["published"]
+    off = settings.training.model_copy(update={"feature_store_mb": 0})
+    third = run_finetune(retrain, s3=settings.s3, training=off)
+    assert third["gate"]["incumbent_version"] == second["version"]
+    assert third["serving_images_forwarded"] == 15
+    *_, on_images = _scored_on_images(store, settings, second["version"])
+    assert abs(third["gate"]["incumbent_top1"] - on_images.all["top1"]) < 1e-6
