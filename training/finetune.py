@@ -35,6 +35,7 @@ from training.freeze_spec import HeadOnly
 from training.gate import GateDecision, SourceScore, class_drops, decide, with_sources
 from training.image_cache import DiskImageCache
 from training.job_settings import TrainingSettings
+from training.node_jobs import Critical
 from training.openvino_ir import ExportChild
 from training.preprocessing_spec import Preprocessing
 from training.ray_train import fit
@@ -315,6 +316,9 @@ class _Pipeline:
 
     def run(self) -> dict[str, Any]:
         ahead = _ExportAhead(self.store, self.job_id) if self.training.export_graphs else None
+        # on this node's critical path until the version is live: earlier jobs' graph
+        # exports stop meanwhile (training.node_jobs)
+        self.critical = Critical()
         try:
             # one byte cache for every pass of this process over the job's images
             disk = DiskImageCache.for_store(
@@ -323,6 +327,7 @@ class _Pipeline:
             with shared_image_bytes(self.training.cache_mb * 1024 * 1024, disk):
                 return self._run(ahead)
         finally:
+            self.critical.release()
             if ahead is not None:  # unused when the gate refused the candidate or a step failed
                 ahead.close()
             if self.weights_ahead is not None:
@@ -398,6 +403,7 @@ class _Pipeline:
                 promoted = True
                 self.on_published(spec.model)
             lap("alias_s")
+            self.critical.release()  # live: what follows waits for no one
             if scored_on == "validation pass" and kept is not None:  # for the next retrain
                 self.outputs.remember(
                     manifest.stages, base.backbone, preprocessing, val, kept.logits

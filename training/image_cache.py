@@ -82,7 +82,7 @@ def default_dir() -> Path:
     return Path(tempfile.gettempdir()) / f"refit-image-cache-{os.getuid()}"
 
 
-def _private_dir(path: Path) -> bool:
+def private_dir(path: Path) -> bool:
     """Create ``path`` (0700) or check that it is this user's alone."""
     try:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -113,7 +113,7 @@ class DiskImageCache:
         if max_mb <= 0:
             return None
         root = root or default_dir()
-        if not _private_dir(root):
+        if not private_dir(root):
             return None
         s = store.settings
         store_id = f"{s.endpoint_url}\0{store.bucket}\0{store.full_key('')}"

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from training.node_jobs import yielding
+
 IrMode = Literal["openvino", "int8"]
 IR_MODES: tuple[IrMode, ...] = ("openvino", "int8")
 
@@ -213,7 +215,8 @@ class ExportChild:
             job = {"backbone": backbone, "num_classes": num_classes, "modes": list(modes)}
             (work / "job.json").write_text(json.dumps(job))
             try:
-                out, err = self._proc.communicate(f"{work}\n", timeout=timeout_s)
+                with yielding(self._proc):  # stopped while another job is critical
+                    out, err = self._proc.communicate(f"{work}\n", timeout=timeout_s)
             finally:
                 self.close()
             if self._proc.returncode != 0:

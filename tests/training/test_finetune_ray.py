@@ -18,6 +18,7 @@ from training.backbones import build_backbone
 from training.data import DatasetIndex, index_dataset
 from training.feature_stats import FeatureStats, collect_outputs
 from training.finetune import run_finetune
+from training.node_jobs import others_critical
 from training.scoring import Scores, evaluate_model, score_parts
 from training.spec import parse_spec
 from training.stage_digests import stage_digests
@@ -324,8 +325,16 @@ def test_a_one_worker_job_scores_on_its_validation_pass_and_a_refused_one_leaves
     it is scored; a candidate the gate refuses leaves no file under ``models/``."""
     write_imagefolder(store, "synth", classes=3, train=8, val=4)
     one = {"workers": 1, "epochs": 2}
-    first = run_finetune(_spec(store, "synth", **one), s3=settings.s3, training=settings.training)
+    critical: list[bool] = []  # on the node's critical path until live (exports yield)
+    first = run_finetune(
+        _spec(store, "synth", **one),
+        s3=settings.s3,
+        training=settings.training,
+        on_published=lambda model: critical.append(others_critical()),
+    )
     assert first["published"]
+    assert critical == [True]
+    assert not others_critical()  # released
     assert first["scored_on"] == "validation pass"
     *_, on_images = _scored_on_images(store, settings, first["version"])
     assert abs(first["metrics"]["top1"] - on_images.all["top1"]) < 1e-6
