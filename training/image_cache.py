@@ -131,6 +131,10 @@ class DiskImageCache:
         digest = hashlib.sha256(f"{self.store_id}\0{key}\0{etag}\0{size}".encode()).hexdigest()
         return self.root / digest
 
+    def holds(self, name: Name) -> bool:
+        """Whether a file for the object so named is here (not yet verified: :meth:`read`)."""
+        return _md5_of_etag(name[1]) is not None and self._path(name).exists()
+
     def read(self, name: Name) -> bytes | None:
         """The cached bytes of the object so named, verified against its size and ETag;
         None when not cached (or the file does not verify: it is then removed)."""

@@ -137,3 +137,36 @@ def test_a_second_run_on_the_same_images_fetches_none(
     gets.keys.clear()
     run("second")
     assert [k for k in gets.keys if k.endswith(".png")] == []
+
+
+def test_cached_images_are_read_in_line_and_only_the_rest_on_the_fetch_threads(
+    store: ObjectStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pass whose images the disk holds uses no fetch thread (a hop to a thread costs more
+    than a disk read); a pass over held and new images fetches only the new ones, on the
+    threads, and keeps every answer in order."""
+    import hashlib
+    import threading
+
+    disk = DiskImageCache.for_store(store, tmp_path / "cache", 64)
+    assert disk is not None
+    keys = _images(store, "inline", 8)
+    _dataset(store, keys[:5], ByteCache(1 << 20, disk)).sha256s()  # on disk now
+    fetched_on: list[str] = []
+    real = ObjectStore.get_with_etag
+
+    def where(store: ObjectStore, key: str, **kw: Any) -> tuple[bytes, str]:
+        fetched_on.append(threading.current_thread().name)
+        return real(store, key, **kw)
+
+    later = ByteCache(1 << 20, disk)
+    later.know(store, keys)
+    monkeypatch.setattr(ObjectStore, "get_with_etag", where)
+    held = _dataset(store, keys[:5], later)
+    assert held.find_unreadable(range(5)) == []
+    assert held._pool is None  # no thread was started
+    assert fetched_on == []
+    wanted = [hashlib.sha256(store.get_bytes(k)).hexdigest() for k in keys]
+    assert _dataset(store, keys, later).sha256s() == wanted
+    assert len(fetched_on) == 3
+    assert all(name.startswith("ThreadPoolExecutor") for name in fetched_on), fetched_on
