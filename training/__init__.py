@@ -21,6 +21,8 @@ the result to the model registry. No web or serving code lives here (``service``
 ``ray_train``                   the Ray Train edge (:func:`fit`, :func:`ensure_ray`)
 ``feature_store``               head-only features per trunk content and image sha256
 ``feature_stats``               a version's feature statistics (the drift reference)
+``served_scores``               a version's logits on images, kept by content (scoring the
+                                serving version on new images only)
 ``scoring``, ``gate``           scoring on validation splits; the publish gate
 ``classification_metrics``      loss, top-1/5, per-class P/R/F1 from a confusion matrix
 ``version_crops``               the validation crops a version is published with
@@ -29,6 +31,8 @@ the result to the model registry. No web or serving code lives here (``service``
 ``retrain_dataset``             a retrain policy's dataset: base plus feedback
 ``finetune``                    the job pipeline: train, score, gate, publish
 ``job_settings``                the ``ray`` and ``training`` settings sections
+``node_jobs``                   jobs on their critical path on this node; background
+                                work (graph exports, mode changes) that waits for them
 ``demo``                        the offline digits demo: datasets and jobs
 ==============================  =======================================================
 """

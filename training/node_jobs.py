@@ -98,6 +98,19 @@ def others_critical(path: Path | None = None) -> bool:
     return False
 
 
+def wait_quiet(max_s: float, path: Path | None = None) -> bool:
+    """Wait until no other job on this node is critical, at most ``max_s``; whether none is
+    (background work that cannot be stopped midway, like a replica's mode measurements,
+    starts once the node is quiet)."""
+    path = path or lock_path()
+    deadline = time.monotonic() + max_s
+    while others_critical(path):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(POLL_S)
+    return True
+
+
 @contextlib.contextmanager
 def yielding(
     proc: subprocess.Popen[Any], *, max_pause_s: float = 300.0, path: Path | None = None
@@ -139,4 +152,4 @@ def yielding(
             thread.join(timeout=5)
 
 
-__all__ = ["Critical", "lock_path", "others_critical", "yielding"]
+__all__ = ["Critical", "lock_path", "others_critical", "wait_quiet", "yielding"]

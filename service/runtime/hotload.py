@@ -22,6 +22,7 @@ import threading
 from service.request_errors import NoVersionError
 from service.runtime.served_model import GRAPH_MODES, ServedModel, load_served_model
 from service.settings import NumericMode
+from training.node_jobs import wait_quiet
 from training.storage.errors import NotFoundError
 from training.storage.registry import AliasRecord, Registry
 
@@ -56,6 +57,10 @@ class ModelSlot:
             old, self._model = self._model, new
             self.swaps += 1
             return old
+
+
+QUIET_WAIT_S = 120.0
+"""How long a replica's background mode change waits for the node's jobs to go live."""
 
 
 class Follower:
@@ -107,11 +112,11 @@ class Follower:
                 f"model {self.name!r} has no {self.alias} version yet", field="model"
             )
         current = self.slot.current
-        if (
-            current is not None
-            and current.version == record.version
-            and not self._graphs_arrived(current)
-        ):
+        if current is not None and current.version == record.version:
+            # a faster mode for what serves, off this call (one such load at a time: with one
+            # under way, the next poll looks again)
+            if not self._upgrading() and self._graphs_arrived(current):
+                self._background(record)
             return
         # auto times and prepares the modes (a trace, a graph compile: seconds on a busy
         # CPU): a new version answers in fp32 first, then in the mode auto chooses
@@ -119,26 +124,45 @@ class Follower:
         del current
         self._swap(record, "fp32" if quick else self.mode)
         if quick:  # off this call: a request waiting for a cold model waits for fp32 alone
-            self._choosing = threading.Thread(
-                target=self._choose_mode, args=(record,), daemon=True, name=f"auto-{self.name}"
-            )
-            self._choosing.start()
+            self._background(record)
 
-    def _choose_mode(self, record: AliasRecord) -> None:
-        """auto's choice for a version that went live in fp32 (unless another version or a
-        graph reload came first)."""
+    def _upgrading(self) -> bool:
+        return self._choosing is not None and self._choosing.is_alive()
+
+    def _background(self, record: AliasRecord) -> None:
+        """Load the version serving now again in the configured mode, off the caller: auto's
+        choice after fp32 went live, or a graph mode once the version's graph set came."""
+        self._choosing = threading.Thread(
+            target=self._upgrade, args=(record,), daemon=True, name=f"mode-{self.name}"
+        )
+        self._choosing.start()
+
+    def _upgrade(self, record: AliasRecord) -> None:
+        """The configured mode for a version that serves (unless another version came
+        first), once no job on this node is on its critical path: the traces, compiles and
+        timings take seconds of CPU that a retrain going live needs more, and timings taken
+        beside one would be wrong."""
+        wait_quiet(QUIET_WAIT_S)
         with self._loading:
             current = self.slot.current
-            if current is None or current.version != record.version or current.mode != "fp32":
+            if current is None or current.version != record.version or current.mode == self.mode:
                 return
             try:
                 self._swap(record, self.mode)
-            except Exception as exc:  # the version keeps answering in fp32
-                log.warning("%s %s: fp32 serves, auto failed: %s", self.name, record.version, exc)
+            except Exception as exc:  # the version keeps answering as it does
+                log.warning(
+                    "%s %s: %s serves, %s failed: %s",
+                    self.name,
+                    record.version,
+                    current.mode,
+                    self.mode,
+                    exc,
+                )
 
     def settled(self, timeout_s: float) -> bool:
-        """Wait (at most ``timeout_s``) for auto's choice of the version that went live in
-        fp32; whether none is pending."""
+        """Wait (at most ``timeout_s``) for the background load of a faster mode (auto's
+        choice for a version that went live in fp32, a graph mode once its graph set came);
+        whether none is pending."""
         choosing = self._choosing
         if choosing is not None:
             choosing.join(timeout_s)

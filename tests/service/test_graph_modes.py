@@ -179,6 +179,7 @@ def test_graphs_made_after_publishing_switch_the_replica_once_stored(
     with pytest.raises(ConflictError):  # a version gets one set
         reg.publish_graph_set(plain, files, records)
     follower.load_now()
+    assert follower.settled(60)  # loaded again off the call
     switched = follower.current
     assert switched is not None
     assert switched.version == plain.version
@@ -296,6 +297,7 @@ def test_auto_switches_to_a_graph_once_the_version_has_one(
     assert follower.current is first
     reg.publish_graph_set(plain, *_graph_set(graphs))
     follower.load_now()
+    assert follower.settled(60)
     switched = follower.current
     assert switched is not None
     int8 = next(g for g in graphs if g.mode == "int8")
@@ -304,6 +306,55 @@ def test_auto_switches_to_a_graph_once_the_version_has_one(
     follower.load_now()
     assert follower.settled(1)
     assert swapped == ["fp32", "fp32_jit", fastest]
+
+
+def test_a_faster_mode_waits_while_a_job_on_the_node_goes_live(
+    store: ObjectStore, exported, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """auto's choice (traces, compiles, timings) waits while another process on this node
+    holds the critical-job lock: the version answers in fp32 meanwhile; the choice is made
+    once the job lets go."""
+    import subprocess
+    import sys
+
+    from training.node_jobs import lock_path
+
+    net, _ = exported
+    _fake_speeds(monkeypatch, {"bf16_jit": 2.0, "fp32_jit": 0.5, "fp32": 1.0})
+    reg = Registry(store)
+    plain = _publish(reg, net, [])
+    reg.set_alias("ov", "production", plain.version)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from pathlib import Path; from training.node_jobs import Critical; "
+            "c = Critical(Path(sys.argv[1])); print('held', flush=True); sys.stdin.readline()",
+            str(lock_path()),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "held"
+        follower = Follower(reg, "ov", alias="production", mode="auto", poll_interval_s=60)
+        follower.load_now()
+        assert not follower.settled(1.5)  # waiting for the job
+        current = follower.current
+        assert current is not None
+        assert current.mode == "fp32"
+        assert holder.stdin is not None
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        assert follower.settled(60)
+        chosen = follower.current
+        assert chosen is not None
+        assert chosen.mode == "fp32_jit"
+    finally:
+        holder.kill()
+        holder.wait(timeout=10)
 
 
 def test_the_export_child_yields_the_cpu_to_serving_and_jobs() -> None:
