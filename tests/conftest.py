@@ -21,6 +21,9 @@ from PIL import Image, ImageOps
 # on two cores; auto has its own tests (tests/service/test_graph_modes.py). Set before any
 # settings are read, so subprocesses (``refit up``) inherit it too.
 os.environ.setdefault("REFIT_SERVE__NUMERIC_MODE", "fp32")
+# INT8's accuracy control (a minute of CPU per graph of the suite's random nets) has its own
+# test (tests/training/test_int8_agreement.py); the other exports quantize plainly.
+os.environ.setdefault("REFIT_TRAINING__INT8_MIN_AGREEMENT", "0")
 
 from service.embedded_store import Connection, EmbeddedStore
 from service.settings import RefitSettings

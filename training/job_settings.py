@@ -93,6 +93,12 @@ class TrainingSettings(BaseModel):
     """Validation crops that INT8 is calibrated on and both graphs' agreement with fp32 is
     measured on (a quarter of the validation split at least stays held out, for a second
     agreement figure)."""
+    int8_min_agreement: float = Field(default=0.995, ge=0, le=1)
+    """INT8 keeps at least this top-1 agreement with fp32 on its calibration crops: where
+    plain post-training quantization misses it, NNCF's accuracy control returns the layers
+    that cost most agreement to floating point until it holds (the version's graph record
+    names them). A margin over the replicas' 0.99 gate, which they check again on their own
+    CPU. 0: plain quantization only."""
     max_running_jobs: int = Field(default=2, ge=1)
     """Fine-tune jobs running at once over the cluster (one per model at most); more queue."""
     job_lease_s: float = Field(default=60.0, gt=0)

@@ -82,11 +82,12 @@ def graph_files(
     held_out: torch.Tensor | None,
     modes: tuple[IrMode, ...],
     child: ExportChild | None = None,
+    min_agreement: float | None = None,
 ) -> tuple[dict[str, bytes], dict[str, Any]]:
     """OpenVINO graphs for ``modes`` (normalised crops in) as a version's files and its
     manifest's ``graphs`` records, made by ``child`` (an export process started ahead;
-    unset: one starts now). A failed export is logged and yields none: the graphs are an
-    optimisation, fp32 still serves."""
+    unset: one starts now); INT8 kept at ``min_agreement`` where it can be. A failed export
+    is logged and yields none: the graphs are an optimisation, fp32 still serves."""
     if not modes or not len(calibration):
         return {}, {}
     try:
@@ -98,6 +99,7 @@ def graph_files(
                 calibration=calibration,
                 held_out=held_out,
                 modes=modes,
+                min_agreement=min_agreement,
             )
     except Exception as exc:
         log.warning("OpenVINO export failed; publishing without graphs: %s", exc)
@@ -133,7 +135,16 @@ def publish_graphs(
     cal_samples, held_samples = ordered[:n_cal], ordered[n_cal : n_cal + n_held]
     calibration = normalize(pre, _crops(cal_samples, store, pre, training))
     held = normalize(pre, _crops(held_samples, store, pre, training)) if held_samples else None
-    return graph_files(model.state_dict(), backbone, num_classes, calibration, held, modes, child)
+    return graph_files(
+        model.state_dict(),
+        backbone,
+        num_classes,
+        calibration,
+        held,
+        modes,
+        child,
+        training.int8_min_agreement or None,
+    )
 
 
 def store_graph_set(

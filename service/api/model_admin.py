@@ -124,6 +124,9 @@ class GraphSummary(BaseModel):
     calibration_agreement: float
     held_out_agreement: float | None
     images: int
+    unquantized: list[str] = []
+    """INT8: the layers left in floating point (the classifier head; more where accuracy
+    control restored them to reach ``REFIT_TRAINING__INT8_MIN_AGREEMENT``)."""
 
 
 class ImportedVersion(BaseModel):
@@ -247,5 +250,6 @@ async def import_weights(
         graphs=tuple(training.export_graphs if metadata.graphs is None else metadata.graphs),
         quantize_images=training.quantize_images,
         source=metadata.source,
+        int8_min_agreement=training.int8_min_agreement,
     )
     return await plane.import_version(req, serve, metadata.promote)

@@ -49,6 +49,8 @@ class ImportRequest:
     graphs: tuple[IrMode, ...]
     quantize_images: int
     source: str | None = None
+    int8_min_agreement: float = 0.0
+    """INT8's agreement target (``REFIT_TRAINING__INT8_MIN_AGREEMENT``)."""
 
 
 def _state(weights: bytes) -> dict[str, torch.Tensor]:
@@ -96,6 +98,7 @@ class PendingGraphs:
     calibration: torch.Tensor
     held_out: torch.Tensor | None
     modes: tuple[IrMode, ...]
+    min_agreement: float | None = None
 
     def make(self, registry: Registry) -> list[str]:
         """Export the graphs and store them as the version's graph set; the modes stored
@@ -107,6 +110,7 @@ class PendingGraphs:
             self.calibration,
             self.held_out,
             self.modes,
+            min_agreement=self.min_agreement,
         )
         return store_graph_set(registry, self.manifest, files, records)
 
@@ -134,7 +138,10 @@ def import_version(
         n_cal, n_held = split_for_graphs(len(crops), req.quantize_images)
         x = normalize(req.preprocessing, crops)
         held = x[n_cal : n_cal + n_held] if n_held else None
-        pending = PendingGraphs(manifest, state, x[:n_cal], held, tuple(dict.fromkeys(req.graphs)))
+        modes = tuple(dict.fromkeys(req.graphs))
+        pending = PendingGraphs(
+            manifest, state, x[:n_cal], held, modes, min_agreement=req.int8_min_agreement or None
+        )
     out = {
         "model": req.model,
         "version": manifest.version,

@@ -20,7 +20,12 @@ import logging
 import threading
 
 from service.request_errors import NoVersionError
-from service.runtime.served_model import GRAPH_MODES, ServedModel, load_served_model
+from service.runtime.served_model import (
+    GRAPH_MODES,
+    QUIET_WAIT_S,
+    ServedModel,
+    load_served_model,
+)
 from service.settings import NumericMode
 from training.node_jobs import wait_quiet
 from training.storage.errors import NotFoundError
@@ -57,10 +62,6 @@ class ModelSlot:
             old, self._model = self._model, new
             self.swaps += 1
             return old
-
-
-QUIET_WAIT_S = 120.0
-"""How long a replica's background mode change waits for the node's jobs to go live."""
 
 
 class Follower:

@@ -20,6 +20,7 @@ from torch import nn
 from service.settings import NumericMode
 from training.backbones import build_with_weights, structure, trunk
 from training.feature_stats import FeatureStats
+from training.node_jobs import wait_quiet
 from training.openvino_ir import compile_graph
 from training.preprocess import normalize
 from training.preprocessing_spec import Preprocessing
@@ -248,6 +249,12 @@ def speed_verdict(
     return None if mode_s < fp32_s else _slower(mode, mode_s, "fp32", fp32_s, len(x))
 
 
+QUIET_WAIT_S = 120.0
+"""How long each step of auto's choice (a mode's trace or compile, its timing) waits while a
+job on this node is on its critical path (``training.node_jobs``): the choice runs in the
+background, after the version went live in fp32."""
+
+
 def _auto_mode(
     registry: Registry, manifest: Manifest, module: nn.Module, x: torch.Tensor, min_agreement: float
 ) -> tuple[Any, NumericMode, float, dict[str, PassedOver]]:
@@ -265,6 +272,7 @@ def _auto_mode(
         """The mode's runnable and agreement, or None (why: in ``passed_over``)."""
         if mode in prepared:
             return prepared[mode]
+        wait_quiet(QUIET_WAIT_S)  # a trace or a compile: seconds a job going live needs more
         if mode in GRAPH_MODES:
             graph, agreement, why, kind = _graph_mode(
                 registry, manifest, module, x, mode, min_agreement, check_speed=False
@@ -297,6 +305,8 @@ def _auto_mode(
         key = (backbone, int(sample.shape[-1]), mode)
         got = None if key in _SECONDS else ready(mode)
         if key in _SECONDS or got is not None:
+            if key not in _SECONDS:
+                wait_quiet(QUIET_WAIT_S)  # a timing beside a job would be wrong
             seconds[mode] = _timed(backbone, got[0] if got else None, sample, mode)
     chosen: tuple[Any, NumericMode, float] = (module, "fp32", 1.0)
     for mode in sorted(seconds, key=seconds.__getitem__):

@@ -107,6 +107,9 @@ class GraphRecord(BaseModel):
     """Top-1 agreement with fp32 on validation crops not used for calibration."""
     images: int
     """Calibration crops it was measured (and, for INT8, calibrated) on."""
+    unquantized: list[str] = Field(default_factory=list)
+    """INT8: the layers left in floating point (the classifier head; more where accuracy
+    control restored them to keep the agreement)."""
 
 
 class StageDigest(BaseModel):
