@@ -170,10 +170,14 @@ def run_load(
     seconds: float,
     token: str | None = None,
     on_response: Callable[[int, float, int, dict[str, Any] | None], None] | None = None,
+    body: Callable[[str], dict[str, Any]] | None = None,
 ) -> LoadResult:
     """POST one base64 image per request to ``url`` from ``concurrency`` closed-loop clients
-    for ``seconds``. ``on_response(client, time, status, payload)`` sees every answer."""
-    bodies = [{"images": [base64.b64encode(i).decode()], "top_k": 1} for i in images]
+    for ``seconds``. ``on_response(client, time, status, payload)`` sees every answer.
+    ``body``: the JSON body of one base64 image (default: Refit's and the TorchServe
+    handler's ``{"images": [...], "top_k": 1}``)."""
+    make = body or (lambda b64: {"images": [b64], "top_k": 1})
+    bodies = [make(base64.b64encode(i).decode()) for i in images]
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     return asyncio.run(
         _run(

@@ -19,6 +19,13 @@ weights as TorchScript with the same preprocessing, measured first with the same
 client; ``vs_torchserve`` is each row's req/s over TorchServe's best configuration at the same
 concurrency. ``top1_agreement`` checks 32 answers of each system against the local model.
 
+NVIDIA Triton (``benchmarks/triton_serving/``: PyTriton's bundled ``tritonserver`` in its own venv,
+dynamic batching on) serves the same OpenVINO fp32 and INT8 graphs the version has and a
+TorchScript of the fp32 model, with the same JPEGs (base64 in an Open Inference Protocol BYTES
+tensor), preprocessing and client; ``vs_best_peer`` is each row's req/s over the best peer
+configuration, TorchServe or Triton, at the same concurrency. A peer configuration that cannot
+start gets a row saying why (``--no-triton`` leaves Triton out).
+
 ``vs_raw`` compares with the raw forward in the same mode; ``vs_raw_fp32`` with raw fp32
 eager, the yardstick the goals are stated against. A mode the service refused (agreement
 below 99 % or slower than fp32 on this CPU) shows ``served_mode`` fp32.
@@ -271,6 +278,7 @@ def main() -> int:
     p.add_argument("--max-batch-size", type=int, default=16)
     p.add_argument("--no-jemalloc", action="store_true")
     p.add_argument("--no-torchserve", action="store_true", help="skip the TorchServe peer")
+    p.add_argument("--no-triton", action="store_true", help="skip the Triton peer")
     p.add_argument(
         "--ingress",
         default="haproxy",
@@ -363,10 +371,20 @@ def main() -> int:
             from torchserve_peer import torchserve_rows
 
             peer = torchserve_rows(model, jpegs, expected, levels, args.seconds)
-        best_peer = {
+        best_ts = {
             c: max((r["req_per_s"] for r in peer if r["concurrency"] == c), default=0.0)
             for c in levels
         }
+        if not args.no_triton:
+            from triton_peer import triton_rows
+
+            peer += triton_rows(model, GRAPHS, jpegs, expected, levels, args.seconds)
+        ran = [r for r in peer if "failed" not in r]
+        best_peer = {
+            c: max((r["req_per_s"] for r in ran if r["concurrency"] == c), default=0.0)
+            for c in levels
+        }
+        peers = {"torchserve": best_ts, "best": best_peer}
         started = time.perf_counter()
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
         ray_start_s = time.perf_counter() - started
@@ -386,29 +404,36 @@ def main() -> int:
                             expected,
                             levels,
                             raw,
-                            best_peer,
+                            peers,
                             ray_start_s,
                             store_pids,
                         )
         finally:
             ray.shutdown()
-    for r in peer:  # the peer's rows beside ours, in the same table
-        best = best_peer[r["concurrency"]]
+    for r in peer:  # the peers' rows beside ours, in the same table
+        if "failed" in r:  # reported, never skipped in silence
+            rows.append({"mode": r["system"], "refused_for": f"did not run: {r['failed']}"})
+            continue
+        triton = r["system"].startswith("Triton")
+        best, ts = best_peer[r["concurrency"]], best_ts[r["concurrency"]]
         rows.append(
             {
                 "mode": r["system"],
                 "layout": r["layout"],
-                "ingress": "TorchServe's frontend",
-                "served_mode": "torchscript fp32",
+                "ingress": "Triton's HTTP frontend" if triton else "TorchServe's frontend",
+                "served_mode": r["system"].split(",")[0].removeprefix("Triton ").lower()
+                if triton
+                else "torchscript fp32",
                 "refused_for": "",
-                "replica_allocator": "glibc (TorchServe default)",
+                "replica_allocator": "glibc (the peer's default)",
                 "concurrency": r["concurrency"],
                 **{k: r[k] for k in ("requests", "req_per_s", "p50_ms", "p99_ms", "errors")},
                 "mean_batch": None,
                 "raw_img_per_s": raw["fp32"],
                 "vs_raw": r["req_per_s"] / raw["fp32"],
                 "vs_raw_fp32": r["req_per_s"] / raw["fp32"],
-                "vs_torchserve": r["req_per_s"] / best if best else None,
+                "vs_torchserve": r["req_per_s"] / ts if ts else None,
+                "vs_best_peer": r["req_per_s"] / best if best else None,
                 "top1_agreement": r["top1_agreement"],
                 "start_s": r["start_s"],
                 "start_phases": None,
@@ -437,8 +462,12 @@ def main() -> int:
             "profiles": PROFILES,
             "held_out_images": int(x_held.shape[0]),
             "ray_start_s": ray_start_s,
-            "torchserve_c1_p50_ms": next(
-                (r["p50_ms"] for r in peer if r["concurrency"] == 1), None
+            "torchserve_c1_p50_ms": min(
+                (r["p50_ms"] for r in ran if r["concurrency"] == 1 and "Torch" in r["system"]),
+                default=None,
+            ),
+            "best_peer_c1_p50_ms": min(
+                (r["p50_ms"] for r in ran if r["concurrency"] == 1), default=None
             ),
             "torch": torch.__version__,
             "cpus": os.cpu_count(),
@@ -448,6 +477,10 @@ def main() -> int:
 
 
 ADMIN_TOKEN = "bench-admin"
+
+
+def _ratio(ours: float, theirs: float) -> float | None:
+    return ours / theirs if theirs else None
 
 
 def _auto_chosen(url: str, timeout_s: float = 180.0) -> None:
@@ -530,7 +563,7 @@ def _serve_rows(
     expected: list[str],
     levels: list[int],
     raw: dict[str, float],
-    best_peer: dict[int, float],
+    peers: dict[str, dict[int, float]],
     ray_start_s: float,
     store_pids: tuple[int, ...],
 ) -> list[dict[str, Any]]:
@@ -611,7 +644,10 @@ def _serve_rows(
                     "raw_img_per_s": raw.get(served_mode, raw["fp32"]),
                     "vs_raw": s["req_per_s"] / raw.get(served_mode, raw["fp32"]),
                     "vs_raw_fp32": s["req_per_s"] / raw["fp32"],
-                    "vs_torchserve": s["req_per_s"] / best_peer[c] if best_peer[c] else None,
+                    "vs_torchserve": s["req_per_s"] / ts
+                    if (ts := peers["torchserve"][c])
+                    else None,
+                    "vs_best_peer": s["req_per_s"] / b if (b := peers["best"][c]) else None,
                     "top1_agreement": agreement_http,
                     "start_s": start_s,
                     "start_phases": phases,
