@@ -594,7 +594,9 @@ class _Pipeline:
             head = head_module(model, manifest.backbone)
             return _Incumbent(manifest.version, score_features(head, val, stored[1], classes), 0)
         # its logits kept from its own validation pass (and earlier scorings): new images only
-        stages = manifest.stages or stage_digests(state, manifest.backbone, len(classes))
+        stages = manifest.stages
+        if not stages and self.outputs.enabled:  # a version published before digests
+            stages = stage_digests(state, manifest.backbone, len(classes))
         kept = self.outputs.score(
             model, stages, manifest.backbone, manifest.preprocessing, val, classes
         )

@@ -91,6 +91,11 @@ class ServedOutputs:
         mb = training.feature_store_mb if enabled else 0
         self.kept = FeatureStore(store, max_bytes=mb * 1024 * 1024) if mb else None
 
+    @property
+    def enabled(self) -> bool:
+        """Whether logits are kept and used."""
+        return self.kept is not None
+
     def score(
         self,
         model: nn.Module,
