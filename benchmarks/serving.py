@@ -348,6 +348,7 @@ def main() -> int:
                 calibration_agreement=record.calibration_agreement,
                 held_out_agreement=record.held_out_agreement,
                 images=record.images,
+                unquantized=tuple(record.unquantized),
             )
         print(
             f"[bench] imported in {import_s:.1f} s, graphs {sorted(GRAPHS)} stored after "
@@ -454,6 +455,7 @@ def main() -> int:
                     "calibration_agreement": g.calibration_agreement,
                     "held_out_agreement": g.held_out_agreement,
                     "images": g.images,
+                    "unquantized": list(g.unquantized),
                 }
                 for m, g in GRAPHS.items()
             },
