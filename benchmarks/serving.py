@@ -430,8 +430,8 @@ def main() -> int:
                 "concurrency": r["concurrency"],
                 **{k: r[k] for k in ("requests", "req_per_s", "p50_ms", "p99_ms", "errors")},
                 "mean_batch": None,
-                "raw_img_per_s": raw["fp32"],
-                "vs_raw": r["req_per_s"] / raw["fp32"],
+                "raw_img_per_s": raw[_peer_raw(r["system"])],
+                "vs_raw": r["req_per_s"] / raw[_peer_raw(r["system"])],
                 "vs_raw_fp32": r["req_per_s"] / raw["fp32"],
                 "vs_torchserve": r["req_per_s"] / ts if ts else None,
                 "vs_best_peer": r["req_per_s"] / best if best else None,
@@ -465,7 +465,11 @@ def main() -> int:
             "held_out_images": int(x_held.shape[0]),
             "ray_start_s": ray_start_s,
             "torchserve_c1_p50_ms": min(
-                (r["p50_ms"] for r in ran if r["concurrency"] == 1 and "Torch" in r["system"]),
+                (
+                    r["p50_ms"]
+                    for r in ran
+                    if r["concurrency"] == 1 and r["system"].startswith("TorchServe")
+                ),
                 default=None,
             ),
             "best_peer_c1_p50_ms": min(
@@ -479,6 +483,14 @@ def main() -> int:
 
 
 ADMIN_TOKEN = "bench-admin"
+
+
+def _peer_raw(system: str) -> str:
+    """The raw forward a peer configuration's rate compares with: the graph it serves, else
+    fp32 eager (TorchScript)."""
+    if "INT8" in system:
+        return "int8"
+    return "openvino" if "OpenVINO" in system else "fp32"
 
 
 def _ratio(ours: float, theirs: float) -> float | None:

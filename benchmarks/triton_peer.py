@@ -110,6 +110,11 @@ def _start(venv: Path, work: Path, config: dict[str, Any]) -> tuple[Any, int]:
     return proc, http
 
 
+def _rss(pid: int) -> int:
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def _stop(proc: Any) -> None:
     """Stop the configuration's whole session (our process group), bounded."""
     if proc.poll() is None:
@@ -193,7 +198,8 @@ def triton_rows(
                 run_load(url, jpegs, concurrency=4, seconds=3, body=triton_body)  # warm up
                 for c in levels:
                     s = run_load(url, jpegs, concurrency=c, seconds=seconds, body=triton_body)
-                    rss, procs = tree_rss_bytes(proc.pid)
+                    rss, procs = tree_rss_bytes(proc.pid)  # tritonserver, its backend stub
+                    rss += _rss(proc.pid)  # and the server, where the forward runs
                     rows.append(
                         {
                             "system": config["name"],
