@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
+import os
+import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -189,3 +194,40 @@ def run_load(
             on_response=on_response,
         )
     )
+
+
+def start_session(argv: list[str], *, env: dict[str, str], log: Path, cwd: Path) -> Any:
+    """Start ``argv`` (fixed arguments, no shell) in a session of its own, output to ``log``:
+    :func:`stop_session` stops it and all it started by that session's process group."""
+    with log.open("wb") as out:  # the child keeps its own descriptor
+        return subprocess.Popen(
+            argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd
+        )
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of one process."""
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def stop_session(proc: Any, timeout_s: float = 30.0) -> None:
+    """Stop the whole process group of a session we started (``start_new_session``): the
+    process and everything it started, never anything by name; SIGTERM, then SIGKILL after
+    ``timeout_s``. A peer must be gone before the next configuration starts."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while _group_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=timeout_s)

@@ -9,10 +9,8 @@ that session's process group (ours), never by name.
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -21,7 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import requests
-from load import free_port, run_load, tree_rss_bytes
+from load import (
+    free_port,
+    rss_bytes,
+    run_load,
+    start_session,
+    stop_session,
+    tree_rss_bytes,
+)
 
 HERE = Path(__file__).resolve().parent / "torchserve"
 CONFIGS = (
@@ -94,8 +99,7 @@ def _start(venv: Path, store: Path, work: Path, config: dict[str, Any]) -> tuple
     threads = str(config["threads"])
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     env["PATH"] = f"{venv / 'bin'}:{env['PATH']}"
-    log = (work / f"torchserve-{config['workers']}.log").open("wb")
-    proc = subprocess.Popen(  # fixed arguments; its own session, stopped by its group
+    proc = start_session(
         [
             str(venv / "bin" / "torchserve"),
             "--foreground",
@@ -105,38 +109,10 @@ def _start(venv: Path, store: Path, work: Path, config: dict[str, Any]) -> tuple
             f"--ts-config={props}",
         ],
         env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+        log=work / f"torchserve-{config['workers']}.log",
         cwd=work,
     )
     return proc, port
-
-
-def _rss(pid: int) -> int:
-    with open(f"/proc/{pid}/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def _stop(proc: Any) -> None:
-    # the whole group of the session we started: the launcher and its Java server (which
-    # must be gone before the next configuration starts: TorchServe runs once per host)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    deadline = time.monotonic() + 30
-    while _group_alive(proc.pid) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
 
 
 def _wait_ready(url: str, body: dict[str, Any], proc: Any, timeout: float = 240) -> None:
@@ -193,13 +169,13 @@ def torchserve_rows(
                             **s,
                             "top1_agreement": agreement,
                             "start_s": start_s,
-                            "rss_gib": (rss + _rss(proc.pid)) / 2**30,
+                            "rss_gib": (rss + rss_bytes(proc.pid)) / 2**30,
                             "processes": procs + 1,
                         }
                     )
                     _log(f"{rows[-1]}")
             finally:
-                _stop(proc)
+                stop_session(proc)
     return rows
 
 

@@ -12,9 +12,7 @@ why, never skipped in silence.
 from __future__ import annotations
 
 import base64
-import contextlib
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -23,7 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import requests
-from load import free_port, run_load, tree_rss_bytes
+from load import (
+    free_port,
+    rss_bytes,
+    run_load,
+    start_session,
+    stop_session,
+    tree_rss_bytes,
+)
 
 HERE = Path(__file__).resolve().parent / "triton_serving"
 CONFIGS = (
@@ -40,6 +45,10 @@ START_TIMEOUT_S = 180.0
 
 def _threads(config: dict[str, Any]) -> int:
     return max(1, CORES // int(config["instances"]))
+
+
+def _log_path(work: Path, config: dict[str, Any]) -> Path:
+    return work / f"triton-{config['kind']}-{config['instances']}.log"
 
 
 def _log(msg: str) -> None:
@@ -88,8 +97,7 @@ def _start(venv: Path, work: Path, config: dict[str, Any]) -> tuple[Any, int]:
         timeout=60,
     ).stdout.strip()
     env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, env.get("LD_LIBRARY_PATH")) if p)
-    log = (work / f"triton-{config['kind']}-{config['instances']}.log").open("wb")
-    proc = subprocess.Popen(  # fixed arguments; its own session, stopped by its group
+    proc = start_session(
         [
             str(venv / "bin" / "python"),
             str(HERE / "server.py"),
@@ -102,31 +110,10 @@ def _start(venv: Path, work: Path, config: dict[str, Any]) -> tuple[Any, int]:
             f"--metrics-port={metrics}",
         ],
         env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+        log=_log_path(work, config),
         cwd=work,
     )
     return proc, http
-
-
-def _rss(pid: int) -> int:
-    with open(f"/proc/{pid}/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _stop(proc: Any) -> None:
-    """Stop the configuration's whole session (our process group), bounded."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-    else:  # the server is gone; its children (tritonserver, the backend stub) may not be
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _wait_ready(url: str, jpeg: bytes, proc: Any, log: Path) -> None:
@@ -199,7 +186,7 @@ def triton_rows(
                 for c in levels:
                     s = run_load(url, jpegs, concurrency=c, seconds=seconds, body=triton_body)
                     rss, procs = tree_rss_bytes(proc.pid)  # tritonserver, its backend stub
-                    rss += _rss(proc.pid)  # and the server, where the forward runs
+                    rss += rss_bytes(proc.pid)  # and the server, where the forward runs
                     rows.append(
                         {
                             "system": config["name"],
@@ -217,7 +204,7 @@ def triton_rows(
                 _log(f"{config['name']} failed: {exc}")
                 rows.append({"system": config["name"], "failed": str(exc)[:500]})
             finally:
-                _stop(proc)
+                stop_session(proc)
     return rows
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import io
 import os
+import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -321,3 +323,42 @@ def until(predicate: Any, timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.05)
     return bool(predicate())
+
+
+class CriticalJob:
+    """Another process on its critical path: it holds this node's job lock
+    (``training.node_jobs``) at ``lock`` until :meth:`let_go`."""
+
+    CODE = (
+        "import sys; from pathlib import Path; from training.node_jobs import Critical; "
+        "c = Critical(Path(sys.argv[1])); print('held', flush=True); sys.stdin.readline()"
+    )
+
+    def __init__(self, lock: Path) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", self.CODE, str(lock)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        # a holder that fails exits: the read ends with it
+        assert self.proc.stdout.readline().strip() == "held"
+
+    def let_go(self) -> None:
+        """The job went live: the lock is released (its process ends)."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("\n")
+        self.proc.stdin.flush()
+        self.proc.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def critical_job(lock: Path) -> Iterator[CriticalJob]:
+    """A :class:`CriticalJob` for the block, killed at its end."""
+    job = CriticalJob(lock)
+    try:
+        yield job
+    finally:
+        job.proc.kill()
+        job.proc.wait(timeout=10)

@@ -314,9 +314,7 @@ def test_a_faster_mode_waits_while_a_job_on_the_node_goes_live(
     """auto's choice (traces, compiles, timings) waits while another process on this node
     holds the critical-job lock: the version answers in fp32 meanwhile; the choice is made
     once the job lets go."""
-    import subprocess
-    import sys
-
+    from conftest import critical_job
     from training.node_jobs import lock_path
 
     net, _ = exported
@@ -324,37 +322,18 @@ def test_a_faster_mode_waits_while_a_job_on_the_node_goes_live(
     reg = Registry(store)
     plain = _publish(reg, net, [])
     reg.set_alias("ov", "production", plain.version)
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys; from pathlib import Path; from training.node_jobs import Critical; "
-            "c = Critical(Path(sys.argv[1])); print('held', flush=True); sys.stdin.readline()",
-            str(lock_path()),
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout is not None
-        assert holder.stdout.readline().strip() == "held"
+    with critical_job(lock_path()) as job:
         follower = Follower(reg, "ov", alias="production", mode="auto", poll_interval_s=60)
         follower.load_now()
         assert not follower.settled(1.5)  # waiting for the job
         current = follower.current
         assert current is not None
         assert current.mode == "fp32"
-        assert holder.stdin is not None
-        holder.stdin.write("\n")
-        holder.stdin.flush()
+        job.let_go()
         assert follower.settled(60)
         chosen = follower.current
         assert chosen is not None
         assert chosen.mode == "fp32_jit"
-    finally:
-        holder.kill()
-        holder.wait(timeout=10)
 
 
 def test_the_export_child_yields_the_cpu_to_serving_and_jobs() -> None:

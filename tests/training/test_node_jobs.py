@@ -12,12 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import CriticalJob, critical_job
 from training.node_jobs import Critical, others_critical, yielding
-
-HOLDER = (
-    "import sys; from pathlib import Path; from training.node_jobs import Critical; "
-    "c = Critical(Path(sys.argv[1])); print('held', flush=True); sys.stdin.readline()"
-)
 
 
 def _state(proc: subprocess.Popen[str]) -> str:
@@ -45,46 +41,28 @@ def child() -> Iterator[subprocess.Popen[str]]:
 
 
 @pytest.fixture
-def holder(tmp_path: Path) -> Iterator[tuple[Path, subprocess.Popen[str]]]:
-    """Another process on its critical path (until a line on its stdin)."""
+def holder(tmp_path: Path) -> Iterator[tuple[Path, CriticalJob]]:
+    """Another process on its critical path (until it lets go)."""
     lock = tmp_path / "critical.lock"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(lock)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == "held"
-        yield lock, proc
-    finally:
-        proc.kill()
-        proc.wait(timeout=10)
-
-
-def _let_go(proc: subprocess.Popen[str]) -> None:
-    assert proc.stdin is not None
-    proc.stdin.write("\n")
-    proc.stdin.flush()
-    proc.wait(timeout=10)
+    with critical_job(lock) as job:
+        yield lock, job
 
 
 def test_a_child_stops_while_another_job_is_critical(
-    child: subprocess.Popen[str], holder: tuple[Path, subprocess.Popen[str]]
+    child: subprocess.Popen[str], holder: tuple[Path, CriticalJob]
 ) -> None:
     lock, other = holder
     assert others_critical(lock)
     with yielding(child, path=lock):
         _until(lambda: _state(child) == "T", "not stopped while another job was critical")
-        _let_go(other)
+        other.let_go()
         assert not others_critical(lock)
         _until(lambda: _state(child) != "T", "not continued once no job was critical")
     assert _state(child) != "T"
 
 
 def test_leaving_continues_the_child_and_the_pause_is_bounded(
-    child: subprocess.Popen[str], holder: tuple[Path, subprocess.Popen[str]]
+    child: subprocess.Popen[str], holder: tuple[Path, CriticalJob]
 ) -> None:
     lock, _ = holder
     with yielding(child, path=lock):
