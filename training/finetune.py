@@ -40,7 +40,7 @@ from training.openvino_ir import ExportChild
 from training.preprocessing_spec import Preprocessing
 from training.ray_train import fit
 from training.run_context import RunInputs, ValOutputs
-from training.scoring import Scores, evaluate_model, score_features, score_logits, score_parts
+from training.scoring import Scores, outputs_on, score_features, score_logits, score_parts
 from training.served_scores import ServedOutputs, content_shas
 from training.spec import FinetuneSpec
 from training.stage_digests import stage_digests
@@ -538,20 +538,16 @@ class _Pipeline:
             with torch.inference_mode():
                 predicted = head_module(model, backbone)(features).argmax(dim=1)
             return FeatureStats.fit(features, predicted, held)
-        with collect_outputs(model, backbone) as fitted:
-            evaluate_model(
-                model,
-                sample,
-                store=self.store,
-                preprocessing=pre,
-                classes=index.classes,
-                training=self.training,
-            )
-        return FeatureStats.fit(
-            torch.cat([f for f, _ in fitted]),
-            torch.cat([logits.argmax(dim=1) for _, logits in fitted]),
-            held,
+        features, logits = outputs_on(
+            model,
+            backbone,
+            sample,
+            store=self.store,
+            preprocessing=pre,
+            classes=index.classes,
+            training=self.training,
         )
+        return FeatureStats.fit(features, logits.argmax(dim=1), held)
 
     def incumbent(
         self,

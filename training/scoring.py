@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from training.classification_metrics import MetricAccumulator
 from training.data import Sample, make_loader
+from training.feature_stats import collect_outputs
 from training.job_settings import TrainingSettings
 from training.loop import Precision, evaluate
 from training.preprocess import eval_transform
@@ -34,6 +35,32 @@ def evaluate_model(
     return _accumulate(model, samples, store, preprocessing, classes, training, batch_size).compute(
         classes
     )
+
+
+def outputs_on(
+    model: nn.Module,
+    backbone: str,
+    samples: list[Sample],
+    *,
+    store: ObjectStore,
+    preprocessing: Preprocessing,
+    classes: list[str],
+    training: TrainingSettings,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(features, logits)`` of ``model`` on ``samples``, in their order, from one pass:
+    the head's input (penultimate features) and its output."""
+    with collect_outputs(model, backbone) as seen:
+        evaluate_model(
+            model,
+            samples,
+            store=store,
+            preprocessing=preprocessing,
+            classes=classes,
+            training=training,
+        )
+    if not seen:
+        return torch.empty(0), torch.empty(0)
+    return torch.cat([f for f, _ in seen]), torch.cat([o for _, o in seen])
 
 
 def _accumulate(

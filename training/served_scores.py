@@ -25,12 +25,11 @@ import torch
 from torch import nn
 
 from training.data import Sample, shared_cache
-from training.feature_stats import collect_outputs
 from training.feature_store import FeatureStore
 from training.job_settings import TrainingSettings
 from training.preprocess import eval_transform
 from training.preprocessing_spec import Preprocessing
-from training.scoring import Scores, evaluate_model, score_logits
+from training.scoring import Scores, outputs_on, score_logits
 from training.stage_digests import prefix_digests
 from training.storage.registry import StageDigest
 from training.storage.s3 import ObjectStore
@@ -120,16 +119,15 @@ class ServedOutputs:
             found = {}  # not this model's logits (cannot happen for equal content): recompute
         missing = [s for s in val if shas[s.key] not in found]
         if missing:
-            with collect_outputs(model, backbone) as seen:
-                evaluate_model(
-                    model,
-                    missing,
-                    store=self.store,
-                    preprocessing=pre,
-                    classes=classes,
-                    training=self.training,
-                )
-            logits = torch.cat([out for _, out in seen]) if seen else torch.empty(0)
+            _, logits = outputs_on(
+                model,
+                backbone,
+                missing,
+                store=self.store,
+                preprocessing=pre,
+                classes=classes,
+                training=self.training,
+            )
             if logits.shape[0] != len(missing):
                 return None
             fresh = {shas[s.key]: logits[n] for n, s in enumerate(missing)}
