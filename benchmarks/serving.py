@@ -29,6 +29,12 @@ start gets a row saying why (``--no-triton`` leaves Triton out).
 ``vs_raw`` compares with the raw forward in the same mode; ``vs_raw_fp32`` with raw fp32
 eager, the yardstick the goals are stated against. A mode the service refused (agreement
 below 99 % or slower than fp32 on this CPU) shows ``served_mode`` fp32.
+
+Where the CPU goes, on every row: ``server_cpu_ms_per_request`` is the CPU of every serving
+process (replicas, proxies, Ray; not the client, not the store) per answered request;
+``raw_forward_cpu_ms_per_image`` the bare forward's CPU per image in the mode served (batch 16,
+same threads); ``path_cpu_ms_per_request`` their difference: what HTTP, decode, preprocessing,
+batching and Serve cost around the forward (``--profile`` breaks it down with py-spy).
 """
 
 from __future__ import annotations
@@ -149,11 +155,17 @@ def raw_forward(
     xb = x[:batch]
     with torch.inference_mode():
         forward(m, xb, mode)
-        n, start = 0, time.perf_counter()
+        n, start, cpu = 0, time.perf_counter(), time.process_time()
         while time.perf_counter() - start < seconds:
             forward(m, xb, mode)
             n += batch
+    RAW_CPU_MS[mode] = 1000 * (time.process_time() - cpu) / n
     return n / (time.perf_counter() - start)
+
+
+RAW_CPU_MS: dict[str, float] = {}
+"""CPU ms per image of the bare forward in each mode (every thread of the process that ran
+it): what a served request's CPU is compared with, to find what its path costs."""
 
 
 def _graph_in_child(model: Any, x: Any, mode: str, seconds: float, threads: int) -> tuple:
@@ -179,6 +191,7 @@ def _graph_in_child(model: Any, x: Any, mode: str, seconds: float, threads: int)
         argv = [sys.executable, __file__, "--raw-graph", tmp, mode, str(seconds), str(threads)]
         out = subprocess.run(argv, env=env, capture_output=True, text=True, check=True)
         got = json.loads(out.stdout.strip().splitlines()[-1])
+    RAW_CPU_MS[mode] = got["cpu_ms_per_img"]
     return got["img_per_s"], (got["agreement"], int(ref.unique().numel()))
 
 
@@ -200,12 +213,14 @@ def _raw_graph_main(tmp: str, mode: str, seconds: float, threads: int) -> None:
     agree = float((forward(run, x, mode).argmax(1) == data["ref"]).float().mean())
     xb = x[:16]
     forward(run, xb, mode)
-    n, start = 0, time.perf_counter()
+    n, start, cpu = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - start < seconds:
         forward(run, xb, mode)
         n += 16
     rate = n / (time.perf_counter() - start)
-    print(json.dumps({"img_per_s": rate, "agreement": agree, "threads": torch.get_num_threads()}))
+    cpu_ms = 1000 * (time.process_time() - cpu) / n
+    got = {"img_per_s": rate, "agreement": agree, "cpu_ms_per_img": cpu_ms}
+    print(json.dumps(got | {"threads": torch.get_num_threads()}))
 
 
 def agreement(model: Any, x: Any, mode: str, threads: int) -> tuple[float, int]:
@@ -462,6 +477,7 @@ def main() -> int:
             "import_s": import_s,
             "import_graphs_s": imported["graphs_s"],
             "profiles": PROFILES,
+            "raw_forward_cpu_ms_per_image": RAW_CPU_MS,
             "held_out_images": int(x_held.shape[0]),
             "ray_start_s": ray_start_s,
             "torchserve_c1_p50_ms": min(
@@ -585,6 +601,7 @@ def _serve_rows(
     import os
 
     from load import tree_rss_bytes
+    from profiling import cpu_per_request, cpu_seconds
     from torchserve_peer import top1_agreement
 
     from service import deployments
@@ -633,9 +650,20 @@ def _serve_rows(
         replica_malloc = next((k[10:] for k in state if k.startswith("allocator:")), "?")
         for c in levels:
             before = _scrape(url)
+            cpu_before = cpu_seconds(os.getpid(), store_pids)
             res = run_load(predict, jpegs, concurrency=c, seconds=args.seconds)
+            cpu_after = cpu_seconds(os.getpid(), store_pids)
             after = _scrape(url)
             s = res.summary()
+            # CPU of the serving side (every process this script started but the store; the
+            # script itself is the client), per request; less the bare forward's CPU per
+            # image in the mode served, what the request path costs
+            server_ms = sum(
+                r["cpu_ms_per_request"]
+                for r in cpu_per_request(cpu_before, cpu_after, len(res.latencies))
+                if r["pid"] != os.getpid()
+            )
+            forward_ms = RAW_CPU_MS.get(served_mode, RAW_CPU_MS.get("fp32", 0.0))
             # /metrics answers from one replica: its batch sizes speak for it alone
             batches = after["refit_batch_size_count"] - before["refit_batch_size_count"]
             reqs = after["refit_batch_size_sum"] - before["refit_batch_size_sum"]
@@ -663,6 +691,9 @@ def _serve_rows(
                     else None,
                     "vs_best_peer": s["req_per_s"] / b if (b := peers["best"][c]) else None,
                     "top1_agreement": agreement_http,
+                    "server_cpu_ms_per_request": round(server_ms, 2),
+                    "raw_forward_cpu_ms_per_image": round(forward_ms, 2),
+                    "path_cpu_ms_per_request": round(server_ms - forward_ms, 2),
                     "start_s": start_s,
                     "start_phases": phases,
                     "rss_gib": rss / 2**30,

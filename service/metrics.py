@@ -96,7 +96,7 @@ class ScrapeCollector(Collector):
         )
         allocator = GaugeMetricFamily(
             "refit_classifier_allocator_info",
-            "The memory allocator the classifier replica runs with (jemalloc or glibc)",
+            "The classifier replica's memory allocator (jemalloc, glibc-tuned or glibc)",
             labels=["allocator"],
         )
         allocator.add_metric([str(c.get("allocator", "unknown"))], 1)

@@ -47,4 +47,6 @@ def decode_request_images(
     if not out:
         size = preprocessing.crop_size
         return torch.empty((0, 3, size, size), dtype=torch.uint8)
+    if len(out) == 1:  # a view: the lane's batch is the one copy
+        return out[0].unsqueeze(0)
     return torch.stack(out)

@@ -13,6 +13,7 @@ from service.request_errors import InvalidImageError, TooLargeError, Unsupported
 from service.runtime import served_model as model_module
 from service.runtime.hotload import ModelSlot
 from service.runtime.images import decode_request_images
+from service.runtime.model_host import model_input
 from service.runtime.served_model import load_served_model
 from service.settings import NumericMode
 from training.preprocess import normalize
@@ -46,6 +47,30 @@ def test_fp32_model_matches_direct_forward(store: ObjectStore) -> None:
     assert [len(t) for t in top] == [2, 2]
     assert top[0][0]["label"] in {"a", "b", "c"}
     assert served.top_k(images, k=10)[0][-1]["score"] >= 0
+
+
+def test_lane_batches_normalise_crops_once_and_keep_float_inputs(store: ObjectStore) -> None:
+    """Requests travel the lane as uint8 crops (a single image as a view, no copy); the merged
+    batch is normalised once, off the event loop, and a protocol client's preprocessed float
+    tensor in the same batch is taken as it is: every row as if sent alone."""
+    reg, version, _ = _publish(store)
+    served = load_served_model(reg, "svc", version)
+    one = decode_request_images(
+        [png_bytes(1)], max_image_bytes=10**6, max_pixels=10**6, preprocessing=PRE
+    )
+    two = decode_request_images(
+        [png_bytes(2), png_bytes(3)], max_image_bytes=10**6, max_pixels=10**6, preprocessing=PRE
+    )
+    assert one.dtype == two.dtype == torch.uint8
+    floats = normalize(PRE, two)
+    merged = model_input(served, [one, two])
+    assert merged.dtype == torch.float32
+    assert torch.equal(merged, normalize(PRE, torch.cat([one, two])))
+    mixed = model_input(served, [one, floats])
+    assert torch.equal(mixed[:1], normalize(PRE, one))
+    assert torch.equal(mixed[1:], floats)  # not normalised twice
+    assert torch.equal(model_input(served, [floats]), floats)
+    assert torch.equal(served.logits_normalized(mixed), served.logits(torch.cat([one, two])))
 
 
 def test_a_version_without_stage_digests_gets_them_at_load(store: ObjectStore) -> None:
