@@ -7,6 +7,7 @@ import asyncio
 import base64
 import contextlib
 import io
+import json
 import os
 import signal
 import subprocess
@@ -126,9 +127,41 @@ class LoadResult:
         }
 
 
+RawBody = tuple[bytes, dict[str, str]]
+"""A request body sent as it is, with its headers (content type, binary header length)."""
+
+
+def multipart_body(jpeg: bytes) -> RawBody:
+    """Refit's v1 predict as a multipart form: the JPEG as a file, ``top_k`` 1."""
+    from urllib3.filepost import encode_multipart_formdata
+
+    data, ctype = encode_multipart_formdata(
+        {"file": ("image.jpg", jpeg, "image/jpeg"), "top_k": "1"}
+    )
+    return data, {"Content-Type": ctype}
+
+
+def oip_binary_body(jpeg: bytes) -> RawBody:
+    """An Open Inference Protocol infer request with the binary tensor extension (as
+    tritonclient sends it): a JSON header, then the BYTES element (4-byte little-endian
+    length, the JPEG), no base64."""
+    blob = len(jpeg).to_bytes(4, "little") + jpeg
+    tensor = {
+        "name": "images",
+        "shape": [1],
+        "datatype": "BYTES",
+        "parameters": {"binary_data_size": len(blob)},
+    }
+    header = json.dumps({"inputs": [tensor], "parameters": {"top_k": 1}}).encode()
+    return header + blob, {
+        "Content-Type": "application/octet-stream",
+        "Inference-Header-Content-Length": str(len(header)),
+    }
+
+
 async def _run(
     url: str,
-    bodies: list[dict[str, Any]],
+    bodies: list[dict[str, Any]] | list[RawBody],
     *,
     concurrency: int,
     seconds: float,
@@ -147,7 +180,11 @@ async def _run(
                 n += concurrency
                 start = time.perf_counter()
                 try:
-                    async with session.post(url, json=body) as resp:
+                    if isinstance(body, tuple):  # sent as it is
+                        post = session.post(url, data=body[0], headers=body[1])
+                    else:
+                        post = session.post(url, json=body)
+                    async with post as resp:
                         payload = await resp.json(content_type=None) if resp.status == 200 else None
                         status = resp.status
                 except aiohttp.ClientError:
@@ -176,13 +213,19 @@ def run_load(
     token: str | None = None,
     on_response: Callable[[int, float, int, dict[str, Any] | None], None] | None = None,
     body: Callable[[str], dict[str, Any]] | None = None,
+    raw: Callable[[bytes], RawBody] | None = None,
 ) -> LoadResult:
     """POST one base64 image per request to ``url`` from ``concurrency`` closed-loop clients
     for ``seconds``. ``on_response(client, time, status, payload)`` sees every answer.
     ``body``: the JSON body of one base64 image (default: Refit's and the TorchServe
-    handler's ``{"images": [...], "top_k": 1}``)."""
-    make = body or (lambda b64: {"images": [b64], "top_k": 1})
-    bodies = [make(base64.b64encode(i).decode()) for i in images]
+    handler's ``{"images": [...], "top_k": 1}``); ``raw``: instead, a body of the encoded
+    image sent as it is (:func:`multipart_body`, :func:`oip_binary_body`)."""
+    bodies: list[dict[str, Any]] | list[RawBody]
+    if raw is not None:
+        bodies = [raw(i) for i in images]
+    else:
+        make = body or (lambda b64: {"images": [b64], "top_k": 1})
+        bodies = [make(base64.b64encode(i).decode()) for i in images]
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     return asyncio.run(
         _run(

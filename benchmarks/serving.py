@@ -1,10 +1,13 @@
 """Serving throughput and latency at concurrency 1, 8 and 32, per numeric mode, against a
 raw-torch forward of the same model and mode measured in the same run.
 
-224 px JPEG requests (one image each, JSON base64) on resnet18; decoding and preprocessing
-happen inside the service. The model: a random resnet18 trunk with a linear head trained on
-its features of scikit-learn digits (so top-1 answers differ across images and the bf16
-agreement check is meaningful; no pretrained weights can be downloaded here).
+224 px JPEG requests (one image each) on resnet18; decoding and preprocessing happen inside
+the service. Refit is measured with each request body of ``--bodies``: JSON with base64 (the
+peers' body too), a multipart file, and the Open Inference Protocol's binary tensor extension
+(the JPEG's bytes after a JSON header, as tritonclient sends them). The model: a random
+resnet18 trunk with a linear head trained on its features of scikit-learn digits (so top-1
+answers differ across images and the bf16 agreement check is meaningful; no pretrained
+weights can be downloaded here).
 
     python benchmarks/serving.py [--seconds 12] [--modes fp32,fp32_jit,openvino,int8]
                                  [--layouts 2x1,1x2] [--no-jemalloc] [--no-torchserve]
@@ -49,7 +52,14 @@ from pathlib import Path
 from typing import Any
 
 from common import report  # also puts the repository on sys.path
-from load import digit_jpegs, free_port, reexec_with_jemalloc, run_load
+from load import (
+    digit_jpegs,
+    free_port,
+    multipart_body,
+    oip_binary_body,
+    reexec_with_jemalloc,
+    run_load,
+)
 
 IMAGENET = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
 
@@ -294,6 +304,13 @@ def main() -> int:
     p.add_argument("--no-jemalloc", action="store_true")
     p.add_argument("--no-torchserve", action="store_true", help="skip the TorchServe peer")
     p.add_argument("--no-triton", action="store_true", help="skip the Triton peer")
+    p.add_argument(
+        "--bodies",
+        default="json,multipart,oip-binary",
+        help="request bodies Refit is measured with, each at every concurrency: json (v1, "
+        "base64; the peers' body), multipart (v1, a file), oip-binary (v2 infer, the binary "
+        "tensor extension: no base64)",
+    )
     p.add_argument(
         "--ingress",
         default="haproxy",
@@ -648,10 +665,13 @@ def _serve_rows(
         if mode == "auto":  # the modes it passed over, and why
             refused = ", ".join(sorted(k[7:] for k in state if k.startswith("passed:")))
         replica_malloc = next((k[10:] for k in state if k.startswith("allocator:")), "?")
-        for c in levels:
+        for body, c in [(b, c) for b in args.bodies.split(",") for c in levels]:
+            target, raw_body = BODIES[body]
             before = _scrape(url)
             cpu_before = cpu_seconds(os.getpid(), store_pids)
-            res = run_load(predict, jpegs, concurrency=c, seconds=args.seconds)
+            res = run_load(
+                f"{url}{target}", jpegs, concurrency=c, seconds=args.seconds, raw=raw_body
+            )
             cpu_after = cpu_seconds(os.getpid(), store_pids)
             after = _scrape(url)
             s = res.summary()
@@ -680,6 +700,7 @@ def _serve_rows(
                     "served_mode": served_mode,
                     "replica_allocator": replica_malloc,
                     "refused_for": refused,
+                    "body": body,
                     "concurrency": c,
                     **s,
                     "mean_batch": reqs / max(1.0, batches) if replicas == 1 else None,
@@ -711,6 +732,13 @@ def _serve_rows(
 
 
 PROFILES: dict[str, dict[str, Any]] = {}
+
+BODIES: dict[str, tuple[str, Any]] = {
+    "json": ("/v1/models/bench/predict", None),
+    "multipart": ("/v1/models/bench/predict", multipart_body),
+    "oip-binary": ("/v2/models/bench/infer", oip_binary_body),
+}
+"""Request body -> (route, how one JPEG becomes that body; None: JSON with base64)."""
 
 
 def _profile(

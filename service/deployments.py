@@ -7,7 +7,8 @@ validates, decodes, batches and runs the model in the same process, so a predict
 one Ray hop, not two. In each replica:
 
 * a :class:`~service.runtime.model_host.ModelHost` decodes (in threads, off the event loop)
-  and runs the forward lane; ``@serve.batch`` forms the batches that the lane merges;
+  and runs the forward lane, which merges the requests that queue behind a running forward
+  pass; ``@serve.batch`` forms batches before it only where a wait window is set;
 * ``@serve.multiplexed`` holds the followers (an LRU per replica, by model name; a gateway
   that sets ``serve_multiplexed_model_id`` routes to a replica holding the model);
 * registry notices (a publish or an alias move) reach the followers at once;
@@ -101,7 +102,11 @@ class Classifier:
         # application() resolved classifier_cpus: as many threads as this replica reserved
         torch.set_num_threads(s.torch_threads)
         models = Registry(ObjectStore(settings.s3))  # hot-loads and imports: large objects
-        self.host = build_model_host(settings, models, submit=self._submit)
+        # Without a wait window Serve's batcher adds only its queue, tasks and futures to
+        # every request (the lane merges whatever queues behind a running forward pass in any
+        # case): requests go to the lane directly. With one, Serve forms the batches.
+        waits = s.batch_wait_timeout_s > 0
+        self.host = build_model_host(settings, models, submit=self._submit if waits else None)
         logging.getLogger("ray.serve").addFilter(_LaneWarningFilter())
         # Serve forms the batches; the lane merges those that queue behind a running forward
         # pass. Every batch must reach the lane at once (one request is the smallest batch,

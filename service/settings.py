@@ -126,7 +126,9 @@ class ServeSettings(BaseModel):
     """Dynamic batching: most requests merged into one forward pass."""
     batch_wait_timeout_s: float = Field(default=0.0, ge=0)
     """Dynamic batching: longest wait for a batch to fill. Requests that arrive while a
-    forward pass runs merge into the next one anyway, so a wait only delays lone requests."""
+    forward pass runs merge into the next one anyway, so a wait only delays lone requests.
+    0: requests go straight to the forward lane (Serve's batcher, and its cost per request,
+    only run where a wait is set)."""
     classifier_replicas: int = Field(default=1, ge=1)
     """Replicas of the serving deployment (with autoscaling: the fewest). One replica with
     every core measured fastest on one machine, in every numeric mode, and smallest (see the

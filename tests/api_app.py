@@ -35,6 +35,7 @@ def build_inprocess_app(
         metrics_token=SecretStr(METRICS),
         label_token=SecretStr(LABEL),
         max_body_bytes=300_000,
+        max_image_bytes=100_000,  # under the body cap: the image's own cap can be reached
         poll_interval_s=30,
     )
     settings = settings.model_copy(update={"serve": serve})

@@ -493,13 +493,59 @@ def _png_with_text_bomb() -> bytes:
         (_png_with_text_bomb, 422),  # Pillow's ValueError is a corrupt image, not a 500
     ],
 )
+@pytest.mark.parametrize("body", ["json", "multipart", "oip-json", "oip-binary"])
 async def test_decode_is_bounded(
-    client: httpx.AsyncClient, digits: dict, image: Any, status: int
+    client: httpx.AsyncClient, digits: dict, image: Any, status: int, body: str
 ) -> None:
-    r = await client.post(
-        "/v1/models/digits/predict", json={"images": _b64(image())}, headers=_auth()
-    )
+    """Every way an image arrives - base64 in JSON, a multipart file, the protocol's BYTES
+    tensor in JSON or raw after its binary header - meets the same caps before its pixels
+    are decoded, and the error names the image."""
+    r = await _post_image(client, image(), body)
     assert (r.status_code, r.json()["error"]["field"]) == (status, "images[0]"), r.text
+
+
+async def _post_image(client: httpx.AsyncClient, data: bytes, body: str) -> httpx.Response:
+    """One image to the ``digits`` model through one of the request bodies."""
+    if body == "json":
+        return await client.post(
+            "/v1/models/digits/predict", json={"images": _b64(data)}, headers=_auth()
+        )
+    if body == "multipart":
+        return await client.post(
+            "/v1/models/digits/predict", files={"file": ("a.png", data)}, headers=_auth()
+        )
+    tensor: dict[str, Any] = {"name": "images", "shape": [1], "datatype": "BYTES"}
+    if body == "oip-json":
+        tensor["data"] = _b64(data)
+        return await client.post(
+            "/v2/models/digits/infer", json={"inputs": [tensor]}, headers=_auth()
+        )
+    blob = struct.pack("<I", len(data)) + data
+    tensor["parameters"] = {"binary_data_size": len(blob)}
+    header = json.dumps({"inputs": [tensor]}).encode()
+    return await client.post(
+        "/v2/models/digits/infer",
+        content=header + blob,
+        headers={
+            **_auth(),
+            "Inference-Header-Content-Length": str(len(header)),
+            "Content-Type": "application/octet-stream",
+        },
+    )
+
+
+@pytest.mark.parametrize("body", ["json", "multipart", "oip-json", "oip-binary"])
+async def test_image_byte_cap_holds_on_every_body(
+    client: httpx.AsyncClient, digits: dict, plane_parts: dict, body: str
+) -> None:
+    """An image over ``max_image_bytes`` is refused by its length, never decoded (a valid
+    PNG padded past the cap inside a body the route's byte limit still admits)."""
+    cap = plane_parts["settings"].serve.max_image_bytes
+    padded = _png(8, 8) + b"\x00" * cap
+    r = await _post_image(client, padded, body)
+    assert (r.status_code, r.json()["error"]["field"]) == (413, "images[0]"), r.text
+    ok = await _post_image(client, png_bytes(1), body)
+    assert ok.status_code == 200, ok.text
 
 
 async def test_header_limits(client: httpx.AsyncClient) -> None:
