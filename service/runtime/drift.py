@@ -69,8 +69,7 @@ class DriftMonitor:
         self._busy = threading.Event()  # a sample is being scored (flush() waits for it)
 
     def observe(self, served: ServedModel, x: torch.Tensor) -> None:
-        """Offer a sample of one forward pass's images (non-blocking: called by the forward
-        lane's thread after each pass)."""
+        """Offer a sample of one forward pass's images (non-blocking: on the event loop)."""
         if served.reference is None or self.sample_rate <= 0:
             return
         picks = [i for i in range(x.shape[0]) if self.rng.random() < self.sample_rate]

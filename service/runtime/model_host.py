@@ -238,9 +238,8 @@ class ModelHost:
             "predictions": predictions,
         }
 
-    def _forward(self, items: list[Item]) -> list[Ranked]:
-        """One forward pass per loaded version over the lane's merged requests (on the lane's
-        thread)."""
+    async def _forward(self, items: list[Item]) -> list[Ranked]:
+        """One forward pass per loaded version over the lane's merged requests."""
         self._batch_sizes[len(items)] += 1
         groups: dict[int, list[int]] = {}
         for i, (served, _, _) in enumerate(items):
@@ -251,7 +250,7 @@ class ModelHost:
         for idx in groups.values():
             served = items[idx[0]][0]
             k = max(items[i][2] for i in idx)
-            ranked, x = _rank(served, [items[i][1] for i in idx], k)
+            ranked, x = await asyncio.to_thread(_rank, served, [items[i][1] for i in idx], k)
             if self.drift is not None:
                 self.drift.observe(served, x)
             start = 0
