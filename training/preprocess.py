@@ -48,7 +48,9 @@ def normalize(p: Preprocessing, images: torch.Tensor) -> torch.Tensor:
     only float copy; the same bits as out of place, without three temporaries)."""
     mean = torch.tensor(p.mean).view(1, 3, 1, 1)
     std = torch.tensor(p.std).view(1, 3, 1, 1)
-    return images.float().div_(255.0).sub_(mean).div_(std)
+    # a copy even of a float input: the in-place steps must never touch the caller's tensor
+    x = images.to(torch.float32, copy=True)
+    return x.div_(255.0).sub_(mean).div_(std)
 
 
 def train_transform(p: Preprocessing, aug: Augmentation) -> T.Compose:

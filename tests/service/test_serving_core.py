@@ -70,6 +70,9 @@ def test_lane_batches_normalise_crops_once_and_keep_float_inputs(store: ObjectSt
     assert torch.equal(mixed[:1], normalize(PRE, one))
     assert torch.equal(mixed[1:], floats)  # not normalised twice
     assert torch.equal(model_input(served, [floats]), floats)
+    kept = floats.clone()
+    normalize(PRE, floats)  # in place on its own copy, never on the caller's tensor
+    assert torch.equal(floats, kept)
     assert torch.equal(served.logits_normalized(mixed), served.logits(torch.cat([one, two])))
 
 
