@@ -118,11 +118,6 @@ class ServeSettings(BaseModel):
     max_aspect_ratio: float = Field(default=20.0, ge=1)
     """Images longer than this many times their short side get 413 (a resize to the crop
     would otherwise blow a thin sliver up to millions of pixels)."""
-    decode_niceness: int = Field(default=5, ge=0, le=19)
-    """How much lower than the forward pass the replica's decode threads run (Linux thread
-    niceness; 0: the same): the forward pass is most of the CPU, and its threads wait for the
-    slowest of them at every layer, so a decode that takes a core from one of them stalls the
-    whole pass; decoding runs in the pass's gaps instead."""
     max_images: int = Field(default=64, ge=1)
     """Images in one request."""
     max_top_k: int = Field(default=20, ge=1)

@@ -15,12 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import contextlib
-import functools
 import gc
 import os
-import threading
 import weakref
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
@@ -49,14 +46,6 @@ Item = tuple[ServedModel, torch.Tensor, int]
 or float32 already normalised), its top-k."""
 Ranked = list[list[dict[str, Any]]]
 """Per image: the top-k ``{"label", "score"}``."""
-
-
-def _lower_priority(niceness: int) -> None:
-    """Thread initializer: this thread only (Linux: ``setpriority`` on a thread id) runs
-    ``niceness`` below the process; where that is refused it runs as it is."""
-    if niceness > 0:
-        with contextlib.suppress(OSError, AttributeError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
 
 
 def rss_bytes() -> int:
@@ -114,21 +103,8 @@ class ModelHost:
         self._batch_sizes: collections.Counter[int] = collections.Counter()
         self._split_batches = 0  # lane batches that held two versions (during a swap)
         self._loading: dict[str, asyncio.Lock] = {}
-        self._decode_pool: concurrent.futures.ThreadPoolExecutor | None = None
         # readiness asks the store with the short timeouts of the request path
         self._probe = ObjectStore(registry.store.settings, request_path=True)
-
-    def _decoders(self) -> concurrent.futures.ThreadPoolExecutor:
-        """The decode threads (made on first use; as many as asyncio's default pool), below
-        the forward pass in CPU priority (``decode_niceness``)."""
-        if self._decode_pool is None:
-            self._decode_pool = concurrent.futures.ThreadPoolExecutor(
-                max_workers=min(32, (os.cpu_count() or 1) + 4),
-                thread_name_prefix="refit-decode",
-                initializer=_lower_priority,
-                initargs=(self.settings.decode_niceness,),
-            )
-        return self._decode_pool
 
     async def _submit_one(self, item: Item) -> Ranked:
         return (await self.lane.submit([item]))[0]
@@ -212,7 +188,7 @@ class ModelHost:
         served = follower.current
         assert served is not None  # a follower is returned only once it has loaded one
         s = self.settings
-        decode = functools.partial(
+        crops = await asyncio.to_thread(
             decode_request_images,
             images,
             max_image_bytes=s.max_image_bytes,
@@ -221,7 +197,6 @@ class ModelHost:
             max_side=s.max_image_side,
             max_aspect=s.max_aspect_ratio,
         )
-        crops = await asyncio.get_running_loop().run_in_executor(self._decoders(), decode)
         result = await self._answer(served, crops, top_k)
         if self.capture is not None:
             self.capture.observe(

@@ -73,24 +73,3 @@ def test_unknown_models_leave_nothing_behind(store: ObjectStore) -> None:
     assert host._loading == {}
     assert not host._lru
     assert not host.followers
-
-
-@pytest.mark.parametrize("niceness", [0, 5])
-def test_decode_threads_run_below_the_forward_pass(store: ObjectStore, niceness: int) -> None:
-    """Requests decode on the host's own threads, ``decode_niceness`` below the process (the
-    forward pass's threads keep the process's priority); 0 leaves them as they are."""
-    import os
-    import threading
-
-    settings = ServeSettings(poll_interval_s=60, numeric_mode="fp32", decode_niceness=niceness)
-    host = ModelHost(settings, Registry(store))
-
-    def nice_here() -> tuple[int, str]:
-        tid = threading.get_native_id()
-        return os.getpriority(os.PRIO_PROCESS, tid), threading.current_thread().name
-
-    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    nice, name = host._decoders().submit(nice_here).result(timeout=30)
-    assert name.startswith("refit-decode")
-    assert nice == min(19, base + niceness)
-    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base  # only theirs
