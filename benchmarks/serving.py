@@ -340,6 +340,9 @@ def main() -> int:
     from training.storage.registry import Registry
     from training.storage.s3 import ObjectStore
 
+    unknown = set(args.bodies.split(",")) - set(BODIES)
+    if unknown:
+        p.error(f"--bodies: {', '.join(sorted(unknown))} not among {', '.join(BODIES)}")
     modes = args.modes.split(",")
     levels = [int(c) for c in args.concurrency.split(",")]
     layouts = _layouts(args.layouts)

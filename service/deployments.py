@@ -107,16 +107,17 @@ class Classifier:
         # case): requests go to the lane directly. With one, Serve forms the batches.
         waits = s.batch_wait_timeout_s > 0
         self.host = build_model_host(settings, models, submit=self._submit if waits else None)
-        logging.getLogger("ray.serve").addFilter(_LaneWarningFilter())
-        # Serve forms the batches; the lane merges those that queue behind a running forward
-        # pass. Every batch must reach the lane at once (one request is the smallest batch,
-        # so max_ongoing_requests batches is enough): Serve's own semaphore would hold them
-        # back, formed and small, instead.
-        self._batched = serve.batch(
-            max_batch_size=s.max_batch_size,
-            batch_wait_timeout_s=s.batch_wait_timeout_s,
-            max_concurrent_batches=s.max_ongoing_requests,
-        )(self.host.lane.submit)
+        if waits:
+            logging.getLogger("ray.serve").addFilter(_LaneWarningFilter())
+            # Serve forms the batches; the lane merges those that queue behind a running
+            # forward pass. Every batch must reach the lane at once (one request is the
+            # smallest batch, so max_ongoing_requests batches is enough): Serve's own
+            # semaphore would hold them back, formed and small, instead.
+            self._batched = serve.batch(
+                max_batch_size=s.max_batch_size,
+                batch_wait_timeout_s=s.batch_wait_timeout_s,
+                max_concurrent_batches=s.max_ongoing_requests,
+            )(self.host.lane.submit)
 
         async def load(model: str) -> Follower:
             return await self.host.load_follower(model)
