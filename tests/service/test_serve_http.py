@@ -51,6 +51,9 @@ def app(seaweed: Connection) -> Iterator[dict[str, Any]]:
             numeric_mode="fp32",
             classifier_cpus=1,
             classifier_replicas=1,  # /metrics scrapes see the one replica
+            # Serve's batcher in front of the lane (a wait window): the other Serve test
+            # modules run the default, requests straight to the lane
+            batch_wait_timeout_s=0.002,
         ),
     )
     reg = Registry(ObjectStore(settings.s3))
