@@ -44,6 +44,7 @@ from service.runtime.served_model import GRAPH_MODES
 from service.settings import RefitSettings
 from training.storage.registry import Registry
 from training.storage.s3 import ObjectStore
+from training.storage.stage_files import process_stage_cache
 
 log = logging.getLogger("refit.serve")
 
@@ -101,7 +102,10 @@ class Classifier:
         s = settings.serve
         # application() resolved classifier_cpus: as many threads as this replica reserved
         torch.set_num_threads(s.torch_threads)
-        models = Registry(ObjectStore(settings.s3))  # hot-loads and imports: large objects
+        # hot-loads and imports: large objects;
+        # stages shared with a version loaded before come from memory
+        cache = process_stage_cache(settings.serve.stage_cache_mb)
+        models = Registry(ObjectStore(settings.s3), cache=cache)
         # Without a wait window Serve's batcher adds only its queue, tasks and futures to
         # every request (the lane merges whatever queues behind a running forward pass in any
         # case): requests go to the lane directly. With one, Serve forms the batches.

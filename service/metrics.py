@@ -165,6 +165,22 @@ class ScrapeCollector(Collector):
             drift_samples.add_metric([model, "dropped"], d.get("dropped", 0))
         yield drift
         yield drift_samples
+        cache = c.get("stage_cache", {})
+        yield GaugeMetricFamily(
+            "refit_classifier_stage_cache_bytes",
+            "Verified weight files (stage by stage) a classifier replica keeps in memory "
+            "(REFIT_SERVE__STAGE_CACHE_MB)",
+            value=cache.get("bytes", 0),
+        )
+        reads = CounterMetricFamily(
+            "refit_classifier_stage_reads",
+            "Stage files a classifier replica's loads used: from memory (a stage shared with "
+            "a version it loaded before) or read from the store",
+            labels=["source"],
+        )
+        for source in ("memory", "store"):
+            reads.add_metric([source], cache.get(source, 0))
+        yield reads
         buckets, total = batch_histogram(c.get("batch_sizes", {}))
         yield HistogramMetricFamily(
             "refit_batch_size",

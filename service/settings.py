@@ -185,6 +185,10 @@ class ServeSettings(BaseModel):
     """Requests waiting per caller before 503 with Retry-After (-1: unbounded)."""
     models_per_replica: int = Field(default=4, ge=1)
     """LRU of model names one classifier replica holds."""
+    stage_cache_mb: int = Field(default=256, ge=0)
+    """Verified weight files (stage by stage) a replica keeps in memory: a new version that
+    shares stages with one it loaded before (a head-only retrain: all but the head) reads
+    only the others from the store (0: every hot-load reads every stage)."""
     poll_interval_s: float = Field(default=1.0, gt=0)
     """How often replicas check the alias for a new version (hot-load)."""
     alias: str = "production"

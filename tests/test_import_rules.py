@@ -40,6 +40,8 @@ STORAGE_EXCEPTIONS = {
     "training/storage/s3.py": {"boto3", "botocore", "pyarrow"},
     # loads weights (tensors) for its callers
     "training/storage/registry.py": {"torch", "safetensors"},
+    # the registry's weights, stage by stage
+    "training/storage/stage_files.py": {"torch", "safetensors"},
 }
 
 

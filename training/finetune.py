@@ -43,7 +43,7 @@ from training.run_context import RunInputs, ValOutputs
 from training.scoring import Scores, outputs_on, score_features, score_logits, score_parts
 from training.served_scores import ServedOutputs, content_shas
 from training.spec import FinetuneSpec
-from training.stage_digests import stage_digests
+from training.stage_digests import split_stages, stage_digests
 from training.storage.errors import (
     DataError,
     NotFoundError,
@@ -55,6 +55,7 @@ from training.storage.jobs import JobState, JobStore
 from training.storage.location import S3Settings
 from training.storage.registry import Manifest, Registry, WeightsUpload
 from training.storage.s3 import ObjectStore
+from training.storage.stage_files import StageTensors, process_stage_cache
 from training.version_crops import (
     calibration_crops,
     publish_graphs,
@@ -255,10 +256,10 @@ class _WeightsAhead:
     """The candidate's weights written while it is scored and gated: the store's write, the
     slowest part of publishing, overlaps that CPU work. Removed again unless published."""
 
-    def __init__(self, registry: Registry, model: str, state: dict[str, torch.Tensor]) -> None:
+    def __init__(self, registry: Registry, model: str, stages: list[StageTensors]) -> None:
         self.registry = registry
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="refit-weights")
-        self._upload = self._pool.submit(registry.upload_weights, model, state)
+        self._upload = self._pool.submit(registry.upload_weights, model, stages)
         self._kept = False
 
     def take(self) -> WeightsUpload:
@@ -307,7 +308,7 @@ class _Pipeline:
         self.graphs_after = bool(training.export_graphs) and not training.legacy_job_path
         # raises unless this run still holds the job: checked before steps nobody may repeat
         self.still_owner = still_owner
-        self.registry = Registry(store)
+        self.registry = Registry(store, cache=process_stage_cache(training.stage_cache_mb))
         self.started = time.time()
         self.phases = _Phases()
         # the serving version's logits on images it was run on (not on the legacy path)
@@ -342,15 +343,17 @@ class _Pipeline:
         if cache is not None and cache.disk is not None:  # what the node's disk holds: read
             cache.know(self.store, [s.key for s in index.train + index.val])
         lap("index_s")
-        base = resolve_base(spec.base, store=self.store, training=self.training)
+        base = resolve_base(
+            spec.base, store=self.store, training=self.training, registry=self.registry
+        )
         preprocessing = spec.preprocess or base.preprocessing
         lap("resolve_base_s")
         trained = self.train(index, base, preprocessing)
         lap("train_s")
         self.still_owner()
         if not self.training.legacy_job_path:  # written while the candidate is scored
-            state = trained.model.state_dict()
-            self.weights_ahead = _WeightsAhead(self.registry, spec.model, state)
+            stages = split_stages(trained.model.state_dict(), base.backbone, len(index.classes))
+            self.weights_ahead = _WeightsAhead(self.registry, spec.model, stages)
         val = [s for s in index.val if s.key not in trained.skipped]
         stored = self.stored_features(trained.model, base.backbone, preprocessing, val)
         kept = trained.val_outputs
@@ -388,6 +391,7 @@ class _Pipeline:
                 for name, part in scores.parts.items()
             }
         version, promoted, graphs = None, False, []
+        manifest: Manifest | None = None
         if gate.passed:
             self.still_owner()
             exporter = ahead.take() if ahead else None
@@ -418,6 +422,8 @@ class _Pipeline:
                 exporter.close()
         result = self.result(trained, index, base, metrics, gate, version, promoted)
         result["graphs_after_publish"] = graphs
+        if manifest is not None:  # what it wrote, what it shares with versions stored before
+            result["weights"] = manifest.weights_storage()
         result["scored_on"] = scored_on
         result["serving_images_forwarded"] = incumbent.forwarded
         return result
@@ -650,8 +656,11 @@ class _Pipeline:
         spec, trained, index, base = self.spec, c.trained, c.index, c.base
         files, graphs = ({}, {}) if self.graphs_after else self.graphs(c, exporter)
         self.phases.lap("graphs_s")  # the rest of the step (the store's writes): publish_s
-        state = trained.model.state_dict()
-        weights = self.weights_ahead.take() if self.weights_ahead else state
+        weights: WeightsUpload | list[StageTensors] = (
+            self.weights_ahead.take()
+            if self.weights_ahead
+            else split_stages(trained.model.state_dict(), base.backbone, len(index.classes))
+        )
         manifest = self.registry.publish(
             weights,
             model=spec.model,
@@ -659,7 +668,6 @@ class _Pipeline:
             extra_files=files | ({FEATURES_FILE: reference.to_bytes()} if reference else {}),
             graphs=graphs,
             drift=reference.record() if reference else None,
-            stages=stage_digests(state, base.backbone, len(index.classes)),
             backbone=base.backbone,
             num_classes=len(index.classes),
             class_names=index.classes,

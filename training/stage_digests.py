@@ -21,6 +21,7 @@ import torch
 
 from training.backbones import stages, structure
 from training.storage.registry import StageDigest
+from training.storage.stage_files import StageTensors
 
 
 def update_with_tensors(h: hashlib._Hash, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -37,6 +38,15 @@ def stage_digests(
     """The digest of every stage of ``state`` (a state dict of ``backbone``), in stage order,
     head last. ValueError when a tensor belongs to no stage or to two: the stages must
     partition the model, or two versions could share a stage that differs."""
+    split = split_stages(state, backbone, num_classes)
+    return [StageDigest(name=s.name, sha256=s.sha256) for s in split]
+
+
+def split_stages(
+    state: Mapping[str, torch.Tensor], backbone: str, num_classes: int
+) -> list[StageTensors]:
+    """``state`` cut into its stages (in stage order, head last), each with its digest: what
+    the registry stores stage by stage. ValueError as :func:`stage_digests`."""
     groups = stages(structure(backbone, num_classes=num_classes), backbone)
     owned: dict[str, list[str]] = {name: [] for name in state}
     for stage in groups:
@@ -49,9 +59,10 @@ def stage_digests(
         raise ValueError(f"tensors not in exactly one stage of {backbone}: {sample}")
     out = []
     for stage in groups:
+        tensors = {n: t for n, t in state.items() if owned[n] == [stage.name]}
         h = hashlib.sha256()
-        update_with_tensors(h, ((n, t) for n, t in state.items() if owned[n] == [stage.name]))
-        out.append(StageDigest(name=stage.name, sha256=h.hexdigest()))
+        update_with_tensors(h, tensors.items())
+        out.append(StageTensors(stage.name, h.hexdigest(), tensors))
     return out
 
 

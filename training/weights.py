@@ -133,12 +133,17 @@ def _safetensors_preprocessing(blob: bytes) -> Preprocessing | None:
 
 
 def resolve_base(
-    base: BaseModelSpec, *, store: ObjectStore, training: TrainingSettings
+    base: BaseModelSpec,
+    *,
+    store: ObjectStore,
+    training: TrainingSettings,
+    registry: Registry | None = None,
 ) -> ResolvedBase:
-    """Turn the spec's ``base`` into a backbone, weights and preprocessing."""
+    """Turn the spec's ``base`` into a backbone, weights and preprocessing (a version read
+    through ``registry``, when given: its cache, and what it learns of the stored stages)."""
     if base.version:
         name, _, ref = base.version.partition("@")
-        manifest, state = Registry(store).load(name, ref)
+        manifest, state = (registry or Registry(store)).load(name, ref)
         if base.backbone and base.backbone != manifest.backbone:
             raise SpecError(
                 f"{base.version} is a {manifest.backbone}, not {base.backbone}",

@@ -158,10 +158,27 @@ def _epoch_line(epoch: dict[str, Any], progress: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n / 1e3:.1f} KB"
+
+
+def _stored(result: dict[str, Any]) -> str:
+    """What the version's weights wrote to the store and what they share with versions
+    stored before (its parent's frozen stages: one file for both)."""
+    w = result.get("weights")
+    if not isinstance(w, dict) or not w.get("shared_stages"):
+        return ""
+    return (
+        f"; its weights wrote {_megabytes(w['written_bytes'])} "
+        f"({', '.join(w['written_stages'])}) and share {_megabytes(w['shared_bytes'])} "
+        f"({', '.join(w['shared_stages'])}) with {', '.join(w['shared_with'])}"
+    )
+
+
 def _end_line(record: JobRecord) -> str:
     result = record.result or {}
     if record.state == "succeeded" and result.get("published"):
-        return f"succeeded: version {result.get('version')} is live"
+        return f"succeeded: version {result.get('version')} is live{_stored(result)}"
     if record.state == "succeeded":
         return f"succeeded, not published: {record.reason or 'the gate refused it'}"
     if record.state == "failed":

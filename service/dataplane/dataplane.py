@@ -30,6 +30,7 @@ from service.settings import RefitSettings, ServeSettings
 from training.storage.errors import NotFoundError, RefitError
 from training.storage.registry import AliasRecord, Manifest, Registry
 from training.storage.s3 import ObjectStore
+from training.storage.stage_files import process_stage_cache
 
 log = logging.getLogger(__name__)
 
@@ -317,7 +318,10 @@ def in_process_dataplane(
 ) -> DataPlane:
     """A data plane whose models run in this process (a :class:`ModelHost`), with jobs
     queued on ``scheduler``: for tests and tools that need the API without Ray Serve."""
-    models = Registry(ObjectStore(settings.s3))  # hot-loads: large reads, in the background
+    # hot-loads: large reads, in the background;
+    # stages shared with a version loaded before come from memory
+    cache = process_stage_cache(settings.serve.stage_cache_mb)
+    models = Registry(ObjectStore(settings.s3), cache=cache)
     host = build_model_host(settings, models)
     return build_dataplane(
         settings,

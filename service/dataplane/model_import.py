@@ -25,7 +25,7 @@ from training.backbones import BACKBONES
 from training.openvino_ir import IrMode
 from training.preprocess import normalize
 from training.preprocessing_spec import Preprocessing
-from training.stage_digests import stage_digests
+from training.stage_digests import split_stages
 from training.storage.errors import SpecError
 from training.storage.registry import Manifest, Registry
 from training.version_crops import (
@@ -123,7 +123,7 @@ def import_version(
     it off the event loop."""
     state, crops = check_import(req, serve)
     manifest = registry.publish(
-        state,
+        split_stages(state, req.backbone, len(req.class_names)),  # shares a parent's stages
         model=req.model,
         calibration=crops[:CALIBRATION_IMAGES] if len(crops) else None,
         backbone=req.backbone,
@@ -131,7 +131,6 @@ def import_version(
         class_names=req.class_names,
         preprocessing=req.preprocessing,
         dataset={"imported": True, "source": req.source, "calibration_images": len(crops)},
-        stages=stage_digests(state, req.backbone, len(req.class_names)),
     )
     pending = None
     if req.graphs and len(crops):

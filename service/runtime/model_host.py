@@ -312,6 +312,11 @@ class ModelHost:
             if self.capture
             else {},
             "drift": self.drift.snapshot() if self.drift else {},
+            "stage_cache": {
+                "bytes": self.registry.cache.size,
+                "memory": self.registry.cache.hits,
+                "store": self.registry.cache.misses,
+            },
         }
 
 

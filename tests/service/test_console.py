@@ -8,8 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from service.cli.console import JobConsole, ray_output_to_files
+from training.backbones import build_backbone
+from training.preprocessing_spec import Preprocessing
 from training.spec import parse_spec
+from training.stage_digests import split_stages
 from training.storage.jobs import JobStore
+from training.storage.registry import Registry
 from training.storage.s3 import ObjectStore
 
 
@@ -117,3 +121,43 @@ def test_ray_driver_loggers_go_to_a_file(tmp_path: Path) -> None:
                 if h not in logger.handlers:
                     logger.addHandler(h)
         ray_logger.removeHandler(console)
+
+
+def test_a_retrain_says_what_its_weights_wrote_and_share(store: ObjectStore) -> None:
+    """The end line of a retrain that shares its parent's frozen stages says how much it
+    wrote and what it shares (from the version's manifest, as the job's result keeps it)."""
+    reg = Registry(store)
+    net = build_backbone("resnet18", num_classes=3)
+    fields = {
+        "backbone": "resnet18",
+        "num_classes": 3,
+        "class_names": ["a", "b", "c"],
+        "preprocessing": Preprocessing(),
+    }
+    parent = reg.publish(split_stages(net.state_dict(), "resnet18", 3), model="cats", **fields)
+    state = dict(net.state_dict(), **{"fc.bias": net.state_dict()["fc.bias"] + 1})
+    child = reg.publish(split_stages(state, "resnet18", 3), model="cats", **fields)
+    weights = child.weights_storage()
+    assert weights["written_stages"] == ["head"]
+    assert weights["shared_with"] == [f"cats@{parent.version}"]
+    assert weights["written_bytes"] + weights["shared_bytes"] == sum(
+        s.file.size for s in parent.stages if s.file
+    )
+    assert parent.weights_storage()["shared_stages"] == []
+
+    jobs = JobStore(store)
+    lines: list[str] = []
+    console = JobConsole(jobs, emit=lines.append)
+    job, _ = jobs.create(_spec(store, "cats"))
+    console.poll()
+    jobs.transition(job.job_id, "running")
+    result = {"published": True, "version": child.version, "weights": weights}
+    jobs.transition(job.job_id, "succeeded", result=result, reason="gate passed")
+    console.poll()
+    kb = weights["written_bytes"] / 1e3
+    mb = weights["shared_bytes"] / 1e6
+    assert lines[-1] == (
+        f"job {job.job_id} (cats) succeeded: version {child.version} is live; its weights "
+        f"wrote {kb:.1f} KB (head) and share {mb:.1f} MB (stem, layer1, layer2, layer3, "
+        f"layer4) with cats@{parent.version}"
+    )

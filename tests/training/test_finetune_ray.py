@@ -254,9 +254,15 @@ def test_a_head_only_retrain_scores_on_stored_features(
     # images): the statistics a pass over the images gives
     v2, state2 = Registry(store).load("synth", retrain["version"])
     # each stage's content recorded at publish: a head-only retrain shares every stage but
-    # the head with the version it started from, byte for byte
-    assert v2.stages == stage_digests(state2, "resnet18", 3)
+    # the head with the version it started from, byte for byte, and stores only its head
+    assert [(d.name, d.sha256) for d in v2.stages] == [
+        (d.name, d.sha256) for d in stage_digests(state2, "resnet18", 3)
+    ]
     assert [a == b for a, b in zip(manifest.stages, v2.stages, strict=True)] == [True] * 5 + [False]
+    written = [o.key for o in store.list(f"models/synth/versions/{v2.version}/stages/")]
+    assert [k.rsplit("/", 1)[1] for k in written] == ["head.safetensors"]
+    assert retrain["weights"]["written_stages"] == ["head"]
+    assert retrain["weights"]["shared_with"] == [f"synth@{first['version']}"]
     assert v2.drift is not None
     assert (v2.drift.images, v2.drift.held_out) == (24, 12)
     stats = FeatureStats.from_bytes(Registry(store).read_file(v2, v2.drift.file), v2.drift)

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from training.backbones import BACKBONES, build_backbone
-from training.stage_digests import prefix_digests, stage_digests
+from training.stage_digests import prefix_digests, split_stages, stage_digests
 from training.storage.registry import StageDigest
+from training.storage.stage_files import STAGE_NAME, StageTensors, stage_blob
 
 
 @pytest.mark.parametrize("backbone", sorted(BACKBONES))
@@ -19,6 +20,10 @@ def test_the_stages_of_every_backbone_partition_its_tensors(backbone: str) -> No
     assert digests[0].name == "stem"
     assert digests[-1].name == "head"
     assert len({d.name for d in digests}) == len(digests)
+    assert all(STAGE_NAME.fullmatch(d.name) for d in digests)  # each names a stored file
+    split = split_stages(state, backbone, 3)
+    assert [(s.name, s.sha256) for s in split] == [(d.name, d.sha256) for d in digests]
+    assert sorted(n for s in split for n in s.tensors) == sorted(state)
 
 
 def _changed(a: list[StageDigest], b: list[StageDigest]) -> list[str]:
@@ -65,3 +70,13 @@ def test_a_tensor_outside_every_stage_is_refused() -> None:
     state["extra.weight"] = torch.zeros(1)
     with pytest.raises(ValueError, match="exactly one stage"):
         stage_digests(state, "resnet18", 4)
+
+
+def test_a_stage_file_is_the_same_bytes_in_every_version() -> None:
+    """Nothing of the version goes into a stage's file: equal content, equal bytes."""
+    state = build_backbone("resnet18", num_classes=4).state_dict()
+    a = split_stages(state, "resnet18", 4)[2]
+    b = split_stages({k: v.clone() for k, v in state.items()}, "resnet18", 4)[2]
+    assert stage_blob(a) == stage_blob(b)
+    other = StageTensors(a.name, a.sha256, {k: v + 1 for k, v in a.tensors.items()})
+    assert stage_blob(other) != stage_blob(a)

@@ -3,7 +3,9 @@
 One bucket (and an optional key prefix) holds everything; each key prefix has one owner here:
 
 =====================  ===============================================================
-``models/``            ``registry``: versions, manifests, graph sets, aliases
+``models/``            ``registry``: versions, manifests, graph sets, aliases;
+                       ``stage_files``: a version's weights stage by stage, each stage
+                       written once (by the first version with that content)
 ``jobs/``              ``jobs``: records, progress, step reports, active markers,
                        idempotency claims, a run's placement groups; ``job_lease``: who
                        runs a job

@@ -2,9 +2,13 @@
 
 Layout (relative to the configured prefix)::
 
-    models/{model}/versions/{version}/model.safetensors   weights only (never pickle)
+    models/{model}/versions/{version}/stages/{stage}.safetensors   weights, stage by stage
+    models/{model}/versions/{version}/model.safetensors   weights in one file (before stages)
     models/{model}/versions/{version}/manifest.json       written LAST: the version exists
     models/{model}/aliases/{alias}.json                   {"version", "sha256", "history"}
+
+A version's stage that an earlier published version already stores is not written again:
+its manifest names that version's file (``training.storage.stage_files``).
 
 A loader never discovers versions by listing: it reads the alias, then the manifest (whose
 sha256 the alias records), then checks every file's sha256 and refuses what does not verify.
@@ -30,6 +34,13 @@ from training.preprocessing_spec import Preprocessing
 from training.storage.errors import ConflictError, IntegrityError, NotFoundError, SpecError
 from training.storage.ids import check_ids, is_id, new_version_id
 from training.storage.s3 import ObjectStore
+from training.storage.stage_files import (
+    StageCache,
+    StageFile,
+    StageTensors,
+    stage_blob,
+    stage_key,
+)
 
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
@@ -92,6 +103,22 @@ class Manifest(BaseModel):
     (``training.stage_digests``): versions whose leading stages hash the same share them
     exactly. Empty for versions published before they were recorded (computed at load)."""
 
+    def weights_storage(self) -> dict[str, Any]:
+        """How the version's weights are stored: the stages it wrote (their bytes) and the
+        stages whose files published versions stored before it (``shared_with``)."""
+        mine = [s for s in self.stages if s.file is None or s.file.version == self.version]
+        theirs = [s for s in self.stages if s.file is not None and s not in mine]
+        written = sum(s.file.size for s in mine if s.file is not None)
+        if not any(s.file for s in self.stages) and WEIGHTS_FILE in self.files:
+            written = self.files[WEIGHTS_FILE].size  # one file, before stages
+        return {
+            "written_stages": [s.name for s in mine],
+            "written_bytes": written,
+            "shared_stages": [s.name for s in theirs],
+            "shared_bytes": sum(s.file.size for s in theirs if s.file is not None),
+            "shared_with": sorted({f"{s.file.model}@{s.file.version}" for s in theirs if s.file}),
+        }
+
 
 class GraphRecord(BaseModel):
     """A compiled-runtime graph of the version (an OpenVINO IR made at publish time) and how
@@ -119,6 +146,9 @@ class StageDigest(BaseModel):
 
     name: str
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    file: StageFile | None = None
+    """The file holding the stage's tensors (the first version that stored this content);
+    None: the version's weights are one file, ``model.safetensors``."""
 
 
 class DriftReference(BaseModel):
@@ -168,6 +198,13 @@ class AliasRecord(BaseModel):
     history: list[str] = Field(default_factory=list)
 
 
+def _tensors(blob: bytes, what: str) -> dict[str, torch.Tensor]:
+    try:
+        return st_load(blob)
+    except Exception as exc:  # hashes match, yet it is no safetensors file
+        raise IntegrityError(f"{what} is not a valid safetensors file: {exc}") from None
+
+
 def _weights_file(model: str, version: str, state_dict: dict[str, torch.Tensor]) -> bytes:
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     return st_save(tensors, metadata={"refit.model": model, "refit.version": version})
@@ -175,18 +212,32 @@ def _weights_file(model: str, version: str, state_dict: dict[str, torch.Tensor])
 
 @dataclass(frozen=True)
 class WeightsUpload:
-    """A version's weights file, written before its manifest (:meth:`Registry.upload_weights`)."""
+    """A version's weights, written before its manifest (:meth:`Registry.upload_weights`):
+    one file (``entry``) or its stages (``stages``, with the keys this upload wrote)."""
 
     model: str
     version: str
-    entry: FileEntry
+    entry: FileEntry | None
+    stages: tuple[StageDigest, ...] = ()
+    written: tuple[str, ...] = ()
+
+
+Weights = dict[str, torch.Tensor] | list[StageTensors] | WeightsUpload
+"""What :meth:`Registry.publish` takes: a state dict (one file), its stages, or an upload."""
 
 
 class Registry:
-    """Publish, load and point at model versions in the object store."""
+    """Publish, load and point at model versions in the object store.
 
-    def __init__(self, store: ObjectStore) -> None:
+    ``cache``: verified stage files kept in memory (a replica's hot-loads of variants of one
+    backbone then read only the stages that differ); without one, only which published file
+    holds each stage content seen is remembered."""
+
+    def __init__(self, store: ObjectStore, *, cache: StageCache | None = None) -> None:
         self.store = store
+        self.cache = cache if cache is not None else StageCache(0)
+        # a cache may serve registries of several stores: what one stores, not another
+        self._where = f"{store.settings.endpoint_url}|{store.uri()}"
 
     @staticmethod
     def _vkey(model: str, version: str, name: str) -> str:
@@ -197,23 +248,48 @@ class Registry:
         return f"models/{model}/aliases/{alias}.json"
 
     # --- publish -----------------------------------------------------------------------------
-    def upload_weights(self, model: str, state_dict: dict[str, torch.Tensor]) -> WeightsUpload:
+    def upload_weights(
+        self, model: str, weights: dict[str, torch.Tensor] | list[StageTensors]
+    ) -> WeightsUpload:
         """Write a new version's weights ahead of the rest of it (while the job still scores
         and gates the candidate): no version exists until :meth:`publish` writes its
-        manifest; :meth:`discard` removes weights that will not be published."""
+        manifest; :meth:`discard` removes weights that will not be published. Given its
+        stages, only the stages no published version seen stores are written."""
         check_ids(model=model)
         version = new_version_id()
-        blob = _weights_file(model, version, state_dict)
-        self.store.put_bytes(self._vkey(model, version, WEIGHTS_FILE), blob, if_none_match=True)
-        return WeightsUpload(model, version, FileEntry(sha256=sha256_hex(blob), size=len(blob)))
+        if isinstance(weights, list):
+            return self._upload_stages(model, version, weights)
+        blob = _weights_file(model, version, weights)
+        key = self._vkey(model, version, WEIGHTS_FILE)
+        self.store.put_bytes(key, blob, if_none_match=True)
+        entry = FileEntry(sha256=sha256_hex(blob), size=len(blob))
+        return WeightsUpload(model, version, entry, written=(key,))
+
+    def _upload_stages(self, model: str, version: str, stages: list[StageTensors]) -> WeightsUpload:
+        digests, written = [], []
+        for stage in stages:
+            file = self.cache.stored(self._where, stage.name, stage.sha256)
+            if file is None:
+                blob = stage_blob(stage)
+                file = StageFile(
+                    model=model, version=version, sha256=sha256_hex(blob), size=len(blob)
+                )
+                key = stage_key(stage.name, file)
+                self.store.put_bytes(key, blob, if_none_match=True)
+                written.append(key)
+                self.cache.put(file.sha256, blob)  # what it wrote: read back from memory
+            digests.append(StageDigest(name=stage.name, sha256=stage.sha256, file=file))
+        return WeightsUpload(model, version, None, tuple(digests), tuple(written))
 
     def discard(self, upload: WeightsUpload) -> None:
-        """Remove weights uploaded ahead of a version that will not be published."""
-        self.store.delete(self._vkey(upload.model, upload.version, WEIGHTS_FILE))
+        """Remove weights uploaded ahead of a version that will not be published (only the
+        files this upload wrote: stages it shares belong to published versions)."""
+        for key in upload.written:
+            self.store.delete(key)
 
     def publish(
         self,
-        state_dict: dict[str, torch.Tensor] | WeightsUpload,
+        weights: Weights,
         *,
         model: str,
         calibration: torch.Tensor | None = None,
@@ -223,7 +299,9 @@ class Registry:
         """Write a new immutable version: files first, manifest last (it makes the version
         exist). Returns the manifest. No object can overwrite an existing one.
 
-        ``state_dict``: the weights, or their :meth:`upload_weights` (written already).
+        ``weights``: a state dict (one file), its stages (each written unless a published
+        version stores it; the manifest's ``stages`` then come from them), or their
+        :meth:`upload_weights` (written already).
         ``calibration``: uint8 images ``[N, 3, H, W]`` (validation crops) kept with the version.
         ``extra_files``: more files of the version (the graphs that ``graphs`` describes),
         listed with their sha256 like the weights.
@@ -231,16 +309,23 @@ class Registry:
         check_ids(model=model)
         files: dict[str, bytes] = {}
         entries: dict[str, FileEntry] = {}
-        if isinstance(state_dict, WeightsUpload):
-            if state_dict.model != model:
+        if isinstance(weights, list):
+            weights = self.upload_weights(model, weights)
+        if isinstance(weights, WeightsUpload):
+            if weights.model != model:
                 raise SpecError("weights uploaded for another model", field="model")
-            version = state_dict.version
-            entries[WEIGHTS_FILE] = state_dict.entry
+            version = weights.version
+            if weights.entry is not None:
+                entries[WEIGHTS_FILE] = weights.entry
+            else:
+                if "stages" in manifest_fields:
+                    raise SpecError("stages come from the weights' stages", field="stages")
+                manifest_fields["stages"] = list(weights.stages)
         else:
             version = new_version_id()
         meta = {"refit.model": model, "refit.version": version}
-        if not isinstance(state_dict, WeightsUpload):
-            files[WEIGHTS_FILE] = _weights_file(model, version, state_dict)
+        if isinstance(weights, dict):
+            files[WEIGHTS_FILE] = _weights_file(model, version, weights)
         if calibration is not None:
             images = calibration.to(torch.uint8).contiguous()
             files[CALIBRATION_FILE] = st_save({"images": images}, metadata=meta)
@@ -264,6 +349,7 @@ class Registry:
             content_type="application/json",
             if_none_match=True,
         )
+        self._learn(manifest)
         return manifest
 
     @staticmethod
@@ -297,7 +383,13 @@ class Registry:
             raise IntegrityError(f"manifest of {model}@{version} is malformed: {exc}") from None
         if manifest.model != model or manifest.version != version:
             raise IntegrityError(f"manifest of {model}@{version} names another version")
+        self._learn(manifest)
         return manifest, digest
+
+    def _learn(self, manifest: Manifest) -> None:
+        for stage in manifest.stages:  # a published file: a new version may name it
+            if stage.file is not None:
+                self.cache.learn(self._where, stage.name, stage.sha256, stage.file)
 
     def load(self, model: str, ref: str = "production") -> tuple[Manifest, dict[str, torch.Tensor]]:
         """Load a version by id or alias, verifying the manifest and every file's sha256."""
@@ -311,13 +403,38 @@ class Registry:
         alias recorded: the version the alias pointed at, not one written since) and every
         file against the manifest."""
         manifest, _ = self.read_manifest(model, version, expect_sha256=expect_sha256)
-        blob = self.read_file(manifest, WEIGHTS_FILE)
+        return manifest, self.read_weights(manifest)
+
+    def read_weights(self, manifest: Manifest) -> dict[str, torch.Tensor]:
+        """A version's state dict, every file verified: its stages' files (those the cache
+        holds from memory) or its one weights file."""
+        what = f"{manifest.model}@{manifest.version}"
+        if not manifest.stages or any(s.file is None for s in manifest.stages):
+            return _tensors(self.read_file(manifest, WEIGHTS_FILE), f"{WEIGHTS_FILE} of {what}")
+        state: dict[str, torch.Tensor] = {}
+        for stage in manifest.stages:
+            assert stage.file is not None
+            tensors = _tensors(self._stage_bytes(stage.name, stage.file), f"{stage.name} of {what}")
+            if state.keys() & tensors.keys():
+                raise IntegrityError(f"stages of {what} share tensors", field="version")
+            state.update(tensors)
+        return state
+
+    def _stage_bytes(self, name: str, file: StageFile) -> bytes:
+        blob = self.cache.get(file.sha256)
+        if blob is not None:
+            return blob
+        key = stage_key(name, file)
         try:
-            return manifest, st_load(blob)
-        except Exception as exc:  # hashes match, yet it is no safetensors file
-            raise IntegrityError(
-                f"{WEIGHTS_FILE} of {model}@{version} is not a valid safetensors file: {exc}"
-            ) from None
+            blob = self.store.get_bytes(key, max_bytes=file.size)
+        except NotFoundError:
+            raise IntegrityError(f"{key} is missing", field="version") from None
+        except ValueError:  # larger than its record: not the file it names
+            raise IntegrityError(f"{key} fails its sha256 check", field="version") from None
+        if len(blob) != file.size or sha256_hex(blob) != file.sha256:
+            raise IntegrityError(f"{key} fails its sha256 check", field="version")
+        self.cache.put(file.sha256, blob)
+        return blob
 
     def read_file(self, manifest: Manifest, name: str) -> bytes:
         """A file of a version, verified against the manifest's size and sha256."""

@@ -92,9 +92,14 @@ async def test_import_publishes_a_version_that_serves(client, parts) -> None:
     # the content identity of each stage, recorded at publish
     torch.manual_seed(0)
     uploaded = build_backbone("resnet18", num_classes=3).state_dict()
-    expected = [d.model_dump() for d in stage_digests(uploaded, "resnet18", 3)]
-    assert detail.json()["stages"] == expected
-    assert [d["name"] for d in expected] == ["stem", "layer1", "layer2", "layer3", "layer4", "head"]
+    expected = [(d.name, d.sha256) for d in stage_digests(uploaded, "resnet18", 3)]
+    stages = detail.json()["stages"]
+    assert [(d["name"], d["sha256"]) for d in stages] == expected
+    assert [d[0] for d in expected] == ["stem", "layer1", "layer2", "layer3", "layer4", "head"]
+    # stored stage by stage, each in a file of its own under the version
+    assert {(d["file"]["model"], d["file"]["version"]) for d in stages} == {
+        ("byo", body["version"])
+    }
     missing = await client.get("/v1/models/byo/versions/v999", headers=admin)
     assert missing.status_code == 404
     assert missing.json()["error"]["field"] == "version"

@@ -408,6 +408,8 @@ async def test_ops(client: httpx.AsyncClient, digits: dict) -> None:
     assert 'refit_http_requests_total{route="/v1/models/{model}/predict",status="200"}' in text
     assert "refit_model_loaded_info{" in text
     assert "refit_classifier_allocator_info{allocator=" in text
+    assert 'refit_classifier_stage_reads_total{source="store"}' in text
+    assert "refit_classifier_stage_cache_bytes " in text
     r = await client.get("/nowhere")
     assert (r.status_code, r.json()["error"]["code"]) == (404, "not_found")
 
