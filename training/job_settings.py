@@ -68,9 +68,9 @@ class TrainingSettings(BaseModel):
     reads the images its last run fetched from disk, verified against their ETags, and
     fetches only new or changed ones (0: off, every job fetches every image)."""
     stage_cache_mb: int = Field(default=256, ge=0)
-    """Verified weight files (stage by stage) a job process keeps in memory between jobs:
-    a retrain of the serving version reads its base, and checks the version it publishes,
-    without reading the stages it shares with it again (0: every job reads them)."""
+    """Verified weight files (stage by stage) a job process keeps in memory: the version it
+    publishes is checked before its alias moves without reading again the stages it read
+    (its base's) or wrote (0: every stage read again)."""
     image_cache_dir: Path | None = None
     """Where the node's image cache lives; unset: ``refit-image-cache-{uid}`` in the system's
     temporary directory. It must be this user's alone (0700), else it is not used."""

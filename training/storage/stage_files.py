@@ -134,6 +134,6 @@ class StageCache:
 
 @functools.cache
 def process_stage_cache(max_mb: int) -> StageCache:
-    """This process's stage cache of ``max_mb`` MiB: the jobs a warm job process runs one
-    after another (and a replica's hot-loads) share what the earlier ones read."""
+    """This process's stage cache of ``max_mb`` MiB: a replica's hot-loads (and a job's
+    steps) share what the earlier ones read or wrote."""
     return StageCache(max_mb * 1024 * 1024)
