@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from service.runtime.shared_stages import shared_stages
 from service.settings import NumericMode
 from training.backbones import build_with_weights, structure, trunk
 from training.feature_stats import FeatureStats
@@ -453,6 +454,9 @@ def load_served_model(
                 kind = "speed" if fallback else None
             if fallback is not None:
                 served, mode = _memory_format(module, torch.contiguous_format), "fp32"
+        if mode == "fp32" and isinstance(served, nn.Module) and manifest.stages:
+            # leading stages a resident version holds with the same content: one copy
+            shared_stages().share(served, manifest.backbone, manifest.num_classes, manifest.stages)
         # warm-up in the final mode, and a sanity check: a version that yields NaN or inf
         # never goes live (the old one keeps serving)
         if not torch.isfinite(forward(served, x[:4], mode)).all():

@@ -221,3 +221,43 @@ def test_check_loadable_accepts_the_architecture_and_names_a_mismatch(backbone: 
     wrong = {**state, next(iter(state)): torch.zeros(1)}
     with pytest.raises(IntegrityError, match="needs"):
         check_loadable(manifest, wrong)
+
+
+def test_variants_hold_the_stages_they_share_once(store: ObjectStore) -> None:
+    """Fine-tunes of one backbone served in fp32 hold their common leading stages once (the
+    submodules of the version loaded first), answer exactly as each alone, and keep them when
+    that version goes; a stage that differs stays their own."""
+    import gc
+
+    from training.backbones import build_backbone, build_with_weights
+    from training.stage_digests import split_stages
+
+    torch.manual_seed(3)
+    base = build_backbone("resnet18", num_classes=3).eval().state_dict()
+    heads = dict(base, **{"fc.weight": base["fc.weight"] + 0.5})
+    layer4 = dict(base, **{"layer4.1.conv2.weight": base["layer4.1.conv2.weight"] * 0.9})
+    reg = Registry(store)
+    fields = {"backbone": "resnet18", "num_classes": 3, "class_names": ["a", "b", "c"]}
+    versions = {}
+    for name, state in (("base", base), ("heads", heads), ("layer4", layer4)):
+        manifest = reg.publish(
+            split_stages(state, "resnet18", 3), model=name, preprocessing=PRE, **fields
+        )
+        versions[name] = manifest.version
+    served = {n: load_served_model(reg, n, v) for n, v in versions.items()}
+    a, h, l4 = served["base"].module, served["heads"].module, served["layer4"].module
+    for part in ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4"):
+        assert getattr(h, part) is getattr(a, part)
+    assert h.fc is not a.fc
+    assert l4.layer3 is a.layer3
+    assert l4.layer4 is not a.layer4
+    assert l4.fc is not a.fc
+    x = normalize(PRE, torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8))
+    with torch.inference_mode():
+        for name, state in (("heads", heads), ("layer4", layer4)):
+            alone = build_with_weights("resnet18", dict(state), num_classes=3).eval()
+            assert torch.allclose(served[name].logits_normalized(x), alone(x), atol=1e-5)
+        before = served["heads"].logits_normalized(x)
+        del served["base"], a
+        gc.collect()
+        assert torch.equal(served["heads"].logits_normalized(x), before)

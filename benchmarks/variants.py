@@ -1,0 +1,358 @@
+"""Many fine-tuned variants of one backbone served by one process: what they cost.
+
+A locally trained resnet18 (``serving.py``'s benchmark model, 224 px digits) is the base;
+``--head-variants`` ``head_only`` fine-tunes of it (each head fitted on its own bootstrap of
+the base's trunk features) and ``--layer4-variants`` ``last_n_stages=1`` fine-tunes (a few
+steps on ``layer4`` and the head, every other stage frozen and byte-identical) are published
+as models of their own, each with its ``production`` alias.
+
+Reported, all from this one run:
+
+* storage: the bytes each kind of variant wrote (stage by stage, each stage written once:
+  ``training.storage.stage_files``) beside what separate copies would take;
+* serving, in one process (:class:`service.runtime.model_host.ModelHost`, the classifier
+  replica's model layer without Ray Serve; ``--mode``, fp32 by default), closed-loop at
+  ``--concurrency`` for ``--seconds`` each:
+
+  - ``one model`` (the baseline): every request for the same variant;
+  - ``variants, LRU N``: a variant picked at random per request, ``N`` =
+    ``REFIT_SERVE__MODELS_PER_REPLICA`` (default 4): most requests meet a cold variant;
+    with the replica's stage cache on (a cold variant reads only the stages it does not
+    share with a version read before) and off (``STAGE_CACHE_MB=0``: every stage read);
+  - ``variants, all resident``: ``MODELS_PER_REPLICA`` = the number of variants;
+
+  req/s (and its ratio to ``one model``), p50/p99, loads (cold variants) and their mean read
+  time, and the resident model memory: the distinct bytes of every loaded model's tensors
+  (a tensor two models share counts once), beside one model's.
+
+Not built yet, so not measured (issue 28): one trunk pass for the variants of a batch, the
+fan-out of one request to several variants, the same workload against TorchServe.
+
+    python benchmarks/variants.py [--head-variants 56] [--layer4-variants 8] [--seconds 15]
+                                  [--concurrency 32] [--mode fp32] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import sys
+import time
+from typing import Any
+
+from common import digits_store, report  # also puts the repository on sys.path
+from load import reexec_with_jemalloc
+from serving import build_model
+
+
+def _log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def head_variant(base: Any, feats: Any, labels: Any, seed: int) -> dict[str, Any]:
+    """A head-only fine-tune: the base's head fitted again on a bootstrap of its features."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, len(feats), (len(feats),), generator=g)
+    head = torch.nn.Linear(feats.shape[1], base["fc.weight"].shape[0])
+    head.load_state_dict({"weight": base["fc.weight"], "bias": base["fc.bias"]})
+    opt = torch.optim.Adam(head.parameters(), lr=0.005)
+    for _ in range(20):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(head(feats[idx]), labels[idx]).backward()
+        opt.step()
+    state = dict(base)
+    state["fc.weight"], state["fc.bias"] = head.weight.detach(), head.bias.detach()
+    return state
+
+
+def layer4_variant(model: Any, x: Any, labels: Any, seed: int) -> dict[str, Any]:
+    """A ``last_n_stages=1`` fine-tune: a few steps on ``layer4`` and the head, everything
+    else frozen (eval mode: BatchNorm statistics of the frozen stages unchanged)."""
+    import copy
+
+    import torch
+
+    net = copy.deepcopy(model).eval()
+    trainable = [*net.layer4.parameters(), *net.fc.parameters()]
+    for p in net.parameters():
+        p.requires_grad_(False)
+    for p in trainable:
+        p.requires_grad_(True)
+    opt = torch.optim.SGD(trainable, lr=0.01)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(2):
+        idx = torch.randint(0, len(x), (16,), generator=g)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(x[idx]), labels[idx]).backward()
+        opt.step()
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+def publish_variants(
+    settings: Any, store: Any, args: argparse.Namespace
+) -> tuple[list[str], list[bytes], dict[str, Any]]:
+    """The base and its variants as published models; their names, the request JPEGs and
+    what their weights wrote."""
+    import torch
+
+    from training.backbones import trunk
+    from training.preprocess import normalize
+    from training.stage_digests import split_stages
+    from training.storage.registry import Registry
+    from training.storage.stage_files import StageCache
+
+    model, pre, crops, jpegs = build_model(args.threads)
+    x = normalize(pre, crops[:200])
+    with torch.inference_mode():
+        labels = model(x).argmax(1)
+        feats = trunk(model, "resnet18")(x).flatten(1)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    writer = Registry(store, cache=StageCache(512 * 1024 * 1024))
+    fields = {
+        "backbone": "resnet18",
+        "num_classes": 10,
+        "class_names": [str(d) for d in range(10)],
+        "preprocessing": pre,
+    }
+
+    def publish(name: str, state: dict[str, Any], parent: str | None) -> dict[str, Any]:
+        m = writer.publish(split_stages(state, "resnet18", 10), model=name, parent=parent, **fields)
+        writer.set_alias(name, "production", m.version)
+        return m.weights_storage()
+
+    first = publish("base", base, None)
+    parent = f"base@{writer.serving('base', 'production').version}"
+    names, written = [], {"head_only": [], "last_n_stages_1": []}
+    started = time.perf_counter()
+    for i in range(args.head_variants):
+        state = head_variant(base, feats, labels, seed=i)
+        names.append(f"head-{i:02d}")
+        written["head_only"].append(publish(names[-1], state, parent)["written_bytes"])
+    for i in range(args.layer4_variants):
+        state = layer4_variant(model, x, labels, seed=1000 + i)
+        names.append(f"layer4-{i:02d}")
+        written["last_n_stages_1"].append(publish(names[-1], state, parent)["written_bytes"])
+    _log(f"published {len(names)} variants in {time.perf_counter() - started:.1f} s")
+    one = first["written_bytes"]
+    storage = {
+        "one_model_bytes": one,
+        "variants": len(names),
+        "written_bytes_head_only_each": max(written["head_only"], default=0),
+        "written_bytes_last_n_stages_1_each": max(written["last_n_stages_1"], default=0),
+        "written_bytes_all_variants": sum(sum(v) for v in written.values()),
+        "separate_copies_bytes": one * len(names),
+    }
+    request_jpegs = jpegs[200:328]
+    del base, model  # only the store's copies from here
+    return names, request_jpegs, storage
+
+
+def resident_bytes(host: Any) -> int:
+    """Distinct bytes of the tensors of every model loaded in ``host`` (shared storage once)."""
+    import torch
+
+    seen: dict[int, int] = {}
+    for follower in list(host.followers.values()):
+        served = follower.current
+        module = getattr(served, "module", None)
+        if not isinstance(module, torch.nn.Module):
+            continue
+        for t in (*module.parameters(), *module.buffers()):
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+class _CountingRegistry:
+    """The registry's loads of a version, counted and timed (each is one cold variant)."""
+
+    def __init__(self, registry: Any) -> None:
+        self.registry = registry
+        self.loads: list[float] = []
+        original = registry.load_version
+
+        def load_version(*a: Any, **kw: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return original(*a, **kw)
+            finally:
+                self.loads.append(time.perf_counter() - started)
+
+        registry.load_version = load_version
+
+
+async def _drive(
+    host: Any, names: list[str], jpegs: list[bytes], concurrency: int, seconds: float
+) -> dict[str, Any]:
+    import numpy as np
+
+    rng = random.Random(0)
+    latencies: list[float] = []
+    errors = 0
+    end = time.perf_counter() + seconds
+
+    async def client() -> None:
+        nonlocal errors
+        while time.perf_counter() < end:
+            name, jpeg = rng.choice(names), rng.choice(jpegs)
+            started = time.perf_counter()
+            try:
+                follower = await host.follower(name)
+                await host.predict(follower, [jpeg], 1)
+                latencies.append(time.perf_counter() - started)
+            except Exception as exc:  # counted: a benchmark reports failures, never hides them
+                errors += 1
+                _log(f"{name}: {type(exc).__name__}: {exc}")
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - started
+    ms = np.array(latencies) * 1000 if latencies else np.array([float("nan")])
+    return {
+        "requests": len(latencies),
+        "req_per_s": len(latencies) / elapsed,
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "errors": errors,
+    }
+
+
+def serve_row(
+    label: str,
+    settings: Any,
+    names: list[str],
+    jpegs: list[bytes],
+    args: argparse.Namespace,
+    *,
+    models_per_replica: int,
+    stage_cache_mb: int,
+) -> dict[str, Any]:
+    """One closed-loop run on a fresh model host (its own stage cache)."""
+    from service.runtime.model_host import ModelHost
+    from service.settings import ServeSettings
+    from training.storage.registry import Registry
+    from training.storage.s3 import ObjectStore
+    from training.storage.stage_files import StageCache
+
+    serve = ServeSettings(
+        numeric_mode=args.mode,
+        models_per_replica=models_per_replica,
+        poll_interval_s=600,  # no alias moves here: no polling beside the load
+        stage_cache_mb=stage_cache_mb,
+    )
+    registry = Registry(ObjectStore(settings.s3), cache=StageCache(stage_cache_mb * 1024 * 1024))
+    counting = _CountingRegistry(registry)
+    host = ModelHost(serve, registry)
+
+    async def run() -> dict[str, Any]:
+        if models_per_replica >= len(names):  # all resident: loaded before the clock starts
+            for name in names:
+                await host.follower(name)
+            counting.loads.clear()
+        else:
+            await host.follower(names[0])  # the first load is no one's cold start
+        result = await _drive(host, names, jpegs, args.concurrency, args.seconds)
+        result["resident_model_bytes"] = resident_bytes(host)
+        return result
+
+    _log(f"{label}: {args.seconds:.0f} s at c={args.concurrency}")
+    result = asyncio.run(run())
+    for follower in list(host.followers.values()):
+        follower.stop()
+    loads = counting.loads
+    return {
+        "run": label,
+        **result,
+        "models_per_replica": models_per_replica,
+        "stage_cache_mb": stage_cache_mb,
+        "cold_loads": len(loads),
+        "mean_read_ms": round(1000 * sum(loads) / len(loads), 1) if loads else None,
+        "stage_reads_memory": registry.cache.hits,
+        "stage_reads_store": registry.cache.misses,
+    }
+
+
+def _released() -> None:
+    """The last run's models freed before the next run starts."""
+    import gc
+
+    from service.runtime.hotload import trim_heap
+
+    gc.collect()
+    trim_heap()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--head-variants", type=int, default=56)
+    p.add_argument("--layer4-variants", type=int, default=8)
+    p.add_argument("--seconds", type=float, default=15.0)
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--mode", default="fp32", help="REFIT_SERVE__NUMERIC_MODE of the host")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-jemalloc", action="store_true")
+    args = p.parse_args()
+    allocator = reexec_with_jemalloc(not args.no_jemalloc)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    with digits_store() as (settings, store):
+        names, jpegs, storage = publish_variants(settings, store, args)
+        _log(f"storage: {storage}")
+        rows = [
+            serve_row(
+                "one model",
+                settings,
+                names[:1],
+                jpegs,
+                args,
+                models_per_replica=4,
+                stage_cache_mb=256,
+            )
+        ]
+        _released()
+        for label, per_replica, cache_mb in (
+            ("variants, LRU 4, stage cache on", 4, 256),
+            ("variants, LRU 4, stage cache off", 4, 0),
+            ("variants, all resident", len(names), 256),
+        ):
+            rows.append(
+                serve_row(
+                    label,
+                    settings,
+                    names,
+                    jpegs,
+                    args,
+                    models_per_replica=per_replica,
+                    stage_cache_mb=cache_mb,
+                )
+            )
+            _released()
+        one = rows[0]
+        for row in rows:
+            row["vs_one_model"] = round(row["req_per_s"] / one["req_per_s"], 3)
+            row["memory_vs_one_model"] = (
+                round(row["resident_model_bytes"] / one["resident_model_bytes"], 2)
+                if one["resident_model_bytes"]
+                else None
+            )
+    report(
+        "variants",
+        rows,
+        {
+            "storage": storage,
+            "mode": args.mode,
+            "allocator": allocator,
+            "concurrency": args.concurrency,
+            "variants": {"head_only": args.head_variants, "last_n_stages_1": args.layer4_variants},
+            "not_built": "one trunk pass per batch of variants; fan-out; TorchServe beside it",
+        },
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,107 @@
+"""Stages held once in a replica's memory, by content.
+
+Freeze policies keep frozen stages byte-identical to the parent's (``training.stage_digests``),
+so fine-tunes of one backbone share their leading stages exactly: a head-only variant of
+resnet18 differs from its parent in ~20 KB of 45 MB. When a version is loaded to serve in eager
+fp32, its leading stages whose content (the prefix digest: the first k stages together) a
+resident version already holds are replaced by that version's submodules, and its own copies
+are freed: N variants of one trunk hold one trunk.
+
+Safe because a served eager module is never changed in place (no conversion, no fusion after
+it serves; the other modes build modules of their own), and exact because a prefix digest
+covers every parameter and buffer of those stages, names, dtypes and shapes included. A
+resident module is only weakly referenced here: it goes when its last version does (a version
+that adopted its stages holds them).
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import weakref
+
+from torch import nn
+
+from training.backbones import Stage, stages, structure
+from training.stage_digests import prefix_digests
+from training.storage.registry import StageDigest
+
+
+class SharedStages:
+    """Eager modules by the prefix digests of their stages."""
+
+    def __init__(self) -> None:
+        self._resident: dict[str, weakref.ref[nn.Module]] = {}
+        self._lock = threading.Lock()
+        self.adopted_bytes = 0
+        """Bytes of stages loaded versions took from resident ones instead of keeping their
+        own copy (the process's lifetime)."""
+
+    def share(
+        self, module: nn.Module, backbone: str, num_classes: int, digests: list[StageDigest]
+    ) -> list[str]:
+        """Give ``module`` (a version about to serve, eager fp32) the submodules of the
+        longest run of leading stages a resident module holds with the same content, and
+        make its own stages available to the next ones; the stage names it now shares."""
+        groups = stages(structure(backbone, num_classes=num_classes), backbone)
+        if [g.name for g in groups] != [d.name for d in digests]:
+            return []  # digests of another layout: share nothing
+        if not all(t.is_contiguous() for t in (*module.parameters(), *module.buffers())):
+            return []  # another memory format (the digests are of the stored tensors)
+        keys = [f"{backbone}/{p}" for p in prefix_digests(digests)]
+        with self._lock:
+            shared: list[Stage] = []
+            for k in range(len(keys), 0, -1):
+                ref = self._resident.get(keys[k - 1])
+                other = ref() if ref is not None else None
+                if other is not None and other is not module:
+                    shared = groups[:k] if _adopt(module, other, groups[:k]) else []
+                    break
+            for key in keys:  # the newest holder: the one most likely to stay resident
+                self._resident[key] = weakref.ref(module)
+            self._resident = {k: r for k, r in self._resident.items() if r() is not None}
+            self.adopted_bytes += sum(_bytes(module, g) for g in shared)
+        return [g.name for g in shared]
+
+
+def _parts(module: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent, _, leaf = path.rpartition(".")
+    return (module.get_submodule(parent) if parent else module), leaf
+
+
+def _adopt(module: nn.Module, other: nn.Module, groups: list[Stage]) -> bool:
+    """Point ``module``'s submodules and parameters of ``groups`` at ``other``'s (all of them,
+    or none when a part is of another kind or shape: the layouts differ)."""
+    moves = []
+    for group in groups:
+        for path in group.prefixes:
+            mine_parent, leaf = _parts(module, path)
+            theirs_parent, _ = _parts(other, path)
+            mine, theirs = getattr(mine_parent, leaf), getattr(theirs_parent, leaf)
+            if type(mine) is not type(theirs) or not isinstance(theirs, nn.Module | nn.Parameter):
+                return False
+            if isinstance(theirs, nn.Parameter) and theirs.shape != mine.shape:
+                return False
+            moves.append((mine_parent, leaf, theirs))
+    for parent, leaf, theirs in moves:
+        setattr(parent, leaf, theirs)
+    return True
+
+
+def _bytes(module: nn.Module, group: Stage) -> int:
+    total = 0
+    for path in group.prefixes:
+        parent, leaf = _parts(module, path)
+        part = getattr(parent, leaf)
+        if isinstance(part, nn.Parameter):
+            total += part.numel() * part.element_size()
+        else:
+            tensors = (*part.parameters(), *part.buffers())
+            total += sum(t.numel() * t.element_size() for t in tensors)
+    return total
+
+
+@functools.cache
+def shared_stages() -> SharedStages:
+    """This process's stages held once (every model a replica loads)."""
+    return SharedStages()
