@@ -25,8 +25,10 @@ Reported, all from this one run:
   time, and the resident model memory: the distinct bytes of every loaded model's tensors
   (a tensor two models share counts once), beside one model's.
 
-Not built yet, so not measured (issue 28): one trunk pass for the variants of a batch, the
-fan-out of one request to several variants, the same workload against TorchServe.
+In fp32 a replica holds the stages its versions share once (``service.runtime.shared_stages``)
+and runs one trunk pass for the merged requests of versions that differ only in the head
+(``shared_trunk_passes``). Not built yet, so not measured (issue 28): the same in the faster
+modes, the fan-out of one request to several variants, the same workload against TorchServe.
 
     python benchmarks/variants.py [--head-variants 56] [--layer4-variants 8] [--seconds 15]
                                   [--concurrency 32] [--mode fp32] [--threads 2]
@@ -272,7 +274,14 @@ def serve_row(
         "mean_read_ms": round(1000 * sum(loads) / len(loads), 1) if loads else None,
         "stage_reads_memory": registry.cache.hits,
         "stage_reads_store": registry.cache.misses,
+        "shared_trunk_passes": host.stats()["shared_trunk_passes"],
+        "mean_batch": _mean_batch(host.stats()["batch_sizes"]),
     }
+
+
+def _mean_batch(sizes: dict[int, int]) -> float | None:
+    n = sum(sizes.values())
+    return round(sum(k * v for k, v in sizes.items()) / n, 2) if n else None
 
 
 def _released() -> None:
@@ -348,7 +357,7 @@ def main() -> int:
             "allocator": allocator,
             "concurrency": args.concurrency,
             "variants": {"head_only": args.head_variants, "last_n_stages_1": args.layer4_variants},
-            "not_built": "one trunk pass per batch of variants; fan-out; TorchServe beside it",
+            "not_built": "shared trunks in the faster modes; fan-out; TorchServe beside it",
         },
     )
     return 0

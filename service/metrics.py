@@ -117,6 +117,13 @@ class ScrapeCollector(Collector):
             "its own forward pass (a forward pass never mixes versions)",
             value=c.get("split_batches", 0),
         )
+        yield CounterMetricFamily(
+            "refit_batches_shared_trunk",
+            "Forward passes that ran one trunk for the merged requests of several versions "
+            "with the same trunk content (fine-tunes that differ in the head), each version's "
+            "head after it",
+            value=c.get("shared_trunk_passes", 0),
+        )
         # counters per model and one more label; snapshots key them "model label"
         per_model = (
             (

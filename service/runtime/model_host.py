@@ -70,6 +70,27 @@ def _rank(served: ServedModel, parts: list[torch.Tensor], k: int) -> tuple[Ranke
     return served.rank(served.logits_normalized(x), k), x
 
 
+@torch.inference_mode()
+def _rank_all(
+    jobs: list[tuple[ServedModel, list[torch.Tensor], int]],
+) -> list[tuple[Ranked, torch.Tensor]]:
+    """Each version's ranked answers and input: alone, or (several versions of one trunk)
+    one trunk pass over all their inputs and each version's head on its rows."""
+    if len(jobs) == 1:
+        return [_rank(*jobs[0])]
+    xs = [model_input(served, parts) for served, parts, _ in jobs]
+    first = jobs[0][0].split
+    assert first is not None  # grouped by their split's key
+    features = first.body(torch.cat(xs))
+    out, start = [], 0
+    for (served, _, k), x in zip(jobs, xs, strict=True):
+        assert served.split is not None
+        logits = served.split.head(features[start : start + x.shape[0]])
+        start += x.shape[0]
+        out.append((served.rank(logits, k), x))
+    return out
+
+
 class ModelHost:
     """Decode, batch and run requests on the followed versions of several models."""
 
@@ -102,6 +123,7 @@ class ModelHost:
         self.admit_limit = None if queued < 0 else settings.max_ongoing_requests + queued
         self._batch_sizes: collections.Counter[int] = collections.Counter()
         self._split_batches = 0  # lane batches that held two versions (during a swap)
+        self._shared_trunk_passes = 0  # trunk passes that served several versions at once
         self._loading: dict[str, asyncio.Lock] = {}
         # readiness asks the store with the short timeouts of the request path
         self._probe = ObjectStore(registry.store.settings, request_path=True)
@@ -239,25 +261,39 @@ class ModelHost:
         }
 
     async def _forward(self, items: list[Item]) -> list[Ranked]:
-        """One forward pass per loaded version over the lane's merged requests."""
+        """One forward pass per loaded version over the lane's merged requests; versions
+        with the same trunk (fine-tunes of one backbone that differ in the head) run it once
+        over all of theirs, then each its own head."""
         self._batch_sizes[len(items)] += 1
         groups: dict[int, list[int]] = {}
         for i, (served, _, _) in enumerate(items):
             groups.setdefault(id(served), []).append(i)
         if len(groups) > 1:
             self._split_batches += 1
-        out: list[Any] = [None] * len(items)
+        passes: dict[Any, list[list[int]]] = {}
         for idx in groups.values():
-            served = items[idx[0]][0]
-            k = max(items[i][2] for i in idx)
-            ranked, x = await asyncio.to_thread(_rank, served, [items[i][1] for i in idx], k)
-            if self.drift is not None:
-                self.drift.observe(served, x)
-            start = 0
-            for i in idx:
-                n = items[i][1].shape[0]
-                out[i] = [r[: items[i][2]] for r in ranked[start : start + n]]
-                start += n
+            served, x, _ = items[idx[0]]
+            split = served.split
+            key = (split.key, tuple(x.shape[1:])) if split is not None else id(served)
+            passes.setdefault(key, []).append(idx)
+        out: list[Any] = [None] * len(items)
+        for members in passes.values():
+            if len(members) > 1:
+                self._shared_trunk_passes += 1
+            jobs = [
+                (items[idx[0]][0], [items[i][1] for i in idx], max(items[i][2] for i in idx))
+                for idx in members
+            ]
+            results = await asyncio.to_thread(_rank_all, jobs)
+            for idx, (ranked, x) in zip(members, results, strict=True):
+                served = items[idx[0]][0]
+                if self.drift is not None:
+                    self.drift.observe(served, x)
+                start = 0
+                for i in idx:
+                    n = items[i][1].shape[0]
+                    out[i] = [r[: items[i][2]] for r in ranked[start : start + n]]
+                    start += n
         return out
 
     # --- observation -----------------------------------------------------------------------
@@ -305,6 +341,7 @@ class ModelHost:
             "queue_depth": self._pending,
             "batch_sizes": dict(self._batch_sizes),
             "split_batches": self._split_batches,
+            "shared_trunk_passes": self._shared_trunk_passes,
             "captures": {f"{m} {o}": n for (m, o), n in self.capture.counts.items()}
             if self.capture
             else {},

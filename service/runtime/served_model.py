@@ -19,13 +19,13 @@ from torch import nn
 
 from service.runtime.shared_stages import shared_stages
 from service.settings import NumericMode
-from training.backbones import build_with_weights, structure, trunk
+from training.backbones import build_with_weights, head_module, structure, trunk
 from training.feature_stats import FeatureStats
 from training.node_jobs import wait_quiet
 from training.openvino_ir import compile_graph
 from training.preprocess import normalize
 from training.preprocessing_spec import Preprocessing
-from training.stage_digests import stage_digests
+from training.stage_digests import prefix_digests, stage_digests
 from training.storage.errors import IntegrityError, RefitError
 from training.storage.registry import Manifest, Registry, StageDigest
 
@@ -57,6 +57,18 @@ class PassedOver:
 _SECONDS: dict[tuple[str, int, str], float] = {}
 
 
+@dataclass(frozen=True)
+class TrunkSplit:
+    """A version's eager model as its trunk (every stage but the head) and its head:
+    ``head(body(x)) == module(x)``. Versions whose ``key`` is equal compute the same trunk on
+    inputs of the same shape (the content of its stages, and the backbone), so one pass of
+    either's ``body`` serves both."""
+
+    key: str
+    body: nn.Module
+    head: nn.Module
+
+
 @dataclass
 class ServedModel:
     """One loaded, verified, warmed-up version."""
@@ -82,6 +94,9 @@ class ServedModel:
     passed_over: dict[str, PassedOver] = field(default_factory=dict)
     """``auto``: every other mode weighed, and why it does not serve (it disagreed with
     fp32, the version has no graph for it, or it runs slower here than the one chosen)."""
+    split: TrunkSplit | None = None
+    """Eager fp32: the model as trunk and head, so that versions with the same trunk run it
+    once over their merged requests (None: another mode, or no stage digests)."""
 
     @property
     def name(self) -> str:
@@ -472,7 +487,17 @@ def load_served_model(
         reference=stats,
         trunk=trunk(module, manifest.backbone) if stats is not None else None,
         passed_over=passed_over,
+        split=_split(served, manifest) if mode == "fp32" else None,
     )
+
+
+def _split(module: Any, manifest: Manifest) -> TrunkSplit | None:
+    """The trunk and head of an eager fp32 version with stage digests (its trunk's key: the
+    backbone and the prefix digest of every stage but the head)."""
+    if not isinstance(module, nn.Module) or len(manifest.stages) < 2:
+        return None
+    key = f"{manifest.backbone}/{prefix_digests(manifest.stages)[-2]}"
+    return TrunkSplit(key, trunk(module, manifest.backbone), head_module(module, manifest.backbone))
 
 
 def _drift_reference(registry: Registry, manifest: Manifest) -> FeatureStats | None:

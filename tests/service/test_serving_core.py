@@ -261,3 +261,58 @@ def test_variants_hold_the_stages_they_share_once(store: ObjectStore) -> None:
         del served["base"], a
         gc.collect()
         assert torch.equal(served["heads"].logits_normalized(x), before)
+
+
+def test_versions_of_one_trunk_run_it_once_per_batch(store: ObjectStore) -> None:
+    """Merged requests for fine-tunes that differ only in the head: one trunk pass, each
+    version's head on its own rows, every answer as the version alone gives it; a version
+    with another trunk (a changed layer4) runs its own pass."""
+    import asyncio
+
+    from service.runtime.model_host import ModelHost
+    from service.settings import ServeSettings
+    from training.backbones import build_backbone
+    from training.stage_digests import split_stages
+
+    torch.manual_seed(4)
+    base = build_backbone("resnet18", num_classes=3).eval().state_dict()
+    states = {
+        "one": base,
+        "two": dict(base, **{"fc.weight": base["fc.weight"].flip(0)}),
+        "own": dict(base, **{"layer4.0.bn1.bias": base["layer4.0.bn1.bias"] + 0.1}),
+    }
+    reg = Registry(store)
+    fields = {"backbone": "resnet18", "num_classes": 3, "class_names": ["a", "b", "c"]}
+    for name, state in states.items():
+        m = reg.publish(split_stages(state, "resnet18", 3), model=name, preprocessing=PRE, **fields)
+        reg.set_alias(name, "production", m.version)
+    host = ModelHost(ServeSettings(poll_interval_s=60, numeric_mode="fp32"), Registry(store))
+    crops = decode_request_images(
+        [png_bytes(i, seed=i) for i in range(3)],
+        max_image_bytes=10**6,
+        max_pixels=10**6,
+        preprocessing=PRE,
+    )
+
+    async def ask() -> tuple[list, dict]:
+        served = {n: (await host.follower(n)).current for n in states}
+        items = [(served[n], crops[i : i + 1], 3) for i, n in enumerate(states)]
+        items.append((served["two"], crops[:2], 3))
+        return await host.lane.submit(items), served
+
+    answers, served = asyncio.run(ask())
+    for follower in list(host.followers.values()):
+        follower.stop()
+    assert host.stats()["shared_trunk_passes"] == 1  # one and two together; own alone
+    assert served["one"].split.key == served["two"].split.key != served["own"].split.key
+
+    def same(answer: list, alone: list) -> None:
+        for got, want in zip(answer, alone, strict=True):
+            assert [r["label"] for r in got] == [r["label"] for r in want]
+            assert [r["score"] for r in got] == pytest.approx([r["score"] for r in want], abs=1e-5)
+
+    for i, name in enumerate(states):
+        same(answers[i], served[name].top_k(crops[i : i + 1], 3))
+    same(answers[3], served["two"].top_k(crops[:2], 3))
+    # the same trunk, each version's own head (their answers to the same images differ)
+    assert served["one"].top_k(crops[:2], 3) != answers[3]
