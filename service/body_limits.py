@@ -13,7 +13,9 @@ if TYPE_CHECKING:  # settings cost HAProxy's launcher 0.3 s at every reload
 ADMIN_BODY_BYTES = 1024 * 1024
 """Bodies of every route but predict, infer, feedback and import: specs and alias moves."""
 
-PREDICT_PATHS = r"/v1/models/[^/]+/predict|/v2/models/[^/]+(/versions/[^/]+)?/infer"
+PREDICT_PATHS = (
+    r"/v1/models/[^/]+/predict|/v1/variants/predict|/v2/models/[^/]+(/versions/[^/]+)?/infer"
+)
 
 
 class BodyLimits(NamedTuple):

@@ -79,6 +79,13 @@ class ReplicaPredictor:
         host = self.replica.host
         return await host.predict_tensor(await self.replica.follower(model), x, top_k)
 
+    async def predict_many(
+        self, models: list[str], images: list[bytes], top_k: int
+    ) -> list[dict[str, Any]]:
+        """The same images, every model here at once."""
+        followers = [await self.replica.follower(m) for m in models]
+        return await self.replica.host.predict_many(followers, images, top_k)
+
     async def ready(self) -> bool:
         """Whether this replica can serve: a model loaded, or the store answering."""
         return await store_call(self.replica.host.ready)

@@ -122,6 +122,9 @@ class ServeSettings(BaseModel):
     """Images in one request."""
     max_top_k: int = Field(default=20, ge=1)
     """Largest top_k a client may ask for."""
+    max_fan_out: int = Field(default=16, ge=1)
+    """Most models one ``POST /v1/variants/predict`` may ask (each is loaded in the replica
+    that answers)."""
     max_batch_size: int = Field(default=16, ge=1)
     """Dynamic batching: most requests merged into one forward pass."""
     batch_wait_timeout_s: float = Field(default=0.0, ge=0)

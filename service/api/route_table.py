@@ -16,6 +16,7 @@ from pydantic.json_schema import models_json_schema
 
 from service.api import (
     captures,
+    fan_out,
     feedback,
     inference_v2,
     jobs,
@@ -34,7 +35,12 @@ from service.metrics import ScrapeCollector
 from service.settings import RefitSettings
 from training.spec import FinetuneSpec
 
-_BODY_SCHEMAS: list[type[BaseModel]] = [predict_v1.PredictRequest, InferenceRequest, FinetuneSpec]
+_BODY_SCHEMAS: list[type[BaseModel]] = [
+    predict_v1.PredictRequest,
+    fan_out.FanOutRequest,
+    InferenceRequest,
+    FinetuneSpec,
+]
 """Models that routes declare in ``openapi_extra`` (two content types, or validation with
 context) and that FastAPI therefore does not collect into ``components`` by itself."""
 
@@ -69,6 +75,7 @@ def create_app(settings: RefitSettings, dataplane: DataPlane) -> FastAPI:
     app.state.dataplane = dataplane
     for router in (
         predict_v1.router,
+        fan_out.router,
         inference_v2.router,
         inference_v2.health,
         model_admin.reads,

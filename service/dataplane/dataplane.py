@@ -49,6 +49,12 @@ class Predictor(Protocol):
         """Classify an already preprocessed float32 batch."""
         ...
 
+    async def predict_many(
+        self, models: list[str], images: list[bytes], top_k: int
+    ) -> list[dict[str, Any]]:
+        """The same encoded images classified by the serving version of each model."""
+        ...
+
     async def ready(self) -> bool:
         """Whether predictions can be served."""
         ...
@@ -75,6 +81,13 @@ class InProcessPredictor:
     async def predict_tensor(self, model: str, x: torch.Tensor, top_k: int) -> dict[str, Any]:
         """Classify a preprocessed batch."""
         return await self.host.predict_tensor(await self.host.follower(model), x, top_k)
+
+    async def predict_many(
+        self, models: list[str], images: list[bytes], top_k: int
+    ) -> list[dict[str, Any]]:
+        """The same images, every model at once."""
+        followers = [await self.host.follower(m) for m in models]
+        return await self.host.predict_many(followers, images, top_k)
 
     async def ready(self) -> bool:
         """Whether the host can serve: a model loaded, or the store answering."""
@@ -133,6 +146,13 @@ class DataPlane:
     async def predict_tensor(self, model: str, x: torch.Tensor, top_k: int) -> dict[str, Any]:
         """Top-k labels for a preprocessed float32 batch ``[N, 3, H, W]``."""
         return await self.predictor.predict_tensor(model, x, top_k)
+
+    async def predict_many(
+        self, models: list[str], images: list[bytes], top_k: int
+    ) -> list[dict[str, Any]]:
+        """Top-k labels per image from the serving version of each model (one answer per
+        model, in order)."""
+        return await self.predictor.predict_many(models, images, top_k)
 
     async def ready(self) -> bool:
         """Whether the predictor answers."""

@@ -78,15 +78,25 @@ def _rank_all(
     one trunk pass over all their inputs and each version's head on its rows."""
     if len(jobs) == 1:
         return [_rank(*jobs[0])]
-    xs = [model_input(served, parts) for served, parts, _ in jobs]
+    # the same images for several versions (a fan-out): their input once, the trunk once
+    inputs: dict[tuple[Any, ...], tuple[int, torch.Tensor]] = {}
+    rows = 0
+    for served, parts, _ in jobs:
+        pre = served.preprocessing
+        key = (tuple(id(p) for p in parts), pre.mean, pre.std)
+        if key not in inputs:
+            x = model_input(served, parts)
+            inputs[key] = (rows, x)
+            rows += x.shape[0]
     first = jobs[0][0].split
     assert first is not None  # grouped by their split's key
-    features = first.body(torch.cat(xs))
-    out, start = [], 0
-    for (served, _, k), x in zip(jobs, xs, strict=True):
+    features = first.body(torch.cat([x for _, x in inputs.values()]))
+    out = []
+    for served, parts, k in jobs:
+        pre = served.preprocessing
+        start, x = inputs[(tuple(id(p) for p in parts), pre.mean, pre.std)]
         assert served.split is not None
         logits = served.split.head(features[start : start + x.shape[0]])
-        start += x.shape[0]
         out.append((served.rank(logits, k), x))
     return out
 
@@ -229,6 +239,53 @@ class ModelHost:
                 result["predictions"],
             )
         return result
+
+    async def predict_many(
+        self, followers: list[Follower], images: list[bytes], top_k: int
+    ) -> list[dict[str, Any]]:
+        """The same images answered by several models at once: decoded once per
+        preprocessing, then one lane submission, so versions with the same trunk run it once
+        over the images (each its own head). One answer per follower, in order."""
+        with self.admitted():
+            served = [f.current for f in followers]
+            s = self.settings
+            crops: dict[str, torch.Tensor] = {}
+            for v in served:
+                assert v is not None  # a follower is returned only once it has loaded one
+                key = v.preprocessing.model_dump_json()
+                if key not in crops:
+                    crops[key] = await asyncio.to_thread(
+                        decode_request_images,
+                        images,
+                        max_image_bytes=s.max_image_bytes,
+                        max_pixels=s.max_image_pixels,
+                        preprocessing=v.preprocessing,
+                        max_side=s.max_image_side,
+                        max_aspect=s.max_aspect_ratio,
+                    )
+            items = [
+                (v, crops[v.preprocessing.model_dump_json()], top_k)
+                for v in served
+                if v is not None
+            ]
+            self._pending += len(items)
+            try:
+                ranked = await self.lane.submit(items)
+            finally:
+                self._pending -= len(items)
+        answers = []
+        for (v, _, _), predictions in zip(items, ranked, strict=True):
+            answer: dict[str, Any] = {
+                "model": v.name,
+                "model_version": v.version,
+                "prediction_id": new_prediction_id(),
+                "predictions": predictions,
+            }
+            if self.capture is not None:
+                pid = answer["prediction_id"]
+                self.capture.observe(v.name, v.version, pid, images, predictions)
+            answers.append(answer)
+        return answers
 
     async def predict_tensor(
         self, follower: Follower, x: torch.Tensor, top_k: int
