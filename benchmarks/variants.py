@@ -27,11 +27,13 @@ Reported, all from this one run:
 
 In fp32 a replica holds the stages its versions share once (``service.runtime.shared_stages``)
 and runs one trunk pass for the merged requests of versions that differ only in the head
-(``shared_trunk_passes``). Not built yet, so not measured (issue 28): the same in the faster
-modes, the fan-out of one request to several variants, the same workload against TorchServe.
+(``shared_trunk_passes``); a fan-out (``POST /v1/variants/predict``'s host call) of one image
+to ``--fan-out`` head-only variants is timed against one model's answer to the same image.
+Not built yet, so not measured (issue 28): the same in the faster modes, the same workload
+against TorchServe.
 
     python benchmarks/variants.py [--head-variants 56] [--layer4-variants 8] [--seconds 15]
-                                  [--concurrency 32] [--mode fp32] [--threads 2]
+                                  [--concurrency 32] [--mode fp32] [--threads 2] [--fan-out 8]
 """
 
 from __future__ import annotations
@@ -284,6 +286,50 @@ def _mean_batch(sizes: dict[int, int]) -> float | None:
     return round(sum(k * v for k, v in sizes.items()) / n, 2) if n else None
 
 
+def fan_out_row(
+    settings: Any, names: list[str], jpegs: list[bytes], args: argparse.Namespace
+) -> dict[str, Any]:
+    """One image to ``--fan-out`` head-only variants in one request, against one model's
+    answer to the same image (c=1, alternated, the mean of ``--fan-out-rounds`` each)."""
+    from service.runtime.model_host import ModelHost
+    from service.settings import ServeSettings
+    from training.storage.registry import Registry
+    from training.storage.s3 import ObjectStore
+    from training.storage.stage_files import StageCache
+
+    heads = [n for n in names if n.startswith("head-")][: args.fan_out]
+    serve = ServeSettings(
+        numeric_mode=args.mode, models_per_replica=len(heads), poll_interval_s=600
+    )
+    host = ModelHost(serve, Registry(ObjectStore(settings.s3), cache=StageCache(256 << 20)))
+
+    async def run() -> dict[str, Any]:
+        followers = [await host.follower(n) for n in heads]
+        one, many = [], []
+        for i in range(args.fan_out_rounds + 2):  # the first two warm up
+            jpeg = jpegs[i % len(jpegs)]
+            started = time.perf_counter()
+            await host.predict(followers[0], [jpeg], 1)
+            middle = time.perf_counter()
+            await host.predict_many(followers, [jpeg], 1)
+            if i >= 2:
+                one.append(middle - started)
+                many.append(time.perf_counter() - middle)
+        for f in followers:
+            f.stop()
+        mean_one, mean_many = sum(one) / len(one), sum(many) / len(many)
+        return {
+            "run": f"fan-out: 1 image to {len(heads)} variants vs 1 model",
+            "one_model_ms": round(1000 * mean_one, 2),
+            "fan_out_ms": round(1000 * mean_many, 2),
+            "fan_out_vs_one_forward": round(mean_many / mean_one, 3),
+            "shared_trunk_passes": host.stats()["shared_trunk_passes"],
+        }
+
+    _log(f"fan-out to {len(heads)} variants, {args.fan_out_rounds} rounds")
+    return asyncio.run(run())
+
+
 def _released() -> None:
     """The last run's models freed before the next run starts."""
     import gc
@@ -302,6 +348,8 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--mode", default="fp32", help="REFIT_SERVE__NUMERIC_MODE of the host")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--fan-out", type=int, default=8, help="variants one image goes to (1: skip)")
+    p.add_argument("--fan-out-rounds", type=int, default=30)
     p.add_argument("--no-jemalloc", action="store_true")
     args = p.parse_args()
     allocator = reexec_with_jemalloc(not args.no_jemalloc)
@@ -340,6 +388,7 @@ def main() -> int:
                 )
             )
             _released()
+        fan_out = fan_out_row(settings, names, jpegs, args) if args.fan_out > 1 else None
         one = rows[0]
         for row in rows:
             row["vs_one_model"] = round(row["req_per_s"] / one["req_per_s"], 3)
@@ -352,12 +401,13 @@ def main() -> int:
         "variants",
         rows,
         {
+            "fan_out": fan_out,
             "storage": storage,
             "mode": args.mode,
             "allocator": allocator,
             "concurrency": args.concurrency,
             "variants": {"head_only": args.head_variants, "last_n_stages_1": args.layer4_variants},
-            "not_built": "shared trunks in the faster modes; fan-out; TorchServe beside it",
+            "not_built": "shared trunks in the faster modes; TorchServe beside it",
         },
     )
     return 0
