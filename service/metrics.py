@@ -172,6 +172,22 @@ class ScrapeCollector(Collector):
             drift_samples.add_metric([model, "dropped"], d.get("dropped", 0))
         yield drift
         yield drift_samples
+        loads = CounterMetricFamily(
+            "refit_classifier_model_loads",
+            "Cold loads in a classifier replica: a model it did not hold (the first request for "
+            "it, or one after it was evicted)",
+            value=c.get("model_loads", 0),
+        )
+        yield loads
+        model_bytes = GaugeMetricFamily(
+            "refit_classifier_model_bytes",
+            "Tensor bytes of the eager (fp32) models a classifier replica holds: resident (a "
+            "stage several versions share counted once) and separate (each on its own)",
+            labels=["kind"],
+        )
+        for kind in ("resident", "separate"):
+            model_bytes.add_metric([kind], c.get("model_bytes", {}).get(kind, 0))
+        yield model_bytes
         cache = c.get("stage_cache", {})
         yield GaugeMetricFamily(
             "refit_classifier_stage_cache_bytes",

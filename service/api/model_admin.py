@@ -37,6 +37,13 @@ class ServingView(BaseModel):
     agreement: float | None = None
     fallback: str | None = None
     passed_over: dict[str, PassedOverView] = Field(default_factory=dict)
+    shared_stages: list[str] = Field(default_factory=list)
+    """Eager fp32: its leading stages that it holds together with versions this replica
+    loaded before (one copy: the same content)."""
+    shared_bytes: int | None = None
+    """Their bytes."""
+    model_bytes: int | None = None
+    """Every tensor byte of its model, shared ones included (eager fp32)."""
 
 
 class ModelSummary(BaseModel):

@@ -176,7 +176,16 @@ class DataPlane:
         for entry in models:
             served = loaded.get(entry["name"]) or {}
             if served.get("version"):
-                keys = ("version", "mode", "agreement", "fallback", "passed_over")
+                keys = (
+                    "version",
+                    "mode",
+                    "agreement",
+                    "fallback",
+                    "passed_over",
+                    "shared_stages",
+                    "shared_bytes",
+                    "model_bytes",
+                )
                 entry["serving"] = {k: served.get(k) for k in keys}
         return models
 

@@ -134,6 +134,7 @@ class ModelHost:
         self._batch_sizes: collections.Counter[int] = collections.Counter()
         self._split_batches = 0  # lane batches that held two versions (during a swap)
         self._shared_trunk_passes = 0  # trunk passes that served several versions at once
+        self._model_loads = 0  # cold loads: a model this process did not hold
         self._loading: dict[str, asyncio.Lock] = {}
         # readiness asks the store with the short timeouts of the request path
         self._probe = ObjectStore(registry.store.settings, request_path=True)
@@ -153,6 +154,7 @@ class ModelHost:
             poll_interval_s=s.poll_interval_s,
             drift=self.drift is not None,
         )
+        self._model_loads += 1
         try:
             await asyncio.to_thread(follower.load_now)
             if self.capture is not None:  # the policy in force applies from the first request
@@ -381,8 +383,27 @@ class ModelHost:
                 "swaps": f.slot.swaps,
                 "failed_loads": f.failed_loads,
                 "last_error": f.last_error,
+                "shared_stages": current.sharing.stages if current and current.sharing else [],
+                "shared_bytes": current.sharing.shared_bytes
+                if current and current.sharing
+                else None,
+                "model_bytes": current.sharing.model_bytes if current and current.sharing else None,
             }
         return models
+
+    def _model_bytes(self) -> dict[str, int]:
+        """Tensor bytes of the eager models loaded here: ``resident`` (a tensor several of
+        them share counted once) and ``separate`` (what they would take each on its own)."""
+        seen: dict[int, int] = {}
+        separate = 0
+        for follower in list(self.followers.values()):
+            current = follower.current
+            if current is None or current.sharing is None:
+                continue
+            separate += current.sharing.model_bytes
+            for t in (*current.module.parameters(), *current.module.buffers()):
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return {"resident": sum(seen.values()), "separate": separate}
 
     def stats(self) -> dict[str, Any]:
         """Loaded models, swaps, failed loads, resident memory, queue depth, batch sizes."""
@@ -399,6 +420,8 @@ class ModelHost:
             "batch_sizes": dict(self._batch_sizes),
             "split_batches": self._split_batches,
             "shared_trunk_passes": self._shared_trunk_passes,
+            "model_loads": self._model_loads,
+            "model_bytes": self._model_bytes(),
             "captures": {f"{m} {o}": n for (m, o), n in self.capture.counts.items()}
             if self.capture
             else {},

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from service.runtime.shared_stages import shared_stages
+from service.runtime.shared_stages import Sharing, shared_stages
 from service.settings import NumericMode
 from training.backbones import build_with_weights, head_module, structure, trunk
 from training.feature_stats import FeatureStats
@@ -97,6 +97,9 @@ class ServedModel:
     split: TrunkSplit | None = None
     """Eager fp32: the model as trunk and head, so that versions with the same trunk run it
     once over their merged requests (None: another mode, or no stage digests)."""
+    sharing: Sharing | None = None
+    """Eager fp32: the stages it holds together with versions loaded before it (None:
+    another mode, or no stage digests)."""
 
     @property
     def name(self) -> str:
@@ -469,9 +472,12 @@ def load_served_model(
                 kind = "speed" if fallback else None
             if fallback is not None:
                 served, mode = _memory_format(module, torch.contiguous_format), "fp32"
+        sharing = None
         if mode == "fp32" and isinstance(served, nn.Module) and manifest.stages:
             # leading stages a resident version holds with the same content: one copy
-            shared_stages().share(served, manifest.backbone, manifest.num_classes, manifest.stages)
+            sharing = shared_stages().share(
+                served, manifest.backbone, manifest.num_classes, manifest.stages
+            )
         # warm-up in the final mode, and a sanity check: a version that yields NaN or inf
         # never goes live (the old one keeps serving)
         if not torch.isfinite(forward(served, x[:4], mode)).all():
@@ -488,6 +494,7 @@ def load_served_model(
         trunk=trunk(module, manifest.backbone) if stats is not None else None,
         passed_over=passed_over,
         split=_split(served, manifest) if mode == "fp32" else None,
+        sharing=sharing,
     )
 
 

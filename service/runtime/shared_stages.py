@@ -19,12 +19,25 @@ from __future__ import annotations
 import functools
 import threading
 import weakref
+from dataclasses import dataclass
 
 from torch import nn
 
 from training.backbones import Stage, stages, structure
 from training.stage_digests import prefix_digests
 from training.storage.registry import StageDigest
+
+
+@dataclass(frozen=True)
+class Sharing:
+    """What a loaded version holds together with versions loaded before it."""
+
+    stages: list[str]
+    """Its leading stages that are another resident version's submodules (one copy)."""
+    shared_bytes: int
+    """Their bytes (parameters and buffers)."""
+    model_bytes: int
+    """Every tensor byte of the version's model (shared ones included)."""
 
 
 class SharedStages:
@@ -39,15 +52,17 @@ class SharedStages:
 
     def share(
         self, module: nn.Module, backbone: str, num_classes: int, digests: list[StageDigest]
-    ) -> list[str]:
+    ) -> Sharing:
         """Give ``module`` (a version about to serve, eager fp32) the submodules of the
         longest run of leading stages a resident module holds with the same content, and
-        make its own stages available to the next ones; the stage names it now shares."""
+        make its own stages available to the next ones; what it now shares."""
+        tensors = (*module.parameters(), *module.buffers())
+        total = sum(t.numel() * t.element_size() for t in tensors)
         groups = stages(structure(backbone, num_classes=num_classes), backbone)
         if [g.name for g in groups] != [d.name for d in digests]:
-            return []  # digests of another layout: share nothing
-        if not all(t.is_contiguous() for t in (*module.parameters(), *module.buffers())):
-            return []  # another memory format (the digests are of the stored tensors)
+            return Sharing([], 0, total)  # digests of another layout: share nothing
+        if not all(t.is_contiguous() for t in tensors):
+            return Sharing([], 0, total)  # another memory format (digests: stored tensors)
         keys = [f"{backbone}/{p}" for p in prefix_digests(digests)]
         with self._lock:
             shared: list[Stage] = []
@@ -60,8 +75,9 @@ class SharedStages:
             for key in keys:  # the newest holder: the one most likely to stay resident
                 self._resident[key] = weakref.ref(module)
             self._resident = {k: r for k, r in self._resident.items() if r() is not None}
-            self.adopted_bytes += sum(_bytes(module, g) for g in shared)
-        return [g.name for g in shared]
+            adopted = sum(_bytes(module, g) for g in shared)
+            self.adopted_bytes += adopted
+        return Sharing([g.name for g in shared], adopted, total)
 
 
 def _parts(module: nn.Module, path: str) -> tuple[nn.Module, str]:

@@ -252,6 +252,13 @@ def test_variants_hold_the_stages_they_share_once(store: ObjectStore) -> None:
     assert l4.layer3 is a.layer3
     assert l4.layer4 is not a.layer4
     assert l4.fc is not a.fc
+    trunk_stages = ["stem", "layer1", "layer2", "layer3", "layer4"]
+    assert served["base"].sharing.stages == []
+    assert served["heads"].sharing.stages == trunk_stages
+    assert served["layer4"].sharing.stages == trunk_stages[:-1]
+    heads_sharing = served["heads"].sharing
+    fc_bytes = (3 * 512 + 3) * 4
+    assert heads_sharing.model_bytes - heads_sharing.shared_bytes == fc_bytes
     x = normalize(PRE, torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8))
     with torch.inference_mode():
         for name, state in (("heads", heads), ("layer4", layer4)):

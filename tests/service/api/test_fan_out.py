@@ -101,6 +101,22 @@ async def test_every_model_answers_as_its_own_route(client: httpx.AsyncClient) -
         return float(next(x for x in text.splitlines() if x.startswith(name)).split()[-1])
 
     assert shared(after) >= shared(before) + 1  # shop-a and shop-b: one trunk pass
+    # what each holds together with the others, and the replica's memory
+    listing = (await client.get("/v1/models", headers=AUTH)).json()["models"]
+    serving = {m["name"]: m.get("serving") or {} for m in listing}
+    trunk_stages = ["stem", "layer1", "layer2", "layer3", "layer4"]
+    assert serving["shop-a"]["shared_stages"] == []  # loaded first
+    assert serving["shop-b"]["shared_stages"] == trunk_stages  # its head alone its own
+    assert serving["shop-c"]["shared_stages"] == trunk_stages[:-1]  # and its layer4
+    assert serving["shop-b"]["model_bytes"] > serving["shop-b"]["shared_bytes"] > 0
+
+    def gauge(text: str, kind: str) -> float:
+        name = f'refit_classifier_model_bytes{{kind="{kind}"}}'
+        return float(next(x for x in text.splitlines() if x.startswith(name)).split()[-1])
+
+    shared_total = sum(serving[m]["shared_bytes"] for m in ("shop-a", "shop-b", "shop-c"))
+    assert gauge(after, "separate") == sum(serving[m]["model_bytes"] for m in serving)
+    assert gauge(after, "resident") == gauge(after, "separate") - shared_total
 
 
 @pytest.mark.anyio
