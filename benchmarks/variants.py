@@ -28,7 +28,9 @@ Reported, all from this one run:
 In fp32 a replica holds the stages its versions share once (``service.runtime.shared_stages``)
 and runs one trunk pass for the merged requests of versions that differ only in the head
 (``shared_trunk_passes``); a fan-out (``POST /v1/variants/predict``'s host call) of one image
-to ``--fan-out`` head-only variants is timed against one model's answer to the same image.
+to ``--fan-out`` head-only variants is timed against one model's answer to the same image, and
+a head-only variant published while its trunk is resident is timed from its first request to
+its answer (a cold load that reads only its head).
 Not built yet, so not measured (issue 28): the same in the faster modes, the same workload
 against TorchServe.
 
@@ -315,6 +317,12 @@ def fan_out_row(
             if i >= 2:
                 one.append(middle - started)
                 many.append(time.perf_counter() - middle)
+        late, reads_before = _publish_late_head(settings), host.registry.cache.misses
+        started = time.perf_counter()
+        follower = await host.follower(late)
+        await host.predict(follower, [jpegs[0]], 1)
+        late_ms = 1000 * (time.perf_counter() - started)
+        followers.append(follower)
         for f in followers:
             f.stop()
         mean_one, mean_many = sum(one) / len(one), sum(many) / len(many)
@@ -324,10 +332,35 @@ def fan_out_row(
             "fan_out_ms": round(1000 * mean_many, 2),
             "fan_out_vs_one_forward": round(mean_many / mean_one, 3),
             "shared_trunk_passes": host.stats()["shared_trunk_passes"],
+            "new_head_variant_first_answer_ms": round(late_ms, 1),
+            "new_head_variant_stage_files_read": host.registry.cache.misses - reads_before,
         }
 
     _log(f"fan-out to {len(heads)} variants, {args.fan_out_rounds} rounds")
     return asyncio.run(run())
+
+
+def _publish_late_head(settings: Any) -> str:
+    """One more head-only variant of the base, published now (its trunk is resident in the
+    host that loads it next)."""
+    from training.stage_digests import split_stages
+    from training.storage.registry import Registry
+    from training.storage.s3 import ObjectStore
+
+    registry = Registry(ObjectStore(settings.s3))
+    manifest, state = registry.load("base", "production")
+    state["fc.bias"] = state["fc.bias"] + 0.01
+    published = registry.publish(
+        split_stages(state, manifest.backbone, manifest.num_classes),
+        model="late-head",
+        backbone=manifest.backbone,
+        num_classes=manifest.num_classes,
+        class_names=manifest.class_names,
+        preprocessing=manifest.preprocessing,
+        parent=f"base@{manifest.version}",
+    )
+    registry.set_alias("late-head", "production", published.version)
+    return "late-head"
 
 
 def _released() -> None:

@@ -58,7 +58,7 @@ class SharedStages:
         make its own stages available to the next ones; what it now shares."""
         tensors = (*module.parameters(), *module.buffers())
         total = sum(t.numel() * t.element_size() for t in tensors)
-        groups = stages(structure(backbone, num_classes=num_classes), backbone)
+        groups = _stages(backbone, num_classes)
         if [g.name for g in groups] != [d.name for d in digests]:
             return Sharing([], 0, total)  # digests of another layout: share nothing
         if not all(t.is_contiguous() for t in tensors):
@@ -78,6 +78,12 @@ class SharedStages:
             adopted = sum(_bytes(module, g) for g in shared)
             self.adopted_bytes += adopted
         return Sharing([g.name for g in shared], adopted, total)
+
+
+@functools.lru_cache(maxsize=64)
+def _stages(backbone: str, num_classes: int) -> list[Stage]:
+    """The stages of an architecture, built once per architecture (tens of milliseconds)."""
+    return stages(structure(backbone, num_classes=num_classes), backbone)
 
 
 def _parts(module: nn.Module, path: str) -> tuple[nn.Module, str]:
