@@ -32,6 +32,20 @@ def batch_histogram(sizes: dict[Any, int]) -> tuple[list[tuple[str, float]], flo
     return buckets, float(sum(s * c for s, c in counts.items()))
 
 
+def _by_label(
+    kind: type[GaugeMetricFamily] | type[CounterMetricFamily],
+    name: str,
+    doc: str,
+    label: str,
+    values: dict[str, float],
+) -> Metric:
+    """A family with one sample per value of one label (fixed label values)."""
+    family = kind(name, doc, labels=[label])
+    for value, n in values.items():
+        family.add_metric([value], n)
+    return family
+
+
 class ScrapeCollector(Collector):
     """Turns the latest classifier and job-runner snapshots into metric families."""
 
@@ -179,15 +193,14 @@ class ScrapeCollector(Collector):
             value=c.get("model_loads", 0),
         )
         yield loads
-        model_bytes = GaugeMetricFamily(
+        yield _by_label(
+            GaugeMetricFamily,
             "refit_classifier_model_bytes",
             "Tensor bytes of the eager (fp32) models a classifier replica holds: resident (a "
             "stage several versions share counted once) and separate (each on its own)",
-            labels=["kind"],
+            "kind",
+            {k: c.get("model_bytes", {}).get(k, 0) for k in ("resident", "separate")},
         )
-        for kind in ("resident", "separate"):
-            model_bytes.add_metric([kind], c.get("model_bytes", {}).get(kind, 0))
-        yield model_bytes
         cache = c.get("stage_cache", {})
         yield GaugeMetricFamily(
             "refit_classifier_stage_cache_bytes",
@@ -195,15 +208,14 @@ class ScrapeCollector(Collector):
             "(REFIT_SERVE__STAGE_CACHE_MB)",
             value=cache.get("bytes", 0),
         )
-        reads = CounterMetricFamily(
+        yield _by_label(
+            CounterMetricFamily,
             "refit_classifier_stage_reads",
             "Stage files a classifier replica's loads used: from memory (a stage shared with "
             "a version it loaded before) or read from the store",
-            labels=["source"],
+            "source",
+            {k: cache.get(k, 0) for k in ("memory", "store")},
         )
-        for source in ("memory", "store"):
-            reads.add_metric([source], cache.get(source, 0))
-        yield reads
         buckets, total = batch_histogram(c.get("batch_sizes", {}))
         yield HistogramMetricFamily(
             "refit_batch_size",

@@ -34,6 +34,7 @@ from service.runtime.images import decode_request_images
 from service.runtime.served_model import ServedModel
 from service.settings import RefitSettings, ServeSettings
 from training.preprocess import normalize
+from training.preprocessing_spec import Preprocessing
 from training.storage.captures import Captures
 from training.storage.drift_scores import DriftScores
 from training.storage.errors import IntegrityError, RefitError
@@ -221,16 +222,7 @@ class ModelHost:
     async def _predict(self, follower: Follower, images: list[bytes], top_k: int) -> dict[str, Any]:
         served = follower.current
         assert served is not None  # a follower is returned only once it has loaded one
-        s = self.settings
-        crops = await asyncio.to_thread(
-            decode_request_images,
-            images,
-            max_image_bytes=s.max_image_bytes,
-            max_pixels=s.max_image_pixels,
-            preprocessing=served.preprocessing,
-            max_side=s.max_image_side,
-            max_aspect=s.max_aspect_ratio,
-        )
+        crops = await self._decode(images, served.preprocessing)
         result = await self._answer(served, crops, top_k)
         if self.capture is not None:
             self.capture.observe(
@@ -242,6 +234,20 @@ class ModelHost:
             )
         return result
 
+    async def _decode(self, images: list[bytes], preprocessing: Preprocessing) -> torch.Tensor:
+        """A request's images as uint8 crops for ``preprocessing``, every cap checked before
+        decoding (off the event loop)."""
+        s = self.settings
+        return await asyncio.to_thread(
+            decode_request_images,
+            images,
+            max_image_bytes=s.max_image_bytes,
+            max_pixels=s.max_image_pixels,
+            preprocessing=preprocessing,
+            max_side=s.max_image_side,
+            max_aspect=s.max_aspect_ratio,
+        )
+
     async def predict_many(
         self, followers: list[Follower], images: list[bytes], top_k: int
     ) -> list[dict[str, Any]]:
@@ -250,21 +256,12 @@ class ModelHost:
         over the images (each its own head). One answer per follower, in order."""
         with self.admitted():
             served = [f.current for f in followers]
-            s = self.settings
             crops: dict[str, torch.Tensor] = {}
             for v in served:
                 assert v is not None  # a follower is returned only once it has loaded one
                 key = v.preprocessing.model_dump_json()
                 if key not in crops:
-                    crops[key] = await asyncio.to_thread(
-                        decode_request_images,
-                        images,
-                        max_image_bytes=s.max_image_bytes,
-                        max_pixels=s.max_image_pixels,
-                        preprocessing=v.preprocessing,
-                        max_side=s.max_image_side,
-                        max_aspect=s.max_aspect_ratio,
-                    )
+                    crops[key] = await self._decode(images, v.preprocessing)
             items = [
                 (v, crops[v.preprocessing.model_dump_json()], top_k)
                 for v in served
