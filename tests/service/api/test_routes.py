@@ -61,6 +61,12 @@ def _gif() -> bytes:
     return buf.getvalue()
 
 
+def _tiny_state() -> dict[str, Any]:
+    from training.backbones import build_backbone
+
+    return build_backbone("resnet18", num_classes=3).state_dict()
+
+
 def _b64(*images: bytes) -> list[str]:
     return [base64.b64encode(i).decode() for i in images]
 
@@ -167,6 +173,9 @@ async def test_listing(
         "agreement": None,
         "fallback": None,
         "passed_over": {},
+        "shared_stages": [],  # no other version of its trunk is loaded here
+        "shared_bytes": 0,
+        "model_bytes": sum(t.numel() * t.element_size() for t in _tiny_state().values()),
     }
     assert listed["unpromoted"] == {"name": "unpromoted", "production": None, "serving": None}
     r = await client.get("/v1/models/digits/versions", headers=_auth())
