@@ -473,16 +473,17 @@ def load_served_model(
                 kind = "speed" if fallback else None
             if fallback is not None:
                 served, mode = _memory_format(module, torch.contiguous_format), "fp32"
-        sharing = None
-        if mode == "fp32" and isinstance(served, nn.Module) and manifest.stages:
-            # leading stages a resident version holds with the same content: one copy
-            sharing = shared_stages().share(
-                served, manifest.backbone, manifest.num_classes, manifest.stages
-            )
         # warm-up in the final mode, and a sanity check: a version that yields NaN or inf
         # never goes live (the old one keeps serving)
         if not torch.isfinite(forward(served, x[:4], mode)).all():
             raise IntegrityError(f"{name} {manifest.version} produces non-finite logits")
+        sharing = None
+        if mode == "fp32" and isinstance(served, nn.Module) and manifest.stages:
+            # leading stages a resident version holds with the same content: one copy (only
+            # a version that goes live offers its stages to the next)
+            sharing = shared_stages().share(
+                served, manifest.backbone, manifest.num_classes, manifest.stages
+            )
     stats = _drift_reference(registry, manifest) if drift else None
     return ServedModel(
         manifest=manifest,

@@ -15,6 +15,7 @@ from schemathesis.checks import not_a_server_error
 
 from api_app import ADMIN, build_inprocess_app
 from conftest import write_imagefolder
+from service.api.predict_v1 import EXAMPLE_IMAGE
 from service.settings import RefitSettings
 
 BODIES = {
@@ -127,6 +128,11 @@ def test_generated_requests_get_no_server_error(settings: RefitSettings) -> None
                 _run(op.as_strategy(path_parameters=known), 15, outcome)
             pinned = {  # bodies naming what exists: a version, a dataset
                 "POST /v1/models/{model}/promote": {"version": ids["version"]},
+                "POST /v1/variants/predict": {
+                    "models": ["digits"],
+                    "images": [EXAMPLE_IMAGE],
+                    "top_k": 1,
+                },
                 "POST /v1/finetune-jobs": {
                     "model": "tiny",
                     "base": {"backbone": "resnet18"},
@@ -144,4 +150,5 @@ def test_generated_requests_get_no_server_error(settings: RefitSettings) -> None
     print("\noperation | cases | 2xx share | 4xx")
     for label, total, share, client in table:
         print(f"{label} | {total} | {share:.2f} | {client}")
-    assert len(table) == 34
+    assert len(table) == 35
+    assert {t[0]: t[2] for t in table}["POST /v1/variants/predict"] > 0  # answers
