@@ -62,9 +62,10 @@ def stage_key(name: str, file: StageFile) -> str:
 
 def stage_blob(stage: StageTensors) -> bytes:
     """A stage's file: its tensors, and its name and digest as metadata (nothing of the
-    version: the same stage is the same bytes in every version that stores it)."""
+    version: the same stage is the same bytes in every version that stores it). One metadata
+    key: safetensors writes several in a hash map's order, which differs between calls."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in stage.tensors.items()}
-    return st_save(tensors, metadata={"refit.stage": stage.name, "refit.sha256": stage.sha256})
+    return st_save(tensors, metadata={"refit.stage": f"{stage.name} sha256:{stage.sha256}"})
 
 
 class StageCache:
