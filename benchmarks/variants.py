@@ -156,22 +156,6 @@ def publish_variants(
     return names, request_jpegs, storage
 
 
-def resident_bytes(host: Any) -> int:
-    """Distinct bytes of the tensors of every model loaded in ``host`` (shared storage once)."""
-    import torch
-
-    seen: dict[int, int] = {}
-    for follower in list(host.followers.values()):
-        served = follower.current
-        module = getattr(served, "module", None)
-        if not isinstance(module, torch.nn.Module):
-            continue
-        for t in (*module.parameters(), *module.buffers()):
-            storage = t.untyped_storage()
-            seen[storage.data_ptr()] = storage.nbytes()
-    return sum(seen.values())
-
-
 class _CountingRegistry:
     """The registry's loads of a version, counted and timed (each is one cold variant)."""
 
@@ -261,7 +245,8 @@ def serve_row(
         else:
             await host.follower(names[0])  # the first load is no one's cold start
         result = await _drive(host, names, jpegs, args.concurrency, args.seconds)
-        result["resident_model_bytes"] = resident_bytes(host)
+        # the replica's own figure: distinct tensor bytes of its eager models
+        result["resident_model_bytes"] = host.stats()["model_bytes"]["resident"]
         return result
 
     _log(f"{label}: {args.seconds:.0f} s at c={args.concurrency}")

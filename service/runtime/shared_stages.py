@@ -46,9 +46,6 @@ class SharedStages:
     def __init__(self) -> None:
         self._resident: dict[str, weakref.ref[nn.Module]] = {}
         self._lock = threading.Lock()
-        self.adopted_bytes = 0
-        """Bytes of stages loaded versions took from resident ones instead of keeping their
-        own copy (the process's lifetime)."""
 
     def share(
         self, module: nn.Module, backbone: str, num_classes: int, digests: list[StageDigest]
@@ -75,8 +72,7 @@ class SharedStages:
             for key in keys:  # the newest holder: the one most likely to stay resident
                 self._resident[key] = weakref.ref(module)
             self._resident = {k: r for k, r in self._resident.items() if r() is not None}
-            adopted = sum(_bytes(module, g) for g in shared)
-            self.adopted_bytes += adopted
+        adopted = sum(_bytes(module, g) for g in shared)
         return Sharing([g.name for g in shared], adopted, total)
 
 

@@ -106,7 +106,11 @@ class Manifest(BaseModel):
     def weights_storage(self) -> dict[str, Any]:
         """How the version's weights are stored: the stages it wrote (their bytes) and the
         stages whose files published versions stored before it (``shared_with``)."""
-        mine = [s for s in self.stages if s.file is None or s.file.version == self.version]
+        mine = [
+            s
+            for s in self.stages
+            if s.file is None or (s.file.model, s.file.version) == (self.model, self.version)
+        ]
         theirs = [s for s in self.stages if s.file is not None and s not in mine]
         written = sum(s.file.size for s in mine if s.file is not None)
         if not any(s.file for s in self.stages) and WEIGHTS_FILE in self.files:
