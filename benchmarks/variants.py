@@ -15,11 +15,14 @@ Reported, all from this one run:
   ``--concurrency`` for ``--seconds`` each:
 
   - ``one model`` (the baseline): every request for the same variant;
-  - ``variants, LRU N``: a variant picked at random per request, ``N`` =
-    ``REFIT_SERVE__MODELS_PER_REPLICA`` (default 4): most requests meet a cold variant;
-    with the replica's stage cache on (a cold variant reads only the stages it does not
-    share with a version read before) and off (``STAGE_CACHE_MB=0``: every stage read);
-  - ``variants, all resident``: ``MODELS_PER_REPLICA`` = the number of variants;
+  - ``variants, default cache``: a variant picked at random per request, with the
+    replica's defaults (``REFIT_SERVE__MODEL_CACHE_MB`` 1024, ``MODELS_PER_REPLICA`` 64),
+    every variant loaded before the clock starts (they fit);
+  - ``variants, N MB budget``: the same with ``MODEL_CACHE_MB`` = ``--small-budget-mb``
+    (default 128: one trunk and a few private ``layer4``s), so the least recently used are
+    parked and requests meet cold variants; with the replica's stage cache on (a cold
+    variant reads only the stages it does not share with a version read before) and off
+    (``STAGE_CACHE_MB=0``: every stage read);
 
   req/s (and its ratio to ``one model``), p50/p99, loads (cold variants) and their mean read
   time, and the resident model memory: the distinct bytes of every loaded model's tensors
@@ -36,6 +39,7 @@ against TorchServe.
 
     python benchmarks/variants.py [--head-variants 56] [--layer4-variants 8] [--seconds 15]
                                   [--concurrency 32] [--mode fp32] [--threads 2] [--fan-out 8]
+                                  [--small-budget-mb 128]
 """
 
 from __future__ import annotations
@@ -217,8 +221,9 @@ def serve_row(
     jpegs: list[bytes],
     args: argparse.Namespace,
     *,
-    models_per_replica: int,
+    model_cache_mb: int,
     stage_cache_mb: int,
+    preload: bool,
 ) -> dict[str, Any]:
     """One closed-loop run on a fresh model host (its own stage cache)."""
     from service.runtime.model_host import ModelHost
@@ -229,7 +234,7 @@ def serve_row(
 
     serve = ServeSettings(
         numeric_mode=args.mode,
-        models_per_replica=models_per_replica,
+        model_cache_mb=model_cache_mb,
         poll_interval_s=600,  # no alias moves here: no polling beside the load
         stage_cache_mb=stage_cache_mb,
     )
@@ -238,7 +243,7 @@ def serve_row(
     host = ModelHost(serve, registry)
 
     async def run() -> dict[str, Any]:
-        if models_per_replica >= len(names):  # all resident: loaded before the clock starts
+        if preload:  # loaded before the clock starts
             for name in names:
                 await host.follower(name)
             counting.loads.clear()
@@ -247,6 +252,7 @@ def serve_row(
         result = await _drive(host, names, jpegs, args.concurrency, args.seconds)
         # the replica's own figure: distinct tensor bytes of its eager models
         result["resident_model_bytes"] = host.stats()["model_bytes"]["resident"]
+        result["parks"] = host.stats()["model_cache"]["parks"]
         return result
 
     _log(f"{label}: {args.seconds:.0f} s at c={args.concurrency}")
@@ -257,7 +263,7 @@ def serve_row(
     return {
         "run": label,
         **result,
-        "models_per_replica": models_per_replica,
+        "model_cache_mb": model_cache_mb,
         "stage_cache_mb": stage_cache_mb,
         "cold_loads": len(loads),
         "mean_read_ms": round(1000 * sum(loads) / len(loads), 1) if loads else None,
@@ -368,6 +374,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--fan-out", type=int, default=8, help="variants one image goes to (1: skip)")
     p.add_argument("--fan-out-rounds", type=int, default=30)
+    p.add_argument("--small-budget-mb", type=int, default=128)
     p.add_argument("--no-jemalloc", action="store_true")
     args = p.parse_args()
     allocator = reexec_with_jemalloc(not args.no_jemalloc)
@@ -384,15 +391,17 @@ def main() -> int:
                 names[:1],
                 jpegs,
                 args,
-                models_per_replica=4,
+                model_cache_mb=1024,
                 stage_cache_mb=256,
+                preload=True,
             )
         ]
         _released()
-        for label, per_replica, cache_mb in (
-            ("variants, LRU 4, stage cache on", 4, 256),
-            ("variants, LRU 4, stage cache off", 4, 0),
-            ("variants, all resident", len(names), 256),
+        small = args.small_budget_mb
+        for label, budget, cache_mb in (
+            ("variants, default cache", 1024, 256),
+            (f"variants, {small} MB budget, stage cache on", small, 256),
+            (f"variants, {small} MB budget, stage cache off", small, 0),
         ):
             rows.append(
                 serve_row(
@@ -401,8 +410,9 @@ def main() -> int:
                     names,
                     jpegs,
                     args,
-                    models_per_replica=per_replica,
+                    model_cache_mb=budget,
                     stage_cache_mb=cache_mb,
+                    preload=budget == 1024,
                 )
             )
             _released()

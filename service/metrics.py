@@ -201,6 +201,22 @@ class ScrapeCollector(Collector):
             "kind",
             {k: c.get("model_bytes", {}).get(k, 0) for k in ("resident", "separate")},
         )
+        models = c.get("model_cache", {})
+        yield _by_label(
+            GaugeMetricFamily,
+            "refit_classifier_model_cache_bytes",
+            "Memory of the model versions a classifier replica keeps loaded, together (the "
+            "figure REFIT_SERVE__MODEL_CACHE_MB bounds: shared stages once, graph copies "
+            "estimated), and that budget",
+            "kind",
+            {k: models.get(k, 0) for k in ("bytes", "budget")},
+        )
+        yield CounterMetricFamily(
+            "refit_classifier_model_parks",
+            "Models a classifier replica parked (dropped their loaded version) to keep the "
+            "others within REFIT_SERVE__MODEL_CACHE_MB; each loads again on its next request",
+            value=models.get("parks", 0),
+        )
         cache = c.get("stage_cache", {})
         yield GaugeMetricFamily(
             "refit_classifier_stage_cache_bytes",

@@ -186,8 +186,14 @@ class ServeSettings(BaseModel):
     """Requests one replica works on at once (Serve's default of 5 caps batches at 5)."""
     max_queued_requests: int = Field(default=256, ge=-1)
     """Requests waiting per caller before 503 with Retry-After (-1: unbounded)."""
-    models_per_replica: int = Field(default=4, ge=1)
-    """LRU of model names one classifier replica holds."""
+    models_per_replica: int = Field(default=64, ge=1)
+    """Model names one classifier replica follows (an LRU; Serve's multiplexing limit): a
+    name costs little once its version is parked (``model_cache_mb`` bounds the memory)."""
+    model_cache_mb: int = Field(default=1024, ge=1)
+    """Memory of the model versions one classifier replica keeps loaded, together (a stage
+    several variants share counted once; a trace's or graph's copy of the weights counted):
+    past it the least recently used models are parked and load again on their next request.
+    The model used last always stays loaded."""
     stage_cache_mb: int = Field(default=256, ge=0)
     """Verified weight files (stage by stage) a replica keeps in memory: a new version that
     shares stages with one it loaded before (a head-only retrain: all but the head) reads

@@ -63,6 +63,12 @@ class ModelSlot:
             self.swaps += 1
             return old
 
+    def clear(self) -> ServedModel | None:
+        """Hold no model (it is parked to free memory); returns the one it held."""
+        with self._lock:
+            old, self._model = self._model, None
+            return old
+
 
 class Follower:
     """Keeps one model's slot on the alias' version: polls, loads off the request path,
@@ -82,6 +88,9 @@ class Follower:
         self.registry, self.name, self.drift = registry, name, drift
         self.alias, self.mode, self.poll_interval_s = alias, mode, poll_interval_s
         self.slot = ModelSlot()
+        self.parked = False
+        """Its version was dropped to free memory (the replica's byte budget): nothing loads
+        until :meth:`resume`."""
         self.failed_loads = 0
         self.last_error: str | None = None
         self._stop = threading.Event()
@@ -104,7 +113,30 @@ class Follower:
             self.last_error = f"{type(exc).__name__}: {exc}"
             log.warning("hot-load of %s failed: %s", self.name, self.last_error)
 
+    def park(self) -> None:
+        """Drop the loaded version and stop polling until :meth:`resume` (the replica needs
+        the memory for models used more recently). A batch that holds the version finishes
+        on it; a poll, notice or mode upgrade under way loads nothing after this."""
+        self._stop.set()
+        with self._loading:
+            self.parked = True
+            self.slot.clear()
+
+    def resume(self) -> None:
+        """Load the alias' version again and poll again (raises as :meth:`load_now`; the
+        follower stays parked then)."""
+        with self._loading:
+            self.parked = False
+            try:
+                self._load()
+            except BaseException:
+                self.parked = True
+                raise
+        self.start()
+
     def _load(self) -> None:
+        if self.parked:
+            return
         record, _ = self.registry.get_alias(self.name, self.alias)
         if record is None:
             if not self.registry.list_versions(self.name):
@@ -147,7 +179,7 @@ class Follower:
         with self._loading:
             current = self.slot.current
             if current is None or current.version != record.version or current.mode == self.mode:
-                return
+                return  # parked, or another version came, or nothing to change
             try:
                 self._swap(record, self.mode)
             except Exception as exc:  # the version keeps answering as it does
@@ -211,11 +243,15 @@ class Follower:
 
     def start(self) -> None:
         """Start polling the alias."""
-        self._thread = threading.Thread(target=self._run, daemon=True, name=f"follow-{self.name}")
+        # each thread its own stop event: a park then a resume never leaves two polling
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, args=(self._stop,), daemon=True, name=f"follow-{self.name}"
+        )
         self._thread.start()
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.poll_interval_s):
+    def _run(self, stop: threading.Event) -> None:
+        while not stop.wait(self.poll_interval_s):
             self.refresh()
 
     def stop(self) -> None:

@@ -8,7 +8,9 @@ it is.
 * ``_forward`` groups the merged requests by loaded model object: one forward per version,
   never a mixed batch.
 * Followers are held in an LRU of ``models_per_replica`` names; a caller (the Serve edge)
-  may hold them instead, through ``@serve.multiplexed``.
+  may hold them instead, through ``@serve.multiplexed``. Whoever holds them, their loaded
+  versions share the byte budget of :class:`~service.runtime.model_cache.ModelCache`: the
+  least recently used are parked, and load again on their next request.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import gc
 import os
 import weakref
@@ -29,8 +32,9 @@ from service.request_errors import BadRequestError, OverloadedError
 from service.runtime.batching import ForwardLane
 from service.runtime.capture_tap import CaptureTap
 from service.runtime.drift import DriftMonitor
-from service.runtime.hotload import Follower
+from service.runtime.hotload import Follower, trim_heap
 from service.runtime.images import decode_request_images
+from service.runtime.model_cache import ModelCache
 from service.runtime.served_model import ServedModel
 from service.settings import RefitSettings, ServeSettings
 from training.preprocess import normalize
@@ -137,6 +141,8 @@ class ModelHost:
         self._shared_trunk_passes = 0  # trunk passes that served several versions at once
         self._model_loads = 0  # cold loads: a model this process did not hold
         self._loading: dict[str, asyncio.Lock] = {}
+        # which models keep a loaded version: the most recently used within the byte budget
+        self.cache = ModelCache(settings.model_cache_mb * 2**20)
         # readiness asks the store with the short timeouts of the request path
         self._probe = ObjectStore(registry.store.settings, request_path=True)
 
@@ -156,21 +162,64 @@ class ModelHost:
             drift=self.drift is not None,
         )
         self._model_loads += 1
+        await self._cold_load(model, follower.load_now)
+        if self.capture is not None:  # the policy in force applies from the first request
+            await self._cold_load(model, functools.partial(self.capture.load_policy, model))
+        follower.start()
+        self.followers[model] = follower
+        self.cache.touch(follower)
+        await self._fit()
+        return follower
+
+    async def _cold_load(self, model: str, load: Callable[[], None]) -> None:
+        """Run a load of ``model`` off the event loop; a stored version that verifies yet
+        will not load or run is an :class:`IntegrityError` (409), never a 500."""
         try:
-            await asyncio.to_thread(follower.load_now)
-            if self.capture is not None:  # the policy in force applies from the first request
-                await asyncio.to_thread(self.capture.load_policy, model)
+            await asyncio.to_thread(load)
         except RefitError:
             raise
-        except Exception as exc:  # a stored version that verifies yet will not load or run
+        except Exception as exc:
             raise IntegrityError(
-                f"model {model!r}: its {s.alias} version cannot be loaded: "
+                f"model {model!r}: its {self.settings.alias} version cannot be loaded: "
                 f"{type(exc).__name__}: {exc}",
                 field="model",
             ) from None
-        follower.start()
-        self.followers[model] = follower
-        return follower
+
+    async def serving(self, follower: Follower) -> ServedModel:
+        """The version ``follower`` serves now (loaded again first when it was parked for
+        memory); the model counts as just used."""
+        current = follower.current
+        if current is None:
+            lock = self._loading.setdefault(follower.name, asyncio.Lock())
+            try:
+                async with lock:  # concurrent requests for a parked model load it once
+                    if follower.current is None:
+                        self._model_loads += 1
+                        await self._cold_load(follower.name, follower.resume)
+                    current = follower.current
+            finally:
+                if not lock.locked():
+                    self._loading.pop(follower.name, None)
+            assert current is not None  # resumed: loaded, or it raised
+            self.cache.touch(follower)
+            await self._fit()
+        else:
+            self.cache.touch(follower)
+        return current
+
+    async def _fit(self) -> None:
+        """Park the least recently used models until the loaded ones fit the byte budget."""
+        victims = self.cache.over_budget()
+        if victims:
+            await asyncio.to_thread(self._park, victims)
+
+    def _park(self, victims: list[Follower]) -> None:
+        for follower in victims:
+            if not follower.parked:
+                follower.park()
+                self.cache.parks += 1
+        gc.collect()  # their modules go now, not at the collector's next pass
+        trim_heap()
 
     async def follower(self, model: str) -> Follower:
         """This process's follower of ``model`` (loaded on first use, LRU-evicted)."""
@@ -220,8 +269,7 @@ class ModelHost:
             return await self._predict(follower, images, top_k)
 
     async def _predict(self, follower: Follower, images: list[bytes], top_k: int) -> dict[str, Any]:
-        served = follower.current
-        assert served is not None  # a follower is returned only once it has loaded one
+        served = await self.serving(follower)
         crops = await self._decode(images, served.preprocessing)
         result = await self._answer(served, crops, top_k)
         if self.capture is not None:
@@ -255,18 +303,13 @@ class ModelHost:
         preprocessing, then one lane submission, so versions with the same trunk run it once
         over the images (each its own head). One answer per follower, in order."""
         with self.admitted():
-            served = [f.current for f in followers]
+            served = [await self.serving(f) for f in followers]
             crops: dict[str, torch.Tensor] = {}
             for v in served:
-                assert v is not None  # a follower is returned only once it has loaded one
                 key = v.preprocessing.model_dump_json()
                 if key not in crops:
                     crops[key] = await self._decode(images, v.preprocessing)
-            items = [
-                (v, crops[v.preprocessing.model_dump_json()], top_k)
-                for v in served
-                if v is not None
-            ]
+            items = [(v, crops[v.preprocessing.model_dump_json()], top_k) for v in served]
             self._pending += len(items)
             try:
                 ranked = await self.lane.submit(items)
@@ -290,8 +333,7 @@ class ModelHost:
         self, follower: Follower, x: torch.Tensor, top_k: int
     ) -> dict[str, Any]:
         """Classify an already preprocessed float32 batch ``[N, 3, crop, crop]``."""
-        served = follower.current
-        assert served is not None
+        served = await self.serving(follower)
         size = served.preprocessing.crop_size
         if tuple(x.shape[1:]) != (3, size, size):
             raise BadRequestError(
@@ -419,6 +461,11 @@ class ModelHost:
             "shared_trunk_passes": self._shared_trunk_passes,
             "model_loads": self._model_loads,
             "model_bytes": self._model_bytes(),
+            "model_cache": {
+                "bytes": self.cache.resident_bytes(),
+                "budget": self.cache.budget_bytes,
+                "parks": self.cache.parks,
+            },
             "captures": {f"{m} {o}": n for (m, o), n in self.capture.counts.items()}
             if self.capture
             else {},

@@ -10,7 +10,9 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import math
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -101,6 +103,19 @@ class ServedModel:
     sharing: Sharing | None = None
     """Eager fp32: the stages it holds together with versions loaded before it (None:
     another mode, or no stage digests)."""
+    graph_bytes: int = 0
+    """The served trace's or graph's copy of the weights, outside the tensors that
+    :meth:`tensors` lists (estimated as the weights' bytes in the stored dtype; 0 in eager
+    fp32)."""
+
+    def tensors(self) -> Iterator[torch.Tensor]:
+        """The torch tensors this version holds: its eager model's, its drift trunk's."""
+        if self.graph_bytes == 0 and isinstance(self.module, nn.Module):
+            yield from self.module.parameters()
+            yield from self.module.buffers()
+        if self.trunk is not None:
+            yield from self.trunk.parameters()
+            yield from self.trunk.buffers()
 
     @property
     def name(self) -> str:
@@ -497,7 +512,22 @@ def load_served_model(
         passed_over=passed_over,
         split=_split(served, manifest) if mode == "fp32" else None,
         sharing=sharing,
+        graph_bytes=0 if _eager(served, mode) else _weight_bytes(manifest),
     )
+
+
+def _eager(module: Any, mode: NumericMode) -> bool:
+    return (
+        mode == "fp32"
+        and isinstance(module, nn.Module)
+        and not isinstance(module, torch.jit.ScriptModule)
+    )
+
+
+def _weight_bytes(manifest: Manifest) -> int:
+    """The bytes of a version's weights in their stored dtypes."""
+    shapes = _reference_state(manifest.backbone, manifest.num_classes)
+    return sum(math.prod(shape) * dtype.itemsize for shape, dtype in shapes.values())
 
 
 def _split(module: Any, manifest: Manifest) -> TrunkSplit | None:

@@ -419,6 +419,8 @@ async def test_ops(client: httpx.AsyncClient, digits: dict) -> None:
     assert "refit_classifier_allocator_info{allocator=" in text
     assert 'refit_classifier_stage_reads_total{source="store"}' in text
     assert "refit_classifier_stage_cache_bytes " in text
+    assert 'refit_classifier_model_cache_bytes{kind="budget"} 1.073741824e+09' in text
+    assert "refit_classifier_model_parks_total 0.0" in text
     r = await client.get("/nowhere")
     assert (r.status_code, r.json()["error"]["code"]) == (404, "not_found")
 

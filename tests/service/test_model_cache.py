@@ -1,0 +1,167 @@
+"""A replica's models within a byte budget (no Ray): variants of one backbone cost their own
+stages only; past the budget the least recently used are parked and load again from memory
+(the stage cache: no store read); a stage altered by one byte is not shared; hot-loading one
+variant leaves the others' answers as they were."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from conftest import png_bytes
+from service.runtime.images import decode_request_images
+from service.runtime.model_host import ModelHost
+from service.settings import ServeSettings
+from training.backbones import build_backbone, build_with_weights
+from training.preprocess import normalize
+from training.preprocessing_spec import Preprocessing
+from training.stage_digests import split_stages
+from training.storage.registry import Registry
+from training.storage.s3 import ObjectStore
+from training.storage.stage_files import StageCache
+
+PRE = Preprocessing(resize_size=32, crop_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
+FIELDS = {"backbone": "resnet18", "num_classes": 3, "class_names": ["a", "b", "c"]}
+MB = 2**20
+
+
+def _one_byte_changed(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with the lowest bit of its first byte flipped."""
+    out = t.clone()
+    out.view(torch.uint8).view(-1)[0] ^= 1
+    return out
+
+
+def _variants(seed: int) -> dict[str, dict[str, torch.Tensor]]:
+    torch.manual_seed(seed)
+    base = build_backbone("resnet18", num_classes=3).eval().state_dict()
+    w = base["layer1.0.conv1.weight"]
+    return {
+        "base": base,
+        "heads1": dict(base, **{"fc.weight": base["fc.weight"] + 0.5}),
+        "heads2": dict(base, **{"fc.bias": base["fc.bias"] - 0.5}),
+        "own4": dict(base, **{"layer4.1.conv2.weight": base["layer4.1.conv2.weight"] * 0.9}),
+        "byte": dict(base, **{"layer1.0.conv1.weight": _one_byte_changed(w)}),
+    }
+
+
+def _publish(reg: Registry, states: dict[str, dict[str, torch.Tensor]]) -> None:
+    for name, state in states.items():
+        m = reg.publish(split_stages(state, "resnet18", 3), model=name, preprocessing=PRE, **FIELDS)
+        reg.set_alias(name, "production", m.version)
+
+
+def _crops() -> torch.Tensor:
+    images = [png_bytes(i, seed=i) for i in range(2)]
+    return decode_request_images(images, max_image_bytes=10**6, max_pixels=10**6, preprocessing=PRE)
+
+
+def _alone(state: dict[str, torch.Tensor], crops: torch.Tensor) -> list[float]:
+    with torch.inference_mode():
+        net = build_with_weights("resnet18", dict(state), num_classes=3).eval()
+        return torch.softmax(net(normalize(PRE, crops)), dim=1).flatten().tolist()
+
+
+def _scores(answer: dict) -> list[float]:
+    """Image by image, the scores of classes a, b, c."""
+    return [
+        next(p["score"] for p in image if p["label"] == c)
+        for image in answer["predictions"]
+        for c in "abc"
+    ]
+
+
+def test_parks_least_recently_used_models_past_the_byte_budget(store: ObjectStore) -> None:
+    states = _variants(11)
+    _publish(Registry(store), states)
+    # one resnet18 (45 MB) and its heads fit; a second layer4 (+33 MB) does not
+    settings = ServeSettings(poll_interval_s=60, numeric_mode="fp32", model_cache_mb=60)
+    reg = Registry(store, cache=StageCache(256 * MB))
+    host = ModelHost(settings, reg)
+    crops = _crops()
+    pngs = [png_bytes(i, seed=i) for i in range(2)]
+
+    async def run() -> None:
+        for name in ("base", "heads1", "heads2"):
+            answer = await host.predict(await host.follower(name), pngs, 3)
+            assert _scores(answer) == pytest.approx(_alone(states[name], crops), abs=1e-5)
+        stats = host.stats()
+        assert stats["model_cache"]["parks"] == 0
+        one = sum(t.numel() * t.element_size() for t in states["base"].values())
+        head = (3 * 512 + 3) * 4
+        assert stats["model_cache"]["bytes"] == one + 2 * head  # one trunk, three heads
+        assert stats["model_bytes"]["separate"] == 3 * one
+
+        # own4: the trunk but layer4 shared; together over budget: least recently used go
+        await host.predict(await host.follower("own4"), pngs, 3)
+        assert [f.name for f in host.cache.loaded()] == ["own4"]
+        assert host.cache.parks == 3
+        assert host.followers["base"].current is None
+        assert host.followers["base"].parked
+        assert host.stats()["model_cache"]["bytes"] <= 60 * MB
+        assert "base" not in {n for n, m in host.models().items() if m["version"]}
+
+        # a parked model answers again: loaded again from memory (no store read), and it
+        # parks own4 to fit
+        reads, loads = reg.cache.misses, host.stats()["model_loads"]
+        answer = await host.predict(await host.follower("heads1"), pngs, 3)
+        assert _scores(answer) == pytest.approx(_alone(states["heads1"], crops), abs=1e-5)
+        assert reg.cache.misses == reads
+        assert host.stats()["model_loads"] == loads + 1
+        assert [f.name for f in host.cache.loaded()] == ["heads1"]
+
+    asyncio.run(run())
+    for follower in list(host.followers.values()):
+        follower.stop()
+
+
+def test_a_stage_changed_by_one_byte_is_not_shared(store: ObjectStore) -> None:
+    states = _variants(12)
+    _publish(Registry(store), {n: states[n] for n in ("base", "byte")})
+    host = ModelHost(ServeSettings(poll_interval_s=60, numeric_mode="fp32"), Registry(store))
+    pngs, crops = [png_bytes(i, seed=i) for i in range(2)], _crops()
+
+    async def run() -> None:
+        await host.follower("base")
+        answer = await host.predict(await host.follower("byte"), pngs, 3)
+        assert _scores(answer) == pytest.approx(_alone(states["byte"], crops), abs=1e-5)
+
+    asyncio.run(run())
+    base, byte = host.followers["base"].current, host.followers["byte"].current
+    assert byte.sharing.stages == ["stem"]  # layer1 differs in one byte: it and all after
+    assert byte.module.layer1 is not base.module.layer1
+    assert byte.module.conv1 is base.module.conv1
+    for follower in list(host.followers.values()):
+        follower.stop()
+
+
+def test_hot_loading_one_variant_leaves_the_others_as_they_were(store: ObjectStore) -> None:
+    states = _variants(13)
+    reg = Registry(store)
+    _publish(reg, {n: states[n] for n in ("base", "heads1", "heads2")})
+    host = ModelHost(ServeSettings(poll_interval_s=60, numeric_mode="fp32"), Registry(store))
+    pngs = [png_bytes(i, seed=i) for i in range(2)]
+
+    async def answers() -> dict[str, list[float]]:
+        followers = [await host.follower(n) for n in ("base", "heads1", "heads2")]
+        out = await host.predict_many(followers, pngs, 3)
+        return {a["model"]: _scores(a) for a in out}
+
+    before = asyncio.run(answers())
+    trunk = host.followers["heads1"].current.module.layer4
+    # heads2 retrained: a new head, published and hot-loaded while the others serve
+    new = dict(states["heads2"], **{"fc.weight": states["heads2"]["fc.weight"] * -1})
+    _publish(reg, {"heads2": new})
+    host.followers["heads2"].refresh()
+    assert host.followers["heads2"].slot.swaps == 2
+    after = asyncio.run(answers())
+    assert after["base"] == before["base"]
+    assert after["heads1"] == before["heads1"]
+    assert after["heads2"] != before["heads2"]
+    assert after["heads2"] == pytest.approx(_alone(new, _crops()), abs=1e-5)
+    assert host.followers["heads1"].current.module.layer4 is trunk
+    assert host.followers["heads2"].current.module.layer4 is trunk
+    for follower in list(host.followers.values()):
+        follower.stop()
