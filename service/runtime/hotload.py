@@ -214,10 +214,12 @@ class Follower:
             log.warning(
                 "%s %s: fp32 serves, not %s: %s", self.name, record.version, mode, served.fallback
             )
-        self.slot.swap(served)
-        del served  # the old model is freed once its last batch returns
-        gc.collect()
-        trim_heap()
+        old = self.slot.swap(served)
+        del served
+        if old is not None:  # freed once its last batch returns (a first load frees nothing)
+            del old
+            gc.collect()  # what a failed load before left in cycles (its traceback) goes too
+            trim_heap()
         log.info("model %s now serves %s (%s)", self.name, record.version, mode)
 
     def _graphs_arrived(self, current: ServedModel) -> bool:

@@ -218,7 +218,8 @@ class ModelHost:
             if not follower.parked:
                 follower.park()
                 self.cache.parks += 1
-        gc.collect()  # their modules go now, not at the collector's next pass
+        # freed as the last batch on each returns (no cycles: no collector pass, which would
+        # hold every thread for a quarter of a second)
         trim_heap()
 
     async def follower(self, model: str) -> Follower:

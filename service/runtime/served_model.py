@@ -443,10 +443,15 @@ def load_served_model(
     (``check_speed``) runs faster than fp32 here; otherwise fp32 serves, and ``fallback``
     says why. ``drift``: keep the version's feature statistics and an eager trunk for the
     drift score (a damaged statistics file only turns drift off for the version)."""
-    if expect_sha256 is not None:
-        manifest, state = registry.load_version(name, ref, expect_sha256=expect_sha256)
-    else:
-        manifest, state = registry.load(name, ref)
+    if expect_sha256 is None:
+        ref, expect_sha256 = registry.resolve(name, ref)
+    manifest, _ = registry.read_manifest(name, ref, expect_sha256=expect_sha256)
+    held = None
+    if mode == "fp32" and manifest.stages:
+        # stages a resident version holds with the same content: not read (adopted below;
+        # only eager fp32 shares, and it never changes a tensor in place)
+        held = shared_stages().held(manifest.backbone, manifest.num_classes, manifest.stages)
+    state = registry.read_weights(manifest, held=held)
     check_loadable(manifest, state)
     if not manifest.stages:  # published before stage digests were recorded
         manifest = manifest.model_copy(update={"stages": _stage_digests(manifest, state)})
@@ -490,15 +495,11 @@ def load_served_model(
                 served, mode = _memory_format(module, torch.contiguous_format), "fp32"
         # warm-up in the final mode, and a sanity check: a version that yields NaN or inf
         # never goes live (the old one keeps serving)
-        if not torch.isfinite(forward(served, x[:4], mode)).all():
+        sharing, split = None, None
+        if _eager(served, mode) and manifest.stages:
+            sharing, split = _share_checked(served, manifest, x[:4])
+        elif not torch.isfinite(forward(served, x[:4], mode)).all():
             raise IntegrityError(f"{name} {manifest.version} produces non-finite logits")
-        sharing = None
-        if mode == "fp32" and isinstance(served, nn.Module) and manifest.stages:
-            # leading stages a resident version holds with the same content: one copy (only
-            # a version that goes live offers its stages to the next)
-            sharing = shared_stages().share(
-                served, manifest.backbone, manifest.num_classes, manifest.stages
-            )
     stats = _drift_reference(registry, manifest) if drift else None
     return ServedModel(
         manifest=manifest,
@@ -510,7 +511,7 @@ def load_served_model(
         reference=stats,
         trunk=trunk(module, manifest.backbone) if stats is not None else None,
         passed_over=passed_over,
-        split=_split(served, manifest) if mode == "fp32" else None,
+        split=split,
         sharing=sharing,
         graph_bytes=0 if _eager(served, mode) else _weight_bytes(manifest),
     )
@@ -528,6 +529,36 @@ def _weight_bytes(manifest: Manifest) -> int:
     """The bytes of a version's weights in their stored dtypes."""
     shapes = _reference_state(manifest.backbone, manifest.num_classes)
     return sum(math.prod(shape) * dtype.itemsize for shape, dtype in shapes.values())
+
+
+def _share_checked(
+    module: nn.Module, manifest: Manifest, x: torch.Tensor
+) -> tuple[Sharing, TrunkSplit | None]:
+    """An eager fp32 version's stages shared with resident versions of the same content,
+    then checked: a version whose whole trunk is resident checks its head on features that
+    trunk computed before (its trunk was checked with the version that brought it: a head-only
+    variant goes live in milliseconds); any other runs ``x`` through. Only a version that
+    passed offers its stages to the next."""
+    shared = shared_stages()
+    backbone, stages = manifest.backbone, manifest.stages
+    sharing = shared.adopt(module, backbone, manifest.num_classes, stages)
+    split = _split(module, manifest)
+    trunk_out: tuple[str, torch.Tensor] | None = None
+    if split is None:
+        finite = bool(torch.isfinite(forward(module, x, "fp32")).all())
+    else:
+        resident = len(sharing.stages) == len(stages) - 1
+        features = shared.features(split.key) if resident else None
+        if features is None:
+            features = split.body(x)
+        trunk_out = (split.key, features)
+        finite = bool(torch.isfinite(features).all() and torch.isfinite(split.head(features)).all())
+    if not finite:
+        raise IntegrityError(
+            f"{manifest.model} {manifest.version} produces non-finite logits", field="model"
+        )
+    shared.offer(module, backbone, stages, trunk_out)
+    return sharing, split
 
 
 def _split(module: Any, manifest: Manifest) -> TrunkSplit | None:

@@ -21,6 +21,7 @@ import threading
 import weakref
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from training.backbones import Stage, stages, structure
@@ -41,18 +42,21 @@ class Sharing:
 
 
 class SharedStages:
-    """Eager modules by the prefix digests of their stages."""
+    """Eager modules by the prefix digests of their stages, and a checked sample of each
+    resident trunk's output."""
 
     def __init__(self) -> None:
         self._resident: dict[str, weakref.ref[nn.Module]] = {}
+        # per trunk key: features its trunk computed, finite (kept while a holder is resident)
+        self._features: dict[str, tuple[weakref.ref[nn.Module], torch.Tensor]] = {}
         self._lock = threading.Lock()
 
-    def share(
+    def adopt(
         self, module: nn.Module, backbone: str, num_classes: int, digests: list[StageDigest]
     ) -> Sharing:
         """Give ``module`` (a version about to serve, eager fp32) the submodules of the
-        longest run of leading stages a resident module holds with the same content, and
-        make its own stages available to the next ones; what it now shares."""
+        longest run of leading stages a resident module holds with the same content; what
+        it now shares. Nothing is offered to the next versions before :meth:`offer`."""
         tensors = (*module.parameters(), *module.buffers())
         total = sum(t.numel() * t.element_size() for t in tensors)
         groups = _stages(backbone, num_classes)
@@ -60,7 +64,7 @@ class SharedStages:
             return Sharing([], 0, total)  # digests of another layout: share nothing
         if not all(t.is_contiguous() for t in tensors):
             return Sharing([], 0, total)  # another memory format (digests: stored tensors)
-        keys = [f"{backbone}/{p}" for p in prefix_digests(digests)]
+        keys = _keys(backbone, digests)
         with self._lock:
             shared: list[Stage] = []
             for k in range(len(keys), 0, -1):
@@ -69,11 +73,57 @@ class SharedStages:
                 if other is not None and other is not module:
                     shared = groups[:k] if _adopt(module, other, groups[:k]) else []
                     break
-            for key in keys:  # the newest holder: the one most likely to stay resident
-                self._resident[key] = weakref.ref(module)
-            self._resident = {k: r for k, r in self._resident.items() if r() is not None}
         adopted = sum(_bytes(module, g) for g in shared)
         return Sharing([g.name for g in shared], adopted, total)
+
+    def held(
+        self, backbone: str, num_classes: int, digests: list[StageDigest]
+    ) -> dict[str, dict[str, torch.Tensor]]:
+        """Per stage name, the tensors (state-dict names) of the longest run of leading
+        stages a resident module holds with the content ``digests`` name: a version being
+        loaded need not read those stages (they are adopted after)."""
+        groups = _stages(backbone, num_classes)
+        if [g.name for g in groups] != [d.name for d in digests]:
+            return {}
+        keys = _keys(backbone, digests)
+        with self._lock:
+            for k in range(len(keys), 0, -1):
+                ref = self._resident.get(keys[k - 1])
+                other = ref() if ref is not None else None
+                if other is not None:
+                    break
+            else:
+                return {}
+        state = other.state_dict()
+        return {g.name: {n: t for n, t in state.items() if g.owns(n)} for g in groups[:k]}
+
+    def offer(
+        self,
+        module: nn.Module,
+        backbone: str,
+        digests: list[StageDigest],
+        trunk: tuple[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Make ``module``'s stages (a version that passed its checks) available to the
+        versions loaded next, and ``trunk``: its trunk key and features that trunk computed
+        (finite), so that a version sharing the whole trunk checks only its head."""
+        with self._lock:
+            for key in _keys(backbone, digests):  # the newest holder: the likeliest to stay
+                self._resident[key] = weakref.ref(module)
+            if trunk is not None:
+                self._features[trunk[0]] = (weakref.ref(module), trunk[1])
+            self._resident = {k: r for k, r in self._resident.items() if r() is not None}
+            self._features = {k: v for k, v in self._features.items() if v[0]() is not None}
+
+    def features(self, trunk_key: str) -> torch.Tensor | None:
+        """Finite features a resident trunk with this key computed (None: none resident)."""
+        with self._lock:
+            held = self._features.get(trunk_key)
+        return held[1] if held is not None and held[0]() is not None else None
+
+
+def _keys(backbone: str, digests: list[StageDigest]) -> list[str]:
+    return [f"{backbone}/{p}" for p in prefix_digests(digests)]
 
 
 @functools.lru_cache(maxsize=64)

@@ -165,3 +165,49 @@ def test_hot_loading_one_variant_leaves_the_others_as_they_were(store: ObjectSto
     assert host.followers["heads2"].current.module.layer4 is trunk
     for follower in list(host.followers.values()):
         follower.stop()
+
+
+def test_a_variant_reads_only_the_stages_no_resident_version_holds(store: ObjectStore) -> None:
+    """With no stage cache at all: a head-only variant of a resident base reads one stage
+    file (its head), a last-stage variant two (layer4 and the head); each answers as alone."""
+    states = _variants(14)
+    _publish(Registry(store), {n: states[n] for n in ("base", "heads1", "own4")})
+    reg = Registry(store, cache=StageCache(0))  # every stage read is a store read
+    host = ModelHost(ServeSettings(poll_interval_s=60, numeric_mode="fp32"), reg)
+    pngs, crops = [png_bytes(i, seed=i) for i in range(2)], _crops()
+
+    async def reads(name: str) -> int:
+        before = reg.cache.misses
+        answer = await host.predict(await host.follower(name), pngs, 3)
+        assert _scores(answer) == pytest.approx(_alone(states[name], crops), abs=1e-5)
+        return reg.cache.misses - before
+
+    async def run() -> list[int]:
+        return [await reads(n) for n in ("base", "heads1", "own4")]
+
+    assert asyncio.run(run()) == [6, 1, 2]
+    for follower in list(host.followers.values()):
+        follower.stop()
+
+
+def test_a_head_that_yields_nan_is_refused_beside_its_resident_trunk(store: ObjectStore) -> None:
+    """A head-only variant is checked on features its resident trunk computed: a head with a
+    NaN never serves, and the versions serving keep their answers."""
+    from training.storage.errors import IntegrityError
+
+    states = _variants(15)
+    broken = dict(states["base"], **{"fc.bias": torch.tensor([0.0, float("nan"), 0.0])})
+    _publish(Registry(store), {"base": states["base"], "broken": broken})
+    host = ModelHost(ServeSettings(poll_interval_s=60, numeric_mode="fp32"), Registry(store))
+    pngs = [png_bytes(i, seed=i) for i in range(2)]
+
+    async def run() -> None:
+        base = await host.follower("base")
+        before = _scores(await host.predict(base, pngs, 3))
+        with pytest.raises(IntegrityError, match="non-finite"):
+            await host.follower("broken")
+        assert _scores(await host.predict(base, pngs, 3)) == before
+
+    asyncio.run(run())
+    for follower in list(host.followers.values()):
+        follower.stop()

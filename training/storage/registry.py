@@ -20,7 +20,7 @@ import hashlib
 import json
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, ClassVar
@@ -409,16 +409,27 @@ class Registry:
         manifest, _ = self.read_manifest(model, version, expect_sha256=expect_sha256)
         return manifest, self.read_weights(manifest)
 
-    def read_weights(self, manifest: Manifest) -> dict[str, torch.Tensor]:
+    def read_weights(
+        self,
+        manifest: Manifest,
+        *,
+        held: Mapping[str, dict[str, torch.Tensor]] | None = None,
+    ) -> dict[str, torch.Tensor]:
         """A version's state dict, every file verified: its stages' files (those the cache
-        holds from memory) or its one weights file."""
+        holds from memory) or its one weights file. ``held``: tensors the caller already
+        holds for some stages, by stage name, with the content the manifest's digest of that
+        stage names (a resident version's): those stages are not read."""
         what = f"{manifest.model}@{manifest.version}"
         if not manifest.stages or any(s.file is None for s in manifest.stages):
             return _tensors(self.read_file(manifest, WEIGHTS_FILE), f"{WEIGHTS_FILE} of {what}")
         state: dict[str, torch.Tensor] = {}
         for stage in manifest.stages:
             assert stage.file is not None
-            tensors = _tensors(self._stage_bytes(stage.name, stage.file), f"{stage.name} of {what}")
+            if held is not None and stage.name in held:
+                tensors = held[stage.name]
+            else:
+                blob = self._stage_bytes(stage.name, stage.file)
+                tensors = _tensors(blob, f"{stage.name} of {what}")
             if state.keys() & tensors.keys():
                 raise IntegrityError(f"stages of {what} share tensors", field="version")
             state.update(tensors)
