@@ -9,6 +9,7 @@ import contextlib
 import io
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -160,7 +161,7 @@ def oip_binary_body(jpeg: bytes) -> RawBody:
 
 
 async def _run(
-    url: str,
+    url: str | list[str],
     bodies: list[dict[str, Any]] | list[RawBody],
     *,
     concurrency: int,
@@ -175,15 +176,17 @@ async def _run(
 
         async def client(i: int) -> None:
             n = i
+            pick = random.Random(i)  # several URLs: one at random per request, reproducibly
             while time.perf_counter() < deadline:
                 body = bodies[n % len(bodies)]
                 n += concurrency
+                target = url if isinstance(url, str) else pick.choice(url)
                 start = time.perf_counter()
                 try:
                     if isinstance(body, tuple):  # sent as it is
-                        post = session.post(url, data=body[0], headers=body[1])
+                        post = session.post(target, data=body[0], headers=body[1])
                     else:
-                        post = session.post(url, json=body)
+                        post = session.post(target, json=body)
                     async with post as resp:
                         payload = await resp.json(content_type=None) if resp.status == 200 else None
                         status = resp.status
@@ -205,7 +208,7 @@ async def _run(
 
 
 def run_load(
-    url: str,
+    url: str | list[str],
     images: list[bytes],
     *,
     concurrency: int,
@@ -215,11 +218,12 @@ def run_load(
     body: Callable[[str], dict[str, Any]] | None = None,
     raw: Callable[[bytes], RawBody] | None = None,
 ) -> LoadResult:
-    """POST one base64 image per request to ``url`` from ``concurrency`` closed-loop clients
-    for ``seconds``. ``on_response(client, time, status, payload)`` sees every answer.
-    ``body``: the JSON body of one base64 image (default: Refit's and the TorchServe
-    handler's ``{"images": [...], "top_k": 1}``); ``raw``: instead, a body of the encoded
-    image sent as it is (:func:`multipart_body`, :func:`oip_binary_body`)."""
+    """POST one base64 image per request to ``url`` (several: one picked at random per
+    request) from ``concurrency`` closed-loop clients for ``seconds``.
+    ``on_response(client, time, status, payload)`` sees every answer. ``body``: the JSON
+    body of one base64 image (default: Refit's and the TorchServe handler's
+    ``{"images": [...], "top_k": 1}``); ``raw``: instead, a body of the encoded image sent
+    as it is (:func:`multipart_body`, :func:`oip_binary_body`)."""
     bodies: list[dict[str, Any]] | list[RawBody]
     if raw is not None:
         bodies = [raw(i) for i in images]

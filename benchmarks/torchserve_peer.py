@@ -48,19 +48,24 @@ def _venv() -> Path:
     return Path(out.stdout.strip().splitlines()[-1])
 
 
-def _archive(model: Any, venv: Path, work: Path) -> Path:
+def _archive(
+    model: Any, venv: Path, work: Path, name: str = "bench", store: Path | None = None
+) -> Path:
+    """``model`` traced and archived as ``name.mar`` in ``store`` (default: a new
+    ``work/store``); the store."""
     import torch
 
     scripted = torch.jit.trace(model.eval(), torch.zeros(1, 3, 224, 224))
-    torch.jit.save(scripted, str(work / "model.pt"))
-    store = work / "store"
-    store.mkdir()
+    torch.jit.save(scripted, str(work / f"{name}.pt"))
+    if store is None:
+        store = work / "store"
+        store.mkdir()
     subprocess.run(  # fixed arguments
         [
             str(venv / "bin" / "torch-model-archiver"),
-            "--model-name=bench",
+            f"--model-name={name}",
             "--version=1.0",
-            f"--serialized-file={work / 'model.pt'}",
+            f"--serialized-file={work / f'{name}.pt'}",
             f"--handler={HERE / 'handler.py'}",
             f"--export-path={store}",
             "--force",
@@ -70,13 +75,20 @@ def _archive(model: Any, venv: Path, work: Path) -> Path:
     return store
 
 
-def _start(venv: Path, store: Path, work: Path, config: dict[str, Any]) -> tuple[Any, int]:
+def _start(
+    venv: Path,
+    store: Path,
+    work: Path,
+    config: dict[str, Any],
+    names: tuple[str, ...] = ("bench",),
+) -> tuple[Any, int]:
+    """TorchServe serving the archives ``names`` with ``config``'s workers each."""
     port, mgmt, metrics = free_port(), free_port(), free_port()
     models = {
-        "bench": {
+        name: {
             "1.0": {
                 "defaultVersion": True,
-                "marName": "bench.mar",
+                "marName": f"{name}.mar",
                 "minWorkers": config["workers"],
                 "maxWorkers": config["workers"],
                 "batchSize": 8,
@@ -84,8 +96,10 @@ def _start(venv: Path, store: Path, work: Path, config: dict[str, Any]) -> tuple
                 "responseTimeout": 120,
             }
         }
+        for name in names
     }
-    props = work / f"config-{config['workers']}.properties"
+    tag = f"{config['workers']}-{len(names)}"
+    props = work / f"config-{tag}.properties"
     props.write_text(
         f"inference_address=http://127.0.0.1:{port}\n"
         f"management_address=http://127.0.0.1:{mgmt}\n"
@@ -93,7 +107,7 @@ def _start(venv: Path, store: Path, work: Path, config: dict[str, Any]) -> tuple
         "disable_token_authorization=true\n"
         "enable_envvars_config=false\n"
         "install_py_dep_per_model=false\n"
-        "load_models=bench.mar\n"
+        f"load_models={','.join(f'{n}.mar' for n in names)}\n"
         f"models={json.dumps(models)}\n"
     )
     threads = str(config["threads"])
@@ -109,7 +123,7 @@ def _start(venv: Path, store: Path, work: Path, config: dict[str, Any]) -> tuple
             f"--ts-config={props}",
         ],
         env=env,
-        log=work / f"torchserve-{config['workers']}.log",
+        log=work / f"torchserve-{tag}.log",
         cwd=work,
     )
     return proc, port
@@ -179,4 +193,47 @@ def torchserve_rows(
     return rows
 
 
-__all__ = ["top1_agreement", "torchserve_rows"]
+def torchserve_variant_rows(
+    models: dict[str, Any], jpegs: list[bytes], concurrency: int, seconds: float
+) -> list[dict[str, Any]]:
+    """TorchServe with one registered model (the baseline, 2 workers x 1 thread: its best
+    layout at c=32 here), then with every model of ``models`` registered (one worker of one
+    thread each, the least a model takes), a model at random per request: req/s, p50/p99
+    and the memory of the whole server (the Java frontend and its Python workers)."""
+    venv = _venv()
+    rows: list[dict[str, Any]] = []
+    names = tuple(models)
+    runs = (
+        (f"TorchServe, one model ({names[0]}), 2 workers x 1 thread", names[:1], 2),
+        (f"TorchServe, {len(names)} models, 1 worker x 1 thread each", names, 1),
+    )
+    with tempfile.TemporaryDirectory(prefix="refit-ts-") as tmp:
+        work = Path(tmp)
+        store = work / "store"
+        store.mkdir()
+        for name, model in models.items():
+            _archive(model, venv, work, name=name, store=store)
+        for label, served, workers in runs:
+            proc, port = _start(venv, store, work, {"workers": workers, "threads": 1}, served)
+            urls = [f"http://127.0.0.1:{port}/predictions/{n}" for n in served]
+            try:
+                for url in urls:
+                    _wait_ready(url, {"images": [base64.b64encode(jpegs[0]).decode()]}, proc)
+                run_load(urls, jpegs, concurrency=4, seconds=3)  # warm up
+                _log(f"{label}: {seconds:.0f} s at c={concurrency}")
+                s = run_load(urls, jpegs, concurrency=concurrency, seconds=seconds).summary()
+                rss, procs = tree_rss_bytes(proc.pid)
+                rows.append(
+                    {
+                        "run": label,
+                        **s,
+                        "server_rss_bytes": rss + rss_bytes(proc.pid),
+                        "processes": procs + 1,
+                    }
+                )
+            finally:
+                stop_session(proc)
+    return rows
+
+
+__all__ = ["top1_agreement", "torchserve_rows", "torchserve_variant_rows"]

@@ -161,21 +161,22 @@ def publish_variants(
 
 
 class _CountingRegistry:
-    """The registry's loads of a version, counted and timed (each is one cold variant)."""
+    """The registry's reads of a version's weights, counted and timed (each is one cold
+    variant; stages a resident version holds are not read)."""
 
     def __init__(self, registry: Any) -> None:
         self.registry = registry
         self.loads: list[float] = []
-        original = registry.load_version
+        original = registry.read_weights
 
-        def load_version(*a: Any, **kw: Any) -> Any:
+        def read_weights(*a: Any, **kw: Any) -> Any:
             started = time.perf_counter()
             try:
                 return original(*a, **kw)
             finally:
                 self.loads.append(time.perf_counter() - started)
 
-        registry.load_version = load_version
+        registry.read_weights = read_weights
 
 
 async def _drive(
@@ -354,6 +355,41 @@ def _publish_late_head(settings: Any) -> str:
     return "late-head"
 
 
+def _peer_set(names: list[str], n: int) -> list[str]:
+    """The variants both servers serve in the side-by-side rows: head-only ones and one
+    ``last_n_stages=1`` variant (its own ``layer4``)."""
+    if n <= 0:
+        return []
+    layer4 = [x for x in names if x.startswith("layer4-")][:1]
+    heads = [x for x in names if x.startswith("head-")][: n - len(layer4)]
+    return heads + layer4
+
+
+def _torchserve(
+    settings: Any, names: list[str], jpegs: list[bytes], args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    """TorchServe serving ``names[0]`` alone, then the variants ``names[1:]``: every one a
+    registered model (TorchScript of its weights, read from the store), the same JPEGs and
+    closed-loop client. A TorchServe that cannot start is reported, not skipped silently."""
+    from torchserve_peer import torchserve_variant_rows
+
+    from training.backbones import build_with_weights
+    from training.storage.registry import Registry
+    from training.storage.s3 import ObjectStore
+
+    registry = Registry(ObjectStore(settings.s3))
+    models = {}
+    for name in dict.fromkeys(names):
+        manifest, state = registry.load(name, "production")
+        net = build_with_weights(manifest.backbone, state, num_classes=manifest.num_classes)
+        models[name.replace("-", "_")] = net.eval()
+    try:
+        return torchserve_variant_rows(models, jpegs, args.concurrency, args.seconds)
+    except Exception as exc:  # reported in the table, never a silent skip
+        _log(f"TorchServe could not run: {type(exc).__name__}: {exc}")
+        return []
+
+
 def _released() -> None:
     """The last run's models freed before the next run starts."""
     import gc
@@ -375,6 +411,12 @@ def main() -> int:
     p.add_argument("--fan-out", type=int, default=8, help="variants one image goes to (1: skip)")
     p.add_argument("--fan-out-rounds", type=int, default=30)
     p.add_argument("--small-budget-mb", type=int, default=128)
+    p.add_argument(
+        "--peer-models",
+        type=int,
+        default=8,
+        help="variants registered in TorchServe beside Refit serving the same (0: no peer)",
+    )
     p.add_argument("--no-jemalloc", action="store_true")
     args = p.parse_args()
     allocator = reexec_with_jemalloc(not args.no_jemalloc)
@@ -416,7 +458,23 @@ def main() -> int:
                 )
             )
             _released()
+        peer_set = _peer_set(names, args.peer_models)
+        if peer_set:
+            rows.append(
+                serve_row(
+                    f"{len(peer_set)} variants (the TorchServe set), default cache",
+                    settings,
+                    peer_set,
+                    jpegs,
+                    args,
+                    model_cache_mb=1024,
+                    stage_cache_mb=256,
+                    preload=True,
+                )
+            )
+            _released()
         fan_out = fan_out_row(settings, names, jpegs, args) if args.fan_out > 1 else None
+        peer = _torchserve(settings, names[:1] + peer_set, jpegs, args) if peer_set else []
         one = rows[0]
         for row in rows:
             row["vs_one_model"] = round(row["req_per_s"] / one["req_per_s"], 3)
@@ -425,6 +483,16 @@ def main() -> int:
                 if one["resident_model_bytes"]
                 else None
             )
+    if peer:
+        base_ts = peer[0]
+        for row in peer:
+            row["vs_one_model"] = round(row["req_per_s"] / base_ts["req_per_s"], 3)
+            row["memory_vs_one_model"] = round(
+                row["server_rss_bytes"] / base_ts["server_rss_bytes"], 2
+            )
+        rows += peer
+    elif peer_set:
+        rows.append({"run": "TorchServe: could not start (see the log above)"})
     report(
         "variants",
         rows,
@@ -435,7 +503,9 @@ def main() -> int:
             "allocator": allocator,
             "concurrency": args.concurrency,
             "variants": {"head_only": args.head_variants, "last_n_stages_1": args.layer4_variants},
-            "not_built": "shared trunks in the faster modes; TorchServe beside it",
+            "not_built": "shared trunks in the faster modes",
+            "memory_note": "Refit rows: distinct tensor bytes of the loaded models; TorchServe "
+            "rows: resident memory of the whole server (frontend and workers)",
         },
     )
     return 0

@@ -133,9 +133,9 @@ class ScrapeCollector(Collector):
         )
         yield CounterMetricFamily(
             "refit_batches_shared_trunk",
-            "Forward passes that ran one trunk for the merged requests of several versions "
-            "with the same trunk content (fine-tunes that differ in the head), each version's "
-            "head after it",
+            "Forward passes that ran leading stages of the same content once for the merged "
+            "requests of several versions (fine-tunes of one backbone), each version's own "
+            "stages and head after them",
             value=c.get("shared_trunk_passes", 0),
         )
         # counters per model and one more label; snapshots key them "model label"

@@ -166,6 +166,32 @@ def stages(model: nn.Module, backbone: str) -> list[Stage]:
     return [*body, head]
 
 
+def stage_runs(model: nn.Module, backbone: str) -> list[nn.Module] | None:
+    """The model's trunk as one runnable piece per stage of :func:`stages` (head excluded):
+    each holds exactly that stage's submodules (the model's own, shared), the last one ends
+    with the pooling the head takes, so ``head(runs[-1](...runs[0](x)))`` is ``model(x)``.
+    None for a family whose trunk is not a chain of its stages (vit: the class token)."""
+    family = family_of(backbone)
+    get = model.get_submodule
+    pieces: list[list[nn.Module]]
+    if family == "resnet":
+        pieces = [[get("conv1"), get("bn1"), get("relu"), get("maxpool")]]
+        pieces += [[get(f"layer{i}")] for i in range(1, 5)]
+        pieces[-1] += [get("avgpool"), nn.Flatten(1)]
+    elif family == "regnet":
+        pieces = [[get("stem")]] + [[m] for m in get("trunk_output").children()]
+        pieces[-1] += [get("avgpool"), nn.Flatten(1)]
+    elif family in ("mobilenet_v3", "efficientnet", "convnext"):
+        body = [s for s in stages(model, backbone) if s.name != "head"]
+        pieces = [[get(p) for p in stage.prefixes] for stage in body]
+        pieces[-1].append(get("avgpool"))
+        if family != "convnext":  # convnext's classifier flattens itself
+            pieces[-1].append(nn.Flatten(1))
+    else:
+        return None
+    return [nn.Sequential(*piece) for piece in pieces]
+
+
 def head_module(model: nn.Module, backbone: str) -> nn.Module:
     """The classifier head submodule."""
     head: nn.Module = getattr(model, HEAD_MODULE[family_of(backbone)])

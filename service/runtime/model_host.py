@@ -35,7 +35,7 @@ from service.runtime.drift import DriftMonitor
 from service.runtime.hotload import Follower, trim_heap
 from service.runtime.images import decode_request_images
 from service.runtime.model_cache import ModelCache
-from service.runtime.served_model import ServedModel
+from service.runtime.served_model import ServedModel, TrunkSplit
 from service.settings import RefitSettings, ServeSettings
 from training.preprocess import normalize
 from training.preprocessing_spec import Preprocessing
@@ -79,13 +79,15 @@ def _rank(served: ServedModel, parts: list[torch.Tensor], k: int) -> tuple[Ranke
 def _rank_all(
     jobs: list[tuple[ServedModel, list[torch.Tensor], int]],
 ) -> list[tuple[Ranked, torch.Tensor]]:
-    """Each version's ranked answers and input: alone, or (several versions of one trunk)
-    one trunk pass over all their inputs and each version's head on its rows."""
+    """Each version's ranked answers and input: alone, or (several versions whose trunks
+    begin with the same stages) each distinct leading run of stages once over the inputs of
+    all the versions that share it, then each version's own stages and head on its rows."""
     if len(jobs) == 1:
         return [_rank(*jobs[0])]
-    # the same images for several versions (a fan-out): their input once, the trunk once
+    # the same images for several versions (a fan-out): their input once
     inputs: dict[tuple[Any, ...], tuple[int, torch.Tensor]] = {}
     rows = 0
+    spans = []
     for served, parts, _ in jobs:
         pre = served.preprocessing
         key = (tuple(id(p) for p in parts), pre.mean, pre.std)
@@ -93,16 +95,50 @@ def _rank_all(
             x = model_input(served, parts)
             inputs[key] = (rows, x)
             rows += x.shape[0]
-    first = jobs[0][0].split
-    assert first is not None  # grouped by their split's key
-    features = first.body(torch.cat([x for _, x in inputs.values()]))
+        start, x = inputs[key]
+        spans.append((start, start + x.shape[0]))
+    splits = [served.split for served, _, _ in jobs]
+    assert all(s is not None for s in splits)  # grouped by their split's root
+    h = torch.cat([x for _, x in inputs.values()])
+    features = _trunk_features(splits, spans, h, 0)  # type: ignore[arg-type]
     out = []
-    for served, parts, k in jobs:
-        pre = served.preprocessing
-        start, x = inputs[(tuple(id(p) for p in parts), pre.mean, pre.std)]
+    for (served, _, k), feats, (a, b) in zip(jobs, features, spans, strict=True):
         assert served.split is not None
-        logits = served.split.head(features[start : start + x.shape[0]])
-        out.append((served.rank(logits, k), x))
+        out.append((served.rank(served.split.head(feats), k), h[a:b]))
+    return out
+
+
+def _trunk_features(
+    splits: list[TrunkSplit], spans: list[tuple[int, int]], h: torch.Tensor, depth: int
+) -> list[torch.Tensor]:
+    """Each version's trunk features on its rows ``spans`` of ``h`` (the output of the
+    stages before ``depth``, which they share): every stage from ``depth`` on runs once per
+    distinct content, on the rows of the versions that hold it."""
+    first = splits[0]
+    if not first.runs:  # no stage pieces: the same whole trunk (grouped by it)
+        features = first.body(h)
+        return [features[a:b] for a, b in spans]
+    if depth == len(first.runs):
+        return [h[a:b] for a, b in spans]
+    groups: dict[str, list[int]] = {}
+    for i, split in enumerate(splits):
+        groups.setdefault(split.runs[depth][0], []).append(i)
+    out: list[torch.Tensor] = [h] * len(splits)
+    for members in groups.values():
+        sub, sub_spans = h, spans
+        if len(members) < len(splits):  # only the rows of these versions, each input once
+            where: dict[tuple[int, int], tuple[int, int]] = {}
+            pieces: list[torch.Tensor] = []
+            for a, b in dict.fromkeys(spans[i] for i in members):
+                n = sum(p.shape[0] for p in pieces)
+                where[(a, b)] = (n, n + b - a)
+                pieces.append(h[a:b])
+            sub = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+            sub_spans = [where[spans[i]] for i in members]
+        sub = splits[members[0]].runs[depth][1](sub)
+        below = _trunk_features([splits[i] for i in members], sub_spans, sub, depth + 1)
+        for i, features in zip(members, below, strict=True):
+            out[i] = features
     return out
 
 
@@ -138,7 +174,7 @@ class ModelHost:
         self.admit_limit = None if queued < 0 else settings.max_ongoing_requests + queued
         self._batch_sizes: collections.Counter[int] = collections.Counter()
         self._split_batches = 0  # lane batches that held two versions (during a swap)
-        self._shared_trunk_passes = 0  # trunk passes that served several versions at once
+        self._shared_trunk_passes = 0  # passes whose leading stages served several versions
         self._model_loads = 0  # cold loads: a model this process did not hold
         self._loading: dict[str, asyncio.Lock] = {}
         # which models keep a loaded version: the most recently used within the byte budget
@@ -361,8 +397,8 @@ class ModelHost:
 
     async def _forward(self, items: list[Item]) -> list[Ranked]:
         """One forward pass per loaded version over the lane's merged requests; versions
-        with the same trunk (fine-tunes of one backbone that differ in the head) run it once
-        over all of theirs, then each its own head."""
+        whose trunks begin with the same stages (fine-tunes of one backbone) run those once
+        over all of theirs, then each the stages it does not share and its head."""
         self._batch_sizes[len(items)] += 1
         groups: dict[int, list[int]] = {}
         for i, (served, _, _) in enumerate(items):
@@ -373,7 +409,7 @@ class ModelHost:
         for idx in groups.values():
             served, x, _ = items[idx[0]]
             split = served.split
-            key = (split.key, tuple(x.shape[1:])) if split is not None else id(served)
+            key = (split.root, tuple(x.shape[1:])) if split is not None else id(served)
             passes.setdefault(key, []).append(idx)
         out: list[Any] = [None] * len(items)
         for members in passes.values():

@@ -22,7 +22,7 @@ from torch import nn
 
 from service.runtime.shared_stages import Sharing, shared_stages
 from service.settings import NumericMode
-from training.backbones import build_with_weights, head_module, structure, trunk
+from training.backbones import build_with_weights, head_module, stage_runs, structure, trunk
 from training.feature_stats import FeatureStats
 from training.node_jobs import wait_quiet
 from training.openvino_ir import compile_graph
@@ -70,6 +70,17 @@ class TrunkSplit:
     key: str
     body: nn.Module
     head: nn.Module
+    runs: tuple[tuple[str, nn.Module], ...] = ()
+    """The trunk stage by stage (empty where the family's trunk is no chain of its stages):
+    each stage's prefix key (the backbone and the content of every stage up to it) and its
+    runnable piece. Versions whose first k keys are equal compute the same first k stages
+    on the same input: one pass of either's pieces serves both."""
+
+    @property
+    def root(self) -> str:
+        """Versions with the same root share at least their first stage (or, without
+        ``runs``, the whole trunk): their merged requests run together."""
+        return self.runs[0][0] if self.runs else self.key
 
 
 @dataclass
@@ -563,11 +574,14 @@ def _share_checked(
 
 def _split(module: Any, manifest: Manifest) -> TrunkSplit | None:
     """The trunk and head of an eager fp32 version with stage digests (its trunk's key: the
-    backbone and the prefix digest of every stage but the head)."""
+    backbone and the prefix digest of every stage but the head), and its stages' pieces."""
     if not isinstance(module, nn.Module) or len(manifest.stages) < 2:
         return None
-    key = f"{manifest.backbone}/{prefix_digests(manifest.stages)[-2]}"
-    return TrunkSplit(key, trunk(module, manifest.backbone), head_module(module, manifest.backbone))
+    backbone = manifest.backbone
+    keys = [f"{backbone}/{p}" for p in prefix_digests(manifest.stages)][:-1]
+    pieces = stage_runs(module, backbone)
+    runs = tuple(zip(keys, pieces, strict=True)) if pieces and len(pieces) == len(keys) else ()
+    return TrunkSplit(keys[-1], trunk(module, backbone), head_module(module, backbone), runs)
 
 
 def _drift_reference(registry: Registry, manifest: Manifest) -> FeatureStats | None:

@@ -271,9 +271,10 @@ def test_variants_hold_the_stages_they_share_once(store: ObjectStore) -> None:
 
 
 def test_versions_of_one_trunk_run_it_once_per_batch(store: ObjectStore) -> None:
-    """Merged requests for fine-tunes that differ only in the head: one trunk pass, each
-    version's head on its own rows, every answer as the version alone gives it; a version
-    with another trunk (a changed layer4) runs its own pass."""
+    """Merged requests for fine-tunes of one backbone: each stage content runs once, on the
+    rows of the versions that hold it (the stages up to layer3 once for all three, the base's
+    layer4 once for the two that differ only in the head, the changed layer4 on its own
+    rows), each version's head on its own rows, every answer as the version alone gives it."""
     import asyncio
 
     from service.runtime.model_host import ModelHost
@@ -301,8 +302,18 @@ def test_versions_of_one_trunk_run_it_once_per_batch(store: ObjectStore) -> None
         preprocessing=PRE,
     )
 
+    calls: dict[str, list[int]] = {}
+
+    def count(name: str, module: torch.nn.Module) -> None:
+        module.register_forward_hook(
+            lambda _m, args, _out: calls.setdefault(name, []).append(args[0].shape[0])
+        )
+
     async def ask() -> tuple[list, dict]:
         served = {n: (await host.follower(n)).current for n in states}
+        count("layer3", served["one"].module.layer3)
+        count("layer4", served["one"].module.layer4)
+        count("own layer4", served["own"].module.layer4)
         items = [(served[n], crops[i : i + 1], 3) for i, n in enumerate(states)]
         items.append((served["two"], crops[:2], 3))
         return await host.lane.submit(items), served
@@ -310,8 +321,12 @@ def test_versions_of_one_trunk_run_it_once_per_batch(store: ObjectStore) -> None
     answers, served = asyncio.run(ask())
     for follower in list(host.followers.values()):
         follower.stop()
-    assert host.stats()["shared_trunk_passes"] == 1  # one and two together; own alone
+    assert host.stats()["shared_trunk_passes"] == 1  # one pass over the three versions
     assert served["one"].split.key == served["two"].split.key != served["own"].split.key
+    assert served["own"].module.layer3 is served["one"].module.layer3
+    # the rows: one's image 0, own's image 2, two's images 1 and 0+1: the input of each
+    # request once (5 rows); layer4 of one and two over their 4, own's over its 1
+    assert calls == {"layer3": [5], "layer4": [4], "own layer4": [1]}
 
     def same(answer: list, alone: list) -> None:
         for got, want in zip(answer, alone, strict=True):

@@ -12,6 +12,7 @@ from training.backbones import (
     build_backbone,
     build_with_weights,
     head_module,
+    stage_runs,
     stages,
     structure,
     trunk,
@@ -59,6 +60,28 @@ def test_trunk_then_head_is_the_model(name: str) -> None:
         feats = trunk(model, name)(x)
         assert torch.allclose(head_module(model, name)(feats), model(x), atol=1e-5)
     assert not isinstance(getattr(model, "fc", None) or model, torch.nn.Identity)
+
+
+@pytest.mark.parametrize(
+    "name", ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "convnext_tiny", "regnet_y_400mf"]
+)
+def test_stage_runs_chain_to_the_model_each_holding_its_stage(name: str) -> None:
+    model = build_backbone(name, num_classes=4).eval()
+    runs = stage_runs(model, name)
+    assert runs is not None
+    body = stages(model, name)[:-1]
+    assert len(runs) == len(body)
+    named = dict(model.named_parameters())
+    for run, stage in zip(runs, body, strict=True):
+        own = {id(p) for p in run.parameters()}
+        assert own == {id(p) for n, p in named.items() if stage.owns(n)}, stage.name
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        h = x
+        for run in runs:
+            h = run(h)
+        assert torch.allclose(head_module(model, name)(h), model(x), atol=1e-5)
+    assert stage_runs(build_backbone("vit_b_16", num_classes=4), "vit_b_16") is None
 
 
 def test_unknown_backbone_lists_valid_names() -> None:
