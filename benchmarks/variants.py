@@ -34,8 +34,11 @@ and runs one trunk pass for the merged requests of versions that differ only in 
 to ``--fan-out`` head-only variants is timed against one model's answer to the same image, and
 a head-only variant published while its trunk is resident is timed from its first request to
 its answer (a cold load that reads only its head).
-Not built yet, so not measured (issue 28): the same in the faster modes, the same workload
-against TorchServe.
+``--peer-models`` (8) of the variants are served by Refit alone and by TorchServe 0.12 (its own
+venv, ``benchmarks/torchserve/setup.sh``), each a registered model there, against TorchServe
+serving one model in the same run: req/s and the whole server's memory. A TorchServe that
+cannot start is reported in the table.
+Not built yet, so not measured (issue 28): shared trunks in the faster modes.
 
     python benchmarks/variants.py [--head-variants 56] [--layer4-variants 8] [--seconds 15]
                                   [--concurrency 32] [--mode fp32] [--threads 2] [--fan-out 8]

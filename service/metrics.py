@@ -211,6 +211,12 @@ class ScrapeCollector(Collector):
             "kind",
             {k: models.get(k, 0) for k in ("bytes", "budget")},
         )
+        yield GaugeMetricFamily(
+            "refit_classifier_resident_trunks",
+            "Distinct trunk contents among the eager models a classifier replica has loaded "
+            "(variants of one trunk hold it once)",
+            value=models.get("resident_trunks", 0),
+        )
         yield CounterMetricFamily(
             "refit_classifier_model_parks",
             "Models a classifier replica parked (dropped their loaded version) to keep the "

@@ -185,6 +185,7 @@ class DataPlane:
                     "shared_stages",
                     "shared_bytes",
                     "model_bytes",
+                    "trunk",
                 )
                 entry["serving"] = {k: served.get(k) for k in keys}
         return models

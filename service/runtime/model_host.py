@@ -142,6 +142,12 @@ def _trunk_features(
     return out
 
 
+def _trunk_id(key: str) -> str:
+    """A trunk's key as listed: the backbone and the first 16 hex digits of its content."""
+    backbone, _, digest = key.partition("/")
+    return f"{backbone}/{digest[:16]}"
+
+
 class ModelHost:
     """Decode, batch and run requests on the followed versions of several models."""
 
@@ -464,8 +470,14 @@ class ModelHost:
                 if current and current.sharing
                 else None,
                 "model_bytes": current.sharing.model_bytes if current and current.sharing else None,
+                "trunk": _trunk_id(current.split.key) if current and current.split else None,
             }
         return models
+
+    def _resident_trunks(self) -> int:
+        """Distinct trunk contents among the eager models loaded here."""
+        keys = {f.current.split.key for f in self.cache.loaded() if f.current and f.current.split}
+        return len(keys)
 
     def _model_bytes(self) -> dict[str, int]:
         """Tensor bytes of the eager models loaded here: ``resident`` (a tensor several of
@@ -502,6 +514,7 @@ class ModelHost:
                 "bytes": self.cache.resident_bytes(),
                 "budget": self.cache.budget_bytes,
                 "parks": self.cache.parks,
+                "resident_trunks": self._resident_trunks(),
             },
             "captures": {f"{m} {o}": n for (m, o), n in self.capture.counts.items()}
             if self.capture

@@ -121,7 +121,7 @@ class ServedModel:
 
     def tensors(self) -> Iterator[torch.Tensor]:
         """The torch tensors this version holds: its eager model's, its drift trunk's."""
-        if self.graph_bytes == 0 and isinstance(self.module, nn.Module):
+        if _eager_module(self.module):
             yield from self.module.parameters()
             yield from self.module.buffers()
         if self.trunk is not None:
@@ -507,7 +507,7 @@ def load_served_model(
         # warm-up in the final mode, and a sanity check: a version that yields NaN or inf
         # never goes live (the old one keeps serving)
         sharing, split = None, None
-        if _eager(served, mode) and manifest.stages:
+        if mode == "fp32" and _eager_module(served) and manifest.stages:
             sharing, split = _share_checked(served, manifest, x[:4])
         elif not torch.isfinite(forward(served, x[:4], mode)).all():
             raise IntegrityError(f"{name} {manifest.version} produces non-finite logits")
@@ -524,22 +524,27 @@ def load_served_model(
         passed_over=passed_over,
         split=split,
         sharing=sharing,
-        graph_bytes=0 if _eager(served, mode) else _weight_bytes(manifest),
+        graph_bytes=0 if _eager_module(served) else _graph_bytes(manifest, mode),
     )
 
 
-def _eager(module: Any, mode: NumericMode) -> bool:
-    return (
-        mode == "fp32"
-        and isinstance(module, nn.Module)
-        and not isinstance(module, torch.jit.ScriptModule)
-    )
+def _eager_module(module: Any) -> bool:
+    """Whether ``module`` holds its weights as torch tensors one can list (not a trace, not
+    a compiled graph)."""
+    return isinstance(module, nn.Module) and not isinstance(module, torch.jit.ScriptModule)
 
 
-def _weight_bytes(manifest: Manifest) -> int:
-    """The bytes of a version's weights in their stored dtypes."""
+_GRAPH_WEIGHT_SHARE = {"int8": 0.25, "bf16_jit": 0.5}
+"""A trace's or graph's copy of the weights against their stored (fp32) bytes: INT8 keeps a
+byte per weight, the bf16 trace two; the other modes keep them in fp32."""
+
+
+def _graph_bytes(manifest: Manifest, mode: NumericMode) -> int:
+    """An estimate of the memory a version's trace or graph holds: its weights' stored bytes,
+    in the mode's precision."""
     shapes = _reference_state(manifest.backbone, manifest.num_classes)
-    return sum(math.prod(shape) * dtype.itemsize for shape, dtype in shapes.values())
+    stored = sum(math.prod(shape) * dtype.itemsize for shape, dtype in shapes.values())
+    return int(stored * _GRAPH_WEIGHT_SHARE.get(mode, 1.0))
 
 
 def _share_checked(

@@ -153,7 +153,10 @@ async def test_predict_auth_unknown_and_unserved(client: httpx.AsyncClient, digi
 
 
 async def test_listing(
-    client: httpx.AsyncClient, digits: dict, monkeypatch: pytest.MonkeyPatch
+    client: httpx.AsyncClient,
+    digits: dict,
+    app_and_parts: tuple[Any, dict[str, Any]],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     body = {"images": _b64(png_bytes(0))}
     assert (await client.post("/v1/models/digits/predict", json=body, headers=_auth())).is_success
@@ -176,6 +179,7 @@ async def test_listing(
         "shared_stages": [],  # no other version of its trunk is loaded here
         "shared_bytes": 0,
         "model_bytes": sum(t.numel() * t.element_size() for t in _tiny_state().values()),
+        "trunk": _trunk(app_and_parts[1]["registry"], digits["first"]),
     }
     assert listed["unpromoted"] == {"name": "unpromoted", "production": None, "serving": None}
     r = await client.get("/v1/models/digits/versions", headers=_auth())
@@ -183,6 +187,16 @@ async def test_listing(
     assert r.json()["aliases"] == {"production": digits["first"]}
     assert (await client.get("/v1/models/nobody/versions", headers=_auth())).status_code == 404
     assert (await client.get("/v1/models")).status_code == 401
+
+
+def _trunk(reg: Registry, version: str) -> str:
+    """How a listing names the trunk of ``digits@version``: its backbone and content (the
+    tiny models record no stage digests: the replica computes them at load)."""
+    from training.stage_digests import prefix_digests, stage_digests
+
+    manifest, state = reg.load_version("digits", version)
+    digests = stage_digests(state, manifest.backbone, manifest.num_classes)
+    return f"{manifest.backbone}/{prefix_digests(digests)[-2][:16]}"
 
 
 async def test_promote_and_rollback(client: httpx.AsyncClient, plane_parts: dict) -> None:
@@ -421,6 +435,8 @@ async def test_ops(client: httpx.AsyncClient, digits: dict) -> None:
     assert "refit_classifier_stage_cache_bytes " in text
     assert 'refit_classifier_model_cache_bytes{kind="budget"} 1.073741824e+09' in text
     assert "refit_classifier_model_parks_total 0.0" in text
+    trunks = [ln for ln in text.splitlines() if ln.startswith("refit_classifier_resident_trunks ")]
+    assert float(trunks[0].split()[1]) >= 1  # digits' (the other tests' models may be loaded)
     r = await client.get("/nowhere")
     assert (r.status_code, r.json()["error"]["code"]) == (404, "not_found")
 
