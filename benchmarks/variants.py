@@ -26,7 +26,8 @@ Reported, all from this one run:
 
   req/s (and its ratio to ``one model``), p50/p99, loads (cold variants) and their mean read
   time, and the resident model memory: the distinct bytes of every loaded model's tensors
-  (a tensor two models share counts once), beside one model's.
+  (a tensor two models share counts once) and, in a traced or graph mode, each trace or graph
+  once (estimated from its weights' bytes), beside one model's.
 
 In fp32 a replica holds the stages its versions share once (``service.runtime.shared_stages``)
 and runs one trunk pass for the merged requests of versions that differ only in the head
@@ -38,7 +39,8 @@ its answer (a cold load that reads only its head).
 venv, ``benchmarks/torchserve/setup.sh``), each a registered model there, against TorchServe
 serving one model in the same run: req/s and the whole server's memory. A TorchServe that
 cannot start is reported in the table.
-Not built yet, so not measured (issue 28): shared trunks in the faster modes.
+In ``fp32_jit``/``bf16_jit`` versions of one trunk run one trace of it (each its own head).
+Not built yet, so not measured (issue 28): shared trunks in the graph modes (OpenVINO, INT8).
 
     python benchmarks/variants.py [--head-variants 56] [--layer4-variants 8] [--seconds 15]
                                   [--concurrency 32] [--mode fp32] [--threads 2] [--fan-out 8]
@@ -255,7 +257,9 @@ def serve_row(
             await host.follower(names[0])  # the first load is no one's cold start
         result = await _drive(host, names, jpegs, args.concurrency, args.seconds)
         # the replica's own figure: distinct tensor bytes of its eager models
-        result["resident_model_bytes"] = host.stats()["model_bytes"]["resident"]
+        # the replica's own figure (what its byte budget counts): distinct tensor bytes of
+        # its models, plus each trace or graph once (estimated from the weights' bytes)
+        result["resident_model_bytes"] = host.stats()["model_cache"]["bytes"]
         result["parks"] = host.stats()["model_cache"]["parks"]
         return result
 
@@ -506,7 +510,7 @@ def main() -> int:
             "allocator": allocator,
             "concurrency": args.concurrency,
             "variants": {"head_only": args.head_variants, "last_n_stages_1": args.layer4_variants},
-            "not_built": "shared trunks in the faster modes",
+            "not_built": "shared trunks in the graph modes (OpenVINO, INT8)",
             "memory_note": "Refit rows: distinct tensor bytes of the loaded models; TorchServe "
             "rows: resident memory of the whole server (frontend and workers)",
         },

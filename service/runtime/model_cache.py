@@ -21,19 +21,22 @@ from service.runtime.hotload import Follower
 from service.runtime.served_model import ServedModel
 
 
-def _storages(served: ServedModel) -> dict[int, int]:
-    return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in served.tensors()}
+def _storages(served: ServedModel) -> dict[object, int]:
+    """What ``served`` holds, by identity: its tensors' storages and its trace or graph."""
+    held: dict[object, int] = {
+        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in served.tensors()
+    }
+    if served.graph_key is not None:
+        held[("graph", served.graph_key)] = served.graph_bytes
+    return held
 
 
 def resident_bytes(models: Iterable[ServedModel]) -> int:
-    """Memory of ``models`` loaded together: every tensor storage once, plus the trace or
-    graph copies of their weights."""
-    seen: dict[int, int] = {}
-    extra = 0
+    """Memory of ``models`` loaded together: every tensor storage, trace and graph once."""
+    seen: dict[object, int] = {}
     for served in models:
         seen.update(_storages(served))
-        extra += served.graph_bytes
-    return sum(seen.values()) + extra
+    return sum(seen.values())
 
 
 class ModelCache:
@@ -69,23 +72,21 @@ class ModelCache:
         """The least recently used followers to park so that the others' versions fit the
         budget (never the most recently used one)."""
         loaded = [(f, f.current) for f in self.loaded()]
-        held = [(f, _storages(s), s.graph_bytes) for f, s in loaded if s is not None]
-        uses: collections.Counter[int] = collections.Counter()
-        size: dict[int, int] = {}
+        held = [(f, _storages(s)) for f, s in loaded if s is not None]
+        uses: collections.Counter[object] = collections.Counter()
+        size: dict[object, int] = {}
         total = 0
-        for _, storages, extra in held:
-            total += extra
+        for _, storages in held:
             for ptr, nbytes in storages.items():
                 if uses[ptr] == 0:
                     total += nbytes
                 uses[ptr] += 1
                 size[ptr] = nbytes
         victims = []
-        for follower, storages, extra in held[:-1]:
+        for follower, storages in held[:-1]:
             if total <= self.budget_bytes:
                 break
             victims.append(follower)
-            total -= extra
             for ptr in storages:
                 uses[ptr] -= 1
                 if uses[ptr] == 0:

@@ -415,7 +415,7 @@ class ModelHost:
         for idx in groups.values():
             served, x, _ = items[idx[0]]
             split = served.split
-            key = (split.root, tuple(x.shape[1:])) if split is not None else id(served)
+            key = (split.root, served.mode, tuple(x.shape[1:])) if split else id(served)
             passes.setdefault(key, []).append(idx)
         out: list[Any] = [None] * len(items)
         for members in passes.values():

@@ -116,8 +116,11 @@ class ServedModel:
     another mode, or no stage digests)."""
     graph_bytes: int = 0
     """The served trace's or graph's copy of the weights, outside the tensors that
-    :meth:`tensors` lists (estimated as the weights' bytes in the stored dtype; 0 in eager
-    fp32)."""
+    :meth:`tensors` lists (estimated: the weights' bytes in the mode's precision; 0 in the
+    eager modes)."""
+    graph_key: int | None = None
+    """Which trace or graph ``graph_bytes`` is: versions sharing a traced trunk name the
+    same one (counted once)."""
 
     def tensors(self) -> Iterator[torch.Tensor]:
         """The torch tensors this version holds: its eager model's, its drift trunk's."""
@@ -209,6 +212,53 @@ def prepare(module: nn.Module, mode: NumericMode, example: torch.Tensor) -> Any:
     with torch.inference_mode(), ctx:
         traced = torch.jit.trace(module, x, check_trace=False)
     return torch.jit.freeze(traced.eval())
+
+
+class ModeBody(nn.Module):
+    """A trunk prepared for a numeric mode (a frozen trace) as a module: normalised fp32
+    input in, fp32 features out (the mode's memory format and autocast inside)."""
+
+    def __init__(self, runnable: Any, mode: NumericMode) -> None:
+        super().__init__()
+        self.runnable, self.mode = runnable, mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The features of ``x``."""
+        return forward(self.runnable, x, self.mode)
+
+
+class TrunkAndHead(nn.Module):
+    """A version served in a traced mode as a trunk traced once per trunk content and mode
+    in this process (shared by the versions with that trunk) and its own eager head, run in
+    fp32 on the trunk's features."""
+
+    def __init__(self, key: str, body: ModeBody, head: nn.Module) -> None:
+        super().__init__()
+        self.key, self.body, self.head = key, body, head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits of ``x``."""
+        features = self.body(x)
+        with torch.autocast("cpu", enabled=False):
+            out: torch.Tensor = self.head(features.float())
+            return out
+
+
+def _prepare(
+    module: nn.Module, manifest: Manifest, mode: NumericMode, example: torch.Tensor
+) -> Any:
+    """:func:`prepare`, with the trunk shared in the traced modes: a version with stage
+    digests runs the trunk traced for its content and mode (traced here by the first version
+    that needs it) and its own head (a head-only variant costs its head, and versions of one
+    trunk run it once per batch)."""
+    backbone = manifest.backbone
+    if mode not in _JIT_MODES or len(manifest.stages) < 2:
+        return prepare(module, mode, example)
+    key = f"{backbone}/{prefix_digests(manifest.stages)[-2]}"
+    runnable = shared_stages().trace(
+        key, mode, lambda: prepare(trunk(module, backbone), mode, example)
+    )
+    return TrunkAndHead(key, ModeBody(runnable, mode), head_module(module, backbone))
 
 
 def _graph_mode(
@@ -328,7 +378,7 @@ def _auto_mode(
                 return None
             prepared[mode] = (graph, agreement)
             return prepared[mode]
-        runnable = prepare(module, mode, sample)
+        runnable = _prepare(module, manifest, mode, sample)
         _memory_format(module, torch.contiguous_format)  # prepare turned it channels_last
         agreement = float((forward(runnable, x, mode).argmax(dim=1) == reference).float().mean())
         if agreement < min_agreement:
@@ -493,7 +543,7 @@ def load_served_model(
                 served, mode = module, "fp32"
         elif mode != "fp32":
             reference = forward(module, x, "fp32").argmax(dim=1)
-            served = prepare(module, mode, x[:8])
+            served = _prepare(module, manifest, mode, x[:8])
             candidate = forward(served, x, mode).argmax(dim=1)
             agreement = float((candidate == reference).float().mean())
             if agreement < min_agreement:
@@ -511,7 +561,26 @@ def load_served_model(
             sharing, split = _share_checked(served, manifest, x[:4])
         elif not torch.isfinite(forward(served, x[:4], mode)).all():
             raise IntegrityError(f"{name} {manifest.version} produces non-finite logits")
+        if isinstance(served, TrunkAndHead):
+            split = TrunkSplit(served.key, served.body, served.head)
+    # what holds weights outside the torch tensors listed: a trace or graph (one per trunk
+    # content and mode for versions that share a traced trunk)
+    graph_key = None
+    if isinstance(served, TrunkAndHead):
+        graph_key = id(served.body.runnable)
+    elif not _eager_module(served):
+        graph_key = id(served)
     stats = _drift_reference(registry, manifest) if drift else None
+    drift_trunk = trunk(module, manifest.backbone) if stats is not None else None
+    if stats is not None and served is not module and manifest.stages:
+        # the drift score's eager trunk beside a trace or graph: the fp32 stages resident
+        # versions hold with the same content, held once (this model is not changed after)
+        shared = shared_stages()
+        module = _memory_format(module, torch.contiguous_format)
+        shared.adopt(module, manifest.backbone, manifest.num_classes, manifest.stages)
+        drift_trunk = trunk(module, manifest.backbone)
+        # what stays alive is the trunk: it offers the stages before the head
+        shared.offer(drift_trunk, manifest.backbone, manifest.stages[:-1])
     return ServedModel(
         manifest=manifest,
         module=served,
@@ -520,11 +589,12 @@ def load_served_model(
         fallback=fallback,
         fallback_kind=kind,
         reference=stats,
-        trunk=trunk(module, manifest.backbone) if stats is not None else None,
+        trunk=drift_trunk,
         passed_over=passed_over,
         split=split,
         sharing=sharing,
-        graph_bytes=0 if _eager_module(served) else _graph_bytes(manifest, mode),
+        graph_bytes=_graph_bytes(manifest, mode) if graph_key is not None else 0,
+        graph_key=graph_key,
     )
 
 

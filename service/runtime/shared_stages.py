@@ -19,7 +19,9 @@ from __future__ import annotations
 import functools
 import threading
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -49,6 +51,8 @@ class SharedStages:
         self._resident: dict[str, weakref.ref[nn.Module]] = {}
         # per trunk key: features its trunk computed, finite (kept while a holder is resident)
         self._features: dict[str, tuple[weakref.ref[nn.Module], torch.Tensor]] = {}
+        # per (trunk key, mode): the trunk traced for that mode (held by the versions using it)
+        self._traces: dict[tuple[str, str], weakref.ref[Any]] = {}
         self._lock = threading.Lock()
 
     def adopt(
@@ -114,6 +118,22 @@ class SharedStages:
                 self._features[trunk[0]] = (weakref.ref(module), trunk[1])
             self._resident = {k: r for k, r in self._resident.items() if r() is not None}
             self._features = {k: v for k, v in self._features.items() if v[0]() is not None}
+
+    def trace(self, trunk_key: str, mode: str, make: Callable[[], Any]) -> Any:
+        """The trunk with this content traced for ``mode`` in this process: the one a
+        resident version runs, or ``make()`` (then offered to the next ones). A trace is a
+        function of the trunk's content and the mode alone; each version still passes its
+        own agreement gate with it."""
+        with self._lock:
+            ref = self._traces.get((trunk_key, mode))
+            held = ref() if ref is not None else None
+        if held is not None:
+            return held
+        made = make()  # seconds: outside the lock (two first loads may both trace: harmless)
+        with self._lock:
+            self._traces[(trunk_key, mode)] = weakref.ref(made)
+            self._traces = {k: r for k, r in self._traces.items() if r() is not None}
+        return made
 
     def features(self, trunk_key: str) -> torch.Tensor | None:
         """Finite features a resident trunk with this key computed (None: none resident)."""

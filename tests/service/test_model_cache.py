@@ -211,3 +211,83 @@ def test_a_head_that_yields_nan_is_refused_beside_its_resident_trunk(store: Obje
     asyncio.run(run())
     for follower in list(host.followers.values()):
         follower.stop()
+
+
+def test_traced_modes_trace_a_trunk_once_for_its_variants(store: ObjectStore) -> None:
+    """In a traced mode (fp32_jit here: it runs on every CPU) versions with the same trunk run
+    one trace of it (one copy, counted once against the budget) and each its own head;
+    merged requests run it once; each answers as the version alone in that mode."""
+    from service.runtime.model_cache import resident_bytes
+    from service.runtime.model_host import _rank_all
+    from service.runtime.served_model import TrunkAndHead, load_served_model
+
+    states = _variants(16)
+    reg = Registry(store)
+    _publish(reg, {n: states[n] for n in ("base", "heads1", "own4")})
+    served = {
+        n: load_served_model(reg, n, "production", mode="fp32_jit", check_speed=False)
+        for n in ("base", "heads1", "own4")
+    }
+    base, heads1, own4 = served["base"], served["heads1"], served["own4"]
+    assert (base.mode, heads1.mode) == ("fp32_jit", "fp32_jit")
+    assert isinstance(base.module, TrunkAndHead)
+    assert base.module.body.runnable is heads1.module.body.runnable  # one trace
+    assert own4.module.body.runnable is not base.module.body.runnable  # another trunk
+    assert base.split.key == heads1.split.key != own4.split.key
+    assert heads1.graph_key == base.graph_key
+    assert resident_bytes([base, heads1]) == resident_bytes([base]) + (3 * 512 + 3) * 4
+    crops = _crops()
+    x = normalize(PRE, crops)
+    calls: list[int] = []
+    body = base.split.body
+    body.register_forward_hook(lambda _m, args, _out: calls.append(args[0].shape[0]))
+    jobs = [(base, [crops[:1]], 3), (heads1, [crops], 3), (own4, [crops], 3)]
+    answers = _rank_all(jobs)
+    assert calls == [3]  # base's and heads1's rows, one pass; own4 runs its own trunk
+    for (version, parts, _), (ranked, _) in zip(jobs, answers, strict=True):
+        alone = version.top_k(torch.cat(parts), 3)
+        assert [img[0]["label"] for img in ranked] == [img[0]["label"] for img in alone]
+        # a trace's first runs and its optimised runs (TorchScript's profiling executor)
+        # round differently: close, and judged like any mode by the agreement gate
+        got = [r["score"] for img in ranked for r in img]
+        assert got == pytest.approx([r["score"] for img in alone for r in img], abs=2e-3)
+    with torch.inference_mode():  # and in fp32 the trace answers as the eager model would
+        eager = build_with_weights("resnet18", dict(states["heads1"]), num_classes=3).eval()
+        assert torch.allclose(heads1.logits_normalized(x), eager(x), atol=1e-4)
+
+
+def test_drift_trunks_beside_traces_hold_shared_stages_once(store: ObjectStore) -> None:
+    """A version served as a trace keeps an eager fp32 trunk for the drift score: versions of
+    one trunk hold its stages once (the first one's), and score as each alone."""
+    from conftest import publish_tiny_model
+    from service.runtime.served_model import load_served_model
+    from training.backbones import trunk
+    from training.feature_stats import FILE
+
+    reg = Registry(store)
+    first, net = publish_tiny_model(reg, "drift1", drift=True)
+    state = dict(net.state_dict(), **{"fc.bias": net.state_dict()["fc.bias"] + 1.0})
+    assert first.drift is not None
+    second = reg.publish(
+        state,
+        model="drift2",
+        backbone="resnet18",
+        num_classes=3,
+        class_names=["a", "b", "c"],
+        preprocessing=first.preprocessing,
+        extra_files={FILE: reg.read_file(first, FILE)},
+        drift=first.drift,
+    )
+    one, two = (
+        load_served_model(reg, m.model, m.version, mode="fp32_jit", check_speed=False, drift=True)
+        for m in (first, second)
+    )
+    assert one.trunk is not None
+    assert two.trunk is not None
+    assert one.module.body.runnable is two.module.body.runnable  # one trace
+    for part in ("conv1", "layer1", "layer4"):  # and one eager copy for the drift score
+        assert getattr(two.trunk, part) is getattr(one.trunk, part)
+    x = normalize(first.preprocessing, _crops())
+    with torch.inference_mode():
+        alone = one.reference.distances(trunk(net.eval(), "resnet18")(x))
+    assert torch.allclose(two.feature_distances(x), alone, atol=1e-5)
