@@ -501,7 +501,7 @@ def main() -> int:
     elif peer_set:
         rows.append({"run": "TorchServe: could not start (see the log above)"})
     report(
-        "variants",
+        "variants" if args.mode == "fp32" else f"variants-{args.mode}",
         rows,
         {
             "fan_out": fan_out,
