@@ -213,8 +213,8 @@ class ScrapeCollector(Collector):
         )
         yield GaugeMetricFamily(
             "refit_classifier_resident_trunks",
-            "Distinct trunk contents among the eager models a classifier replica has loaded "
-            "(variants of one trunk hold it once)",
+            "Distinct trunk contents among the models a classifier replica has loaded in fp32 "
+            "or a traced mode (variants of one trunk in one mode hold it once)",
             value=models.get("resident_trunks", 0),
         )
         yield CounterMetricFamily(

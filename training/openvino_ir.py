@@ -382,19 +382,43 @@ def _export_main() -> None:
     (work / "graphs.json").write_text(json.dumps(records))
 
 
+def _read(xml: bytes, weights: bytes) -> Any:
+    import openvino as ov
+
+    return _core().read_model(
+        model=xml.decode(), weights=ov.Tensor(np.frombuffer(weights, np.uint8))
+    )
+
+
+def _compile(graph: Any, threads: int) -> CompiledGraph:
+    config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+    if threads > 0:
+        config["INFERENCE_NUM_THREADS"] = threads
+    return CompiledGraph(_core().compile_model(graph, "CPU", config))
+
+
 def compile_graph(xml: bytes, weights: bytes, *, threads: int) -> CompiledGraph:
     """Compile a stored IR for this CPU: ``threads`` inference threads (0: OpenVINO's
     choice), latency-oriented, and fp32 precision wherever a layer is not quantized (on CPUs
     with bf16 OpenVINO would otherwise run fp32 graphs in bf16, which the agreement of the
     ``openvino`` mode was not measured with)."""
+    return _compile(_read(xml, weights), threads)
+
+
+def compile_trunk(xml: bytes, weights: bytes, *, threads: int) -> CompiledGraph | None:
+    """A stored IR cut before its classifier head, compiled as :func:`compile_graph`: the
+    graph up to the activation input of its last MatMul (what the head's linear layer
+    takes; INT8 leaves that layer in fp32, so the cut loses nothing quantized). None for a
+    graph without one. The caller checks that the cut is the trunk (a head of several layers
+    ends in a MatMul whose input is not the trunk's output)."""
     import openvino as ov
 
-    core = _core()
-    graph = core.read_model(model=xml.decode(), weights=ov.Tensor(np.frombuffer(weights, np.uint8)))
-    config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
-    if threads > 0:
-        config["INFERENCE_NUM_THREADS"] = threads
-    return CompiledGraph(core.compile_model(graph, "CPU", config))
+    graph = _read(xml, weights)
+    matmuls = [op for op in graph.get_ordered_ops() if op.get_type_name() == "MatMul"]
+    if not matmuls:
+        return None
+    features = matmuls[-1].input_value(0)
+    return _compile(ov.Model([features], graph.get_parameters(), "trunk"), threads)
 
 
 EXPORT_NICENESS = 10

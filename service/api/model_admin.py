@@ -45,8 +45,9 @@ class ServingView(BaseModel):
     model_bytes: int | None = None
     """Every tensor byte of its model, shared ones included (eager fp32)."""
     trunk: str | None = None
-    """Eager fp32: its trunk's content (the backbone and a digest of every stage but the
-    head); the models listed with the same trunk hold it once and run it once per batch."""
+    """fp32 and the traced modes: its trunk's content (the backbone and a digest of every
+    stage but the head); the models listed with the same trunk (and mode) hold it once and
+    run it once per batch."""
 
 
 class ModelSummary(BaseModel):

@@ -25,7 +25,7 @@ from service.settings import NumericMode
 from training.backbones import build_with_weights, head_module, stage_runs, structure, trunk
 from training.feature_stats import FeatureStats
 from training.node_jobs import wait_quiet
-from training.openvino_ir import compile_graph
+from training.openvino_ir import compile_graph, compile_trunk
 from training.preprocess import normalize
 from training.preprocessing_spec import Preprocessing
 from training.stage_digests import prefix_digests, stage_digests
@@ -251,14 +251,55 @@ def _prepare(
     digests runs the trunk traced for its content and mode (traced here by the first version
     that needs it) and its own head (a head-only variant costs its head, and versions of one
     trunk run it once per batch)."""
-    backbone = manifest.backbone
-    if mode not in _JIT_MODES or len(manifest.stages) < 2:
+    backbone, key = manifest.backbone, _trunk_key(manifest)
+    if mode not in _JIT_MODES or key is None:
         return prepare(module, mode, example)
-    key = f"{backbone}/{prefix_digests(manifest.stages)[-2]}"
     runnable = shared_stages().trace(
         key, mode, lambda: prepare(trunk(module, backbone), mode, example)
     )
     return TrunkAndHead(key, ModeBody(runnable, mode), head_module(module, backbone))
+
+
+def _graph_trunk(
+    registry: Registry, manifest: Manifest, module: nn.Module, x: torch.Tensor, mode: NumericMode
+) -> tuple[TrunkAndHead | None, bool]:
+    """A graph mode's trunk shared by the versions of one trunk content, with this version's
+    head in torch beside it: the graph a resident version cut before its head, else this
+    version's own stored graph cut so (where the cut gives the trunk's features); and
+    whether it was cut from this version's graph. None: neither (no stage digests, no graph,
+    or a head the cut does not isolate: this version serves its own whole graph)."""
+    key = _trunk_key(manifest)
+    record = manifest.graphs.get(mode)
+    if key is None:
+        return None, False
+    backbone = manifest.backbone
+    own = False
+
+    def cut() -> Any:
+        nonlocal own
+        if record is None:
+            return None
+        xml, weights = (registry.read_file(manifest, name) for name in record.files)
+        graph = compile_trunk(xml, weights, threads=torch.get_num_threads())
+        if graph is None:
+            return None
+        with torch.inference_mode():
+            expected = trunk(module, backbone)(x[:1]).shape
+        own = forward(graph, x[:1], mode).shape == expected
+        return graph if own else None
+
+    runnable = shared_stages().trace(key, mode, cut)
+    if runnable is None:
+        return None, False
+    return TrunkAndHead(key, ModeBody(runnable, mode), head_module(module, backbone)), own
+
+
+def _trunk_key(manifest: Manifest) -> str | None:
+    """The content of a version's trunk (its backbone and every stage but the head; None:
+    no stage digests): versions with the same key compute the same trunk features."""
+    if len(manifest.stages) < 2:
+        return None
+    return f"{manifest.backbone}/{prefix_digests(manifest.stages)[-2]}"
 
 
 def _graph_mode(
@@ -275,11 +316,14 @@ def _graph_mode(
     measured on all its calibration crops (>= 200 where the data has them; recorded in the
     manifest that the alias' hash vouches for). Here the graph runs the version's stored
     calibration sample, and may differ from fp32 on at most one image more than the job
-    measured (another CPU's kernels round differently; a bigger gap means a wrong graph)."""
+    measured (another CPU's kernels round differently; a bigger gap means a wrong graph).
+
+    Versions of one trunk content share its graph (:func:`_graph_trunk`): cut from the
+    first one's graph before its head, each version's head in torch beside it. A version
+    that takes another's trunk graph (it may have no graph of its own: a head-only variant
+    needs none) is gated on the agreement measured here, on its calibration sample."""
     record = manifest.graphs.get(mode)
-    if record is None:
-        return None, None, f"version {manifest.version} has no {mode} graph", "unavailable"
-    if record.calibration_agreement < min_agreement:
+    if record is not None and record.calibration_agreement < min_agreement:
         return (
             None,
             record.calibration_agreement,
@@ -287,9 +331,19 @@ def _graph_mode(
             f"on {record.images} calibration images",
             "agreement",
         )
-    xml, weights = (registry.read_file(manifest, name) for name in record.files)
-    graph = compile_graph(xml, weights, threads=torch.get_num_threads())
     reference = forward(module, x, "fp32").argmax(dim=1)
+    graph: Any
+    graph, own = _graph_trunk(registry, manifest, module, x, mode)
+    if graph is not None and not own:
+        here = float((forward(graph, x, mode).argmax(dim=1) == reference).float().mean())
+        if here >= min_agreement:
+            return graph, here, *_speed(manifest, module, graph, x, mode, check_speed)
+        graph = None  # its own graph, where it has one
+    if record is None:
+        return None, None, f"version {manifest.version} has no {mode} graph", "unavailable"
+    if graph is None:
+        xml, weights = (registry.read_file(manifest, name) for name in record.files)
+        graph = compile_graph(xml, weights, threads=torch.get_num_threads())
     here = float((forward(graph, x, mode).argmax(dim=1) == reference).float().mean())
     if here < record.calibration_agreement - 1.0 / len(x) - 1e-9:
         return (
@@ -299,8 +353,20 @@ def _graph_mode(
             f"the job measured {record.calibration_agreement:.3f}",
             "agreement",
         )
+    speed = _speed(manifest, module, graph, x, mode, check_speed)
+    return graph, record.calibration_agreement, *speed
+
+
+def _speed(
+    manifest: Manifest,
+    module: nn.Module,
+    graph: Any,
+    x: torch.Tensor,
+    mode: NumericMode,
+    check_speed: bool,
+) -> tuple[str | None, FallbackKind | None]:
     fallback = speed_verdict(manifest.backbone, module, graph, x[:8], mode) if check_speed else None
-    return graph, record.calibration_agreement, fallback, "speed" if fallback else None
+    return fallback, "speed" if fallback else None
 
 
 def _seconds_per_forward(module: Any, x: torch.Tensor, mode: NumericMode) -> float:
@@ -391,7 +457,7 @@ def _auto_mode(
     fp32_s = _timed(backbone, module, sample, "fp32")
     candidates: list[NumericMode] = [*AUTO_TORCH_MODES]
     for mode in GRAPH_MODES:
-        if mode in manifest.graphs:
+        if mode in manifest.graphs or _resident_graph_trunk(manifest, mode):
             candidates.insert(0, mode)
         else:
             why = f"version {manifest.version} has no {mode} graph"
@@ -418,6 +484,12 @@ def _auto_mode(
             why = _slower(mode, mode_s, chosen[1], chosen_s, len(sample))
             passed_over[mode] = PassedOver("speed", why)
     return chosen[0], chosen[1], chosen[2], dict(sorted(passed_over.items()))
+
+
+def _resident_graph_trunk(manifest: Manifest, mode: NumericMode) -> bool:
+    """Whether a resident version holds a graph trunk of this version's trunk content."""
+    key = _trunk_key(manifest)
+    return key is not None and shared_stages().trace(key, mode) is not None
 
 
 def _memory_format(module: nn.Module, fmt: torch.memory_format) -> nn.Module:

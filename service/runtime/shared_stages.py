@@ -119,17 +119,20 @@ class SharedStages:
             self._resident = {k: r for k, r in self._resident.items() if r() is not None}
             self._features = {k: v for k, v in self._features.items() if v[0]() is not None}
 
-    def trace(self, trunk_key: str, mode: str, make: Callable[[], Any]) -> Any:
-        """The trunk with this content traced for ``mode`` in this process: the one a
-        resident version runs, or ``make()`` (then offered to the next ones). A trace is a
-        function of the trunk's content and the mode alone; each version still passes its
-        own agreement gate with it."""
+    def trace(self, trunk_key: str, mode: str, make: Callable[[], Any] | None = None) -> Any:
+        """The trunk with this content prepared for ``mode`` in this process (a trace, or a
+        graph cut before its head): the one a resident version runs, else ``make()`` (then
+        offered to the next ones; None: nothing made). A traced trunk is a function of the
+        trunk's content and the mode; a graph's, of the version it was cut from too: each
+        version passes its own agreement gate with the one it gets."""
         with self._lock:
             ref = self._traces.get((trunk_key, mode))
             held = ref() if ref is not None else None
-        if held is not None:
+        if held is not None or make is None:
             return held
-        made = make()  # seconds: outside the lock (two first loads may both trace: harmless)
+        made = make()  # seconds: outside the lock (two first loads may both make one: harmless)
+        if made is None:
+            return None
         with self._lock:
             self._traces[(trunk_key, mode)] = weakref.ref(made)
             self._traces = {k: r for k, r in self._traces.items() if r() is not None}

@@ -257,7 +257,10 @@ def test_auto_serves_the_fastest_mode_that_agrees_and_says_why_not_the_others(
     with torch.no_grad():
         expected = net(normalize(PRE, x)).argmax(dim=1)
     assert torch.equal(strict.logits(x).argmax(dim=1), expected)
-    # a version without graphs: the torch modes alone, the graphs 'unavailable'
+    # a version without graphs, with no version of its trunk resident (one would lend it
+    # its graph trunk: test_versions_of_one_trunk_share_its_graph): the torch modes alone,
+    # the graphs 'unavailable'
+    del served, strict
     plain = _publish(reg, net, [])
     torch_only = load_served_model(reg, "ov", plain.version, mode="auto", min_agreement=0.0)
     assert torch_only.mode == "bf16_jit"
@@ -306,6 +309,9 @@ def test_auto_switches_to_a_graph_once_the_version_has_one(
     follower.load_now()
     assert follower.settled(1)
     assert swapped == ["fp32", "fp32_jit", fastest]
+    # the wrapper's cycle (slot -> wrapper -> slot) would keep the version, and the graph
+    # trunk it lends to versions of its trunk, alive into the next test
+    del follower.slot.swap
 
 
 def test_a_faster_mode_waits_while_a_job_on_the_node_goes_live(
@@ -354,3 +360,48 @@ def test_the_export_child_yields_the_cpu_to_serving_and_jobs() -> None:
         assert os.getpriority(os.PRIO_PROCESS, pid) == min(19, mine + EXPORT_NICENESS)
     finally:
         child.close()
+
+
+@pytest.mark.parametrize("mode", ["openvino", "int8"])
+def test_versions_of_one_trunk_share_its_graph(store: ObjectStore, exported, mode: str) -> None:
+    """A head-only variant published without graphs serves in the graph mode on the graph
+    its parent's trunk was cut to (one graph, counted once), its own head in torch, gated on
+    its agreement here; merged requests of both run that graph once."""
+    from service.runtime.model_cache import resident_bytes
+    from service.runtime.model_host import _rank_all
+
+    net, graphs = exported
+    reg = Registry(store)
+    parent = _publish(reg, net, graphs)
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    state["fc.bias"] += torch.tensor([0.05, -0.05, 0.0])  # a retrained head: same answers
+    variant = reg.publish(
+        state,
+        model="ov-head",
+        backbone="resnet18",
+        num_classes=3,
+        class_names=["a", "b", "c"],
+        preprocessing=PRE,
+        calibration=_crops(8, offset=200),
+    )
+    assert not variant.graphs
+    one = load_served_model(reg, "ov", parent.version, mode=mode, check_speed=False)
+    two = load_served_model(reg, "ov-head", variant.version, mode=mode, check_speed=False)
+    assert (one.mode, two.mode, two.fallback) == (mode, mode, None)
+    assert one.agreement == parent.graphs[mode].calibration_agreement  # its own graph's
+    assert two.agreement == 1.0  # measured here, on its 8 calibration crops
+    assert one.module.body.runnable is two.module.body.runnable
+    assert one.split.key == two.split.key
+    assert resident_bytes([one, two]) == resident_bytes([one]) + (3 * 512 + 3) * 4
+    x = _crops(6, offset=300)
+    variant_net = build_backbone("resnet18", num_classes=3).eval()
+    variant_net.load_state_dict(state)
+    with torch.no_grad():
+        expected = variant_net(normalize(PRE, x))
+    tolerance = 1e-3 if mode == "openvino" else 0.5  # int8 rounds
+    assert torch.allclose(two.logits(x), expected, atol=tolerance)
+    calls: list[int] = []
+    one.split.body.register_forward_hook(lambda _m, a, _o: calls.append(a[0].shape[0]))
+    answers = _rank_all([(one, [x[:2]], 1), (two, [x], 1)])
+    assert calls == [8]  # one graph pass over both versions' rows
+    assert [r[0]["label"] for r in answers[1][0]] == [r[0]["label"] for r in two.top_k(x, 1)]
