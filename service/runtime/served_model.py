@@ -30,6 +30,7 @@ from training.preprocess import normalize
 from training.preprocessing_spec import Preprocessing
 from training.stage_digests import prefix_digests, stage_digests
 from training.storage.errors import IntegrityError, RefitError
+from training.storage.ids import is_id
 from training.storage.registry import Manifest, Registry, StageDigest
 
 log = logging.getLogger(__name__)
@@ -261,7 +262,12 @@ def _prepare(
 
 
 def _graph_trunk(
-    registry: Registry, manifest: Manifest, module: nn.Module, x: torch.Tensor, mode: NumericMode
+    registry: Registry,
+    manifest: Manifest,
+    module: nn.Module,
+    x: torch.Tensor,
+    mode: NumericMode,
+    min_agreement: float,
 ) -> tuple[TrunkAndHead | None, bool]:
     """A graph mode's trunk shared by the versions of one trunk content, with this version's
     head in torch beside it: the graph a resident version cut before its head, else this
@@ -277,21 +283,58 @@ def _graph_trunk(
 
     def cut() -> Any:
         nonlocal own
-        if record is None:
+        source = (
+            manifest
+            if record is not None
+            else _graph_ancestor(registry, manifest, mode, min_agreement)
+        )
+        if source is None:
             return None
-        xml, weights = (registry.read_file(manifest, name) for name in record.files)
+        files = source.graphs[mode].files
+        xml, weights = (registry.read_file(source, name) for name in files)
         graph = compile_trunk(xml, weights, threads=torch.get_num_threads())
         if graph is None:
             return None
         with torch.inference_mode():
             expected = trunk(module, backbone)(x[:1]).shape
-        own = forward(graph, x[:1], mode).shape == expected
-        return graph if own else None
+        if forward(graph, x[:1], mode).shape != expected:
+            return None
+        own = source is manifest
+        return graph
 
     runnable = shared_stages().trace(key, mode, cut)
     if runnable is None:
         return None, False
     return TrunkAndHead(key, ModeBody(runnable, mode), head_module(module, backbone)), own
+
+
+_ANCESTORS = 4
+"""How far up its parents a version without a graph looks for one of its trunk's."""
+
+
+def _graph_ancestor(
+    registry: Registry, manifest: Manifest, mode: NumericMode, min_agreement: float
+) -> Manifest | None:
+    """The nearest published ancestor (``parent``, then its parent: at most
+    :data:`_ANCESTORS`) with the same trunk content and a ``mode`` graph (its graph set's
+    included) that its job measured at ``min_agreement`` or more: a head-only variant's graph
+    trunk is its parent's. None: none such."""
+    key, seen = _trunk_key(manifest), manifest
+    for _ in range(_ANCESTORS):
+        model, _, version = (seen.parent or "").partition("@")
+        if not (is_id(model) and is_id(version)):
+            return None
+        try:
+            seen, _ = registry.read_manifest(model, version)
+        except RefitError:  # an ancestor deleted or damaged: no graph from it
+            return None
+        if _trunk_key(seen) != key:  # stages recorded, the same trunk: or no further
+            return None
+        if mode not in seen.graphs:
+            seen = registry.with_graph_set(seen)
+        if mode in seen.graphs:
+            return seen if seen.graphs[mode].calibration_agreement >= min_agreement else None
+    return None
 
 
 def _trunk_key(manifest: Manifest) -> str | None:
@@ -333,7 +376,7 @@ def _graph_mode(
         )
     reference = forward(module, x, "fp32").argmax(dim=1)
     graph: Any
-    graph, own = _graph_trunk(registry, manifest, module, x, mode)
+    graph, own = _graph_trunk(registry, manifest, module, x, mode, min_agreement)
     if graph is not None and not own:
         here = float((forward(graph, x, mode).argmax(dim=1) == reference).float().mean())
         if here >= min_agreement:
@@ -457,7 +500,9 @@ def _auto_mode(
     fp32_s = _timed(backbone, module, sample, "fp32")
     candidates: list[NumericMode] = [*AUTO_TORCH_MODES]
     for mode in GRAPH_MODES:
-        if mode in manifest.graphs or _resident_graph_trunk(manifest, mode):
+        if mode in manifest.graphs or _graph_trunk_available(
+            registry, manifest, mode, min_agreement
+        ):
             candidates.insert(0, mode)
         else:
             why = f"version {manifest.version} has no {mode} graph"
@@ -486,10 +531,17 @@ def _auto_mode(
     return chosen[0], chosen[1], chosen[2], dict(sorted(passed_over.items()))
 
 
-def _resident_graph_trunk(manifest: Manifest, mode: NumericMode) -> bool:
-    """Whether a resident version holds a graph trunk of this version's trunk content."""
+def _graph_trunk_available(
+    registry: Registry, manifest: Manifest, mode: NumericMode, min_agreement: float
+) -> bool:
+    """Whether a version without a ``mode`` graph of its own can run one of its trunk's: a
+    resident version holds one, or an ancestor of the same trunk has one."""
     key = _trunk_key(manifest)
-    return key is not None and shared_stages().trace(key, mode) is not None
+    if key is None:
+        return False
+    if shared_stages().trace(key, mode) is not None:
+        return True
+    return _graph_ancestor(registry, manifest, mode, min_agreement) is not None
 
 
 def _memory_format(module: nn.Module, fmt: torch.memory_format) -> nn.Module:

@@ -405,3 +405,46 @@ def test_versions_of_one_trunk_share_its_graph(store: ObjectStore, exported, mod
     answers = _rank_all([(one, [x[:2]], 1), (two, [x], 1)])
     assert calls == [8]  # one graph pass over both versions' rows
     assert [r[0]["label"] for r in answers[1][0]] == [r[0]["label"] for r in two.top_k(x, 1)]
+
+
+def test_a_variant_without_graphs_runs_its_parents_graph_trunk(
+    store: ObjectStore, exported
+) -> None:
+    """With no version of its trunk loaded, a head-only variant that has no graph of its own
+    cuts the trunk from its parent's graph (same trunk content, recorded stages); a variant
+    whose trunk differs from its parent's does not, and serves as before."""
+    from training.stage_digests import split_stages
+
+    net, graphs = exported
+    reg = Registry(store)
+    files, records = {}, {}
+    for g in graphs:
+        xml, weights = ir_files(g.mode)
+        files[xml], files[weights] = g.xml, g.weights
+        records[g.mode] = {"files": [xml, weights], **g.measured()}
+    fields = {
+        "backbone": "resnet18",
+        "num_classes": 3,
+        "class_names": ["a", "b", "c"],
+        "preprocessing": PRE,
+        "calibration": _crops(8, offset=200),
+    }
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    parent = reg.publish(
+        split_stages(state, "resnet18", 3), model="ov", extra_files=files, graphs=records, **fields
+    )
+    assert parent.graphs["int8"].calibration_agreement >= 0.99
+    head = dict(state, **{"fc.bias": state["fc.bias"] + torch.tensor([0.05, -0.05, 0.0])})
+    variant = reg.publish(
+        split_stages(head, "resnet18", 3), model="ov-head", parent=f"ov@{parent.version}", **fields
+    )
+    served = load_served_model(reg, "ov-head", variant.version, mode="int8", check_speed=False)
+    assert (served.mode, served.fallback) == ("int8", None)
+    assert served.split is not None
+    other = dict(head, **{"layer4.1.bn2.bias": head["layer4.1.bn2.bias"] + 0.01})
+    changed = reg.publish(
+        split_stages(other, "resnet18", 3), model="ov-l4", parent=f"ov@{parent.version}", **fields
+    )
+    del served  # no version of the parent's trunk resident now
+    alone = load_served_model(reg, "ov-l4", changed.version, mode="int8", check_speed=False)
+    assert (alone.mode, alone.fallback_kind) == ("fp32", "unavailable")
