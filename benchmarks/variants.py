@@ -133,12 +133,21 @@ def publish_variants(
         "preprocessing": pre,
     }
 
-    def publish(name: str, state: dict[str, Any], parent: str | None) -> dict[str, Any]:
-        m = writer.publish(split_stages(state, "resnet18", 10), model=name, parent=parent, **fields)
+    graph_modes = args.mode in ("openvino", "int8", "auto")
+    if graph_modes:  # each version's gate needs its calibration crops (real ones)
+        fields["calibration"] = crops[200:216]
+
+    def publish(name: str, state: dict[str, Any], parent: str | None, **extra: Any) -> dict:
+        m = writer.publish(
+            split_stages(state, "resnet18", 10), model=name, parent=parent, **fields, **extra
+        )
         writer.set_alias(name, "production", m.version)
         return m.weights_storage()
 
-    first = publish("base", base, None)
+    # the graph modes: the base's graphs, as its job makes them; its variants make none
+    # (each cuts its trunk from the base's graph, its head in torch)
+    graphs = _base_graphs(model, x, normalize(pre, crops[216:280])) if graph_modes else {}
+    first = publish("base", base, None, **graphs)
     parent = f"base@{writer.serving('base', 'production').version}"
     names, written = [], {"head_only": [], "last_n_stages_1": []}
     started = time.perf_counter()
@@ -163,6 +172,31 @@ def publish_variants(
     request_jpegs = jpegs[200:328]
     del base, model  # only the store's copies from here
     return names, request_jpegs, storage
+
+
+def _base_graphs(model: Any, x: Any, held_out: Any) -> dict[str, Any]:
+    """The base's OpenVINO and INT8 graphs made as a job makes them (a child process, NNCF
+    with the agreement gate; ``x`` calibration crops, normalised), as ``publish``
+    arguments."""
+    from training.openvino_ir import ExportChild, ir_files
+
+    _log("exporting the base's graphs (OpenVINO, INT8): setup, not timed")
+    with ExportChild() as child:
+        graphs = child.export(
+            model.state_dict(),
+            backbone="resnet18",
+            num_classes=10,
+            calibration=x,
+            held_out=held_out,
+            min_agreement=0.99,
+        )
+    files, records = {}, {}
+    for g in graphs:
+        xml, weights = ir_files(g.mode)
+        files[xml], files[weights] = g.xml, g.weights
+        records[g.mode] = {"files": [xml, weights], **g.measured()}
+        _log(f"{g.mode}: agreement {g.calibration_agreement:.3f} on {g.images} crops")
+    return {"extra_files": files, "graphs": records}
 
 
 class _CountingRegistry:
@@ -426,7 +460,9 @@ def main() -> int:
     )
     p.add_argument("--no-jemalloc", action="store_true")
     args = p.parse_args()
-    allocator = reexec_with_jemalloc(not args.no_jemalloc)
+    # the graph modes run as their replicas do: OpenVINO aborts under a preloaded jemalloc
+    graph_mode = args.mode in ("openvino", "int8", "auto")
+    allocator = reexec_with_jemalloc(not args.no_jemalloc and not graph_mode)
     import torch
 
     torch.set_num_threads(args.threads)

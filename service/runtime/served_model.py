@@ -382,6 +382,14 @@ def _graph_mode(
         if here >= min_agreement:
             return graph, here, *_speed(manifest, module, graph, x, mode, check_speed)
         graph = None  # its own graph, where it has one
+        if record is None:
+            return (
+                None,
+                here,
+                f"with its trunk's {mode} graph (another version's) top-1 agreement with fp32 "
+                f"{here:.3f} < {min_agreement} on its {len(x)} calibration images",
+                "agreement",
+            )
     if record is None:
         return None, None, f"version {manifest.version} has no {mode} graph", "unavailable"
     if graph is None:

@@ -441,6 +441,12 @@ def test_a_variant_without_graphs_runs_its_parents_graph_trunk(
     served = load_served_model(reg, "ov-head", variant.version, mode="int8", check_speed=False)
     assert (served.mode, served.fallback) == ("int8", None)
     assert served.split is not None
+    # the trunk graph lent, the gate still this version's: past it, fp32 serves, and says why
+    strict = load_served_model(
+        reg, "ov-head", variant.version, mode="int8", check_speed=False, min_agreement=1.01
+    )
+    assert (strict.mode, strict.fallback_kind) == ("fp32", "agreement")
+    assert "another version's" in (strict.fallback or "")
     other = dict(head, **{"layer4.1.bn2.bias": head["layer4.1.bn2.bias"] + 0.01})
     changed = reg.publish(
         split_stages(other, "resnet18", 3), model="ov-l4", parent=f"ov@{parent.version}", **fields
