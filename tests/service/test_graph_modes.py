@@ -67,14 +67,20 @@ def exported() -> tuple[torch.nn.Module, list]:
     return net, graphs
 
 
-def _publish(reg: Registry, net: torch.nn.Module, graphs: list, **override: float) -> Manifest:
+def _graph_files(graphs: list) -> tuple[dict[str, bytes], dict[str, dict]]:
+    """A job's graphs as a version's files and graph records."""
     files, records = {}, {}
     for g in graphs:
         xml, weights = ir_files(g.mode)
         files[xml], files[weights] = g.xml, g.weights
         records[g.mode] = {"files": [xml, weights], **g.measured()}
-        if g.mode in override:  # what a job that measured less would have recorded
-            records[g.mode]["calibration_agreement"] = override[g.mode]
+    return files, records
+
+
+def _publish(reg: Registry, net: torch.nn.Module, graphs: list, **override: float) -> Manifest:
+    files, records = _graph_files(graphs)
+    for mode, agreement in override.items():  # what a job that measured less would record
+        records[mode]["calibration_agreement"] = agreement
     return reg.publish(
         net.state_dict(),
         model="ov",
@@ -417,11 +423,7 @@ def test_a_variant_without_graphs_runs_its_parents_graph_trunk(
 
     net, graphs = exported
     reg = Registry(store)
-    files, records = {}, {}
-    for g in graphs:
-        xml, weights = ir_files(g.mode)
-        files[xml], files[weights] = g.xml, g.weights
-        records[g.mode] = {"files": [xml, weights], **g.measured()}
+    files, records = _graph_files(graphs)
     fields = {
         "backbone": "resnet18",
         "num_classes": 3,
