@@ -469,50 +469,30 @@ def main() -> int:
     with digits_store() as (settings, store):
         names, jpegs, storage = publish_variants(settings, store, args)
         _log(f"storage: {storage}")
-        rows = [
-            serve_row(
-                "one model",
-                settings,
-                names[:1],
-                jpegs,
-                args,
-                model_cache_mb=1024,
-                stage_cache_mb=256,
-                preload=True,
-            )
-        ]
-        _released()
         small = args.small_budget_mb
-        for label, budget, cache_mb in (
-            ("variants, default cache", 1024, 256),
-            (f"variants, {small} MB budget, stage cache on", small, 256),
-            (f"variants, {small} MB budget, stage cache off", small, 0),
-        ):
+        peer_set = _peer_set(names, args.peer_models)
+        # (label, variants served, model cache MB, stage cache MB, loaded before the clock)
+        runs = [
+            ("one model", names[:1], 1024, 256, True),
+            ("variants, default cache", names, 1024, 256, True),
+            (f"variants, {small} MB budget, stage cache on", names, small, 256, False),
+            (f"variants, {small} MB budget, stage cache off", names, small, 0, False),
+        ]
+        if peer_set:
+            label = f"{len(peer_set)} variants (the TorchServe set), default cache"
+            runs.append((label, peer_set, 1024, 256, True))
+        rows = []
+        for label, served, budget, cache_mb, preload in runs:
             rows.append(
                 serve_row(
                     label,
                     settings,
-                    names,
+                    served,
                     jpegs,
                     args,
                     model_cache_mb=budget,
                     stage_cache_mb=cache_mb,
-                    preload=budget == 1024,
-                )
-            )
-            _released()
-        peer_set = _peer_set(names, args.peer_models)
-        if peer_set:
-            rows.append(
-                serve_row(
-                    f"{len(peer_set)} variants (the TorchServe set), default cache",
-                    settings,
-                    peer_set,
-                    jpegs,
-                    args,
-                    model_cache_mb=1024,
-                    stage_cache_mb=256,
-                    preload=True,
+                    preload=preload,
                 )
             )
             _released()

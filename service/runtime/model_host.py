@@ -242,7 +242,11 @@ class ModelHost:
             finally:
                 if not lock.locked():
                     self._loading.pop(follower.name, None)
-            assert current is not None  # resumed: loaded, or it raised
+            if current is None:  # parked again meanwhile (a budget far below the traffic)
+                raise OverloadedError(
+                    f"model {follower.name!r} was unloaded to fit REFIT_SERVE__MODEL_CACHE_MB "
+                    "while it loaded; try again"
+                )
             self.cache.touch(follower)
             await self._fit()
         else:
