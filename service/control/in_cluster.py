@@ -24,7 +24,7 @@ from typing import Any
 import ray
 
 from service.control.launchers import RunEnd
-from service.control.notices import NAMESPACE, actor_name, notify
+from service.control.notices import NAMESPACE, actor_name, events_actor, notify
 from service.settings import RefitSettings
 from training.job_settings import TrainingSettings
 from training.ray_train import cluster_env, release_placement_groups
@@ -153,6 +153,13 @@ class InClusterLauncher:
         )
         t = self.settings
         self.runs[job_id] = (handle, handle.run.remote(job_id, spec, t.s3, t.training, owner))
+        # the notice actor the job tells the replicas through once its version is live: it
+        # exists wherever replicas run; where none does yet, it starts while the job trains
+        # instead of on the job's critical path (a process start, ~1 s on two cores)
+        try:
+            events_actor(t)
+        except Exception as exc:  # best effort: notify() creates it on first use too
+            log.warning("could not start the notice actor: %s", exc)
 
     def poll(self, job_id: str) -> RunEnd | None:
         """The run's end once its ``run()`` returned or its process died; the process is

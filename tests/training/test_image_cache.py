@@ -170,3 +170,40 @@ def test_cached_images_are_read_in_line_and_only_the_rest_on_the_fetch_threads(
     assert _dataset(store, keys, later).sha256s() == wanted
     assert len(fetched_on) == 3
     assert all(name.startswith("ThreadPoolExecutor") for name in fetched_on), fetched_on
+
+
+def test_a_labelled_image_is_on_disk_before_the_retrain_reads_it(
+    store: ObjectStore, settings: RefitSettings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from datetime import UTC, datetime
+
+    from service.dataplane.feedback import _node_image_cache
+    from training.storage.feedback import Feedback, FeedbackItem, content_hash
+
+    training = settings.training.model_copy(update={"image_cache_dir": tmp_path / "cache"})
+    on = settings.model_copy(update={"training": training})
+    registry = type("R", (), {"store": store})()
+    written = _node_image_cache(registry, on)  # type: ignore[arg-type]
+    assert written is not None
+    rayjob = on.model_copy(update={"training": training.model_copy(update={"launcher": "rayjob"})})
+    assert _node_image_cache(registry, rayjob) is None  # type: ignore[arg-type]
+    off = on.model_copy(update={"training": training.model_copy(update={"image_cache_mb": 0})})
+    assert _node_image_cache(registry, off) is None  # type: ignore[arg-type]
+
+    feedback = Feedback(store, written)
+    data = png_bytes(1, seed=5)
+    item = FeedbackItem(
+        model="m",
+        sha256=content_hash(data),
+        image="png",
+        label="one",
+        split="train",
+        labelled_at=datetime.now(UTC),
+    )
+    feedback.put(item, data)
+    key = feedback.image_key(item)
+    gets = _Gets(monkeypatch)
+    job = ByteCache(1 << 20, DiskImageCache.for_store(store, tmp_path / "cache", 64))
+    assert set(job.know(store, [key])) == {key}  # the job's listing names the file
+    assert _dataset(store, [key], job).fetch(Sample(key, 0)) == data
+    assert not gets.keys  # read from the node's disk: no fetch

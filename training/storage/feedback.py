@@ -26,6 +26,7 @@ import hashlib
 import json
 import re
 from collections import Counter
+from collections.abc import Callable
 from datetime import datetime
 from typing import ClassVar, Literal
 
@@ -178,8 +179,15 @@ def dataset_key(model: str) -> str:
 class Feedback:
     """Labelled images of every model, on one store."""
 
-    def __init__(self, store: ObjectStore) -> None:
+    def __init__(
+        self,
+        store: ObjectStore,
+        image_written: Callable[[str, str, bytes], None] | None = None,
+    ) -> None:
+        """``image_written(key, etag, data)``: told of every image this writes (the node's
+        image cache keeps it, so the retrain the label leads to reads it from disk)."""
         self.store = store
+        self.image_written = image_written
 
     @staticmethod
     def _base(model: str) -> str:
@@ -217,7 +225,9 @@ class Feedback:
         previous = self.get(item.model, item.sha256)
         image_key = self.image_key(item)
         if previous is None or previous.image != item.image or not self.store.exists(image_key):
-            self.store.put_bytes(image_key, image)
+            etag = self.store.put_bytes(image_key, image)
+            if self.image_written is not None:
+                self.image_written(image_key, etag, image)
         stored = merged(item, previous)
         self.store.put_record(self._record_key(item.model, item.sha256), stored)
         return stored, previous
