@@ -27,7 +27,7 @@ def build_inprocess_app(
     settings: RefitSettings, *, publish: bool = False
 ) -> tuple[FastAPI, dict[str, Any]]:
     """The app and its parts (``store``, ``registry``, ``plane``, ``notified``, ``launcher``,
-    ``runner``: close it when done). ``publish``: a served model ``digits`` first."""
+    ``runner``; ``close``: call it when done). ``publish``: a served model ``digits`` first."""
     serve = ServeSettings(
         numeric_mode="fp32",  # the suite's mode (conftest)
         admin_token=SecretStr(ADMIN),
@@ -51,7 +51,17 @@ def build_inprocess_app(
     launcher = RecordingLauncher()
     runner = JobRunner(settings, launcher=launcher, notify_published=lambda *_: None)
     plane = in_process_dataplane(settings, InProcessScheduler(runner), notify=notify)
+    host = plane.predictor.host  # type: ignore[attr-defined]  # the in-process predictor's
+
+    def close() -> None:
+        """The runner's thread and the models' polling threads stop (none outlives the
+        test's store, nor reads through a class another test spies on)."""
+        runner.close()
+        for follower in list(host.followers.values()):
+            follower.stop()
+
     parts = {
+        "close": close,
         "settings": settings,
         "store": store,
         "registry": registry,

@@ -256,7 +256,7 @@ def published_app(settings: RefitSettings) -> Iterator[tuple[Any, dict[str, Any]
 
     app, parts = build_inprocess_app(settings, publish=True)
     yield app, parts
-    parts["runner"].close()
+    parts["close"]()
 
 
 @pytest.fixture

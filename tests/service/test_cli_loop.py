@@ -38,7 +38,7 @@ def server(settings: RefitSettings) -> Iterator[tuple[str, dict[str, Any]]]:
     finally:
         srv.should_exit = True
         thread.join(10)
-        parts["runner"].close()
+        parts["close"]()
 
 
 def _run(url: str, *argv: str) -> int:

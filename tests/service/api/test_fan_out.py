@@ -49,7 +49,7 @@ def app_and_parts(module_settings: RefitSettings) -> Iterator[tuple[Any, dict[st
         )
         reg.set_alias(name, "production", m.version)
     yield app, parts
-    parts["runner"].close()
+    parts["close"]()
     for follower in list(parts["plane"].predictor.host.followers.values()):
         follower.stop()  # no poll of a store that the session stops later
 

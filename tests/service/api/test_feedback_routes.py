@@ -192,4 +192,4 @@ async def test_quality_and_metrics_show_the_serving_versions_drift(
             line = 'refit_drift_samples_total{model="digits",outcome="measured"} 12.0'
             assert line in metrics.text
     finally:
-        parts["runner"].close()
+        parts["close"]()

@@ -34,7 +34,7 @@ def anyio_backend() -> str:
 def parts(module_settings: RefitSettings) -> Iterator[tuple[Any, dict[str, Any]]]:
     app, parts = build_inprocess_app(module_settings)
     yield app, parts
-    parts["runner"].close()
+    parts["close"]()
 
 
 @pytest.fixture

@@ -38,7 +38,7 @@ def openapi(settings: RefitSettings) -> Iterator[dict[str, Any]]:
     app, parts = build_inprocess_app(settings)
     doc: dict[str, Any] = app.openapi()
     yield doc
-    parts["runner"].close()  # its scheduler thread must not outlive the test's store
+    parts["close"]()  # its scheduler thread must not outlive the test's store
 
 
 def test_every_body_and_scope_is_declared(openapi: dict[str, Any]) -> None:
@@ -146,7 +146,7 @@ def test_generated_requests_get_no_server_error(settings: RefitSettings) -> None
             total = sum(outcome.values())
             table.append((op.label, total, outcome["2xx"] / max(1, total), outcome["4xx"]))
     finally:
-        parts["runner"].close()
+        parts["close"]()
     print("\noperation | cases | 2xx share | 4xx")
     for label, total, share, client in table:
         print(f"{label} | {total} | {share:.2f} | {client}")

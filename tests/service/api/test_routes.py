@@ -36,7 +36,7 @@ def app_and_parts(module_settings: RefitSettings) -> Iterator[tuple[Any, dict[st
     change state use names of their own."""
     app, parts = build_inprocess_app(module_settings)
     yield app, parts
-    parts["runner"].close()
+    parts["close"]()
 
 
 @pytest.fixture

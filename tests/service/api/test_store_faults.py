@@ -87,8 +87,8 @@ async def test_frozen_store_under_load(own_store: tuple[EmbeddedStore, Connectio
                 cold_ready = await cc.get("/readyz", timeout=30)  # nothing loaded, no store
         finally:
             os.kill(embedded.process.pid, signal.SIGCONT)
-        parts["runner"].close()
-        cold_parts["runner"].close()
+        parts["close"]()
+        cold_parts["close"]()
     health = sorted(seconds for _, seconds in stats["health"])
     p99 = health[int(0.99 * (len(health) - 1))]
     print(
