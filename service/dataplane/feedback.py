@@ -4,6 +4,7 @@ event loop."""
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ from training.storage.feedback import (
 from training.storage.quality_index import QualityIndexes
 from training.storage.registry import Manifest, Registry
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class FeedbackLabel:
@@ -56,7 +59,16 @@ def _node_image_cache(
     if t.launcher != "ray":
         return None
     cache = DiskImageCache.for_store(registry.store, t.image_cache_dir, t.image_cache_mb)
-    return cache.write if cache is not None else None
+    if cache is None:
+        return None
+
+    def write(key: str, etag: str, data: bytes) -> None:
+        try:
+            cache.write(key, etag, data)
+        except Exception as exc:  # a copy for speed: the label itself must not fail
+            log.warning("labelled image not kept in the node's image cache: %s", exc)
+
+    return write
 
 
 class FeedbackUseCases:

@@ -213,3 +213,9 @@ def test_a_labelled_image_is_on_disk_before_the_retrain_reads_it(
     assert set(job.know(store, [key])) == {key}  # the job's listing names the file
     assert _dataset(store, [key], job).fetch(Sample(key, 0)) == data
     assert not gets.keys  # read from the node's disk: no fetch
+
+    def broken(*_: Any) -> None:
+        raise RuntimeError("disk gone")
+
+    monkeypatch.setattr(DiskImageCache, "write", broken)
+    written("feedback/m/images/x.png", '"0"', b"x")  # a copy for speed: never the label's error
