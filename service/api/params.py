@@ -27,8 +27,8 @@ VersionId = Annotated[str, _id("version id"), AfterValidator(check_id)]
 JobId = Annotated[str, _id("job id"), AfterValidator(check_id)]
 
 
-def dataplane(request: Request) -> DataPlane:
-    """The data plane the app was created with."""
+async def dataplane(request: Request) -> DataPlane:
+    """The data plane the app was created with (``async``: no thread hand-off per request)."""
     plane: DataPlane = request.app.state.dataplane
     return plane
 
