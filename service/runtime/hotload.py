@@ -256,6 +256,11 @@ class Follower:
         while not stop.wait(self.poll_interval_s):
             self.refresh()
 
+    @property
+    def following(self) -> bool:
+        """Whether this follower polls its alias now (not parked, stopped or evicted)."""
+        return not self._stop.is_set()
+
     def stop(self) -> None:
         """Stop polling (the model is evicted)."""
         self._stop.set()
