@@ -45,9 +45,11 @@ def cpu_per_request(
 
 # a sampled stack is charged to the first stage whose marker it contains, in this order
 STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("model forward (graph or torch)", ("_infer", "forward (", "__call__ (torch", "infer (")),
+    # decode and crop first: torchvision's transforms are modules, so their stacks hold
+    # "forward (" too, and would count as the model's
     ("image decode (Pillow)", ("decode_image", "PIL/", "ImageFile")),
-    ("resize, crop, to tensor", ("crop_transform", "transforms", "_crop", "pil_to_tensor")),
+    ("resize, crop, to tensor", ("crop_image", "crop_transform", "transforms", "pil_to_tensor")),
+    ("model forward (graph or torch)", ("_infer", "forward (", "__call__ (torch", "infer (")),
     ("normalize and stack", ("normalize", "stack (")),
     ("base64 and JSON", ("b64decode", "json", "orjson", "model_validate", "pydantic")),
     ("HTTP and ASGI (uvicorn, starlette, FastAPI)", ("uvicorn", "starlette", "fastapi", "h11")),

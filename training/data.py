@@ -259,7 +259,8 @@ def decode_image(
         if draft_to is not None and img.format == "JPEG":
             img.draft("RGB", (draft_to, draft_to))
         img.load()
-        return img.convert("RGB")
+        # convert() copies even an RGB image: only other modes need it
+        return img if img.mode == "RGB" else img.convert("RGB")
     except Exception as exc:  # truncated, corrupt, or a bomb past the header's claims
         raise ImageDecodeError("corrupt", f"truncated or corrupt image: {exc}") from None
 

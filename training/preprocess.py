@@ -7,9 +7,12 @@ import functools
 from typing import Any
 
 import torch
+from PIL import Image
 
 from training.preprocessing_spec import Augmentation, Preprocessing
 from training.tv import transforms_v2 as T  # noqa: N812 - torchvision convention
+
+TF = T.functional
 
 
 def _interp(p: Preprocessing) -> T.InterpolationMode:
@@ -40,6 +43,16 @@ def crop_transform(p: Preprocessing) -> T.Compose:
             T.CenterCrop(p.crop_size),
         ]
     )
+
+
+def crop_image(p: Preprocessing, image: Image.Image) -> torch.Tensor:
+    """:func:`crop_transform` of one image, through the torchvision kernels it dispatches to
+    for a plain tensor (``pil_to_tensor``, ``resize_image``, ``center_crop_image``): the same
+    bits (tested), without the v2 transforms' per-call dispatch (pytree flattening, type
+    checks, size queries), which cost more than the resize itself on a 224-pixel image."""
+    x = TF.pil_to_tensor(image)
+    x = TF.resize_image(x, [p.resize_size], interpolation=_interp(p), antialias=True)
+    return TF.center_crop_image(x, [p.crop_size, p.crop_size])
 
 
 def normalize(p: Preprocessing, images: torch.Tensor) -> torch.Tensor:

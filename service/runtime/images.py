@@ -6,7 +6,7 @@ import torch
 
 from service.request_errors import InvalidImageError, TooLargeError, UnsupportedImageError
 from training.data import ImageDecodeError, decode_image
-from training.preprocess import crop_transform
+from training.preprocess import crop_image
 from training.preprocessing_spec import Preprocessing
 
 
@@ -24,7 +24,6 @@ def decode_request_images(
     decoding, the pixel, side and aspect caps before decoding the pixels (a large JPEG is
     decoded at the smallest scale that still covers the resize); the error names
     ``images[i]`` (``field``: another list's name)."""
-    crop = crop_transform(preprocessing)
     out = []
     for i, data in enumerate(items):
         item = f"{field}[{i}]"
@@ -43,7 +42,7 @@ def decode_request_images(
                 exc.reason, InvalidImageError
             )
             raise cls(str(exc), field=item) from None
-        out.append(crop(img))
+        out.append(crop_image(preprocessing, img))
     if not out:
         size = preprocessing.crop_size
         return torch.empty((0, 3, size, size), dtype=torch.uint8)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from conftest import png_bytes, write_imagefolder
 from training.data import ImageDataset, decode_image, index_dataset
@@ -79,3 +80,34 @@ def test_decode_refuses_bombs_and_garbage() -> None:
         decode_image(b"GIF89a....", max_pixels=10**6)
     with pytest.raises(ValueError):
         decode_image(png_bytes(1)[:60], max_pixels=10**6)
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "nearest"])
+def test_serving_crop_is_the_transform_bit_for_bit(interpolation: str) -> None:
+    """Serving crops through torchvision's kernels directly (``crop_image``); training and
+    calibration through the v2 Compose (``crop_transform``): the same bits for upscaled,
+    downscaled, wide, tall and odd-sized images, RGB and converted from other modes."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from training.preprocess import crop_image, crop_transform
+
+    rng = np.random.default_rng(0)
+    sizes = [(224, 224), (8, 8), (640, 480), (300, 1000), (257, 255), (1001, 333)]
+    for resize, crop in [(256, 224), (32, 32), (73, 61)]:
+        pre = Preprocessing(resize_size=resize, crop_size=crop, interpolation=interpolation)
+        compose = crop_transform(pre)
+        for w, h in sizes:
+            pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            for mode, fmt in [("RGB", "JPEG"), ("L", "JPEG"), ("RGBA", "PNG"), ("P", "PNG")]:
+                buf = io.BytesIO()
+                Image.fromarray(pixels).convert(mode).save(buf, fmt)
+                img = decode_image(buf.getvalue(), max_pixels=10**7)
+                assert img.mode == "RGB"
+                want = compose(img)
+                got = crop_image(pre, img)
+                assert got.dtype == want.dtype == torch.uint8
+                assert got.shape == want.shape == (3, crop, crop)
+                assert torch.equal(got, want), (interpolation, resize, crop, w, h, mode)
