@@ -47,6 +47,7 @@ bench: setup
 	$(BIN)/python benchmarks/feature_cache.py
 	$(BIN)/python benchmarks/transfer.py
 	$(BIN)/python benchmarks/serving.py
+	$(BIN)/python benchmarks/request_path.py
 	$(BIN)/python benchmarks/adapt.py
 	$(BIN)/python benchmarks/loop.py
 	$(BIN)/python benchmarks/job_cost.py
