@@ -14,6 +14,13 @@ millisecond; these can).
   ``decode_request_images`` (torchvision's kernels) beside the v2 ``Compose`` of the same
   steps and Pillow's ``convert`` copy (how it was before).
 
+* **Decode beside the forward** (what the next cut would change): a forward pass of 16 images
+  on two threads back to back, with the 16 images of each pass decoded and cropped meanwhile in
+  a pool of 1, 2 or 6 threads (6: ``asyncio.to_thread``'s pool on two cores, as served), or
+  serially on the forward's own thread before it; beside the sum of the parts measured alone.
+  The forward is resnet18 in fp32 on 96 px inputs, a stand-in costing about what the INT8
+  graph costs per image at 224 px here (no graph export in this script).
+
 CPU is the process's (user + system, ``getrusage``) over each window; the client's share of
 the API rows is the same in both variants, so their difference is the server side's.
 """
@@ -187,6 +194,87 @@ def decode_and_crop(images: int, rounds: int) -> list[dict[str, Any]]:
     ]
 
 
+def decode_beside_forward(rounds: int, passes: int) -> list[dict[str, Any]]:
+    """CPU and wall time per image of a forward with its batch's decode beside it (a pool of
+    threads) or before it (the same thread), and of the parts alone; medians over rounds."""
+    import concurrent.futures as cf
+
+    import torch
+
+    from service.runtime.images import decode_request_images
+    from training.backbones import build_backbone
+    from training.preprocessing_spec import Preprocessing
+
+    torch.set_num_threads(2)
+    pre = Preprocessing()
+    jpegs, _ = digit_jpegs(256)
+    model = build_backbone("resnet18", num_classes=10).eval()
+    x = torch.randn(16, 3, 96, 96)
+
+    def decode(data: bytes) -> torch.Tensor:
+        return decode_request_images(
+            [data], max_image_bytes=1 << 24, max_pixels=1 << 24, preprocessing=pre
+        )
+
+    def timed(fn: Any) -> tuple[float, float]:
+        cpu0, t0 = _cpu(), time.perf_counter()
+        fn()
+        n = 16 * passes
+        return 1000 * (_cpu() - cpu0) / n, 1000 * (time.perf_counter() - t0) / n
+
+    def forward_alone() -> None:
+        for _ in range(passes):
+            model(x)
+
+    def decode_alone() -> None:
+        for i in range(16 * passes):
+            decode(jpegs[i % len(jpegs)])
+
+    def serial() -> None:
+        for i in range(passes):
+            for k in range(16):
+                decode(jpegs[(16 * i + k) % len(jpegs)])
+            model(x)
+
+    def pooled(pool: cf.ThreadPoolExecutor) -> None:
+        for i in range(passes):
+            futures = [pool.submit(decode, jpegs[(16 * i + k) % len(jpegs)]) for k in range(16)]
+            model(x)
+            for f in futures:
+                f.result()
+
+    samples: dict[str, list[tuple[float, float]]] = {}
+    pools = {w: cf.ThreadPoolExecutor(w) for w in (1, 2, 6)}
+    try:
+        with torch.inference_mode():
+            forward_alone()  # warm-up
+            for r in range(rounds):
+                parts = [timed(forward_alone), timed(decode_alone)]
+                samples.setdefault("sum of the parts, each alone (baseline)", []).append(
+                    (parts[0][0] + parts[1][0], parts[0][1] + parts[1][1])
+                )
+                samples.setdefault("decode serially on the forward's thread", []).append(
+                    timed(serial)
+                )
+                for w, pool in pools.items():
+                    name = f"decode in a pool of {w} beside the forward"
+                    samples.setdefault(name, []).append(timed(lambda pool=pool: pooled(pool)))
+                print(f"[bench] decode beside the forward: round {r + 1}/{rounds}")
+    finally:
+        for pool in pools.values():
+            pool.shutdown()
+    base = statistics.median(c for c, _ in next(iter(samples.values())))
+    return [
+        {
+            "piece": name,
+            "cpu_ms_per_request": round(statistics.median(c for c, _ in s), 3),
+            "wall_ms_per_image": round(statistics.median(w for _, w in s), 3),
+            "vs_before": round(statistics.median(c for c, _ in s) / base, 3),
+        }
+        for name, s in samples.items()
+    ]
+
+
 def main() -> int:
     """Run both parts; print the table; write results/request_path.json."""
     p = argparse.ArgumentParser(description=__doc__)
@@ -194,9 +282,11 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=5, help="alternations of each part")
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--images", type=int, default=200, help="JPEGs per decode window")
+    p.add_argument("--passes", type=int, default=20, help="forward passes per window")
     args = p.parse_args()
     rows = api_layer(args.seconds, args.rounds, args.concurrency)
     rows += decode_and_crop(args.images, args.rounds)
+    rows += decode_beside_forward(args.rounds, args.passes)
     report(
         "request_path",
         rows,
