@@ -40,7 +40,7 @@ from service.dataplane.dataplane import build_dataplane
 from service.dataplane.store_calls import store_call
 from service.ports import listen_port
 from service.runtime.hotload import Follower
-from service.runtime.model_host import Item, Ranked, build_model_host
+from service.runtime.model_host import Answer, Item, build_model_host
 from service.runtime.served_model import GRAPH_MODES
 from service.settings import RefitSettings
 from training.storage.registry import Registry
@@ -166,9 +166,9 @@ class Classifier:
         # data plane and settings (a module-level app would be a pickled copy without them).
         return create_app(self.settings, self._dataplane)
 
-    async def _submit(self, item: Item) -> Ranked:
-        ranked: Ranked = await self._batched(item)
-        return ranked
+    async def _submit(self, item: Item) -> Answer:
+        answer: Answer = await self._batched(item)
+        return answer
 
     async def follower(self, model: str) -> Follower:
         """This replica's follower of ``model`` (loaded on first use, LRU by Serve). A model

@@ -132,6 +132,12 @@ class ServeSettings(BaseModel):
     forward pass runs merge into the next one anyway, so a wait only delays lone requests.
     0: requests go straight to the forward lane (Serve's batcher, and its cost per request,
     only run where a wait is set)."""
+    decode_with_batch: bool = True
+    """Decode a prediction's images with its batch, on one thread just before the batch's
+    forward pass, instead of each request in a thread pool while other forwards run: on a
+    replica of two cores, decoding beside the forward costs about a millisecond of CPU per
+    image in the forward's own threads (``benchmarks/request_path.py``). Off: decoding runs
+    in parallel, for replicas with many more cores than the forward uses."""
     classifier_replicas: int = Field(default=1, ge=1)
     """Replicas of the serving deployment (with autoscaling: the fewest). One replica with
     every core measured fastest on one machine, in every numeric mode, and smallest (see the

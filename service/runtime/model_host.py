@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import functools
 import gc
 import os
@@ -46,11 +47,22 @@ from training.storage.ids import new_prediction_id
 from training.storage.registry import Registry
 from training.storage.s3 import ObjectStore
 
-Item = tuple[ServedModel, torch.Tensor, int]
+
+@dataclasses.dataclass(frozen=True)
+class Encoded:
+    """A request's images still encoded: decoded (every cap checked first) with the rest of
+    its batch, on one thread just before the batch's forward pass."""
+
+    images: list[bytes]
+
+
+Item = tuple[ServedModel, torch.Tensor | Encoded, int]
 """One request in the lane: the version it runs on, its input ``[n, 3, H, W]`` (uint8 crops,
-or float32 already normalised), its top-k."""
+or float32 already normalised) or its encoded images, its top-k."""
 Ranked = list[list[dict[str, Any]]]
 """Per image: the top-k ``{"label", "score"}``."""
+Answer = Ranked | RefitError
+"""What the lane gives a request: its ranked labels, or why its images were refused."""
 
 
 def rss_bytes() -> int:
@@ -156,7 +168,7 @@ class ModelHost:
         settings: ServeSettings,
         registry: Registry,
         *,
-        submit: Callable[[Item], Awaitable[Ranked]] | None = None,
+        submit: Callable[[Item], Awaitable[Answer]] | None = None,
         capture: CaptureTap | None = None,
         drift: DriftMonitor | None = None,
     ) -> None:
@@ -166,7 +178,7 @@ class ModelHost:
         sample of served images against the version's reference features (none: no score)."""
         self.settings, self.registry, self.capture = settings, registry, capture
         self.drift = drift if drift is not None and drift.sample_rate > 0 else None
-        self.lane: ForwardLane[Item, Ranked] = ForwardLane(self._forward, settings.max_batch_size)
+        self.lane: ForwardLane[Item, Answer] = ForwardLane(self._forward, settings.max_batch_size)
         self._submit = submit or self._submit_one
         self._lru: collections.OrderedDict[str, Follower] = collections.OrderedDict()
         # every follower alive, whoever holds it; weak, so an evicted model really goes away
@@ -188,7 +200,7 @@ class ModelHost:
         # readiness asks the store with the short timeouts of the request path
         self._probe = ObjectStore(registry.store.settings, request_path=True)
 
-    async def _submit_one(self, item: Item) -> Ranked:
+    async def _submit_one(self, item: Item) -> Answer:
         return (await self.lane.submit([item]))[0]
 
     # --- models ----------------------------------------------------------------------------
@@ -317,8 +329,12 @@ class ModelHost:
 
     async def _predict(self, follower: Follower, images: list[bytes], top_k: int) -> dict[str, Any]:
         served = await self.serving(follower)
-        crops = await self._decode(images, served.preprocessing)
-        result = await self._answer(served, crops, top_k)
+        if self.settings.decode_with_batch:
+            result = await self._answer(served, Encoded(images), top_k)
+        else:
+            result = await self._answer(
+                served, await self._decode(images, served.preprocessing), top_k
+            )
         if self.capture is not None:
             self.capture.observe(
                 served.name,
@@ -332,9 +348,11 @@ class ModelHost:
     async def _decode(self, images: list[bytes], preprocessing: Preprocessing) -> torch.Tensor:
         """A request's images as uint8 crops for ``preprocessing``, every cap checked before
         decoding (off the event loop)."""
+        return await asyncio.to_thread(self._decode_now, images, preprocessing)
+
+    def _decode_now(self, images: list[bytes], preprocessing: Preprocessing) -> torch.Tensor:
         s = self.settings
-        return await asyncio.to_thread(
-            decode_request_images,
+        return decode_request_images(
             images,
             max_image_bytes=s.max_image_bytes,
             max_pixels=s.max_image_pixels,
@@ -342,6 +360,20 @@ class ModelHost:
             max_side=s.max_image_side,
             max_aspect=s.max_aspect_ratio,
         )
+
+    def _decode_batch(self, items: list[Item]) -> list[torch.Tensor | RefitError]:
+        """Each item's input, its encoded images decoded; an item whose images are refused
+        gets the error (naming ``images[i]``), and the rest of its batch runs."""
+        out: list[torch.Tensor | RefitError] = []
+        for served, x, _ in items:
+            if not isinstance(x, Encoded):
+                out.append(x)
+                continue
+            try:
+                out.append(self._decode_now(x.images, served.preprocessing))
+            except RefitError as exc:
+                out.append(exc)
+        return out
 
     async def predict_many(
         self, followers: list[Follower], images: list[bytes], top_k: int
@@ -356,7 +388,9 @@ class ModelHost:
                 key = v.preprocessing.model_dump_json()
                 if key not in crops:
                     crops[key] = await self._decode(images, v.preprocessing)
-            items = [(v, crops[v.preprocessing.model_dump_json()], top_k) for v in served]
+            items: list[Item] = [
+                (v, crops[v.preprocessing.model_dump_json()], top_k) for v in served
+            ]
             self._pending += len(items)
             try:
                 ranked = await self.lane.submit(items)
@@ -364,6 +398,8 @@ class ModelHost:
                 self._pending -= len(items)
         answers = []
         for (v, _, _), predictions in zip(items, ranked, strict=True):
+            if isinstance(predictions, RefitError):  # not from decoded crops; kept exact
+                raise predictions
             answer: dict[str, Any] = {
                 "model": v.name,
                 "model_version": v.version,
@@ -392,12 +428,16 @@ class ModelHost:
             self.capture.tally(served.name, result["predictions"])
         return result
 
-    async def _answer(self, served: ServedModel, x: torch.Tensor, top_k: int) -> dict[str, Any]:
+    async def _answer(
+        self, served: ServedModel, x: torch.Tensor | Encoded, top_k: int
+    ) -> dict[str, Any]:
         self._pending += 1
         try:
             predictions = await self._submit((served, x, top_k))
         finally:
             self._pending -= 1
+        if isinstance(predictions, RefitError):  # its images were refused
+            raise predictions
         return {
             "model": served.name,
             "model_version": served.version,
@@ -405,14 +445,27 @@ class ModelHost:
             "predictions": predictions,
         }
 
-    async def _forward(self, items: list[Item]) -> list[Ranked]:
+    async def _forward(self, lane_items: list[Item]) -> list[Answer]:
         """One forward pass per loaded version over the lane's merged requests; versions
         whose trunks begin with the same stages (fine-tunes of one backbone) run those once
-        over all of theirs, then each the stages it does not share and its head."""
-        self._batch_sizes[len(items)] += 1
+        over all of theirs, then each the stages it does not share and its head. Encoded
+        images are decoded first, on one thread, while no forward runs."""
+        self._batch_sizes[len(lane_items)] += 1
+        out: list[Any] = [None] * len(lane_items)
+        items: list[tuple[ServedModel, torch.Tensor, int]] = []
+        if any(isinstance(x, Encoded) for _, x, _ in lane_items):
+            inputs = await asyncio.to_thread(self._decode_batch, lane_items)
+        else:
+            inputs = [x for _, x, _ in lane_items]  # type: ignore[misc]  # no Encoded here
+        for i, ((served, _, k), x) in enumerate(zip(lane_items, inputs, strict=True)):
+            if isinstance(x, RefitError):
+                out[i] = x
+                x = torch.empty(0)  # never grouped below
+            items.append((served, x, k))
         groups: dict[int, list[int]] = {}
         for i, (served, _, _) in enumerate(items):
-            groups.setdefault(id(served), []).append(i)
+            if out[i] is None:
+                groups.setdefault(id(served), []).append(i)
         if len(groups) > 1:
             self._split_batches += 1
         passes: dict[Any, list[list[int]]] = {}
@@ -421,7 +474,6 @@ class ModelHost:
             split = served.split
             key = (split.root, served.mode, tuple(x.shape[1:])) if split else id(served)
             passes.setdefault(key, []).append(idx)
-        out: list[Any] = [None] * len(items)
         for members in passes.values():
             if len(members) > 1:
                 self._shared_trunk_passes += 1
@@ -539,7 +591,7 @@ def build_model_host(
     settings: RefitSettings,
     models: Registry,
     *,
-    submit: Callable[[Item], Awaitable[Ranked]] | None = None,
+    submit: Callable[[Item], Awaitable[Answer]] | None = None,
 ) -> ModelHost:
     """The models one serving process runs, from the settings: its capture tap and drift
     monitor write through ``models``' store (no request-path timeouts: they write on their

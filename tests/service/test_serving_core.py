@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
+from typing import Any
 
 import pytest
 import torch
@@ -13,9 +15,9 @@ from service.request_errors import InvalidImageError, TooLargeError, Unsupported
 from service.runtime import served_model as model_module
 from service.runtime.hotload import ModelSlot
 from service.runtime.images import decode_request_images
-from service.runtime.model_host import model_input
+from service.runtime.model_host import ModelHost, model_input
 from service.runtime.served_model import load_served_model
-from service.settings import NumericMode
+from service.settings import NumericMode, ServeSettings
 from training.preprocess import normalize
 from training.preprocessing_spec import Preprocessing
 from training.stage_digests import stage_digests
@@ -340,3 +342,55 @@ def test_versions_of_one_trunk_run_it_once_per_batch(store: ObjectStore) -> None
     same(answers[3], served["two"].top_k(crops[:2], 3))
     # the same trunk, each version's own head (their answers to the same images differ)
     assert served["one"].top_k(crops[:2], 3) != answers[3]
+
+
+@pytest.mark.parametrize("with_batch", [True, False], ids=["decode-with-batch", "decode-apart"])
+def test_a_refused_image_fails_its_own_request_only(store: ObjectStore, with_batch: bool) -> None:
+    """Requests merged into one forward pass, one of them with an image that is no image and
+    one with an image over the pixel cap: those two get their own errors naming the item, the
+    others their answers, the same as each alone - whether images are decoded with the batch
+    (the default) or apart, per request."""
+    reg = Registry(store)
+    publish_tiny_model(reg, "mixed", preprocessing=PRE)
+    settings = ServeSettings(
+        poll_interval_s=60, numeric_mode="fp32", decode_with_batch=with_batch, max_image_pixels=4096
+    )
+    host = ModelHost(settings, reg)
+    good = [png_bytes(i) for i in range(3)]
+
+    async def run() -> list[Any]:
+        follower = await host.follower("mixed")
+        alone = [await host.predict(follower, [g], 2) for g in good]
+        merged = await asyncio.gather(
+            host.predict(follower, [good[0]], 2),
+            host.predict(follower, [good[1], b"not an image"], 2),
+            host.predict(follower, [png_bytes(1, size=128)], 2),  # 16384 pixels > 4096
+            host.predict(follower, [good[2], good[0]], 2),
+            return_exceptions=True,
+        )
+        return [alone, merged]
+
+    try:
+        alone, merged = asyncio.run(run())
+    finally:
+        for follower in list(host.followers.values()):
+            follower.stop()
+    sizes = host.stats()["batch_sizes"]
+    if with_batch:  # the four went through one pass
+        assert sizes == {1: 3, 4: 1}
+    else:  # the refused two never queued; the others as their decodes finished
+        assert sum(n * times for n, times in sizes.items()) == 5
+    first, refused, too_large, last = merged
+    assert isinstance(refused, InvalidImageError)
+    assert refused.field == "images[1]"
+    assert isinstance(too_large, TooLargeError)
+    assert too_large.field == "images[0]"
+
+    # the same labels; scores to rounding (a batch of another size sums in another order)
+    def same(got: list[Any], want: list[Any]) -> None:
+        assert [[p["label"] for p in r] for r in got] == [[p["label"] for p in r] for r in want]
+        scores = [pytest.approx([p["score"] for p in r], abs=1e-4) for r in want]
+        assert [[p["score"] for p in r] for r in got] == scores
+
+    same(first["predictions"], alone[0]["predictions"])
+    same(last["predictions"], alone[2]["predictions"] + alone[0]["predictions"])
