@@ -6,9 +6,10 @@ One deployment, ``Classifier``, is the whole HTTP API (``@serve.ingress`` over
 validates, decodes, batches and runs the model in the same process, so a prediction crosses
 one Ray hop, not two. In each replica:
 
-* a :class:`~service.runtime.model_host.ModelHost` decodes (in threads, off the event loop)
-  and runs the forward lane, which merges the requests that queue behind a running forward
-  pass; ``@serve.batch`` forms batches before it only where a wait window is set;
+* a :class:`~service.runtime.model_host.ModelHost` decodes (off the event loop, each
+  batch's images just before its forward pass) and runs the forward lane, which merges the
+  requests that queue behind a running forward pass; ``@serve.batch`` forms batches before
+  it only where a wait window is set;
 * ``@serve.multiplexed`` holds the followers (an LRU per replica, by model name; a gateway
   that sets ``serve_multiplexed_model_id`` routes to a replica holding the model);
 * registry notices (a publish or an alias move) reach the followers at once;

@@ -3,8 +3,10 @@ one forward pass at a time over merged requests. Ray-free: the Serve classifier 
 one (with Serve's batching and multiplexing in front); in-process tests and tools run it as
 it is.
 
-* ``predict`` decodes against the version the request will run on (off the event loop),
-  then queues the crops in the :class:`~service.runtime.batching.ForwardLane`.
+* ``predict`` queues a request's encoded images in the
+  :class:`~service.runtime.batching.ForwardLane` with the version it will run on; each
+  merged batch's images are decoded on one thread just before its forward pass (or, with
+  ``decode_with_batch`` off, each request's in a thread pool before it queues).
 * ``_forward`` groups the merged requests by loaded model object: one forward per version,
   never a mixed batch.
 * Followers are held in an LRU of ``models_per_replica`` names; a caller (the Serve edge)
