@@ -48,6 +48,21 @@ def _cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def _medians(samples: dict[str, list[tuple[float, float]]], second: str) -> list[dict[str, Any]]:
+    """One row per variant: the medians of its windows' (CPU ms, ``second``), and its CPU
+    over the first variant's (the baseline)."""
+    base = statistics.median(c for c, _ in next(iter(samples.values())))
+    return [
+        {
+            "piece": name,
+            "cpu_ms_per_request": round(statistics.median(c for c, _ in s), 3),
+            second: round(statistics.median(v for _, v in s), 3),
+            "vs_before": round(statistics.median(c for c, _ in s) / base, 3),
+        }
+        for name, s in samples.items()
+    ]
+
+
 class _AnsweringPlane:
     """A data plane that answers every prediction at once (no model, no decode)."""
 
@@ -137,16 +152,7 @@ def api_layer(seconds: float, rounds: int, concurrency: int) -> list[dict[str, A
                     print(f"[bench] round {r + 1}/{rounds} {name}: {1000 * cpu / n:.3f} ms CPU")
 
     asyncio.run(run())
-    base = statistics.median(c for c, _ in next(iter(samples.values())))
-    return [
-        {
-            "piece": name,
-            "cpu_ms_per_request": round(statistics.median(c for c, _ in s), 3),
-            "req_per_s": round(statistics.median(q for _, q in s), 1),
-            "vs_before": round(statistics.median(c for c, _ in s) / base, 3),
-        }
-        for name, s in samples.items()
-    ]
+    return _medians(samples, "req_per_s")
 
 
 def decode_and_crop(images: int, rounds: int) -> list[dict[str, Any]]:
@@ -263,16 +269,7 @@ def decode_beside_forward(rounds: int, passes: int) -> list[dict[str, Any]]:
     finally:
         for pool in pools.values():
             pool.shutdown()
-    base = statistics.median(c for c, _ in next(iter(samples.values())))
-    return [
-        {
-            "piece": name,
-            "cpu_ms_per_request": round(statistics.median(c for c, _ in s), 3),
-            "wall_ms_per_image": round(statistics.median(w for _, w in s), 3),
-            "vs_before": round(statistics.median(c for c, _ in s) / base, 3),
-        }
-        for name, s in samples.items()
-    ]
+    return _medians(samples, "wall_ms_per_image")
 
 
 def main() -> int:
