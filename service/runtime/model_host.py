@@ -63,8 +63,9 @@ Item = tuple[ServedModel, torch.Tensor | Encoded, int]
 or float32 already normalised) or its encoded images, its top-k."""
 Ranked = list[list[dict[str, Any]]]
 """Per image: the top-k ``{"label", "score"}``."""
-Answer = Ranked | RefitError
-"""What the lane gives a request: its ranked labels, or why its images were refused."""
+Answer = Ranked | Exception
+"""What the lane gives a request: its ranked labels, or why its images could not be decoded
+(a :class:`RefitError` for a refused image: its 4xx)."""
 
 
 def rss_bytes() -> int:
@@ -363,17 +364,18 @@ class ModelHost:
             max_aspect=s.max_aspect_ratio,
         )
 
-    def _decode_batch(self, items: list[Item]) -> list[torch.Tensor | RefitError]:
+    def _decode_batch(self, items: list[Item]) -> list[torch.Tensor | Exception]:
         """Each item's input, its encoded images decoded; an item whose images are refused
-        gets the error (naming ``images[i]``), and the rest of its batch runs."""
-        out: list[torch.Tensor | RefitError] = []
+        gets the error (naming ``images[i]``), and the rest of its batch runs. Any other
+        failure is that item's alone too, as it was when each request decoded its own."""
+        out: list[torch.Tensor | Exception] = []
         for served, x, _ in items:
             if not isinstance(x, Encoded):
                 out.append(x)
                 continue
             try:
                 out.append(self._decode_now(x.images, served.preprocessing))
-            except RefitError as exc:
+            except Exception as exc:  # this request's failure, never its batch's
                 out.append(exc)
         return out
 
@@ -400,7 +402,7 @@ class ModelHost:
                 self._pending -= len(items)
         answers = []
         for (v, _, _), predictions in zip(items, ranked, strict=True):
-            if isinstance(predictions, RefitError):  # not from decoded crops; kept exact
+            if isinstance(predictions, Exception):  # not from decoded crops; kept exact
                 raise predictions
             answer: dict[str, Any] = {
                 "model": v.name,
@@ -438,7 +440,7 @@ class ModelHost:
             predictions = await self._submit((served, x, top_k))
         finally:
             self._pending -= 1
-        if isinstance(predictions, RefitError):  # its images were refused
+        if isinstance(predictions, Exception):  # its images could not be decoded
             raise predictions
         return {
             "model": served.name,
@@ -460,7 +462,7 @@ class ModelHost:
         else:
             inputs = [x for _, x, _ in lane_items]  # type: ignore[misc]  # no Encoded here
         for i, ((served, _, k), x) in enumerate(zip(lane_items, inputs, strict=True)):
-            if isinstance(x, RefitError):
+            if isinstance(x, Exception):
                 out[i] = x
                 x = torch.empty(0)  # never grouped below
             items.append((served, x, k))

@@ -394,3 +394,41 @@ def test_a_refused_image_fails_its_own_request_only(store: ObjectStore, with_bat
 
     same(first["predictions"], alone[0]["predictions"])
     same(last["predictions"], alone[2]["predictions"] + alone[0]["predictions"])
+
+
+def test_a_failing_decode_fails_its_own_request_only(
+    store: ObjectStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error in decoding that is no refusal (a fault of ours, not the client's) fails the
+    request whose images raised it, never the rest of the batch it was decoded with."""
+    from service.runtime import model_host
+
+    real = model_host.decode_request_images
+
+    def faulty(images: list[bytes], **kwargs: Any) -> torch.Tensor:
+        if images == [b"fault"]:
+            raise RuntimeError("a fault of ours")
+        return real(images, **kwargs)
+
+    monkeypatch.setattr(model_host, "decode_request_images", faulty)
+    reg = Registry(store)
+    publish_tiny_model(reg, "faulty", preprocessing=PRE)
+    host = ModelHost(ServeSettings(poll_interval_s=60, numeric_mode="fp32"), reg)
+
+    async def run() -> list[Any]:
+        follower = await host.follower("faulty")
+        return await asyncio.gather(
+            host.predict(follower, [png_bytes(0)], 2),
+            host.predict(follower, [b"fault"], 2),
+            host.predict(follower, [png_bytes(1)], 2),
+            return_exceptions=True,
+        )
+
+    try:
+        first, fault, last = asyncio.run(run())
+    finally:
+        for follower in list(host.followers.values()):
+            follower.stop()
+    assert host.stats()["batch_sizes"] == {3: 1}
+    assert isinstance(fault, RuntimeError)
+    assert len(first["predictions"]) == len(last["predictions"]) == 1
